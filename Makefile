@@ -1,0 +1,47 @@
+# Two commands: `make run` and `make test` (README, "Quick start").
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MANAGE := $(BIN)/python manage.py
+# make run is a local demo: DEBUG on (so no SECRET_KEY is needed) unless the caller set it.
+RUN_ENV := DEBUG=$${DEBUG:-1}
+PG_FLAGS := $(if $(filter true,$(CI)),--required,)
+
+.PHONY: run test lint test-sqlite test-postgres bench install migrate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: install
+	mkdir -p var
+	$(RUN_ENV) $(MANAGE) migrate --no-input
+	$(RUN_ENV) $(MANAGE) create_api_user operator --role operator --operator-login --quiet-if-exists
+
+run: migrate
+	@echo "Web: http://127.0.0.1:8000/  (admin at /admin/, API at /api/, docs at /api/docs/)"
+	$(RUN_ENV) $(MANAGE) runserver 127.0.0.1:8000
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test-sqlite: install
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-postgres: install
+	scripts/with-postgres.sh $(PG_FLAGS) --tuned -- $(BIN)/pytest -q -p no:cacheprovider
+
+test: lint test-sqlite test-postgres
+
+bench: install
+	scripts/with-postgres.sh --required -- $(BIN)/python -m bench.pop_bench
+
+clean:
+	rm -rf $(VENV) var

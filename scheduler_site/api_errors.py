@@ -1,0 +1,28 @@
+"""One mapping from domain errors to HTTP answers, so no view handles them by hand."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import DataError
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from tasks.exceptions import QueueError
+
+logger = logging.getLogger(__name__)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, QueueError):
+        return Response(exc.payload(), status=exc.http_status)
+    if isinstance(exc, DjangoValidationError):
+        detail = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
+        return Response(detail, status=400)
+    if isinstance(exc, DataError):
+        # A value the database cannot hold (an out-of-range integer, say) is bad input.
+        logger.info("bad input refused by the database: %s", exc)
+        return Response({"detail": f"A value is out of range for the database: {exc}"}, 400)
+    return drf_exception_handler(exc, context)

@@ -1,0 +1,23 @@
+"""The Celery app. Celery task functions live in each app's `jobs` module (not `tasks`, which
+is the name of a Django app here), so autodiscovery looks for `jobs`."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
+
+app = Celery("scheduler_site")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks(related_name="jobs")
+
+
+@app.on_after_configure.connect
+def _ensure_broker_folder(sender: Celery, **_: object) -> None:
+    # kombu's filesystem transport does not create its folder.
+    from django.conf import settings
+
+    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
+        settings.CELERY_BROKER_DIR.mkdir(parents=True, exist_ok=True)

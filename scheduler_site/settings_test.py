@@ -1,0 +1,20 @@
+"""The production settings, run with DEBUG off, with only what a test run needs changed.
+
+Values go into os.environ (not just this module) so that the processes tests start (a Celery
+worker, a live server, concurrent poppers) read the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
+for name in ("SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE"):
+    os.environ.setdefault(name, "0")
+os.environ.setdefault("SECURE_HSTS_SECONDS", "0")
+
+from scheduler_site.settings import *  # noqa: E402, F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed only

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from scheduler_site.health import healthz
+from tasks.api import SchedulerViewSet, TaskViewSet
+
+router = DefaultRouter()
+router.register("schedulers", SchedulerViewSet, basename="scheduler")
+router.register("tasks", TaskViewSet, basename="task")
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/admin/", permanent=False), name="home"),
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/", include(router.urls)),
+    path("healthz", healthz, name="healthz"),
+]

@@ -1,0 +1,190 @@
+"""REST views for schedulers and tasks: validate, call one service, render."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from tasks import selectors, services
+from tasks.filters import TaskFilter
+from tasks.models import Scheduler, Task
+from tasks.serializers import (
+    HeartbeatSerializer,
+    PopSerializer,
+    SchedulerSerializer,
+    StatsQuerySerializer,
+    StatsRowSerializer,
+    TaskEventSerializer,
+    TaskPushSerializer,
+    TaskReportSerializer,
+    TaskSerializer,
+)
+
+UUID_PATTERN = r"[0-9a-fA-F-]{32,36}"
+ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
+POP_RESPONSE = inline_serializer("PopResponse", {"results": TaskSerializer(many=True)})
+RUNNER_PERMS = ["tasks.report_task"]
+
+
+def _actor(request: Request) -> str:
+    return getattr(request.user, "username", "") or "anonymous"
+
+
+class TaskCursorPagination(CursorPagination):
+    # Cursor paging needs no COUNT(*), so listing stays cheap on a table of millions.
+    ordering = ("-created_at", "-id")
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+class SchedulerViewSet(viewsets.ModelViewSet):
+    queryset = Scheduler.objects.all()
+    serializer_class = SchedulerSerializer
+    lookup_value_regex = r"[a-z0-9][a-z0-9_-]{0,63}"
+    action_permissions = {
+        "pause": ["tasks.change_scheduler"],
+        "resume": ["tasks.change_scheduler"],
+        "push": ["tasks.add_task"],
+        "pop": ["tasks.pop_task"],
+    }
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        context = super().get_serializer_context()
+        if self.action in {"list", "retrieve"}:
+            ids = [self.kwargs["pk"]] if "pk" in self.kwargs else None
+            context["counts"] = selectors.status_counts(ids)
+        return context
+
+    def perform_create(self, serializer: SchedulerSerializer) -> None:
+        serializer.instance = services.scheduler_create(**serializer.validated_data)
+
+    def perform_update(self, serializer: SchedulerSerializer) -> None:
+        serializer.instance = services.scheduler_update(
+            scheduler=serializer.instance, **serializer.validated_data
+        )
+
+    def perform_destroy(self, instance: Scheduler) -> None:
+        services.scheduler_delete(scheduler_id=instance.id)
+
+    @extend_schema(request=None, responses={200: SchedulerSerializer, 404: ERROR})
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: str) -> Response:
+        scheduler = services.scheduler_set_paused(
+            scheduler_id=pk, paused=True, actor=_actor(request)
+        )
+        return Response(self.get_serializer(scheduler).data)
+
+    @extend_schema(request=None, responses={200: SchedulerSerializer, 404: ERROR})
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str) -> Response:
+        scheduler = services.scheduler_set_paused(
+            scheduler_id=pk, paused=False, actor=_actor(request)
+        )
+        return Response(self.get_serializer(scheduler).data)
+
+    @extend_schema(
+        request=TaskPushSerializer,
+        responses={201: TaskSerializer, 400: ERROR, 404: ERROR, 409: ERROR, 429: ERROR},
+    )
+    @action(detail=True, methods=["post"])
+    def push(self, request: Request, pk: str) -> Response:
+        body = TaskPushSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.task_push(scheduler_id=pk, actor=_actor(request), **body.validated_data)
+        return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=PopSerializer, responses={200: POP_RESPONSE, 400: ERROR, 404: ERROR})
+    @action(detail=True, methods=["post"])
+    def pop(self, request: Request, pk: str) -> Response:
+        body = PopSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        tasks = services.task_pop(scheduler_id=pk, worker=_actor(request), **body.validated_data)
+        return Response({"results": TaskSerializer(tasks, many=True).data})
+
+
+class TaskViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    viewsets.GenericViewSet,
+):
+    queryset = Task.objects.all()
+    serializer_class = TaskSerializer
+    filterset_class = TaskFilter
+    pagination_class = TaskCursorPagination
+    lookup_value_regex = UUID_PATTERN
+    action_permissions = {
+        "partial_update": RUNNER_PERMS,
+        "heartbeat": RUNNER_PERMS,
+        "cancel": ["tasks.change_task"],
+        "requeue": ["tasks.change_task"],
+        "events": ["tasks.view_task"],
+        "stats": ["tasks.view_task"],
+    }
+
+    def get_queryset(self) -> Any:
+        return selectors.task_list()
+
+    def _task_id(self) -> uuid.UUID:
+        return uuid.UUID(self.kwargs["pk"])
+
+    @extend_schema(
+        request=TaskReportSerializer,
+        responses={200: TaskSerializer, 400: ERROR, 404: ERROR, 409: ERROR},
+    )
+    def partial_update(self, request: Request, pk: str) -> Response:
+        body = TaskReportSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.task_report(
+            task_id=self._task_id(), actor=_actor(request), **body.validated_data
+        )
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(
+        request=HeartbeatSerializer, responses={200: TaskSerializer, 404: ERROR, 409: ERROR}
+    )
+    @action(detail=True, methods=["post"])
+    def heartbeat(self, request: Request, pk: str) -> Response:
+        body = HeartbeatSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.task_heartbeat(task_id=self._task_id(), **body.validated_data)
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        task = services.task_cancel(task_id=self._task_id(), actor=_actor(request))
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
+    @action(detail=True, methods=["post"])
+    def requeue(self, request: Request, pk: str) -> Response:
+        task = services.task_requeue(task_id=self._task_id(), actor=_actor(request))
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(responses={200: TaskEventSerializer(many=True), 404: ERROR})
+    @action(detail=True, methods=["get"], pagination_class=None, filterset_class=None)
+    def events(self, request: Request, pk: str) -> Response:
+        task = self.get_object()
+        return Response(TaskEventSerializer(task.events.order_by("at", "id"), many=True).data)
+
+    @extend_schema(
+        parameters=[StatsQuerySerializer],
+        responses={
+            200: inline_serializer("StatsResponse", {"results": StatsRowSerializer(many=True)}),
+            400: ERROR,
+        },
+    )
+    @action(detail=False, methods=["get"], pagination_class=None, filterset_class=None)
+    def stats(self, request: Request) -> Response:
+        query = StatsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        rows = selectors.hourly_stats(**query.validated_data)
+        return Response({"results": StatsRowSerializer(rows, many=True).data})

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from tasks import selectors, services
+from tasks.exceptions import QueueError
+from tasks.management.commands._base import as_command_error
+from tasks.models import RetryPolicy, Scheduler, SchedulerKind
+
+SETTABLE = {
+    "kind": str,
+    "description": str,
+    "handler": str,
+    "max_queue_size": int,
+    "dispatch_threshold": int,
+    "lease_seconds": int,
+    "retry_policy": str,
+    "max_attempts": int,
+    "retry_delay_seconds": int,
+    "retry_max_delay_seconds": int,
+}
+
+
+class Command(BaseCommand):
+    help = (
+        "Operate on schedulers (named queues): list, create, update, pause, resume, delete. "
+        "`manage.py scheduler <action> --help` for each."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        sub.add_parser("list", help="Queues with their task counts per status.")
+        for name, text in [("create", "Create a queue."), ("update", "Change a queue's settings.")]:
+            cmd = sub.add_parser(name, help=text)
+            cmd.add_argument("scheduler_id")
+            cmd.add_argument("--kind", choices=SchedulerKind.values)
+            cmd.add_argument("--retry-policy", choices=RetryPolicy.values)
+            for option in SETTABLE.keys() - {"kind", "retry_policy"}:
+                cmd.add_argument(f"--{option.replace('_', '-')}", type=SETTABLE[option])
+            cmd.add_argument("--dead-letter", choices=["yes", "no"])
+        for name, text in [
+            ("pause", "Pause a queue: nothing is popped or dispatched from it."),
+            ("resume", "Resume a paused queue."),
+            ("delete", "Delete a queue that has no active tasks."),
+        ]:
+            sub.add_parser(name, help=text).add_argument("scheduler_id")
+
+    def handle(self, *args: Any, action: str, **options: Any) -> None:
+        try:
+            getattr(self, f"_{action}")(**options)
+        except QueueError as exc:
+            raise as_command_error(exc) from None
+        except ValidationError as exc:
+            raise CommandError(f"invalid: {exc.message_dict}") from None
+
+    @staticmethod
+    def _fields(options: dict[str, Any]) -> dict[str, Any]:
+        fields = {name: options[name] for name in SETTABLE if options.get(name) is not None}
+        if options.get("dead_letter"):
+            fields["dead_letter"] = options["dead_letter"] == "yes"
+        return fields
+
+    def _list(self, **_: Any) -> None:
+        counts = selectors.status_counts()
+        self.stdout.write(f"{'id':24} {'kind':7} {'paused':6} {'max':>6}  counts")
+        for scheduler in Scheduler.objects.order_by("id"):
+            row = counts.get(scheduler.id, {})
+            summary = " ".join(f"{status}={n}" for status, n in row.items() if n)
+            self.stdout.write(
+                f"{scheduler.id:24} {scheduler.kind:7} {'yes' if scheduler.paused else 'no':6} "
+                f"{scheduler.max_queue_size:6}  {summary or '-'}"
+            )
+
+    def _create(self, *, scheduler_id: str, **options: Any) -> None:
+        if Scheduler.objects.filter(id=scheduler_id).exists():
+            raise CommandError(f"Scheduler {scheduler_id!r} exists already; use update.")
+        services.scheduler_create(id=scheduler_id, **self._fields(options))
+        self.stdout.write(f"created {scheduler_id}")
+
+    def _update(self, *, scheduler_id: str, **options: Any) -> None:
+        scheduler = Scheduler.objects.filter(id=scheduler_id).first()
+        if scheduler is None:
+            raise CommandError(f"Scheduler {scheduler_id!r} does not exist.")
+        services.scheduler_update(scheduler=scheduler, **self._fields(options))
+        self.stdout.write(f"updated {scheduler_id}")
+
+    def _pause(self, *, scheduler_id: str, **_: Any) -> None:
+        services.scheduler_set_paused(scheduler_id=scheduler_id, paused=True, actor="cli")
+        self.stdout.write(f"paused {scheduler_id}")
+
+    def _resume(self, *, scheduler_id: str, **_: Any) -> None:
+        services.scheduler_set_paused(scheduler_id=scheduler_id, paused=False, actor="cli")
+        self.stdout.write(f"resumed {scheduler_id}")
+
+    def _delete(self, *, scheduler_id: str, **_: Any) -> None:
+        services.scheduler_delete(scheduler_id=scheduler_id)
+        self.stdout.write(f"deleted {scheduler_id}")

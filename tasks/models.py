@@ -1,0 +1,207 @@
+"""Schedulers (named queues), tasks (the queue *is* this table) and their event history."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class SchedulerKind(models.TextChoices):
+    PULL = "pull", "pull (external runners pop over REST)"
+    CELERY = "celery", "celery (a registered handler runs on Celery workers)"
+
+
+class RetryPolicy(models.TextChoices):
+    NONE = "none", "no retry"
+    FIXED = "fixed", "fixed delay"
+    EXPONENTIAL = "exponential", "exponential backoff with cap and jitter"
+
+
+class TaskStatus(models.TextChoices):
+    QUEUED = "QUEUED"
+    DISPATCHED = "DISPATCHED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    DEAD = "DEAD"
+    CANCELLED = "CANCELLED"
+
+
+ACTIVE_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING})
+LEASED_STATUSES = frozenset({TaskStatus.DISPATCHED, TaskStatus.RUNNING})
+FINAL_STATUSES = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED}
+)
+
+# The one table of allowed transitions; services refuse anything else.
+# DISPATCHED/RUNNING -> QUEUED is a retry after a failed or lost attempt, or a hand-back
+# (runner shutting down, lock held). FAILED/DEAD/CANCELLED -> QUEUED is an operator's requeue.
+ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    TaskStatus.QUEUED: frozenset({TaskStatus.DISPATCHED, TaskStatus.CANCELLED}),
+    TaskStatus.DISPATCHED: frozenset(
+        {
+            TaskStatus.RUNNING,
+            TaskStatus.COMPLETED,
+            TaskStatus.FAILED,
+            TaskStatus.DEAD,
+            TaskStatus.QUEUED,
+            TaskStatus.CANCELLED,
+        }
+    ),
+    TaskStatus.RUNNING: frozenset(
+        {
+            TaskStatus.COMPLETED,
+            TaskStatus.FAILED,
+            TaskStatus.DEAD,
+            TaskStatus.QUEUED,
+            TaskStatus.CANCELLED,
+        }
+    ),
+    TaskStatus.COMPLETED: frozenset(),
+    TaskStatus.FAILED: frozenset({TaskStatus.QUEUED}),
+    TaskStatus.DEAD: frozenset({TaskStatus.QUEUED}),
+    TaskStatus.CANCELLED: frozenset({TaskStatus.QUEUED}),
+}
+
+
+def is_allowed_transition(from_status: str, to_status: str) -> bool:
+    return to_status in ALLOWED_TRANSITIONS.get(from_status, frozenset())
+
+
+scheduler_id_validator = RegexValidator(
+    r"^[a-z0-9][a-z0-9_-]{0,63}$",
+    "Use 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit.",
+)
+
+
+class Scheduler(models.Model):
+    id = models.CharField(primary_key=True, max_length=64, validators=[scheduler_id_validator])
+    kind = models.CharField(max_length=16, choices=SchedulerKind.choices, default="pull")
+    description = models.CharField(max_length=200, blank=True)
+    handler = models.CharField(
+        max_length=200, blank=True, help_text="Registered handler name (celery-kind schedulers)."
+    )
+    paused = models.BooleanField(default=False, help_text="A paused queue hands out nothing.")
+    max_queue_size = models.PositiveIntegerField(
+        default=0, help_text="Most QUEUED tasks; a push beyond it is refused. 0 = unlimited."
+    )
+    dispatch_threshold = models.PositiveIntegerField(
+        default=10,
+        validators=[MinValueValidator(1)],
+        help_text="Celery queues: most tasks in the broker at once.",
+    )
+    lease_seconds = models.PositiveIntegerField(
+        default=300,
+        validators=[MinValueValidator(1), MaxValueValidator(86400)],
+        help_text="How long a popped task is leased before the reaper takes it back.",
+    )
+    retry_policy = models.CharField(
+        max_length=16, choices=RetryPolicy.choices, default=RetryPolicy.EXPONENTIAL
+    )
+    max_attempts = models.PositiveIntegerField(
+        default=3,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Attempts in all, the first one included.",
+    )
+    retry_delay_seconds = models.PositiveIntegerField(
+        default=10, help_text="Fixed delay, or the base of the exponential backoff."
+    )
+    retry_max_delay_seconds = models.PositiveIntegerField(
+        default=3600, help_text="Cap of the exponential backoff."
+    )
+    retry_jitter = models.BooleanField(
+        default=True, help_text="Spread retries over [delay/2, delay] so failures do not align."
+    )
+    dead_letter = models.BooleanField(
+        default=True, help_text="Exhausted tasks become DEAD (replayable) rather than FAILED."
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    modified_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class Task(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    scheduler = models.ForeignKey(
+        Scheduler, on_delete=models.CASCADE, related_name="tasks", db_index=False
+    )
+    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
+    priority = models.IntegerField(default=0, help_text="Lower runs first.")
+    # NULL, not "", for "no hash": the partial unique index must ignore hash-less tasks.
+    hash = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+    data = models.JSONField(default=dict, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    not_before = models.DateTimeField(default=timezone.now)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="Who holds the lease.")
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    modified_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        permissions = [
+            ("pop_task", "Can pop tasks from a queue"),
+            ("report_task", "Can heartbeat tasks and report their status"),
+        ]
+        indexes = [
+            # The queue: only QUEUED rows are in it, so pop stays flat however many
+            # finished tasks the table holds.
+            models.Index(
+                fields=["scheduler", "priority", "created_at", "id"],
+                condition=Q(status="QUEUED"),
+                name="task_queue_idx",
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status__in=["DISPATCHED", "RUNNING"]),
+                name="task_lease_idx",
+            ),
+            # Counts per status, stats windows and pruning per (scheduler, status).
+            models.Index(fields=["scheduler", "status", "modified_at"], name="task_status_idx"),
+            models.Index(fields=["hash"], name="task_hash_idx"),
+            models.Index(fields=["created_at", "id"], name="task_created_idx"),
+        ]
+        constraints = [
+            # Dedup is the database's job: check-then-insert loses under concurrency.
+            models.UniqueConstraint(
+                fields=["scheduler", "hash"],
+                condition=Q(hash__isnull=False, status__in=["QUEUED", "DISPATCHED", "RUNNING"]),
+                name="task_active_hash_uniq",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scheduler_id}/{self.id} {self.status}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    def can_transition_to(self, to_status: str) -> bool:
+        return is_allowed_transition(self.status, to_status)
+
+
+class TaskEvent(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(max_length=200, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.task_id}: {self.from_status or '-'} -> {self.to_status}"

@@ -1,0 +1,159 @@
+"""The queue's SQL, in one place.
+
+Every status change is an `UPDATE … WHERE id … AND status = <expected> RETURNING *`: a
+compare-and-swap, so two callers racing for one row cannot both win. Pop selects its rows with
+`FOR UPDATE SKIP LOCKED` on PostgreSQL inside the same statement, so N poppers never get the same
+task and never wait on each other. SQLite ignores row locks; there the IMMEDIATE transaction
+(see scheduler_site.databases) makes the statement run with the write lock held.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.db.models import QuerySet
+from django.db.models.fields.json import KeyTransform
+
+from tasks.models import Task, TaskEvent, TaskStatus
+
+
+@dataclass(frozen=True)
+class Sql:
+    """A raw SQL expression for an assignment, e.g. `"attempts" + 1`."""
+
+    text: str
+
+
+def _table() -> str:
+    return connection.ops.quote_name(Task._meta.db_table)
+
+
+def _columns() -> str:
+    return ", ".join(connection.ops.quote_name(f.column) for f in Task._meta.concrete_fields)
+
+
+def _assignments(values: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    parts: list[str] = []
+    params: list[Any] = []
+    for name, value in values.items():
+        field = Task._meta.get_field(name)
+        column = connection.ops.quote_name(field.column)
+        if isinstance(value, Sql):
+            parts.append(f"{column} = {value.text}")
+        else:
+            parts.append(f"{column} = %s")
+            params.append(field.get_db_prep_save(value, connection))
+    return ", ".join(parts), params
+
+
+def _prep_ids(ids: Iterable[uuid.UUID]) -> list[Any]:
+    pk = Task._meta.pk
+    return [pk.get_db_prep_value(task_id, connection) for task_id in ids]
+
+
+def _update_returning(
+    values: Mapping[str, Any], where_sql: str, where_params: Sequence[Any]
+) -> list[Task]:
+    set_sql, set_params = _assignments(values)
+    sql = f"UPDATE {_table()} SET {set_sql} WHERE {where_sql} RETURNING {_columns()}"
+    return list(Task.objects.raw(sql, [*set_params, *where_params]))
+
+
+def cas_update(
+    *,
+    task_ids: Sequence[uuid.UUID],
+    expected: str,
+    values: Mapping[str, Any],
+    expected_attempts: int | None = None,
+) -> list[Task]:
+    """Apply `values` to those of `task_ids` still in `expected`; return the rows changed."""
+    if not task_ids:
+        return []
+    placeholders = ", ".join(["%s"] * len(task_ids))
+    status_col = connection.ops.quote_name("status")
+    where = f"{connection.ops.quote_name('id')} IN ({placeholders}) AND {status_col} = %s"
+    params: list[Any] = [*_prep_ids(task_ids), expected]
+    if expected_attempts is not None:
+        # The attempt number fences a stale holder out: after a lease expiry and a new pop
+        # the status is DISPATCHED again, but the attempt count has moved on.
+        where += f" AND {connection.ops.quote_name('attempts')} = %s"
+        params.append(expected_attempts)
+    return _update_returning(values, where, params)
+
+
+def data_filter(queryset: QuerySet[Task], filters: Mapping[str, Any]) -> QuerySet[Task]:
+    """Equality (or one-of, for a list) on keys of `data`; dotted keys reach into objects.
+
+    KeyTransform rather than `data__<key>` keyword lookups, so a key named like a lookup
+    ("contains", "in") is still a key; it compiles right on PostgreSQL and SQLite alike.
+    """
+    for position, (path, wanted) in enumerate(sorted(filters.items())):
+        expression: Any = "data"
+        for key in path.split("."):
+            expression = KeyTransform(key, expression)
+        alias = f"data_filter_{position}"
+        queryset = queryset.alias(**{alias: expression})
+        lookup = f"{alias}__in" if isinstance(wanted, list) else alias
+        queryset = queryset.filter(**{lookup: wanted})
+    return queryset
+
+
+def claim_queued(
+    *,
+    scheduler_id: str,
+    limit: int,
+    now: datetime,
+    values: Mapping[str, Any],
+    filters: Mapping[str, Any] | None = None,
+) -> list[Task]:
+    """Flip up to `limit` due QUEUED tasks of a scheduler to the state in `values`, in queue
+    order (priority, created_at, id). Must run inside a transaction."""
+    candidates = Task.objects.filter(
+        scheduler_id=scheduler_id, status=TaskStatus.QUEUED, not_before__lte=now
+    )
+    if filters:
+        candidates = data_filter(candidates, filters)
+    candidates = candidates.order_by("priority", "created_at", "id").values("id")[:limit]
+    if connection.features.has_select_for_update_skip_locked:
+        candidates = candidates.select_for_update(skip_locked=True)
+    inner_sql, inner_params = candidates.query.sql_with_params()
+    pk = connection.ops.quote_name("id")
+    status_col = connection.ops.quote_name("status")
+    # The status test again outside the subquery: on SQLite nothing locks the chosen rows, and
+    # on PostgreSQL it is what keeps a re-checked row from being claimed twice.
+    where = f"{pk} IN ({inner_sql}) AND {status_col} = %s"
+    rows = _update_returning(values, where, [*inner_params, TaskStatus.QUEUED])
+    rows.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
+    return rows
+
+
+def lease_expired_ids(*, now: datetime, limit: int) -> list[uuid.UUID]:
+    candidates = Task.objects.filter(
+        status__in=[TaskStatus.DISPATCHED, TaskStatus.RUNNING], lease_expires_at__lt=now
+    ).order_by("lease_expires_at")
+    if connection.features.has_select_for_update_skip_locked:
+        candidates = candidates.select_for_update(skip_locked=True)
+    return list(candidates.values_list("id", flat=True)[:limit])
+
+
+def record_events(
+    tasks: Iterable[Task], *, from_status: str, actor: str, note: str, at: datetime
+) -> None:
+    TaskEvent.objects.bulk_create(
+        [
+            TaskEvent(
+                task_id=task.id,
+                from_status=from_status,
+                to_status=task.status,
+                at=at,
+                actor=actor[:200],
+                note=note,
+            )
+            for task in tasks
+        ]
+    )

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.conf import settings
+from rest_framework import serializers
+
+from tasks.models import Scheduler, SchedulerKind, Task, TaskEvent, TaskStatus
+
+_FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
+_SCALAR = (str, int, float, bool)
+
+
+class SchedulerSerializer(serializers.ModelSerializer):
+    counts = serializers.SerializerMethodField(help_text="Tasks per status.")
+
+    class Meta:
+        model = Scheduler
+        fields = [
+            "id",
+            "kind",
+            "description",
+            "handler",
+            "paused",
+            "max_queue_size",
+            "dispatch_threshold",
+            "lease_seconds",
+            "retry_policy",
+            "max_attempts",
+            "retry_delay_seconds",
+            "retry_max_delay_seconds",
+            "retry_jitter",
+            "dead_letter",
+            "counts",
+            "created_at",
+            "modified_at",
+        ]
+        read_only_fields = ["paused", "created_at", "modified_at"]
+
+    def get_counts(self, scheduler: Scheduler) -> dict[str, int]:
+        counts = self.context.get("counts", {})
+        return counts.get(scheduler.id, dict.fromkeys(TaskStatus.values, 0))
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        if self.instance is not None and not isinstance(self.instance, list):
+            fields["id"].read_only = True  # a queue is renamed by creating another
+        return fields
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        kind = attrs.get("kind", getattr(self.instance, "kind", SchedulerKind.PULL))
+        handler = attrs.get("handler", getattr(self.instance, "handler", ""))
+        if kind == SchedulerKind.CELERY and not handler:
+            raise serializers.ValidationError({"handler": ["A celery scheduler needs a handler."]})
+        delay = attrs.get("retry_delay_seconds", getattr(self.instance, "retry_delay_seconds", 0))
+        cap = attrs.get(
+            "retry_max_delay_seconds", getattr(self.instance, "retry_max_delay_seconds", 0)
+        )
+        if cap < delay:
+            raise serializers.ValidationError(
+                {"retry_max_delay_seconds": ["Must not be less than retry_delay_seconds."]}
+            )
+        return attrs
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Task
+        fields = [
+            "id",
+            "scheduler",
+            "status",
+            "priority",
+            "hash",
+            "data",
+            "result",
+            "error",
+            "attempts",
+            "not_before",
+            "lease_expires_at",
+            "worker",
+            "cancel_requested_at",
+            "created_at",
+            "modified_at",
+        ]
+        read_only_fields = fields
+
+
+class TaskPushSerializer(serializers.Serializer):
+    data = serializers.JSONField(required=False, default=dict)
+    priority = serializers.IntegerField(
+        required=False, default=0, min_value=-(2**31), max_value=2**31 - 1
+    )
+    hash = serializers.CharField(required=False, allow_null=True, max_length=64, default=None)
+    not_before = serializers.DateTimeField(required=False, allow_null=True, default=None)
+
+    def validate_data(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Must be a JSON object.")
+        return value
+
+
+class PopSerializer(serializers.Serializer):
+    limit = serializers.IntegerField(
+        required=False, default=1, min_value=1, max_value=settings.TASK_POP_MAX_LIMIT
+    )
+    filters = serializers.DictField(
+        required=False,
+        default=dict,
+        child=serializers.JSONField(),
+        help_text='Equality on keys of data, dotted for nesting: {"org": "acme", "boefje.id": '
+        '"dns"}; a list means one of.',
+    )
+
+    def validate_filters(self, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > 10:
+            raise serializers.ValidationError("At most 10 filters.")
+        for key, wanted in value.items():
+            if not _FILTER_KEY.match(key):
+                raise serializers.ValidationError(
+                    f"{key!r}: keys are letters, digits, '_' or '-', dotted for nesting."
+                )
+            values = wanted if isinstance(wanted, list) else [wanted]
+            if not values or not all(isinstance(v, _SCALAR) for v in values):
+                raise serializers.ValidationError(
+                    f"{key!r}: the value must be a string, number, boolean or a non-empty list "
+                    "of them."
+                )
+        return value
+
+
+class TaskReportSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=[TaskStatus.RUNNING, TaskStatus.COMPLETED, TaskStatus.FAILED]
+    )
+    result = serializers.JSONField(required=False, allow_null=True, default=None)
+    error = serializers.CharField(required=False, allow_blank=True, default="", max_length=10000)
+    attempt = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        help_text="The attempt this runner holds (from pop); refused with 409 if it moved on.",
+    )
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    attempt = serializers.IntegerField(required=False, min_value=1)
+    lease_seconds = serializers.IntegerField(required=False, min_value=1, max_value=86400)
+
+
+class TaskEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TaskEvent
+        fields = ["id", "from_status", "to_status", "at", "actor", "note"]
+
+
+class StatsQuerySerializer(serializers.Serializer):
+    scheduler = serializers.CharField(required=False, max_length=64)
+    hours = serializers.IntegerField(required=False, default=24, min_value=1, max_value=24 * 31)
+
+
+class StatsRowSerializer(serializers.Serializer):
+    hour = serializers.DateTimeField()
+    scheduler = serializers.CharField()
+    status = serializers.CharField()
+    count = serializers.IntegerField()

@@ -1,0 +1,208 @@
+"""Several processes at once on the real database: no task popped twice, none lost, no
+transition applied twice. The PostgreSQL leg runs every test here; the SQLite leg runs those
+not marked `postgres` (there IMMEDIATE transactions serialise the writers)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import time_machine
+from django.db import connection
+from django.utils import timezone
+
+from tasks import services
+from tasks.exceptions import DuplicateTask, QueueFull, TransitionRefused
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tests.processes import run_in_processes
+
+pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
+
+PROCESSES = 8
+
+
+def _bulk_queue(scheduler_id: str, count: int, **fields: Any) -> None:
+    now = timezone.now()
+    Task.objects.bulk_create(
+        [
+            Task(
+                scheduler_id=scheduler_id, priority=i % 7, created_at=now, modified_at=now, **fields
+            )
+            for i in range(count)
+        ],
+        batch_size=1000,
+    )
+
+
+def _pop_until_empty(index: int, scheduler_id: str, limit: int) -> list[str]:
+    popped: list[str] = []
+    while True:
+        tasks = services.task_pop(scheduler_id=scheduler_id, limit=limit, worker=f"w{index}")
+        if not tasks:
+            return popped
+        popped.extend(str(task.id) for task in tasks)
+
+
+@pytest.mark.parametrize("limit", [1, 25])
+def test_task_pop__concurrent_poppers_get_each_task_exactly_once(limit: int) -> None:
+    total = 5000 if connection.vendor == "postgresql" else 1500
+    services.scheduler_create(id="conc")
+    _bulk_queue("conc", total)
+
+    results = run_in_processes(PROCESSES, _pop_until_empty, "conc", limit)
+
+    popped = [task_id for chunk in results for task_id in chunk]
+    assert len(popped) == total
+    assert len(set(popped)) == total, "a task was handed out twice"
+    assert Task.objects.filter(scheduler_id="conc", status=TaskStatus.DISPATCHED).count() == total
+    assert not Task.objects.filter(attempts__gt=1).exists()
+    pop_events = TaskEvent.objects.filter(to_status=TaskStatus.DISPATCHED)
+    assert pop_events.count() == total
+    assert sum(1 for chunk in results if chunk) > 1, "only one process ever won a pop"
+
+
+def _push_same_hash(index: int, scheduler_id: str) -> tuple[str, str]:
+    try:
+        task = services.task_push(scheduler_id=scheduler_id, hash="same", data={"by": index})
+        return ("created", str(task.id))
+    except DuplicateTask as exc:
+        return ("duplicate", str(exc.existing_id))
+
+
+def test_task_push__concurrent_same_hash_creates_exactly_one() -> None:
+    services.scheduler_create(id="dedup")
+
+    results = run_in_processes(PROCESSES, _push_same_hash, "dedup")
+
+    outcomes = Counter(kind for kind, _ in results)
+    assert outcomes == {"created": 1, "duplicate": PROCESSES - 1}
+    created_id = next(task_id for kind, task_id in results if kind == "created")
+    assert {task_id for _, task_id in results} == {created_id}
+    assert Task.objects.filter(scheduler_id="dedup", hash="same").count() == 1
+
+
+def _push_many(index: int, scheduler_id: str, count: int) -> int:
+    accepted = 0
+    for _ in range(count):
+        try:
+            services.task_push(scheduler_id=scheduler_id, data={"by": index})
+            accepted += 1
+        except QueueFull:
+            pass
+    return accepted
+
+
+def test_task_push__concurrent_pushes_never_overfill_a_bounded_queue() -> None:
+    services.scheduler_create(id="bounded", max_queue_size=50)
+
+    accepted = run_in_processes(PROCESSES, _push_many, "bounded", 15)
+
+    assert sum(accepted) == 50
+    assert Task.objects.filter(scheduler_id="bounded", status=TaskStatus.QUEUED).count() == 50
+
+
+def _complete_or_fail(index: int, task_id: str) -> str:
+    try:
+        if index % 2:
+            services.task_complete(task_id=task_id, result={"by": index})
+        else:
+            services.task_fail(task_id=task_id, error=f"by {index}")
+        return "applied"
+    except TransitionRefused:
+        return "refused"
+
+
+def test_task_report__racing_reports_apply_exactly_one() -> None:
+    services.scheduler_create(id="race", retry_policy="none")
+    pushed = services.task_push(scheduler_id="race")
+    (task,) = services.task_pop(scheduler_id="race")
+    assert task.id == pushed.id
+
+    results = run_in_processes(PROCESSES, _complete_or_fail, str(task.id))
+
+    assert Counter(results) == {"applied": 1, "refused": PROCESSES - 1}
+    task.refresh_from_db()
+    assert task.status in {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD}
+    finals = TaskEvent.objects.filter(task=task).exclude(to_status__in=["QUEUED", "DISPATCHED"])
+    assert finals.count() == 1
+
+
+def _reap(index: int, travel_to: str) -> int:
+    with time_machine.travel(travel_to, tick=False):
+        return services.tasks_reap_expired(batch_size=50)
+
+
+def _expire_all(scheduler_id: str, count: int) -> str:
+    _bulk_queue(scheduler_id, count)
+    while services.task_pop(scheduler_id=scheduler_id, limit=100):
+        pass
+    scheduler = Scheduler.objects.get(id=scheduler_id)
+    return (timezone.now() + timedelta(seconds=scheduler.lease_seconds + 60)).isoformat()
+
+
+@pytest.mark.postgres
+def test_tasks_reap_expired__concurrent_reapers_reap_each_lease_once() -> None:
+    services.scheduler_create(id="reap", max_attempts=3, retry_jitter=False)
+    later = _expire_all("reap", 600)
+
+    reaped = run_in_processes(4, _reap, later)
+
+    assert sum(reaped) == 600
+    assert Task.objects.filter(scheduler_id="reap", status=TaskStatus.QUEUED).count() == 600
+    per_task = Counter(
+        TaskEvent.objects.filter(
+            from_status=TaskStatus.DISPATCHED, to_status=TaskStatus.QUEUED
+        ).values_list("task_id", flat=True)
+    )
+    assert len(per_task) == 600
+    assert set(per_task.values()) == {1}, "a lease was reaped twice"
+
+
+def test_tasks_reap_expired__lost_task_comes_back_then_dies_when_attempts_are_spent() -> None:
+    services.scheduler_create(id="lost", max_attempts=2, retry_jitter=False, retry_delay_seconds=1)
+    task = services.task_push(scheduler_id="lost")
+    start = timezone.now()
+    for attempt in (1, 2):
+        with time_machine.travel(start + timedelta(hours=attempt), tick=False):
+            (popped,) = services.task_pop(scheduler_id="lost")
+            assert popped.id == task.id and popped.attempts == attempt
+        with time_machine.travel(start + timedelta(hours=attempt, minutes=30), tick=False):
+            assert services.tasks_reap_expired() == 1
+    task.refresh_from_db()
+    assert task.status == TaskStatus.DEAD
+    assert task.error == "lease expired (lost)"
+    notes = list(TaskEvent.objects.filter(task=task).values_list("to_status", flat=True))
+    assert notes == ["QUEUED", "DISPATCHED", "QUEUED", "DISPATCHED", "DEAD"]
+
+
+def _heartbeat_or_reap(index: int, task_ids: list[str], travel_to: str) -> Counter[str]:
+    outcome: Counter[str] = Counter()
+    with time_machine.travel(travel_to, tick=False):
+        for task_id in task_ids:
+            if index % 2:
+                try:
+                    services.task_heartbeat(task_id=task_id)
+                    outcome["heartbeat"] += 1
+                except TransitionRefused:
+                    outcome["late"] += 1
+            else:
+                outcome["reaped"] += services.tasks_reap_expired(batch_size=10)
+    return outcome
+
+
+@pytest.mark.postgres
+def test_task_heartbeat__racing_the_reaper_never_leaves_a_task_both_leased_and_requeued() -> None:
+    services.scheduler_create(id="hb", retry_jitter=False)
+    later = _expire_all("hb", 200)
+    ids = [str(i) for i in Task.objects.filter(scheduler_id="hb").values_list("id", flat=True)]
+
+    run_in_processes(4, _heartbeat_or_reap, ids, later)
+
+    for task in Task.objects.filter(scheduler_id="hb"):
+        requeued = TaskEvent.objects.filter(task=task, to_status=TaskStatus.QUEUED).count()
+        if task.status == TaskStatus.DISPATCHED:
+            assert requeued == 0 and task.attempts == 1
+        else:
+            assert task.status == TaskStatus.QUEUED and requeued == 1
