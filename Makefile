@@ -23,10 +23,12 @@ migrate: install
 	mkdir -p var
 	$(RUN_ENV) $(MANAGE) migrate --no-input
 	$(RUN_ENV) $(MANAGE) create_api_user operator --role operator --operator-login --quiet-if-exists
+	$(RUN_ENV) $(MANAGE) setup_periodic_tasks
 
+# Web, a Celery worker and beat (the clock), on SQLite and the filesystem broker: no server.
 run: migrate
 	@echo "Web: http://127.0.0.1:8000/  (admin at /admin/, API at /api/, docs at /api/docs/)"
-	$(RUN_ENV) $(MANAGE) runserver 127.0.0.1:8000
+	$(RUN_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 lint: install
 	$(BIN)/ruff check .

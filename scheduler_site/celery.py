@@ -20,4 +20,4 @@ def _ensure_broker_folder(sender: Celery, **_: object) -> None:
     from django.conf import settings
 
     if settings.CELERY_BROKER_URL.startswith("filesystem://"):
-        settings.CELERY_BROKER_DIR.mkdir(parents=True, exist_ok=True)
+        (settings.CELERY_BROKER_DIR / "control").mkdir(parents=True, exist_ok=True)

@@ -141,6 +141,8 @@ TASK_DEFAULT_LEASE_SECONDS = env_int("TASK_DEFAULT_LEASE_SECONDS", 300, minimum=
 TASK_POP_MAX_LIMIT = 1000
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 7, minimum=1)
 TASK_DEAD_RETENTION_DAYS = env_int("TASK_DEAD_RETENTION_DAYS", 30, minimum=1)
+ORCHESTRATOR_TICK_SECONDS = env_int("ORCHESTRATOR_TICK_SECONDS", 5, minimum=1)
+REAPER_INTERVAL_SECONDS = env_int("REAPER_INTERVAL_SECONDS", 15, minimum=1)
 
 # Celery: the embedded default is kombu's filesystem transport, one folder for in and out.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"
@@ -155,6 +157,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_BROKER_DIR),
         "data_folder_out": str(CELERY_BROKER_DIR),
+        "control_folder": str(CELERY_BROKER_DIR / "control"),
         "polling_interval": 0.1,
     }
 CELERY_TASK_IGNORE_RESULT = True

@@ -18,3 +18,9 @@ os.environ.setdefault("SECURE_HSTS_SECONDS", "0")
 from scheduler_site.settings import *  # noqa: E402, F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed only
+
+# One SQLite test database per test run, so parallel runs on one machine do not share a file;
+# through the environment, so the processes a test starts open the same one.
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    os.environ.setdefault("SCHEDULER_TEST_SQLITE", str(VAR_DIR / f"test-{os.getpid()}.sqlite3"))  # noqa: F405
+    DATABASES["default"]["TEST"]["NAME"] = os.environ["SCHEDULER_TEST_SQLITE"]  # noqa: F405

@@ -7,11 +7,13 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from scheduler_site.health import healthz
+from schedules.api import ScheduleViewSet
 from tasks.api import SchedulerViewSet, TaskViewSet
 
 router = DefaultRouter()
 router.register("schedulers", SchedulerViewSet, basename="scheduler")
 router.register("tasks", TaskViewSet, basename="task")
+router.register("schedules", ScheduleViewSet, basename="schedule")
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False), name="home"),

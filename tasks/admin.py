@@ -9,7 +9,7 @@ from tasks.exceptions import QueueError
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 
 
-def _run_each(modeladmin: admin.ModelAdmin, request: HttpRequest, items, action, verb: str) -> None:
+def run_each(modeladmin: admin.ModelAdmin, request: HttpRequest, items, action, verb: str) -> None:
     done, refused = 0, []
     for item in items:
         try:
@@ -50,7 +50,7 @@ class SchedulerAdmin(admin.ModelAdmin):
 
     @admin.action(description="Pause selected queues", permissions=["change"])
     def pause_queues(self, request: HttpRequest, queryset: QuerySet[Scheduler]) -> None:
-        _run_each(
+        run_each(
             self,
             request,
             queryset,
@@ -62,7 +62,7 @@ class SchedulerAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resume selected queues", permissions=["change"])
     def resume_queues(self, request: HttpRequest, queryset: QuerySet[Scheduler]) -> None:
-        _run_each(
+        run_each(
             self,
             request,
             queryset,
@@ -131,7 +131,7 @@ class TaskAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected tasks", permissions=["cancel"])
     def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
-        _run_each(
+        run_each(
             self,
             request,
             queryset.only("id"),
@@ -143,7 +143,7 @@ class TaskAdmin(admin.ModelAdmin):
         description="Requeue selected tasks (failed, dead or cancelled)", permissions=["cancel"]
     )
     def requeue_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
-        _run_each(
+        run_each(
             self,
             request,
             queryset.only("id"),

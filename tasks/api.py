@@ -27,7 +27,9 @@ from tasks.serializers import (
     TaskSerializer,
 )
 
-UUID_PATTERN = r"[0-9a-fA-F-]{32,36}"
+# Only strings uuid.UUID() accepts (32 hex digits, dashes optional): anything else is a 404
+# from the router, never a ValueError in the view.
+UUID_PATTERN = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
 POP_RESPONSE = inline_serializer("PopResponse", {"results": TaskSerializer(many=True)})
 RUNNER_PERMS = ["tasks.report_task"]

@@ -12,4 +12,6 @@ class TasksConfig(AppConfig):
 
         from tasks.roles import ensure_roles
 
-        post_migrate.connect(ensure_roles, sender=self)
+        # After every app, not only this one: the permissions of apps migrated after tasks
+        # (schedules, pilots) exist only once their own post_migrate has run.
+        post_migrate.connect(ensure_roles, dispatch_uid="tasks.ensure_roles")

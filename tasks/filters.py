@@ -7,6 +7,7 @@ from tasks.models import Task, TaskStatus
 
 class TaskFilter(django_filters.FilterSet):
     scheduler = django_filters.CharFilter(field_name="scheduler_id")
+    schedule = django_filters.UUIDFilter(field_name="schedule_id")
     status = django_filters.MultipleChoiceFilter(choices=TaskStatus.choices)
     hash = django_filters.CharFilter()
     created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
@@ -16,4 +17,4 @@ class TaskFilter(django_filters.FilterSet):
 
     class Meta:
         model = Task
-        fields = ["scheduler", "status", "hash", "priority"]
+        fields = ["scheduler", "schedule", "status", "hash", "priority"]

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+POLICIES = (
+    "most_overdue_first",
+    "never_run_first",
+    "least_recently_run_first",
+    "highest_priority_first",
+)
+
+
+def default_policy_weights() -> dict[str, int]:
+    return {"most_overdue_first": 49, "never_run_first": 49, "least_recently_run_first": 2}
 
 
 class SchedulerKind(models.TextChoices):
@@ -119,6 +131,12 @@ class Scheduler(models.Model):
     dead_letter = models.BooleanField(
         default=True, help_text="Exhausted tasks become DEAD (replayable) rather than FAILED."
     )
+    policy_weights = models.JSONField(
+        default=default_policy_weights,
+        blank=True,
+        help_text="Orchestrator: share of the free room per policy, e.g. "
+        '{"most_overdue_first": 49, "never_run_first": 49, "least_recently_run_first": 2}.',
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     modified_at = models.DateTimeField(default=timezone.now)
 
@@ -128,11 +146,42 @@ class Scheduler(models.Model):
     def __str__(self) -> str:
         return self.id
 
+    def clean(self) -> None:
+        weights = self.policy_weights
+        problem = None
+        if not isinstance(weights, dict) or not weights:
+            problem = "must be an object of policy name to weight."
+        elif unknown := sorted(set(weights) - set(POLICIES)):
+            problem = f"unknown policies {unknown}; known: {list(POLICIES)}."
+        elif not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in weights.values()
+        ):
+            problem = "weights must be whole numbers ≥ 0."
+        elif sum(weights.values()) == 0:
+            problem = "at least one weight must be above 0."
+        errors: dict[str, str] = {}
+        if problem:
+            errors["policy_weights"] = problem
+        if self.kind == SchedulerKind.CELERY and not self.handler:
+            errors["handler"] = "A celery scheduler needs a handler."
+        if self.retry_max_delay_seconds < self.retry_delay_seconds:
+            errors["retry_max_delay_seconds"] = "Must not be less than retry_delay_seconds."
+        if errors:
+            raise ValidationError(errors)
+
 
 class Task(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     scheduler = models.ForeignKey(
         Scheduler, on_delete=models.CASCADE, related_name="tasks", db_index=False
+    )
+    schedule = models.ForeignKey(
+        "schedules.Schedule",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="tasks",
+        db_index=False,
     )
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     priority = models.IntegerField(default=0, help_text="Lower runs first.")
@@ -171,6 +220,7 @@ class Task(models.Model):
             models.Index(fields=["scheduler", "status", "modified_at"], name="task_status_idx"),
             models.Index(fields=["hash"], name="task_hash_idx"),
             models.Index(fields=["created_at", "id"], name="task_created_idx"),
+            models.Index(fields=["schedule", "created_at"], name="task_schedule_idx"),
         ]
         constraints = [
             # Dedup is the database's job: check-then-insert loses under concurrency.
@@ -178,6 +228,12 @@ class Task(models.Model):
                 fields=["scheduler", "hash"],
                 condition=Q(hash__isnull=False, status__in=["QUEUED", "DISPATCHED", "RUNNING"]),
                 name="task_active_hash_uniq",
+            ),
+            # At most one active task per schedule: a due schedule whose task still runs waits.
+            models.UniqueConstraint(
+                fields=["schedule"],
+                condition=Q(schedule__isnull=False, status__in=["QUEUED", "DISPATCHED", "RUNNING"]),
+                name="task_active_schedule_uniq",
             ),
         ]
 

@@ -57,11 +57,16 @@ def _prep_ids(ids: Iterable[uuid.UUID]) -> list[Any]:
 
 
 def _update_returning(
-    values: Mapping[str, Any], where_sql: str, where_params: Sequence[Any]
+    values: Mapping[str, Any],
+    where_sql: str,
+    where_params: Sequence[Any],
+    *,
+    with_sql: str = "",
+    with_params: Sequence[Any] = (),
 ) -> list[Task]:
     set_sql, set_params = _assignments(values)
-    sql = f"UPDATE {_table()} SET {set_sql} WHERE {where_sql} RETURNING {_columns()}"
-    return list(Task.objects.raw(sql, [*set_params, *where_params]))
+    sql = f"{with_sql}UPDATE {_table()} SET {set_sql} WHERE {where_sql} RETURNING {_columns()}"
+    return list(Task.objects.raw(sql, [*with_params, *set_params, *where_params]))
 
 
 def cas_update(
@@ -124,10 +129,17 @@ def claim_queued(
     inner_sql, inner_params = candidates.query.sql_with_params()
     pk = connection.ops.quote_name("id")
     status_col = connection.ops.quote_name("status")
+    # The candidates are picked once, in a materialised CTE. As `id IN (subquery)` PostgreSQL
+    # may plan a nested-loop semi-join that re-runs the subquery for each row; every re-run
+    # skips the rows this UPDATE already changed and locks `limit` more, so a pop of 1 took
+    # every due task. (SQLite >= 3.35, already needed for RETURNING, reads MATERIALIZED too.)
+    with_sql = f"WITH picked AS MATERIALIZED ({inner_sql}) "
     # The status test again outside the subquery: on SQLite nothing locks the chosen rows, and
     # on PostgreSQL it is what keeps a re-checked row from being claimed twice.
-    where = f"{pk} IN ({inner_sql}) AND {status_col} = %s"
-    rows = _update_returning(values, where, [*inner_params, TaskStatus.QUEUED])
+    where = f"{pk} IN (SELECT {pk} FROM picked) AND {status_col} = %s"
+    rows = _update_returning(
+        values, where, [TaskStatus.QUEUED], with_sql=with_sql, with_params=inner_params
+    )
     rows.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
     return rows
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, F, QuerySet
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -34,7 +34,8 @@ def hourly_stats(*, scheduler_id: str | None = None, hours: int = 24) -> list[di
     """Transitions into each status per hour over the last `hours`, per scheduler, from the
     event history: a task that retried twice and then completed counts each step once."""
     since = timezone.now() - timedelta(hours=hours)
-    events = TaskEvent.objects.filter(at__gte=since)
+    # from == to marks a note (a cancel request), not a transition.
+    events = TaskEvent.objects.filter(at__gte=since).exclude(from_status=F("to_status"))
     if scheduler_id:
         events = events.filter(task__scheduler_id=scheduler_id)
     rows = (

@@ -6,10 +6,27 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
-from tasks.models import Scheduler, SchedulerKind, Task, TaskEvent, TaskStatus
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
 _SCALAR = (str, int, float, bool)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+def reject_nul(value: Any) -> Any:
+    """PostgreSQL's jsonb and text cannot hold U+0000; refuse it the same on both databases."""
+    if _has_nul(value):
+        raise serializers.ValidationError("Must not contain the NUL character (\\u0000).")
+    return value
 
 
 class SchedulerSerializer(serializers.ModelSerializer):
@@ -48,20 +65,8 @@ class SchedulerSerializer(serializers.ModelSerializer):
             fields["id"].read_only = True  # a queue is renamed by creating another
         return fields
 
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        kind = attrs.get("kind", getattr(self.instance, "kind", SchedulerKind.PULL))
-        handler = attrs.get("handler", getattr(self.instance, "handler", ""))
-        if kind == SchedulerKind.CELERY and not handler:
-            raise serializers.ValidationError({"handler": ["A celery scheduler needs a handler."]})
-        delay = attrs.get("retry_delay_seconds", getattr(self.instance, "retry_delay_seconds", 0))
-        cap = attrs.get(
-            "retry_max_delay_seconds", getattr(self.instance, "retry_max_delay_seconds", 0)
-        )
-        if cap < delay:
-            raise serializers.ValidationError(
-                {"retry_max_delay_seconds": ["Must not be less than retry_delay_seconds."]}
-            )
-        return attrs
+    # Cross-field rules (celery needs a handler, backoff cap ≥ delay, policy weights) live in
+    # Scheduler.clean(), which the services run, so the API, admin and CLI share them.
 
 
 class TaskSerializer(serializers.ModelSerializer):
@@ -70,6 +75,7 @@ class TaskSerializer(serializers.ModelSerializer):
         fields = [
             "id",
             "scheduler",
+            "schedule",
             "status",
             "priority",
             "hash",
@@ -98,7 +104,7 @@ class TaskPushSerializer(serializers.Serializer):
     def validate_data(self, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise serializers.ValidationError("Must be a JSON object.")
-        return value
+        return reject_nul(value)
 
 
 class PopSerializer(serializers.Serializer):
@@ -134,8 +140,12 @@ class TaskReportSerializer(serializers.Serializer):
     status = serializers.ChoiceField(
         choices=[TaskStatus.RUNNING, TaskStatus.COMPLETED, TaskStatus.FAILED]
     )
-    result = serializers.JSONField(required=False, allow_null=True, default=None)
-    error = serializers.CharField(required=False, allow_blank=True, default="", max_length=10000)
+    result = serializers.JSONField(
+        required=False, allow_null=True, default=None, validators=[reject_nul]
+    )
+    error = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=10000, validators=[reject_nul]
+    )
     attempt = serializers.IntegerField(
         required=False,
         min_value=1,
@@ -155,7 +165,8 @@ class TaskEventSerializer(serializers.ModelSerializer):
 
 
 class StatsQuerySerializer(serializers.Serializer):
-    scheduler = serializers.CharField(required=False, max_length=64)
+    # source: the selector takes scheduler_id.
+    scheduler = serializers.CharField(required=False, max_length=64, source="scheduler_id")
     hours = serializers.IntegerField(required=False, default=24, min_value=1, max_value=24 * 31)
 
 

@@ -34,8 +34,10 @@ from tasks.retry import RetrySpec
 
 logger = logging.getLogger(__name__)
 
-# Hooks run on commit after tasks become QUEUED (the Celery dispatch fast path registers one).
+# Hooks run on commit: after tasks of a scheduler become QUEUED (the Celery dispatch fast path),
+# and after a task completes (adaptive schedule intervals). Apps register them in ready().
 on_queued_hooks: list[Callable[[str], None]] = []
+on_completed_hooks: list[Callable[[Task], None]] = []
 
 
 def _get_scheduler(scheduler_id: str, *, for_update: bool = False) -> Scheduler:
@@ -56,7 +58,7 @@ def _get_task(task_id: uuid.UUID) -> Task:
         raise TaskNotFound(f"Task {task_id} does not exist.") from None
 
 
-def _notify_queued(scheduler_id: str) -> None:
+def notify_queued(scheduler_id: str) -> None:
     for hook in on_queued_hooks:
         transaction.on_commit(lambda hook=hook: hook(scheduler_id))
 
@@ -128,7 +130,7 @@ def scheduler_set_paused(*, scheduler_id: str, paused: bool, actor: str = "") ->
                 "scheduler %s %s by %s", scheduler_id, "paused" if paused else "resumed", actor
             )
     if not paused:
-        _notify_queued(scheduler_id)
+        notify_queued(scheduler_id)
     return scheduler
 
 
@@ -183,7 +185,7 @@ def task_push(
         except IntegrityError:
             raise _duplicate_of(scheduler_id, hash) from None
         queue.record_events([task], from_status="", actor=actor, note="pushed", at=now)
-        _notify_queued(scheduler_id)
+        notify_queued(scheduler_id)
     return task
 
 
@@ -285,7 +287,7 @@ def task_complete(
 ) -> Task:
     task = _get_task(task_id)
     _check_fence(task, attempt)
-    return transition(
+    completed = transition(
         task,
         to_status=TaskStatus.COMPLETED,
         actor=actor,
@@ -293,6 +295,9 @@ def task_complete(
         values={"result": result, "lease_expires_at": None, "error": ""},
         fence_attempts=True,
     )
+    for hook in on_completed_hooks:
+        transaction.on_commit(lambda hook=hook: hook(completed))
+    return completed
 
 
 def task_fail(
@@ -314,6 +319,13 @@ def task_fail(
 def _fail_attempt(
     task: Task, *, error: str, actor: str, result: Any = None, retry: RetrySpec | None = None
 ) -> Task:
+    if task.status not in LEASED_STATUSES:
+        # Only a handed-out attempt can fail: without this, a late FAILED report on a CANCELLED
+        # (or FAILED) task would pass as CANCELLED -> QUEUED, the operator's requeue edge.
+        raise TransitionRefused(
+            f"Cannot move task {task.id} from {task.status} to {TaskStatus.FAILED}.",
+            current_status=task.status,
+        )
     spec = retry or RetrySpec.for_scheduler(task.scheduler)
     attempt_note = f"attempt {task.attempts}/{spec.max_attempts} failed: {error or 'no error text'}"
     values: dict[str, Any] = {"error": error, "result": result, "lease_expires_at": None}
@@ -330,7 +342,7 @@ def _fail_attempt(
         task, to_status=to_status, actor=actor, note=note, values=values, fence_attempts=True
     )
     if to_status == TaskStatus.QUEUED:
-        _notify_queued(task.scheduler_id)
+        notify_queued(task.scheduler_id)
     return updated
 
 
@@ -435,7 +447,7 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
             )
     except IntegrityError:
         raise _duplicate_of(task.scheduler_id, task.hash) from None
-    _notify_queued(task.scheduler_id)
+    notify_queued(task.scheduler_id)
     return updated
 
 

@@ -1,0 +1,42 @@
+"""The system's own periodic jobs. `manage.py setup_periodic_tasks` writes them as
+django-celery-beat PeriodicTask rows; beat's DatabaseScheduler reads them from the database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class PeriodicJob:
+    name: str
+    task: str
+    every_seconds: int | None = None
+    crontab: str | None = None  # 5 fields, UTC
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def system_jobs() -> list[PeriodicJob]:
+    return [
+        PeriodicJob(
+            name="scheduler: orchestrator tick",
+            task="schedules.orchestrate",
+            every_seconds=settings.ORCHESTRATOR_TICK_SECONDS,
+            description="Turns due schedules into tasks, up to each queue's room.",
+        ),
+        PeriodicJob(
+            name="scheduler: lease reaper",
+            task="tasks.reap_expired_leases",
+            every_seconds=settings.REAPER_INTERVAL_SECONDS,
+            description="Expired leases become failed attempts (retry policy decides).",
+        ),
+        PeriodicJob(
+            name="scheduler: prune finished tasks",
+            task="tasks.prune_finished_tasks",
+            crontab="17 * * * *",
+            description="Deletes finished tasks past TASK_RETENTION_DAYS, in batches.",
+        ),
+    ]

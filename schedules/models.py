@@ -1,0 +1,189 @@
+"""Schedules: cron, interval or one-off templates that the orchestrator turns into tasks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils.timezone import now as utc_now
+
+from schedules import timing
+from tasks.models import Scheduler
+
+
+class ScheduleStatus(models.TextChoices):
+    ACTIVE = "ACTIVE"
+    PAUSED = "PAUSED"
+    FINISHED = "FINISHED"
+
+
+# Resume also reactivates a FINISHED schedule whose edit gave it occurrences again.
+SCHEDULE_TRANSITIONS: dict[str, frozenset[str]] = {
+    ScheduleStatus.ACTIVE: frozenset({ScheduleStatus.PAUSED, ScheduleStatus.FINISHED}),
+    ScheduleStatus.PAUSED: frozenset({ScheduleStatus.ACTIVE, ScheduleStatus.FINISHED}),
+    ScheduleStatus.FINISHED: frozenset({ScheduleStatus.ACTIVE}),
+}
+
+
+class Schedule(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    scheduler = models.ForeignKey(
+        Scheduler, on_delete=models.CASCADE, related_name="schedules", db_index=False
+    )
+    # NULL, not "", for "no hash": uniqueness per scheduler must ignore hash-less schedules.
+    hash = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+    data = models.JSONField(default=dict, blank=True)
+    priority = models.IntegerField(default=0, help_text="Of the tasks it makes; lower first.")
+    cron = models.CharField(max_length=120, blank=True, help_text="5 fields, in `timezone`.")
+    interval_seconds = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    run_at = models.DateTimeField(null=True, blank=True, help_text="One-off run time.")
+    timezone = models.CharField(max_length=64, default="UTC")
+    start_at = models.DateTimeField(null=True, blank=True)
+    end_at = models.DateTimeField(null=True, blank=True)
+    min_interval_seconds = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    max_interval_seconds = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    backoff_factor = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1.0), MaxValueValidator(100.0)],
+        help_text="Adaptive interval: grown by this factor after an uneventful run.",
+    )
+    status = models.CharField(
+        max_length=16, choices=ScheduleStatus.choices, default=ScheduleStatus.ACTIVE
+    )
+    deadline_at = models.DateTimeField(null=True, blank=True, help_text="Next due time (UTC).")
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    run_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=utc_now, editable=False)
+    modified_at = models.DateTimeField(default=utc_now)
+
+    class Meta:
+        indexes = [
+            # The tick's only scan: due ACTIVE schedules of one scheduler, a range on
+            # deadline_at. It stays O(due) whatever the table's size.
+            models.Index(
+                fields=["scheduler", "deadline_at"],
+                condition=Q(status="ACTIVE"),
+                name="schedule_due_idx",
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scheduler", "hash"],
+                condition=Q(hash__isnull=False),
+                name="schedule_hash_uniq",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scheduler_id}/{self.hash or self.id}"
+
+    @property
+    def kind(self) -> str:
+        if self.cron:
+            return "cron"
+        return "interval" if self.interval_seconds else "once"
+
+    @property
+    def task_hash(self) -> str:
+        """The hash of the tasks it makes: one active task per schedule, by construction."""
+        return self.hash or f"schedule:{self.id}"
+
+    def can_transition_to(self, to_status: str) -> bool:
+        return to_status in SCHEDULE_TRANSITIONS.get(self.status, frozenset())
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        given = [name for name in ("cron", "interval_seconds", "run_at") if getattr(self, name)]
+        if len(given) != 1:
+            message = "Give exactly one of cron, interval_seconds, run_at"
+            message += f" (got {', '.join(given)})." if given else " (got none)."
+            errors["cron" if "cron" in given or not given else given[0]] = message
+        if self.hash and self._hash_taken():
+            # The constraint is conditional, so Django would report it under __all__: name it.
+            errors["hash"] = f"Scheduler {self.scheduler_id!r} has a schedule with this hash."
+        for check in (self._check_timing, self._check_window, self._check_adaptive):
+            try:
+                check()
+            except timing.TimingError as exc:
+                errors.setdefault(exc.field, exc.message)
+        if errors:
+            raise ValidationError(errors)
+
+    def _hash_taken(self) -> bool:
+        others = Schedule.objects.filter(scheduler_id=self.scheduler_id, hash=self.hash)
+        return others.exclude(pk=self.pk).exists()
+
+    def _check_timing(self) -> None:
+        timing.zone(self.timezone)
+        if self.cron:
+            timing.validate_cron(self.cron)
+        if self.interval_seconds is not None and self.interval_seconds < 1:
+            raise timing.TimingError("interval_seconds", "must be at least 1 second.")
+
+    def _check_window(self) -> None:
+        if self.start_at and self.end_at and self.end_at <= self.start_at:
+            raise timing.TimingError("end_at", "must be after start_at.")
+
+    def _check_adaptive(self) -> None:
+        adaptive = [self.min_interval_seconds, self.max_interval_seconds, self.backoff_factor]
+        if not any(value is not None for value in adaptive):
+            return
+        if not self.interval_seconds:
+            raise timing.TimingError("backoff_factor", "adaptive intervals need interval_seconds.")
+        if None in adaptive:
+            raise timing.TimingError(
+                "backoff_factor",
+                "give min_interval_seconds, max_interval_seconds and backoff_factor together.",
+            )
+        if self.min_interval_seconds > self.max_interval_seconds:
+            raise timing.TimingError("max_interval_seconds", "must be ≥ min_interval_seconds.")
+
+    def next_occurrence(self, *, after: datetime) -> datetime | None:
+        """The first due time strictly after `after`, or None when there is none left."""
+        if self.run_at:
+            candidate = None  # a one-off has no next occurrence once it ran
+        elif self.cron:
+            # An occurrence exactly at start_at counts: step back a microsecond.
+            start = (
+                max(after, self.start_at - timedelta(microseconds=1)) if self.start_at else after
+            )
+            candidate = timing.next_cron(self.cron, self.timezone, after=start)
+        else:
+            anchor = self.start_at or self.deadline_at or self.created_at
+            candidate = timing.next_interval(
+                anchor=anchor, interval_seconds=self.interval_seconds, after=after
+            )
+        if candidate and self.end_at and candidate > self.end_at:
+            return None
+        return candidate
+
+    def first_deadline(self, *, now: datetime) -> datetime | None:
+        """Due time on creation, resume or edit: from now, firing at once only when due."""
+        if self.run_at:
+            ran_since = self.last_run_at is not None and self.last_run_at >= self.run_at
+            return None if ran_since else self.run_at
+        if self.interval_seconds and self.last_run_at is None:
+            start = self.start_at or now
+            return None if self.end_at and start > self.end_at else start
+        if self.interval_seconds:
+            # On the grid of the last run and the current interval, not from the old deadline:
+            # an edited interval takes effect now rather than after one more run at the old pace.
+            candidate = timing.next_interval(
+                anchor=self.start_at or self.last_run_at,
+                interval_seconds=self.interval_seconds,
+                after=now,
+            )
+            return None if self.end_at and candidate > self.end_at else candidate
+        # A cron occurrence exactly at `now` is due now.
+        return self.next_occurrence(after=now - timedelta(microseconds=1))

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from schedules import timing
+from schedules.models import Schedule
+from tasks.models import Scheduler
+from tasks.serializers import reject_nul
+
+
+class ScheduleSerializer(serializers.ModelSerializer):
+    scheduler = serializers.SlugRelatedField(slug_field="id", queryset=Scheduler.objects.all())
+    cron_description = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Schedule
+        fields = [
+            "id",
+            "scheduler",
+            "hash",
+            "data",
+            "priority",
+            "cron",
+            "cron_description",
+            "interval_seconds",
+            "run_at",
+            "timezone",
+            "start_at",
+            "end_at",
+            "min_interval_seconds",
+            "max_interval_seconds",
+            "backoff_factor",
+            "status",
+            "deadline_at",
+            "last_run_at",
+            "run_count",
+            "created_at",
+            "modified_at",
+        ]
+        read_only_fields = [
+            "status",
+            "deadline_at",
+            "last_run_at",
+            "run_count",
+            "created_at",
+            "modified_at",
+        ]
+        # Uniqueness of (scheduler, hash) is checked by the model's full_clean in the service.
+        validators: list[Any] = []
+
+    def get_cron_description(self, schedule: Schedule) -> str:
+        return timing.explain_cron(schedule.cron) if schedule.cron else ""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        if self.instance is not None and not isinstance(self.instance, list):
+            fields["scheduler"].read_only = True  # moving a schedule to another queue: recreate
+        return fields
+
+    def validate_data(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Must be a JSON object.")
+        return reject_nul(value)
+
+    def validate_timezone(self, value: str) -> str:
+        try:
+            timing.zone(value)
+        except timing.TimingError as exc:
+            raise serializers.ValidationError(exc.message) from None
+        return value
+
+    def validate_cron(self, value: str) -> str:
+        value = " ".join(value.split())
+        if value:
+            try:
+                timing.validate_cron(value)
+            except timing.TimingError as exc:
+                raise serializers.ValidationError(exc.message) from None
+        return value

@@ -1,0 +1,325 @@
+"""Writes to schedules, and the orchestrator tick that turns due schedules into tasks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from schedules import queries
+from schedules.exceptions import ScheduleNotFound, ScheduleStateError
+from schedules.models import Schedule, ScheduleStatus
+from schedules.policies import FALLBACK, allocate
+from tasks import queue as task_queue
+from tasks import services as task_services
+from tasks.exceptions import DuplicateTask, SchedulerNotFound
+from tasks.models import Scheduler, Task, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+ORCHESTRATOR = "orchestrator"
+TIMING_FIELDS = {"cron", "interval_seconds", "run_at", "timezone", "start_at", "end_at"}
+
+
+def _get(schedule_id: uuid.UUID) -> Schedule:
+    try:
+        return Schedule.objects.get(id=schedule_id)
+    except Schedule.DoesNotExist:
+        raise ScheduleNotFound(f"Schedule {schedule_id} does not exist.") from None
+
+
+def _set_status(schedule: Schedule, *, to_status: str, now: datetime, actor: str) -> Schedule:
+    """Compare-and-swap the schedule's status; the deadline is recomputed from now."""
+    if not schedule.can_transition_to(to_status):
+        raise ScheduleStateError(
+            f"Cannot move schedule {schedule.id} from {schedule.status} to {to_status}."
+        )
+    deadline = schedule.first_deadline(now=now) if to_status == ScheduleStatus.ACTIVE else None
+    if to_status == ScheduleStatus.ACTIVE and deadline is None:
+        to_status = ScheduleStatus.FINISHED  # nothing left to run (one-off done, past end_at)
+    changed = Schedule.objects.filter(id=schedule.id, status=schedule.status).update(
+        status=to_status, deadline_at=deadline, modified_at=now
+    )
+    if not changed:
+        raise ScheduleStateError(f"Schedule {schedule.id} changed meanwhile; try again.")
+    logger.info(
+        "schedule %s %s -> %s by %s; next run %s",
+        schedule.id,
+        schedule.status,
+        to_status,
+        actor,
+        deadline,
+    )
+    schedule.refresh_from_db()
+    return schedule
+
+
+def _save(schedule: Schedule, **kwargs: Any) -> None:
+    try:
+        with transaction.atomic():
+            schedule.save(**kwargs)
+    except IntegrityError:
+        # full_clean checked the hash, but a concurrent create may have taken it since.
+        raise ValidationError(
+            {"hash": f"Scheduler {schedule.scheduler_id!r} has a schedule with this hash."}
+        ) from None
+
+
+def schedule_create(*, scheduler_id: str, actor: str = "", **fields: Any) -> Schedule:
+    if not Scheduler.objects.filter(id=scheduler_id).exists():
+        raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.")
+    now = timezone.now()
+    schedule = Schedule(scheduler_id=scheduler_id, created_at=now, modified_at=now, **fields)
+    schedule.full_clean()
+    schedule.deadline_at = schedule.first_deadline(now=now)
+    if schedule.deadline_at is None:
+        schedule.status = ScheduleStatus.FINISHED
+    _save(schedule, force_insert=True)
+    logger.info("schedule %s created by %s; first run %s", schedule.id, actor, schedule.deadline_at)
+    return schedule
+
+
+def schedule_update(*, schedule_id: uuid.UUID, actor: str = "", **fields: Any) -> Schedule:
+    """Edit; the deadline is recomputed from now (never fires at once unless due)."""
+    now = timezone.now()
+    with transaction.atomic():
+        schedule = Schedule.objects.select_for_update().filter(id=schedule_id).first()
+        if schedule is None:
+            raise ScheduleNotFound(f"Schedule {schedule_id} does not exist.")
+        for name, value in fields.items():
+            setattr(schedule, name, value)
+        schedule.full_clean()
+        schedule.modified_at = now
+        if schedule.status != ScheduleStatus.PAUSED:
+            schedule.deadline_at = schedule.first_deadline(now=now)
+            finished = schedule.deadline_at is None
+            schedule.status = ScheduleStatus.FINISHED if finished else ScheduleStatus.ACTIVE
+        _save(schedule, update_fields=[*fields, "modified_at", "deadline_at", "status"])
+    logger.info(
+        "schedule %s edited by %s (%s); next run %s",
+        schedule.id,
+        actor,
+        ", ".join(fields),
+        schedule.deadline_at,
+    )
+    return schedule
+
+
+def schedule_pause(*, schedule_id: uuid.UUID, actor: str = "") -> Schedule:
+    schedule = _get(schedule_id)
+    if schedule.status == ScheduleStatus.PAUSED:
+        return schedule
+    return _set_status(schedule, to_status=ScheduleStatus.PAUSED, now=timezone.now(), actor=actor)
+
+
+def schedule_resume(*, schedule_id: uuid.UUID, actor: str = "") -> Schedule:
+    schedule = _get(schedule_id)
+    if schedule.status == ScheduleStatus.ACTIVE:
+        return schedule
+    return _set_status(schedule, to_status=ScheduleStatus.ACTIVE, now=timezone.now(), actor=actor)
+
+
+def schedule_delete(*, schedule_id: uuid.UUID) -> None:
+    """Its tasks stay (their `schedule` becomes null): history is not deleted with a template."""
+    _get(schedule_id).delete()
+
+
+def schedule_trigger(*, schedule_id: uuid.UUID, actor: str = "") -> Task:
+    """Run now, out of turn: one task, unless one of the schedule is active (409)."""
+    schedule = _get(schedule_id)
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            task = task_services.task_push(
+                scheduler_id=schedule.scheduler_id,
+                data=schedule.data,
+                priority=schedule.priority,
+                hash=schedule.task_hash,
+                actor=actor,
+                extra={"schedule": schedule},
+            )
+            Schedule.objects.filter(id=schedule.id).update(
+                last_run_at=now, run_count=F("run_count") + 1, modified_at=now
+            )
+    except DuplicateTask as exc:
+        raise DuplicateTask(
+            f"Schedule {schedule.id} already has an active task {exc.existing_id}.",
+            existing_id=exc.existing_id,
+        ) from None
+    logger.info("schedule %s triggered by %s: task %s", schedule.id, actor, task.id)
+    return task
+
+
+# --- the orchestrator tick ---------------------------------------------------------------------
+
+
+def orchestrate(*, scheduler_id: str | None = None, batch_size: int = 500) -> dict[str, int]:
+    """Materialise due schedules into tasks, per scheduler, up to each queue's room.
+
+    Safe with several runners at once: rows are taken with SKIP LOCKED and each deadline moves
+    by compare-and-swap, so one occurrence yields at most one task.
+    """
+    now = timezone.now()
+    schedulers = Scheduler.objects.filter(paused=False)
+    if scheduler_id:
+        schedulers = schedulers.filter(id=scheduler_id)
+    created: dict[str, int] = {}
+    for sid in schedulers.values_list("id", flat=True):
+        if queries.any_due(scheduler_id=sid, now=now):
+            created[sid] = _orchestrate_scheduler(sid, now=now, batch_size=batch_size)
+    return created
+
+
+def _orchestrate_scheduler(scheduler_id: str, *, now: datetime, batch_size: int) -> int:
+    created = 0
+    while True:
+        with transaction.atomic():
+            scheduler, room = _room(scheduler_id, batch_size)
+            if room <= 0:
+                if scheduler is not None and not scheduler.paused:
+                    logger.info("scheduler %s is full; due schedules wait", scheduler_id)
+                return created
+            picked = _pick(scheduler, room=room, now=now)
+            made = _materialize(scheduler, picked, now=now) if picked else 0
+        created += made
+        if made:
+            task_services.notify_queued(scheduler_id)
+        if len(picked) < room:
+            if created:
+                logger.info("scheduler %s: %d tasks from due schedules", scheduler_id, created)
+            return created
+
+
+def _room(scheduler_id: str, batch_size: int) -> tuple[Scheduler | None, int]:
+    scheduler = Scheduler.objects.filter(id=scheduler_id).first()
+    if scheduler is None or scheduler.paused:
+        return scheduler, 0
+    if not scheduler.max_queue_size:
+        return scheduler, batch_size
+    # Same lock as a bounded push, so tick and pushes together never pass the bound.
+    scheduler = Scheduler.objects.select_for_update(no_key=True).get(id=scheduler_id)
+    queued = Task.objects.filter(scheduler=scheduler, status=TaskStatus.QUEUED).count()
+    return scheduler, min(batch_size, scheduler.max_queue_size - queued)
+
+
+def _pick(scheduler: Scheduler, *, room: int, now: datetime) -> list[Schedule]:
+    picked: list[Schedule] = []
+    carry = 0
+    shares = allocate(room, scheduler.policy_weights or {})
+    for policy, share in shares:
+        want = share + carry
+        got = (
+            queries.due_schedules(
+                scheduler_id=scheduler.id,
+                now=now,
+                policy=policy,
+                limit=want,
+                exclude=[s.id for s in picked],
+            )
+            if want
+            else []
+        )
+        picked += got
+        carry = want - len(got)
+    if carry and FALLBACK.name not in {policy.name for policy, _ in shares}:
+        picked += queries.due_schedules(
+            scheduler_id=scheduler.id,
+            now=now,
+            policy=FALLBACK,
+            limit=carry,
+            exclude=[s.id for s in picked],
+        )
+    return picked
+
+
+def _materialize(scheduler: Scheduler, picked: Sequence[Schedule], *, now: datetime) -> int:
+    plans = [(schedule, schedule.next_occurrence(after=now)) for schedule in picked]
+    try:
+        with transaction.atomic():
+            return _advance_and_insert(scheduler, plans, now=now)
+    except IntegrityError:
+        # A task with a schedule's hash was pushed by hand meanwhile. Go one by one; the
+        # blocked schedule stays due and waits for that task, as if it were its own.
+        made = 0
+        for plan in plans:
+            try:
+                with transaction.atomic():
+                    made += _advance_and_insert(scheduler, [plan], now=now)
+            except IntegrityError:
+                logger.info("schedule %s waits: an active task holds its hash", plan[0].id)
+        return made
+
+
+def _advance_and_insert(
+    scheduler: Scheduler, plans: Sequence[tuple[Schedule, datetime | None]], *, now: datetime
+) -> int:
+    moved = queries.advance(plans=plans, now=now)
+    tasks = [
+        Task(
+            id=uuid.uuid4(),
+            scheduler=scheduler,
+            schedule=schedule,
+            data=schedule.data,
+            priority=schedule.priority,
+            hash=schedule.task_hash,
+            not_before=now,
+            created_at=now,
+            modified_at=now,
+        )
+        for schedule, _ in plans
+        if schedule.id in moved
+    ]
+    Task.objects.bulk_create(tasks)
+    task_queue.record_events(
+        tasks, from_status="", actor=ORCHESTRATOR, note="materialised from its schedule", at=now
+    )
+    return len(tasks)
+
+
+# --- adaptive intervals ------------------------------------------------------------------------
+
+
+def adapt_interval(task: Task) -> None:
+    """After a completed task: `{"changed": false}` grows the interval by backoff_factor up to
+    max_interval_seconds; `{"changed": true}` shrinks it by the factor down to
+    min_interval_seconds. The next run moves to last run + new interval (now if that passed)."""
+    if task.schedule_id is None or not isinstance(task.result, dict):
+        return
+    changed = task.result.get("changed")
+    if not isinstance(changed, bool):
+        return
+    schedule = Schedule.objects.filter(id=task.schedule_id, backoff_factor__isnull=False).first()
+    if schedule is None or not schedule.interval_seconds:
+        return
+    factor = schedule.backoff_factor
+    if changed:
+        interval = max(
+            schedule.min_interval_seconds, math.floor(schedule.interval_seconds / factor)
+        )
+    else:
+        interval = min(schedule.max_interval_seconds, math.ceil(schedule.interval_seconds * factor))
+    if interval == schedule.interval_seconds:
+        return
+    values: dict[str, Any] = {"interval_seconds": interval}
+    if schedule.status == ScheduleStatus.ACTIVE and schedule.last_run_at:
+        values["deadline_at"] = max(
+            schedule.last_run_at + timedelta(seconds=interval), timezone.now()
+        )
+    Schedule.objects.filter(id=schedule.id, interval_seconds=schedule.interval_seconds).update(
+        **values
+    )
+    logger.info(
+        "schedule %s: interval %ss -> %ss (result changed=%s)",
+        schedule.id,
+        schedule.interval_seconds,
+        interval,
+        changed,
+    )

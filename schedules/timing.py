@@ -1,0 +1,73 @@
+"""When a schedule is due: cron in the schedule's own time zone, intervals, one-offs.
+
+DST follows cronie's rule (implemented by cronsim): a fixed local time that does not exist
+(02:30 on a spring-forward night) runs once, at the jump; a fixed local time that occurs twice
+(02:30 on a fall-back night) runs once, the first time; expressions with a wildcard hour follow
+real time and run in both of the repeated hours.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from cronsim import CronSim, CronSimError
+
+
+class TimingError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@lru_cache(maxsize=512)
+def zone(name: str) -> ZoneInfo:
+    if name not in _zone_names():
+        raise TimingError("timezone", f"{name!r} is not an IANA time zone (e.g. Europe/Amsterdam).")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise TimingError("timezone", f"{name!r} is not an IANA time zone.") from None
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def validate_cron(expression: str) -> None:
+    if len(expression.split()) != 5:
+        raise TimingError("cron", "needs exactly 5 fields: minute hour day month weekday.")
+    try:
+        CronSim(expression, datetime.now(UTC))
+    except CronSimError as exc:
+        raise TimingError("cron", f"{expression!r} is not valid: {exc}.") from None
+
+
+def explain_cron(expression: str) -> str:
+    try:
+        return CronSim(expression, datetime.now(UTC)).explain()
+    except (CronSimError, ValueError):
+        return ""
+
+
+def next_cron(expression: str, tz_name: str, *, after: datetime) -> datetime:
+    """The first occurrence strictly after `after` (aware), in UTC."""
+    local_after = after.astimezone(zone(tz_name))
+    occurrence = next(CronSim(expression, local_after))
+    return occurrence.astimezone(UTC)
+
+
+def next_interval(*, anchor: datetime, interval_seconds: int, after: datetime) -> datetime:
+    """The first point of the grid anchor + k·interval strictly after `after`.
+
+    Keeping the grid (rather than after + interval) stops drift; missed points after downtime
+    are skipped, so they coalesce into the one run that is materialised now.
+    """
+    if anchor > after:
+        return anchor
+    steps = math.floor((after - anchor).total_seconds() / interval_seconds) + 1
+    return anchor + timedelta(seconds=steps * interval_seconds)

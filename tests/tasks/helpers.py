@@ -1,0 +1,82 @@
+"""Shared arrangement helpers of the tasks tests (plain functions, no fixtures)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from tasks import services
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks.retry import RetrySpec
+
+S = TaskStatus
+T0 = datetime(2030, 1, 1, 10, 5, tzinfo=UTC)
+Push = Callable[..., Task]
+
+
+def pop_one(scheduler_id: str = "boefje", **kwargs: Any) -> Task:
+    [task] = services.task_pop(scheduler_id=scheduler_id, **kwargs)
+    return task
+
+
+def make_running(push: Push, **kwargs: Any) -> Task:
+    """Push a task and take it to RUNNING (filters on data["id"] when given, else the oldest)."""
+    task = push(**kwargs)
+    popped = pop_one(task.scheduler_id, filters={"id": task.data["id"]} if task.data else None)
+    assert popped.id == task.id
+    return services.task_start(task_id=task.id, actor="w")
+
+
+def fresh(task: Task) -> Task:
+    return Task.objects.get(id=task.id)
+
+
+def history(task: Task) -> list[tuple[str, str, str]]:
+    rows = TaskEvent.objects.filter(task_id=task.id).order_by("at", "id")
+    return [(e.from_status, e.to_status, e.note) for e in rows]
+
+
+def finish(push: Push, end: str, **kwargs: Any) -> Task:
+    """Push a task and end it FAILED, DEAD or CANCELLED through the services."""
+    task = push(**kwargs)
+    pop_one(task.scheduler_id)
+    if end == S.CANCELLED:
+        services.task_start(task_id=task.id)
+        services.task_cancel(task_id=task.id)
+        services.task_fail(task_id=task.id, error="stopped")
+    else:
+        spec = RetrySpec(policy="none", dead_letter=end == S.DEAD)
+        services.task_fail(task_id=task.id, error="bad", result={"partial": 1}, retry=spec)
+    assert fresh(task).status == end
+    return task
+
+
+def forbid_server_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every APIClient response fail the test if it is a 5xx."""
+    original = APIClient.request
+
+    def request(self: APIClient, **kwargs: Any) -> Any:
+        response = original(self, **kwargs)
+        assert response.status_code < 500, (kwargs.get("PATH_INFO"), response.content[:500])
+        return response
+
+    monkeypatch.setattr(APIClient, "request", request)
+
+
+def call(client: APIClient, method: str, url: str, body: Any = None) -> Any:
+    if method in {"get", "delete"}:
+        return getattr(client, method)(url)
+    return getattr(client, method)(url, body, format="json")
+
+
+def snapshot() -> tuple[Any, ...]:
+    """Everything a refused request must leave unchanged."""
+    return (
+        list(Task.objects.order_by("id").values()),
+        list(Scheduler.objects.order_by("id").values()),
+        TaskEvent.objects.count(),
+    )
