@@ -9,7 +9,7 @@ MANAGE := $(BIN)/python manage.py
 RUN_ENV := DEBUG=$${DEBUG:-1}
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
-.PHONY: run test lint test-sqlite test-postgres bench install migrate clean
+.PHONY: run test lint test-sqlite test-postgres bench bench-pop bench-tick install migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,12 +38,18 @@ test-sqlite: install
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-postgres: install
-	scripts/with-postgres.sh $(PG_FLAGS) --tuned -- $(BIN)/pytest -q -p no:cacheprovider
+	scripts/with-postgres.sh $(PG_FLAGS) --tuned -- \
+	  scripts/with-redis.sh $(PG_FLAGS) -- $(BIN)/pytest -q -p no:cacheprovider
 
 test: lint test-sqlite test-postgres
 
-bench: install
+bench: bench-pop bench-tick
+
+bench-pop: install
 	scripts/with-postgres.sh --required -- $(BIN)/python -m bench.pop_bench
+
+bench-tick: install
+	scripts/with-postgres.sh --required -- $(BIN)/python -m bench.tick_bench
 
 clean:
 	rm -rf $(VENV) var

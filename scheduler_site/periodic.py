@@ -28,6 +28,12 @@ def system_jobs() -> list[PeriodicJob]:
             description="Turns due schedules into tasks, up to each queue's room.",
         ),
         PeriodicJob(
+            name="scheduler: dispatcher",
+            task="tasks.dispatch",
+            every_seconds=settings.DISPATCH_INTERVAL_SECONDS,
+            description="Sends QUEUED tasks of celery queues to workers, up to each threshold.",
+        ),
+        PeriodicJob(
             name="scheduler: lease reaper",
             task="tasks.reap_expired_leases",
             every_seconds=settings.REAPER_INTERVAL_SECONDS,

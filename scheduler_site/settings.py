@@ -143,6 +143,12 @@ TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 7, minimum=1)
 TASK_DEAD_RETENTION_DAYS = env_int("TASK_DEAD_RETENTION_DAYS", 30, minimum=1)
 ORCHESTRATOR_TICK_SECONDS = env_int("ORCHESTRATOR_TICK_SECONDS", 5, minimum=1)
 REAPER_INTERVAL_SECONDS = env_int("REAPER_INTERVAL_SECONDS", 15, minimum=1)
+DISPATCH_INTERVAL_SECONDS = env_int("DISPATCH_INTERVAL_SECONDS", 2, minimum=1)
+# A worker extends a running task's lease (and its locks) by 3x this, every this many seconds:
+# a killed worker's task is reaped within about 3x this plus the reaper's interval.
+WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
+# A task whose lock is held waits 0.5 s, then twice as long each time, up to this.
+LOCK_WAIT_MAX_SECONDS = env_int("LOCK_WAIT_MAX_SECONDS", 10, minimum=1)
 
 # Celery: the embedded default is kombu's filesystem transport, one folder for in and out.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"
@@ -152,7 +158,7 @@ if not CELERY_BROKER_URL.startswith(
     raise ImproperlyConfigured(
         "CELERY_BROKER_URL must start with filesystem://, redis://, rediss://, amqp:// or pyamqp://."
     )
-CELERY_BROKER_DIR = VAR_DIR / "broker"
+CELERY_BROKER_DIR = Path(env_str("SCHEDULER_BROKER_DIR") or VAR_DIR / "broker")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_BROKER_DIR),
@@ -178,5 +184,7 @@ LOGGING = {
     "loggers": {
         app: {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False}
         for app in ("tasks", "schedules", "pilots", "scheduler_site")
-    },
+    }
+    # kombu warns on every filesystem-broker connection that it has no hostname.
+    | {"kombu.connection": {"level": "ERROR"}},
 }

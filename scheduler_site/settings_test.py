@@ -14,6 +14,13 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
 for name in ("SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE"):
     os.environ.setdefault(name, "0")
 os.environ.setdefault("SECURE_HSTS_SECONDS", "0")
+os.environ.setdefault("WORKER_HEARTBEAT_SECONDS", "1")
+os.environ.setdefault("LOCK_WAIT_MAX_SECONDS", "2")
+# The broker of the worker end-to-end tests: Redis beside PostgreSQL (TEST_REDIS_URL, set by
+# scripts/with-redis.sh), the filesystem transport beside SQLite, in a folder of this run's own.
+if os.environ.get("DATABASE_URL", "").startswith("postgres") and os.environ.get("TEST_REDIS_URL"):
+    os.environ.setdefault("CELERY_BROKER_URL", os.environ["TEST_REDIS_URL"])
+os.environ.setdefault("SCHEDULER_BROKER_DIR", f"/tmp/scheduler-test-broker-{os.getpid()}")
 
 from scheduler_site.settings import *  # noqa: E402, F403
 

@@ -18,6 +18,7 @@ from tasks.models import Scheduler, Task
 from tasks.serializers import (
     HeartbeatSerializer,
     PopSerializer,
+    ReleaseSerializer,
     SchedulerSerializer,
     StatsQuerySerializer,
     StatsRowSerializer,
@@ -125,6 +126,7 @@ class TaskViewSet(
     action_permissions = {
         "partial_update": RUNNER_PERMS,
         "heartbeat": RUNNER_PERMS,
+        "release": RUNNER_PERMS,
         "cancel": ["tasks.change_task"],
         "requeue": ["tasks.change_task"],
         "events": ["tasks.view_task"],
@@ -157,6 +159,20 @@ class TaskViewSet(
         body = HeartbeatSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         task = services.task_heartbeat(task_id=self._task_id(), **body.validated_data)
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(
+        request=ReleaseSerializer, responses={200: TaskSerializer, 404: ERROR, 409: ERROR}
+    )
+    @action(detail=True, methods=["post"])
+    def release(self, request: Request, pk: str) -> Response:
+        """Hand a leased task back to the queue without spending its attempt (a runner that
+        is shutting down)."""
+        body = ReleaseSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.task_hand_back(
+            task_id=self._task_id(), actor=_actor(request), **body.validated_data
+        )
         return Response(TaskSerializer(task).data)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})

@@ -15,3 +15,11 @@ class TasksConfig(AppConfig):
         # After every app, not only this one: the permissions of apps migrated after tasks
         # (schedules, pilots) exist only once their own post_migrate has run.
         post_migrate.connect(ensure_roles, dispatch_uid="tasks.ensure_roles")
+
+        from django.utils.module_loading import autodiscover_modules
+
+        from tasks import dispatch
+
+        # Every app's `handlers` module registers its handlers by name.
+        autodiscover_modules("handlers")
+        dispatch.connect()

@@ -3,9 +3,13 @@ nothing, and call one service."""
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 from celery import shared_task
 
-from tasks import services
+from tasks import dispatch, execution, services
+from tasks.models import Task
 
 
 @shared_task(name="tasks.reap_expired_leases", ignore_result=True)
@@ -16,3 +20,20 @@ def reap_expired_leases() -> int:
 @shared_task(name="tasks.prune_finished_tasks", ignore_result=True)
 def prune_finished_tasks() -> int:
     return services.tasks_prune()
+
+
+@shared_task(name="tasks.run_task", bind=True, ignore_result=True, acks_late=True)
+def run_task(self: Any, task_id: str, attempt: int) -> str:
+    """Run one dispatched attempt of a task; then refill the queue's share of the broker."""
+    outcome = execution.execute(
+        uuid.UUID(task_id), int(attempt), worker=self.request.hostname or "worker"
+    )
+    scheduler_id = Task.objects.filter(id=task_id).values_list("scheduler_id", flat=True).first()
+    if scheduler_id:
+        dispatch.on_queued(scheduler_id)
+    return outcome
+
+
+@shared_task(name="tasks.dispatch", ignore_result=True)
+def dispatch_tasks() -> dict[str, int]:
+    return dispatch.dispatch_all()

@@ -164,6 +164,12 @@ class Scheduler(models.Model):
             errors["policy_weights"] = problem
         if self.kind == SchedulerKind.CELERY and not self.handler:
             errors["handler"] = "A celery scheduler needs a handler."
+        elif self.handler:
+            from tasks.registry import HANDLERS
+
+            if self.handler not in HANDLERS:
+                known = ", ".join(sorted(HANDLERS)) or "none"
+                errors["handler"] = f"{self.handler!r} is not registered (known: {known})."
         if self.retry_max_delay_seconds < self.retry_delay_seconds:
             errors["retry_max_delay_seconds"] = "Must not be less than retry_delay_seconds."
         if errors:
@@ -195,6 +201,9 @@ class Task(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True, help_text="Who holds the lease.")
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    lock_waits = models.PositiveIntegerField(
+        default=0, help_text="Times handed back because a lock was held (grows the delay)."
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     modified_at = models.DateTimeField(default=timezone.now)
 
@@ -261,3 +270,19 @@ class TaskEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_id}: {self.from_status or '-'} -> {self.to_status}"
+
+
+class Lock(models.Model):
+    """A lease-based mutex (DiracX's MutexLock): held by `owner` until `expires_at`; an expired
+    lock can be taken over. Rows are created on acquire and deleted on release."""
+
+    name = models.CharField(max_length=255, primary_key=True)
+    owner = models.CharField(max_length=200)
+    acquired_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["expires_at"], name="lock_expires_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.owner} until {self.expires_at:%H:%M:%S}"

@@ -158,6 +158,13 @@ class HeartbeatSerializer(serializers.Serializer):
     lease_seconds = serializers.IntegerField(required=False, min_value=1, max_value=86400)
 
 
+class ReleaseSerializer(serializers.Serializer):
+    attempt = serializers.IntegerField(required=False, min_value=1)
+    reason = serializers.CharField(
+        required=False, default="released by its runner", max_length=500, validators=[reject_nul]
+    )
+
+
 class TaskEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = TaskEvent

@@ -25,6 +25,7 @@ from tasks.exceptions import (
 from tasks.models import (
     LEASED_STATUSES,
     Scheduler,
+    SchedulerKind,
     Task,
     TaskEvent,
     TaskStatus,
@@ -33,6 +34,8 @@ from tasks.models import (
 from tasks.retry import RetrySpec
 
 logger = logging.getLogger(__name__)
+
+DISPATCHER = "dispatcher"
 
 # Hooks run on commit: after tasks of a scheduler become QUEUED (the Celery dispatch fast path),
 # and after a task completes (adaptive schedule intervals). Apps register them in ready().
@@ -232,6 +235,12 @@ def task_pop(
     if not 1 <= limit <= settings.TASK_POP_MAX_LIMIT:
         raise InvalidRequest("limit", f"must be between 1 and {settings.TASK_POP_MAX_LIMIT}.")
     scheduler = _get_scheduler(scheduler_id)
+    if scheduler.kind == SchedulerKind.CELERY and worker != DISPATCHER:
+        raise TransitionRefused(
+            f"Scheduler {scheduler_id!r} is a celery queue: its tasks are dispatched to Celery "
+            "workers, not popped.",
+            current_status="",
+        )
     if scheduler.paused:
         return []
     now = timezone.now()
@@ -316,6 +325,18 @@ def task_fail(
     return _fail_attempt(task, error=error, result=result, actor=actor, retry=retry)
 
 
+def retry_spec_for(task: Task) -> RetrySpec:
+    """A celery queue's tasks follow their handler's policy; a pull queue's, the queue's."""
+    scheduler = task.scheduler
+    if scheduler.kind == SchedulerKind.CELERY and scheduler.handler:
+        from tasks.registry import HANDLERS
+
+        handler = HANDLERS.get(scheduler.handler)
+        if handler is not None:
+            return handler.retry
+    return RetrySpec.for_scheduler(scheduler)
+
+
 def _fail_attempt(
     task: Task, *, error: str, actor: str, result: Any = None, retry: RetrySpec | None = None
 ) -> Task:
@@ -326,7 +347,7 @@ def _fail_attempt(
             f"Cannot move task {task.id} from {task.status} to {TaskStatus.FAILED}.",
             current_status=task.status,
         )
-    spec = retry or RetrySpec.for_scheduler(task.scheduler)
+    spec = retry or retry_spec_for(task)
     attempt_note = f"attempt {task.attempts}/{spec.max_attempts} failed: {error or 'no error text'}"
     values: dict[str, Any] = {"error": error, "result": result, "lease_expires_at": None}
     if task.cancel_requested_at is not None:
@@ -396,6 +417,57 @@ def task_heartbeat(
     if not rows:
         return task_heartbeat(task_id=task_id, attempt=attempt, lease_seconds=lease_seconds)
     return rows[0]
+
+
+def task_hand_back(
+    *,
+    task_id: uuid.UUID,
+    reason: str,
+    actor: str = "",
+    attempt: int | None = None,
+    lock_wait: bool = False,
+) -> Task:
+    """Put a leased task back in the queue without spending its attempt: its holder is
+    shutting down, could not reach the broker, or a lock it needs is held. After a lock wait
+    the task waits a short delay that doubles with each wait, from 0.5 s up to
+    LOCK_WAIT_MAX_SECONDS."""
+    task = _get_task(task_id)
+    _check_fence(task, attempt)
+    if task.status not in LEASED_STATUSES:
+        raise TransitionRefused(
+            f"Cannot hand back task {task.id}: it is {task.status}, not DISPATCHED or RUNNING.",
+            current_status=task.status,
+        )
+    if task.cancel_requested_at is not None:
+        note = f"handed back ({reason}); cancel was requested"
+        values: dict[str, Any] = {"lease_expires_at": None}
+        return transition(
+            task,
+            to_status=TaskStatus.CANCELLED,
+            actor=actor,
+            note=note,
+            values=values,
+            fence_attempts=True,
+        )
+    cap = settings.LOCK_WAIT_MAX_SECONDS
+    delay = timedelta(seconds=min(cap, 0.5 * 2**task.lock_waits)) if lock_wait else timedelta()
+    values = {
+        "attempts": max(task.attempts - 1, 0),
+        "not_before": timezone.now() + delay,
+        "lease_expires_at": None,
+        "worker": "",
+        "lock_waits": task.lock_waits + (1 if lock_wait else 0),
+    }
+    handed = transition(
+        task,
+        to_status=TaskStatus.QUEUED,
+        actor=actor,
+        note=f"handed back, attempt not spent: {reason}",
+        values=values,
+        fence_attempts=True,
+    )
+    notify_queued(task.scheduler_id)
+    return handed
 
 
 # --- operator actions ------------------------------------------------------------------------

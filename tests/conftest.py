@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +25,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "postgres" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_broker_folder() -> Iterator[None]:
+    yield
+    from django.conf import settings
+
+    shutil.rmtree(settings.CELERY_BROKER_DIR, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,110 @@
+"""Dispatch: keep each celery queue at most `dispatch_threshold` tasks deep in the broker.
+
+The database is the queue and the broker a short buffer (Software Heritage's lesson): a task
+is flipped QUEUED→DISPATCHED under the scheduler's row lock (so concurrent dispatchers cannot
+overfill), and only its id and attempt are sent, after commit. The worker claims it
+DISPATCHED→RUNNING by compare-and-swap on that attempt, so a redelivered or stale message does
+nothing. Runs periodically (beat), on commit after a push (fast path), and after each task a
+worker finishes (to keep the pipeline full).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from tasks import queue, services
+from tasks.exceptions import TransitionRefused
+from tasks.models import Scheduler, SchedulerKind, Task, TaskStatus
+from tasks.registry import HANDLERS
+
+logger = logging.getLogger(__name__)
+
+
+def dispatch_scheduler(scheduler_id: str) -> int:
+    """Dispatch what fits under the threshold; the number of tasks sent."""
+    with transaction.atomic():
+        scheduler = (
+            Scheduler.objects.select_for_update(no_key=True)
+            .filter(id=scheduler_id, kind=SchedulerKind.CELERY, paused=False)
+            .first()
+        )
+        if scheduler is None:
+            return 0
+        in_broker = Task.objects.filter(scheduler=scheduler, status=TaskStatus.DISPATCHED).count()
+        room = scheduler.dispatch_threshold - in_broker
+        if room <= 0:
+            return 0
+        now = timezone.now()
+        tasks = queue.claim_queued(
+            scheduler_id=scheduler.id,
+            limit=room,
+            now=now,
+            values={
+                "status": TaskStatus.DISPATCHED,
+                "attempts": queue.Sql('"attempts" + 1'),
+                "lease_expires_at": now + timedelta(seconds=scheduler.lease_seconds),
+                "worker": services.DISPATCHER,
+                "modified_at": now,
+            },
+        )
+        queue.record_events(
+            tasks,
+            from_status=TaskStatus.QUEUED,
+            actor=services.DISPATCHER,
+            note="dispatched",
+            at=now,
+        )
+        handler_name = scheduler.handler
+        transaction.on_commit(lambda: _send(tasks, handler_name))
+    return len(tasks)
+
+
+def _send(tasks: Sequence[Task], handler_name: str) -> None:
+    from tasks.jobs import run_task
+
+    handler = HANDLERS.get(handler_name)
+    options = {}
+    if handler is not None:
+        options = {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
+    for task in tasks:
+        try:
+            run_task.apply_async(args=[str(task.id), task.attempts], **options)
+        except Exception as exc:  # the broker is outside our control: hand back, not lose
+            logger.warning("dispatch of task %s failed (%s); handing it back", task.id, exc)
+            _hand_back_quietly(task, reason=f"broker unavailable: {exc}")
+
+
+def _hand_back_quietly(task: Task, *, reason: str) -> None:
+    # Refused: it already moved on (reaped or cancelled), so there is nothing to hand back.
+    with contextlib.suppress(TransitionRefused):
+        services.task_hand_back(
+            task_id=task.id, reason=reason, actor=services.DISPATCHER, attempt=task.attempts
+        )
+
+
+def dispatch_all() -> dict[str, int]:
+    ids = Scheduler.objects.filter(kind=SchedulerKind.CELERY, paused=False).values_list(
+        "id", flat=True
+    )
+    return {scheduler_id: dispatch_scheduler(scheduler_id) for scheduler_id in ids}
+
+
+def on_queued(scheduler_id: str) -> None:
+    """Fast path after a push commits. Never raises: the periodic dispatcher is the safety net."""
+    try:
+        dispatch_scheduler(scheduler_id)
+    except Exception:
+        logger.exception(
+            "fast-path dispatch for %s failed; the periodic dispatcher will retry", scheduler_id
+        )
+
+
+def connect() -> None:
+    if on_queued not in services.on_queued_hooks:
+        services.on_queued_hooks.append(on_queued)

@@ -1,0 +1,147 @@
+"""Running one task on a Celery worker: claim, lock, heartbeat, run the handler, report.
+
+Nothing lost, nothing twice: the claim is a compare-and-swap on the attempt that was
+dispatched; while the handler runs a thread extends the task's lease and its locks; if the
+worker dies, the lease runs out and the reaper turns the attempt into a failure (retried by
+policy). A late report from a worker whose lease was taken back is refused by the fence.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import connections
+
+from tasks import locks, services
+from tasks.exceptions import QueueError, TransitionRefused
+from tasks.models import Task
+from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    """Extends the task's lease and its locks every WORKER_HEARTBEAT_SECONDS; notices a cancel
+    request (the heartbeat is refused) and a lost lease."""
+
+    def __init__(self, task: Task, lock_names: list[str]) -> None:
+        super().__init__(name=f"heartbeat-{task.id}", daemon=True)
+        self.task = task
+        self.lock_names = lock_names
+        self.interval = settings.WORKER_HEARTBEAT_SECONDS
+        self.lease = timedelta(seconds=self.interval * 3)
+        self.stopped = threading.Event()
+        self.cancelled = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.wait(self.interval):
+                self.beat()
+        finally:
+            connections.close_all()  # this thread's own connection
+
+    def beat(self) -> None:
+        try:
+            services.task_heartbeat(
+                task_id=self.task.id,
+                attempt=self.task.attempts,
+                lease_seconds=int(self.lease.total_seconds()),
+            )
+        except TransitionRefused as exc:
+            logger.info("task %s: heartbeat refused (%s)", self.task.id, exc.message)
+            self.cancelled.set()
+        except Exception:
+            logger.exception("task %s: heartbeat failed", self.task.id)
+        locks.extend(self.lock_names, owner=str(self.task.id), ttl=self.lease)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=self.interval + 5)
+
+
+def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
+    """Run one dispatched attempt; returns what happened (for logs and tests)."""
+    try:
+        task = services.task_start(task_id=task_id, actor=worker, attempt=attempt)
+    except QueueError as exc:
+        logger.info("task %s attempt %s: not claimed (%s)", task_id, attempt, exc.message)
+        return "skipped"
+    task = Task.objects.select_related("scheduler").get(id=task.id)
+    try:
+        handler = get_handler(task.scheduler.handler)
+    except QueueError as exc:
+        services.task_fail(task_id=task.id, error=exc.message, actor=worker, attempt=attempt)
+        return "failed"
+    lock_names = locks.acquire(
+        handler.locks_for(task.data),
+        owner=str(task.id),
+        ttl=timedelta(seconds=settings.WORKER_HEARTBEAT_SECONDS * 3),
+    )
+    if lock_names is None:
+        held = ", ".join(lock.name for lock in handler.locks_for(task.data))
+        services.task_hand_back(
+            task_id=task.id,
+            reason=f"lock held: {held}",
+            actor=worker,
+            attempt=attempt,
+            lock_wait=True,
+        )
+        return "deferred"
+    try:
+        return _run(task, handler, lock_names, worker=worker)
+    finally:
+        locks.release(lock_names, owner=str(task.id))
+
+
+def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) -> str:
+    heartbeat = Heartbeat(task, lock_names)
+    context = TaskContext(
+        task_id=task.id,
+        scheduler_id=task.scheduler_id,
+        data=task.data,
+        attempt=task.attempts,
+        is_cancelled=lambda: heartbeat.cancelled.is_set() or _cancel_requested(task.id),
+    )
+    heartbeat.start()
+    try:
+        result = handler.func(context)
+    except TaskCancelled as exc:
+        return _report_failure(task, handler, f"cancelled: {exc}", worker=worker)
+    except SoftTimeLimitExceeded:
+        return _report_failure(task, handler, "soft time limit exceeded", worker=worker)
+    except Exception as exc:
+        logger.info("task %s attempt %s: handler raised", task.id, task.attempts, exc_info=True)
+        return _report_failure(task, handler, f"{type(exc).__name__}: {exc}", worker=worker)
+    finally:
+        heartbeat.stop()
+    return _report_success(task, result, worker=worker)
+
+
+def _cancel_requested(task_id: uuid.UUID) -> bool:
+    return Task.objects.filter(id=task_id, cancel_requested_at__isnull=False).exists()
+
+
+def _report_success(task: Task, result: Any, *, worker: str) -> str:
+    try:
+        services.task_complete(task_id=task.id, result=result, actor=worker, attempt=task.attempts)
+    except QueueError as exc:
+        logger.warning("task %s: result not recorded (%s)", task.id, exc.message)
+        return "lost"
+    return "completed"
+
+
+def _report_failure(task: Task, handler: Handler, error: str, *, worker: str) -> str:
+    try:
+        services.task_fail(
+            task_id=task.id, error=error, actor=worker, attempt=task.attempts, retry=handler.retry
+        )
+    except QueueError as exc:
+        logger.warning("task %s: failure not recorded (%s)", task.id, exc.message)
+        return "lost"
+    return "failed"

@@ -1,0 +1,153 @@
+"""Real Celery worker processes against the real test database and a real broker: the
+filesystem transport with SQLite, Redis with PostgreSQL. Nothing here is eager or mocked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from tasks import dispatch, services
+from tasks.models import Task
+
+ROOT = Path(__file__).resolve().parents[2]
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+@pytest.fixture
+def broker_url() -> str:
+    url = settings.CELERY_BROKER_URL
+    if connection.vendor == "postgresql" and not url.startswith("redis"):
+        message = (
+            "the PostgreSQL leg runs its workers on Redis: start it with scripts/with-redis.sh"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+class WorkerProcess:
+    def __init__(self, name: str, env: dict[str, str], pool: str, concurrency: int) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.process = subprocess.Popen(
+            [
+                CELERY,
+                "-A",
+                "scheduler_site",
+                "worker",
+                "-l",
+                "INFO",
+                "-n",
+                f"{name}@%h",
+                "--pool",
+                pool,
+                "--concurrency",
+                str(concurrency),
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(60):
+            self.stop()
+            raise AssertionError(f"worker {name} did not start:\n" + "\n".join(self.lines[-40:]))
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+            if " ready." in line:
+                self.ready.set()
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a lost machine would: no cleanup runs."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture
+def start_worker(transactional_db: None, broker_url: str) -> Iterator[Callable[..., WorkerProcess]]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "scheduler_site.settings_test",
+        "DATABASE_URL": _database_url(),
+        "CELERY_BROKER_URL": broker_url,
+        "SCHEDULER_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
+    }
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "w1", *, pool: str = "solo", concurrency: int = 1) -> WorkerProcess:
+        worker = WorkerProcess(f"{name}-{os.getpid()}", env, pool, concurrency)
+        started.append(worker)
+        return worker
+
+    _purge(broker_url)
+    yield start
+    for worker in started:
+        worker.stop()
+    _purge(broker_url)
+
+
+def _purge(broker_url: str) -> None:
+    from scheduler_site.celery import app
+
+    # An empty filesystem broker folder may not exist yet: nothing to purge then.
+    with contextlib.suppress(Exception):
+        app.control.purge()
+
+
+def beat() -> None:
+    """One round of the periodic jobs that move tasks along: what beat would run."""
+    services.tasks_reap_expired()
+    dispatch.dispatch_all()
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 60, message: str = "condition"
+) -> Any:
+    """Poll (running the periodic jobs as beat would) until `condition()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        beat()
+        time.sleep(0.2)
+    statuses = list(Task.objects.values_list("status", "attempts", "error"))
+    raise AssertionError(f"timed out waiting for {message}; tasks: {statuses[:20]}")
