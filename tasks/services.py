@@ -228,24 +228,41 @@ def task_pop(
     limit: int = 1,
     filters: Mapping[str, Any] | None = None,
     worker: str = "",
-    status: str = TaskStatus.DISPATCHED,
 ) -> list[Task]:
-    """Lease up to `limit` due tasks in queue order; an empty list when none is due or the
-    scheduler is paused. Each popped task spends one attempt."""
+    """Lease up to `limit` due tasks of a pull queue in queue order; an empty list when none is
+    due or the scheduler is paused. Each popped task spends one attempt."""
     if not 1 <= limit <= settings.TASK_POP_MAX_LIMIT:
         raise InvalidRequest("limit", f"must be between 1 and {settings.TASK_POP_MAX_LIMIT}.")
+    now = timezone.now()
+    if not filters and queue.ONE_STATEMENT_POP:
+        # The hot path: one round trip; an empty answer says why in a second query.
+        tasks = queue.pop_in_one_statement(
+            scheduler_id=scheduler_id, limit=limit, now=now, worker=worker[:200]
+        )
+        if tasks:
+            return tasks
     scheduler = _get_scheduler(scheduler_id)
-    if scheduler.kind == SchedulerKind.CELERY and worker != DISPATCHER:
+    if scheduler.kind == SchedulerKind.CELERY:
         raise TransitionRefused(
             f"Scheduler {scheduler_id!r} is a celery queue: its tasks are dispatched to Celery "
             "workers, not popped.",
             current_status="",
         )
-    if scheduler.paused:
+    if scheduler.paused or (not filters and queue.ONE_STATEMENT_POP):
         return []
-    now = timezone.now()
+    return _pop_filtered(scheduler, limit=limit, filters=filters, worker=worker, now=now)
+
+
+def _pop_filtered(
+    scheduler: Scheduler,
+    *,
+    limit: int,
+    filters: Mapping[str, Any] | None,
+    worker: str,
+    now: datetime,
+) -> list[Task]:
     values = {
-        "status": status,
+        "status": TaskStatus.DISPATCHED,
         "attempts": queue.Sql('"attempts" + 1'),
         "lease_expires_at": now + timedelta(seconds=scheduler.lease_seconds),
         "worker": worker[:200],
@@ -253,7 +270,7 @@ def task_pop(
     }
     with transaction.atomic():
         tasks = queue.claim_queued(
-            scheduler_id=scheduler_id, limit=limit, now=now, values=values, filters=filters
+            scheduler_id=scheduler.id, limit=limit, now=now, values=values, filters=filters
         )
         queue.record_events(
             tasks, from_status=TaskStatus.QUEUED, actor=worker, note="popped", at=now
