@@ -9,7 +9,7 @@ MANAGE := $(BIN)/python manage.py
 RUN_ENV := DEBUG=$${DEBUG:-1}
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
-.PHONY: run test lint test-sqlite test-postgres bench bench-pop bench-tick install migrate clean
+.PHONY: run test lint test-sqlite test-postgres bench bench-pop bench-tick bench-worker install migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,10 @@ migrate: install
 	$(RUN_ENV) $(MANAGE) migrate --no-input
 	$(RUN_ENV) $(MANAGE) create_api_user operator --role operator --operator-login --quiet-if-exists
 	$(RUN_ENV) $(MANAGE) setup_periodic_tasks
+	$(RUN_ENV) $(MANAGE) setup_demo
 
-# Web, a Celery worker and beat (the clock), on SQLite and the filesystem broker: no server.
+# Web, a Celery worker, beat (the clock) and a demo pull runner, on SQLite and the filesystem
+# broker: no server to install.
 run: migrate
 	@echo "Web: http://127.0.0.1:8000/  (admin at /admin/, API at /api/, docs at /api/docs/)"
 	$(RUN_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
@@ -43,13 +45,17 @@ test-postgres: install
 
 test: lint test-sqlite test-postgres
 
-bench: bench-pop bench-tick
+bench: bench-pop bench-tick bench-worker
 
 bench-pop: install
 	scripts/with-postgres.sh --required -- $(BIN)/python -m bench.pop_bench
 
 bench-tick: install
 	scripts/with-postgres.sh --required -- $(BIN)/python -m bench.tick_bench
+
+bench-worker: install
+	scripts/with-postgres.sh --required -- \
+	  scripts/with-redis.sh --required -- $(BIN)/python -m bench.worker_bench
 
 clean:
 	rm -rf $(VENV) var

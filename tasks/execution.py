@@ -116,7 +116,10 @@ def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) ->
     except SoftTimeLimitExceeded:
         return _report_failure(task, handler, "soft time limit exceeded", worker=worker)
     except Exception as exc:
-        logger.info("task %s attempt %s: handler raised", task.id, task.attempts, exc_info=True)
+        logger.info(
+            "task %s attempt %s failed: %s: %s", task.id, task.attempts, type(exc).__name__, exc
+        )
+        logger.debug("task %s: traceback", task.id, exc_info=True)
         return _report_failure(task, handler, f"{type(exc).__name__}: {exc}", worker=worker)
     finally:
         heartbeat.stop()

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.core.management.base import BaseCommand, CommandParser
+from rest_framework.authtoken.models import Token
+
+from schedules import services as schedule_services
+from schedules.models import Schedule
+from tasks import services as task_services
+from tasks.models import Scheduler
+from tasks.roles import RUNNERS
+
+DEMO_QUEUES: list[dict[str, Any]] = [
+    {
+        "id": "demo-flaky",
+        "kind": "celery",
+        "handler": "demo.flaky",
+        "description": "Demo: a handler that fails 40% of the time; 3 attempts, then DEAD.",
+    },
+    {
+        "id": "demo-pull",
+        "kind": "pull",
+        "description": "Demo: popped over REST by the demo pull runner (Procfile).",
+        "retry_policy": "fixed",
+        "retry_delay_seconds": 5,
+    },
+]
+DEMO_SCHEDULES = [
+    ("demo-flaky", f"flaky-{n}", {"interval_seconds": 10 + 5 * n, "data": {"n": n, "seconds": 0.5}})
+    for n in range(6)
+] + [
+    ("demo-pull", "pull-every-15s", {"interval_seconds": 15, "data": {"hello": "runner"}}),
+    ("demo-pull", "pull-every-minute", {"cron": "* * * * *", "data": {"hello": "cron"}}),
+]
+
+
+class Command(BaseCommand):
+    help = (
+        "Create, idempotently, the demo that `make run` shows: a celery queue whose flaky "
+        "handler runs, retries and dead-letters, a pull queue served by the demo pull runner, "
+        "schedules feeding both, and the runner's account (its token in var/demo-runner.token)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--token-file", default=str(settings.VAR_DIR / "demo-runner.token"))
+
+    def handle(self, *args: Any, token_file: str, **options: Any) -> None:
+        for queue in DEMO_QUEUES:
+            fields = {k: v for k, v in queue.items() if k != "id"}
+            if not Scheduler.objects.filter(id=queue["id"]).exists():
+                task_services.scheduler_create(id=queue["id"], **fields)
+                self.stdout.write(f"created queue {queue['id']}")
+        for scheduler_id, hash_, fields in DEMO_SCHEDULES:
+            if not Schedule.objects.filter(scheduler_id=scheduler_id, hash=hash_).exists():
+                schedule_services.schedule_create(
+                    scheduler_id=scheduler_id, hash=hash_, actor="demo", **fields
+                )
+                self.stdout.write(f"created schedule {scheduler_id}/{hash_}")
+        user, _ = get_user_model().objects.get_or_create(username="demo-runner")
+        if user.has_usable_password():
+            user.set_unusable_password()
+            user.save(update_fields=["password"])
+        user.groups.add(Group.objects.get(name=RUNNERS))
+        token, _ = Token.objects.get_or_create(user=user)
+        with open(token_file, "w", encoding="utf-8") as handle:
+            handle.write(token.key)
+        self.stdout.write(f"demo ready (runner token in {token_file})")
