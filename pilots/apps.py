@@ -6,3 +6,10 @@ from django.apps import AppConfig
 class PilotsConfig(AppConfig):
     name = "pilots"
     verbose_name = "Pilots"
+
+    def ready(self) -> None:
+        from django.db.models.signals import post_migrate
+
+        from pilots.queues import ensure_queues
+
+        post_migrate.connect(ensure_queues, sender=self, dispatch_uid="pilots.ensure_queues")

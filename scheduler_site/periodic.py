@@ -40,6 +40,27 @@ def system_jobs() -> list[PeriodicJob]:
             description="Expired leases become failed attempts (retry policy decides).",
         ),
         PeriodicJob(
+            name="pilots: submit_pilots",
+            task="pilots.start_cycle",
+            every_seconds=60,
+            kwargs={"cycle": "submit_pilots"},
+            description="Per enabled VO: one submit_pilot task per free slot of its ACTIVE CEs.",
+        ),
+        PeriodicJob(
+            name="pilots: check_pilots",
+            task="pilots.start_cycle",
+            every_seconds=30,
+            kwargs={"cycle": "check_pilots"},
+            description="Per enabled VO: advance pilot states from the CEs' news.",
+        ),
+        PeriodicJob(
+            name="pilots: pilot_report",
+            task="pilots.start_cycle",
+            crontab="0 * * * *",
+            kwargs={"cycle": "pilot_report"},
+            description="Hourly: counts per status, CE and VO, stored and logged.",
+        ),
+        PeriodicJob(
             name="scheduler: prune finished tasks",
             task="tasks.prune_finished_tasks",
             crontab="17 * * * *",

@@ -149,6 +149,9 @@ DISPATCH_INTERVAL_SECONDS = env_int("DISPATCH_INTERVAL_SECONDS", 2, minimum=1)
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
 # A task whose lock is held waits 0.5 s, then twice as long each time, up to this.
 LOCK_WAIT_MAX_SECONDS = env_int("LOCK_WAIT_MAX_SECONDS", 10, minimum=1)
+# Pilots: a pilot with no news from its CE for this long is FAILED ("lost").
+PILOT_LOST_AFTER_SECONDS = env_int("PILOT_LOST_AFTER_SECONDS", 900, minimum=1)
+PILOT_SIMULATION_SEED = env_str("PILOT_SIMULATION_SEED", "scheduler")
 
 # Celery: the embedded default is kombu's filesystem transport, one folder for in and out.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"

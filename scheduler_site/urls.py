@@ -6,6 +6,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
+from pilots.api import ComputeElementViewSet, PilotViewSet, VOViewSet
 from scheduler_site.health import healthz
 from schedules.api import ScheduleViewSet
 from tasks.api import SchedulerViewSet, TaskViewSet
@@ -14,6 +15,9 @@ router = DefaultRouter()
 router.register("schedulers", SchedulerViewSet, basename="scheduler")
 router.register("tasks", TaskViewSet, basename="task")
 router.register("schedules", ScheduleViewSet, basename="schedule")
+router.register("vos", VOViewSet, basename="vo")
+router.register("compute-elements", ComputeElementViewSet, basename="compute-element")
+router.register("pilots", PilotViewSet, basename="pilot")
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False), name="home"),

@@ -8,6 +8,7 @@ from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand, CommandParser
 from rest_framework.authtoken.models import Token
 
+from pilots.models import ComputeElement, VirtualOrganisation
 from schedules import services as schedule_services
 from schedules.models import Schedule
 from tasks import services as task_services
@@ -37,12 +38,21 @@ DEMO_SCHEDULES = [
     ("demo-pull", "pull-every-minute", {"cron": "* * * * *", "data": {"hello": "cron"}}),
 ]
 
+# Two VOs and four simulated CEs: pilots flow, some fail, one CE is shared by both VOs.
+DEMO_CES = [
+    ("ce-cern", 6, 0.95, ["lhcb", "atlas"]),
+    ("ce-nikhef", 4, 0.9, ["lhcb"]),
+    ("ce-ral", 3, 0.7, ["atlas"]),
+    ("ce-flaky", 2, 0.4, ["lhcb", "atlas"]),
+]
+
 
 class Command(BaseCommand):
     help = (
         "Create, idempotently, the demo that `make run` shows: a celery queue whose flaky "
         "handler runs, retries and dead-letters, a pull queue served by the demo pull runner, "
-        "schedules feeding both, and the runner's account (its token in var/demo-runner.token)."
+        "schedules feeding both, the runner's account (its token in var/demo-runner.token), "
+        "and two VOs with four simulated Compute Elements for the pilot cycles."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -60,6 +70,7 @@ class Command(BaseCommand):
                     scheduler_id=scheduler_id, hash=hash_, actor="demo", **fields
                 )
                 self.stdout.write(f"created schedule {scheduler_id}/{hash_}")
+        self._pilots_demo()
         user, _ = get_user_model().objects.get_or_create(username="demo-runner")
         if user.has_usable_password():
             user.set_unusable_password()
@@ -69,3 +80,21 @@ class Command(BaseCommand):
         with open(token_file, "w", encoding="utf-8") as handle:
             handle.write(token.key)
         self.stdout.write(f"demo ready (runner token in {token_file})")
+
+    def _pilots_demo(self) -> None:
+        vos = {
+            name: VirtualOrganisation.objects.get_or_create(name=name)[0]
+            for name in ("lhcb", "atlas")
+        }
+        for name, capacity, reliability, served in DEMO_CES:
+            ce, created = ComputeElement.objects.get_or_create(
+                name=name,
+                defaults={
+                    "capacity": capacity,
+                    "reliability": reliability,
+                    "backend_settings": {"start_after_seconds": 5, "run_seconds": 25},
+                },
+            )
+            if created:
+                ce.vos.set([vos[vo] for vo in served])
+                self.stdout.write(f"created CE {name}")

@@ -1,0 +1,138 @@
+"""REST views for VOs, Compute Elements and pilots: validate, call one service, render."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.db.models import Count, Q
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from pilots import services
+from pilots.models import (
+    ACTIVE_PILOT_STATUSES,
+    CEStatus,
+    ComputeElement,
+    PilotStatus,
+    PilotSubmission,
+    VirtualOrganisation,
+)
+from pilots.serializers import (
+    ComputeElementSerializer,
+    PilotSerializer,
+    SubmitSerializer,
+    SummarySerializer,
+    VOSerializer,
+)
+
+ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+
+
+def _actor(request: Request) -> str:
+    return getattr(request.user, "username", "") or "anonymous"
+
+
+class VOViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
+):
+    queryset = VirtualOrganisation.objects.all()
+    serializer_class = VOSerializer
+    lookup_field = "name"
+    lookup_value_regex = NAME_PATTERN
+    http_method_names = ["get", "post", "patch", "head", "options"]
+
+
+class ComputeElementViewSet(viewsets.ModelViewSet):
+    queryset = ComputeElement.objects.prefetch_related("vos")
+    serializer_class = ComputeElementSerializer
+    lookup_field = "name"
+    lookup_value_regex = NAME_PATTERN
+    action_permissions = {
+        "drain": ["pilots.change_computeelement"],
+        "ban": ["pilots.change_computeelement"],
+        "activate": ["pilots.change_computeelement"],
+        "submit": ["pilots.add_pilotsubmission"],
+    }
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        context = super().get_serializer_context()
+        active = ComputeElement.objects.annotate(
+            n=Count("pilots", filter=Q(pilots__status__in=list(ACTIVE_PILOT_STATUSES)))
+        ).values_list("id", "n")
+        context["active"] = dict(active)
+        return context
+
+    def perform_destroy(self, instance: ComputeElement) -> None:
+        if instance.pilots.exists():
+            raise services.NoFreeSlot(
+                f"Compute element {instance.name} has pilots on record; ban or drain it instead."
+            )
+        instance.delete()
+
+    def _set_status(self, request: Request, name: str, to_status: str) -> Response:
+        ce = services.ce_set_status(name=name, to_status=to_status, actor=_actor(request))
+        return Response(self.get_serializer(ce).data)
+
+    @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
+    @action(detail=True, methods=["post"])
+    def drain(self, request: Request, name: str) -> Response:
+        return self._set_status(request, name, CEStatus.DRAINING)
+
+    @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
+    @action(detail=True, methods=["post"])
+    def ban(self, request: Request, name: str) -> Response:
+        return self._set_status(request, name, CEStatus.BANNED)
+
+    @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
+    @action(detail=True, methods=["post"])
+    def activate(self, request: Request, name: str) -> Response:
+        return self._set_status(request, name, CEStatus.ACTIVE)
+
+    @extend_schema(
+        request=SubmitSerializer,
+        responses={201: PilotSerializer, 400: ERROR, 404: ERROR, 409: ERROR},
+    )
+    @action(detail=True, methods=["post"])
+    def submit(self, request: Request, name: str) -> Response:
+        body = SubmitSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        pilot = services.pilot_submit(
+            ce_name=name, vo_name=body.validated_data["vo"], actor=_actor(request)
+        )
+        return Response(PilotSerializer(pilot).data, status=status.HTTP_201_CREATED)
+
+
+class PilotFilter(django_filters.FilterSet):
+    ce = django_filters.CharFilter(field_name="ce__name")
+    vo = django_filters.CharFilter(field_name="vo__name")
+    status = django_filters.MultipleChoiceFilter(choices=PilotStatus.choices)
+    submitted_after = django_filters.IsoDateTimeFilter(field_name="submitted_at", lookup_expr="gte")
+    submitted_before = django_filters.IsoDateTimeFilter(field_name="submitted_at", lookup_expr="lt")
+
+    class Meta:
+        model = PilotSubmission
+        fields = ["ce", "vo", "status"]
+
+
+class PilotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = PilotSubmission.objects.select_related("ce", "vo")
+    serializer_class = PilotSerializer
+    filterset_class = PilotFilter
+    lookup_value_regex = (
+        r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+    )
+    action_permissions = {"summary": ["pilots.view_pilotsubmission"]}
+
+    @extend_schema(responses={200: SummarySerializer})
+    @action(detail=False, methods=["get"], pagination_class=None, filterset_class=None)
+    def summary(self, request: Request) -> Response:
+        return Response(services.pilot_counts())

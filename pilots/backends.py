@@ -1,0 +1,133 @@
+"""Compute Element backends behind one small interface: submit a pilot, report on many.
+
+`simulated` (default): reliability is the chance that a submission succeeds and that a
+running pilot ends DONE. Outcomes are drawn per (seed, pilot, step), so a seeded run is
+reproducible and the backend keeps no state. `local`: each pilot is a real local process (the
+pull runner is the natural pilot), tracked by pid and by an exit-code file its shell writes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from django.conf import settings
+from django.utils import timezone
+
+from pilots.models import ComputeElement, PilotStatus, PilotSubmission
+
+
+class SubmitError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PilotNews:
+    status: str  # RUNNING, DONE or FAILED
+    reason: str = ""
+
+
+class PilotBackend(Protocol):
+    def submit(self, pilot: PilotSubmission) -> str: ...
+
+    def status(self, pilots: list[PilotSubmission]) -> dict[str, PilotNews]: ...
+
+
+class SimulatedBackend:
+    def __init__(self, ce: ComputeElement) -> None:
+        options = ce.backend_settings or {}
+        self.seed = str(options.get("seed", settings.PILOT_SIMULATION_SEED))
+        self.reliability = ce.reliability
+        self.start_after = float(options.get("start_after_seconds", 5))
+        self.run_for = float(options.get("run_seconds", 20))
+
+    def _draw(self, pilot: PilotSubmission, step: str) -> float:
+        return random.Random(f"{self.seed}:{pilot.id}:{step}").random()
+
+    def submit(self, pilot: PilotSubmission) -> str:
+        if self._draw(pilot, "submit") >= self.reliability:
+            raise SubmitError("simulated submission refused by the CE")
+        return f"sim-{pilot.id.hex[:12]}"
+
+    def status(self, pilots: list[PilotSubmission]) -> dict[str, PilotNews]:
+        now = timezone.now()
+        news: dict[str, PilotNews] = {}
+        for pilot in pilots:
+            age = (now - pilot.submitted_at).total_seconds()
+            if age < self.start_after:
+                continue  # still waiting in the CE's queue: no news
+            if age < self.start_after + self.run_for:
+                news[pilot.external_id] = PilotNews(PilotStatus.RUNNING)
+            elif self._draw(pilot, "outcome") < self.reliability:
+                news[pilot.external_id] = PilotNews(PilotStatus.DONE)
+            else:
+                news[pilot.external_id] = PilotNews(PilotStatus.FAILED, "simulated pilot failure")
+        return news
+
+
+class LocalBackend:
+    """Pilots as local processes. `backend_settings.command` is the pilot's command line
+    (default: a short sleep); the pilot id is in its environment as PILOT_ID."""
+
+    def __init__(self, ce: ComputeElement) -> None:
+        options = ce.backend_settings or {}
+        self.command = str(options.get("command", "python3 -c 'import time; time.sleep(5)'"))
+        self.folder = Path(settings.VAR_DIR) / "pilots"
+
+    def _exit_file(self, external_id: str) -> Path:
+        return self.folder / f"{external_id}.exit"
+
+    def submit(self, pilot: PilotSubmission) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        token = pilot.id.hex
+        exit_file = self._exit_file(token)
+        # The shell records the exit code, which any process can read later (only the parent
+        # could wait() for it); a new session keeps the pilot alive past its submitter.
+        target = shlex.quote(str(exit_file))
+        script = f"{self.command}; echo $? > {target}.tmp && mv {target}.tmp {target}"
+        try:
+            process = subprocess.Popen(
+                ["/bin/sh", "-c", script],
+                env={**os.environ, "PILOT_ID": str(pilot.id)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise SubmitError(f"could not start the pilot process: {exc}") from None
+        return f"{token}:{process.pid}"
+
+    def status(self, pilots: list[PilotSubmission]) -> dict[str, PilotNews]:
+        news: dict[str, PilotNews] = {}
+        for pilot in pilots:
+            token, _, pid = pilot.external_id.partition(":")
+            exit_file = self._exit_file(token)
+            if exit_file.exists():
+                code = exit_file.read_text().strip()
+                news[pilot.external_id] = (
+                    PilotNews(PilotStatus.DONE)
+                    if code == "0"
+                    else PilotNews(PilotStatus.FAILED, f"pilot process exited with {code}")
+                )
+            elif pid.isdigit() and _alive(int(pid)):
+                news[pilot.external_id] = PilotNews(PilotStatus.RUNNING)
+        return news
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has exited
+
+
+def backend_for(ce: ComputeElement) -> PilotBackend:
+    if ce.backend == "local":
+        return LocalBackend(ce)
+    return SimulatedBackend(ce)

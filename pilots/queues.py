@@ -1,0 +1,62 @@
+"""The pilot cycles' celery queues (created on migrate) and how a cycle is started."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pilots import services
+from pilots.models import VirtualOrganisation
+from tasks import services as task_services
+from tasks.exceptions import DuplicateTask
+from tasks.models import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# cycle -> (queue, handler, VO-aware)
+CYCLES: dict[str, tuple[str, str, bool]] = {
+    "submit_pilots": (services.SUBMIT_PILOTS_QUEUE, "pilots.submit_pilots", True),
+    "check_pilots": (services.CHECK_PILOTS_QUEUE, "pilots.check_pilots", True),
+    "pilot_report": (services.REPORT_QUEUE, "pilots.pilot_report", False),
+}
+QUEUES = [
+    *((queue, handler) for queue, handler, _ in CYCLES.values()),
+    (services.SUBMIT_ONE_QUEUE, "pilots.submit_pilot"),
+]
+
+
+def ensure_queues(**_: Any) -> None:
+    for queue_id, handler in QUEUES:
+        if not Scheduler.objects.filter(id=queue_id).exists():
+            task_services.scheduler_create(
+                id=queue_id,
+                kind="celery",
+                handler=handler,
+                description=f"Pilots: {handler} (system queue)",
+                dispatch_threshold=20,
+                lease_seconds=120,
+            )
+
+
+def start_cycle(cycle: str) -> list[str]:
+    """Queue the cycle's tasks; a VO whose previous run is still active is skipped (the hash)."""
+    queue_id, _, vo_aware = CYCLES[cycle]
+    targets = (
+        list(VirtualOrganisation.objects.filter(enabled=True).values_list("name", flat=True))
+        if vo_aware
+        else [""]
+    )
+    queued = []
+    for vo in targets:
+        data = {"vo": vo} if vo_aware else {}
+        try:
+            task_services.task_push(
+                scheduler_id=queue_id,
+                data=data,
+                hash=f"{cycle}:{vo}" if vo else cycle,
+                actor="beat",
+            )
+            queued.append(vo or cycle)
+        except DuplicateTask:
+            logger.info("%s for %s still running: skipped this cycle", cycle, vo or "all")
+    return queued

@@ -1,0 +1,214 @@
+"""Writes for VOs, Compute Elements and pilots. A CE is never over-committed: a submission
+reserves its slot by inserting the pilot while holding the CE's row (PostgreSQL: FOR UPDATE;
+SQLite: the IMMEDIATE transaction), after counting the CE's active pilots of every VO."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from pilots.backends import SubmitError, backend_for
+from pilots.models import (
+    ACTIVE_PILOT_STATUSES,
+    CEStatus,
+    ComputeElement,
+    PilotReport,
+    PilotStatus,
+    PilotSubmission,
+    VirtualOrganisation,
+)
+from tasks.exceptions import QueueError, TransitionRefused
+
+logger = logging.getLogger(__name__)
+
+
+class PilotNotFound(QueueError):
+    http_status = 404
+
+
+class NoFreeSlot(QueueError):
+    http_status = 409
+
+
+def _get_ce(name: str, *, for_update: bool = False) -> ComputeElement:
+    queryset = ComputeElement.objects.select_for_update() if for_update else ComputeElement.objects
+    ce = queryset.filter(name=name).first()
+    if ce is None:
+        raise PilotNotFound(f"Compute element {name!r} does not exist.")
+    return ce
+
+
+def active_pilots(ce: ComputeElement) -> int:
+    return ce.pilots.filter(status__in=list(ACTIVE_PILOT_STATUSES)).count()
+
+
+def free_slots(ce: ComputeElement) -> int:
+    return max(ce.capacity - active_pilots(ce), 0)
+
+
+def ce_set_status(*, name: str, to_status: str, actor: str = "") -> ComputeElement:
+    """drain / ban / activate, by compare-and-swap. Banning fails the CE's SUBMITTED pilots."""
+    with transaction.atomic():
+        ce = _get_ce(name, for_update=True)
+        if ce.status == to_status:
+            return ce
+        if not ce.can_transition_to(to_status):
+            raise TransitionRefused(
+                f"Cannot move compute element {name} from {ce.status} to {to_status}.",
+                current_status=ce.status,
+            )
+        now = timezone.now()
+        ComputeElement.objects.filter(id=ce.id, status=ce.status).update(
+            status=to_status, modified_at=now
+        )
+        if to_status == CEStatus.BANNED:
+            failed = PilotSubmission.objects.filter(ce=ce, status=PilotStatus.SUBMITTED).update(
+                status=PilotStatus.FAILED,
+                finished_at=now,
+                failure_reason=f"CE {name} banned by {actor or 'an operator'}",
+            )
+            logger.info("CE %s banned by %s: %d submitted pilots failed", name, actor, failed)
+    logger.info("CE %s %s -> %s by %s", name, ce.status, to_status, actor)
+    ce.refresh_from_db()
+    return ce
+
+
+def pilot_submit(*, ce_name: str, vo_name: str, actor: str = "") -> PilotSubmission:
+    """Reserve a slot and submit one pilot. Refused (409) when the CE is not ACTIVE, does not
+    serve the VO, or has no free slot."""
+    with transaction.atomic():
+        ce = _get_ce(ce_name, for_update=True)
+        vo = ce.vos.filter(name=vo_name).first()
+        if ce.status != CEStatus.ACTIVE:
+            raise NoFreeSlot(f"Compute element {ce_name} is {ce.status}: it takes no new pilots.")
+        if vo is None or not vo.enabled:
+            raise NoFreeSlot(f"Compute element {ce_name} does not serve an enabled VO {vo_name!r}.")
+        active = active_pilots(ce)
+        if active >= ce.capacity:
+            raise NoFreeSlot(
+                f"Compute element {ce_name} is full: {active} of {ce.capacity} slots in use."
+            )
+        pilot = PilotSubmission.objects.create(ce=ce, vo=vo)
+    # The slow call to the CE happens after the slot is committed, outside any lock of rows.
+    try:
+        external_id = backend_for(ce).submit(pilot)
+    except SubmitError as exc:
+        _move(pilot, PilotStatus.FAILED, failure_reason=f"submission failed: {exc}")
+        logger.info(
+            "pilot %s to %s for %s: submission failed (%s)", pilot.id, ce_name, vo_name, exc
+        )
+    else:
+        PilotSubmission.objects.filter(id=pilot.id).update(external_id=external_id)
+        logger.info("pilot %s submitted to %s for %s by %s", pilot.id, ce_name, vo_name, actor)
+    pilot.refresh_from_db()
+    return pilot
+
+
+def _move(pilot: PilotSubmission, to_status: str, **values: Any) -> bool:
+    """Compare-and-swap a pilot's status; False when it changed meanwhile or may not move."""
+    if not pilot.can_transition_to(to_status):
+        return False
+    now = timezone.now()
+    stamps: dict[str, Any] = {"last_seen_at": now}
+    if to_status == PilotStatus.RUNNING:
+        stamps["started_at"] = now
+    if to_status in {PilotStatus.DONE, PilotStatus.FAILED}:
+        stamps["finished_at"] = now
+    moved = PilotSubmission.objects.filter(id=pilot.id, status=pilot.status).update(
+        status=to_status, **stamps, **values
+    )
+    return bool(moved)
+
+
+def submit_pilots_for_vo(*, vo_name: str) -> dict[str, int]:
+    """One submit_pilot task per free slot of every ACTIVE CE serving the VO (free slots count
+    the pilots of all VOs, and submissions already queued for the CE)."""
+    from tasks import services as task_services
+    from tasks.models import ACTIVE_STATUSES, Task
+
+    pushed: dict[str, int] = {}
+    vo = VirtualOrganisation.objects.filter(name=vo_name, enabled=True).first()
+    if vo is None:
+        return pushed
+    for ce in vo.compute_elements.filter(status=CEStatus.ACTIVE):
+        pending = Task.objects.filter(
+            scheduler_id=SUBMIT_ONE_QUEUE, status__in=list(ACTIVE_STATUSES), data__ce=ce.name
+        ).count()
+        for _ in range(max(free_slots(ce) - pending, 0)):
+            task_services.task_push(
+                scheduler_id=SUBMIT_ONE_QUEUE,
+                data={"ce": ce.name, "vo": vo.name},
+                actor="submit_pilots",
+            )
+            pushed[ce.name] = pushed.get(ce.name, 0) + 1
+    return pushed
+
+
+def check_pilots_for_vo(*, vo_name: str) -> dict[str, int]:
+    """Advance the VO's active pilots from their CEs' news; no news for PILOT_LOST_AFTER_SECONDS
+    means FAILED ("lost")."""
+    moved: dict[str, int] = defaultdict(int)
+    lost_before = timezone.now() - timedelta(seconds=settings.PILOT_LOST_AFTER_SECONDS)
+    pilots = PilotSubmission.objects.filter(
+        vo__name=vo_name, status__in=list(ACTIVE_PILOT_STATUSES)
+    ).select_related("ce")
+    by_ce: dict[int, list[PilotSubmission]] = defaultdict(list)
+    for pilot in pilots:
+        by_ce[pilot.ce_id].append(pilot)
+    for group in by_ce.values():
+        news = backend_for(group[0].ce).status([p for p in group if p.external_id])
+        for pilot in group:
+            item = news.get(pilot.external_id) if pilot.external_id else None
+            if item is not None:
+                if item.status == pilot.status:
+                    PilotSubmission.objects.filter(id=pilot.id).update(last_seen_at=timezone.now())
+                elif _advance(pilot, item.status, item.reason):
+                    moved[item.status] += 1
+            elif pilot.last_seen_at < lost_before and _move(
+                pilot, PilotStatus.FAILED, failure_reason="lost: no news from the CE"
+            ):
+                moved["lost"] += 1
+    return dict(moved)
+
+
+def _advance(pilot: PilotSubmission, to_status: str, reason: str) -> bool:
+    if pilot.status == PilotStatus.SUBMITTED and to_status in {PilotStatus.DONE}:
+        # It ran and finished between two checks: record both steps.
+        if not _move(pilot, PilotStatus.RUNNING):
+            return False
+        pilot.status = PilotStatus.RUNNING
+    return _move(pilot, to_status, failure_reason=reason) if reason else _move(pilot, to_status)
+
+
+def pilot_counts() -> dict[str, Any]:
+    """Pilots per status, and per status within each CE and VO."""
+    by_status: dict[str, int] = dict.fromkeys(PilotStatus.values, 0)
+    by_ce: dict[str, dict[str, int]] = defaultdict(dict)
+    by_vo: dict[str, dict[str, int]] = defaultdict(dict)
+    rows = PilotSubmission.objects.values("ce__name", "vo__name", "status").annotate(n=Count("id"))
+    for row in rows.order_by():
+        by_status[row["status"]] += row["n"]
+        ce_counts, vo_counts = by_ce[row["ce__name"]], by_vo[row["vo__name"]]
+        ce_counts[row["status"]] = ce_counts.get(row["status"], 0) + row["n"]
+        vo_counts[row["status"]] = vo_counts.get(row["status"], 0) + row["n"]
+    return {"by_status": by_status, "by_ce": dict(by_ce), "by_vo": dict(by_vo)}
+
+
+def pilot_report_create() -> PilotReport:
+    report = PilotReport.objects.create(**pilot_counts())
+    summary = ", ".join(f"{k}={v}" for k, v in report.by_status.items())
+    logger.info("pilot report %s: %s", report.id, summary)
+    return report
+
+
+SUBMIT_PILOTS_QUEUE = "pilots-submit-pilots"
+SUBMIT_ONE_QUEUE = "pilots-submit-pilot"
+CHECK_PILOTS_QUEUE = "pilots-check-pilots"
+REPORT_QUEUE = "pilots-pilot-report"
