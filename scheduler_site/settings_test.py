@@ -16,6 +16,8 @@ for name in ("SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE
 os.environ.setdefault("SECURE_HSTS_SECONDS", "0")
 os.environ.setdefault("WORKER_HEARTBEAT_SECONDS", "1")
 os.environ.setdefault("LOCK_WAIT_MAX_SECONDS", "2")
+# Permission matrices send hundreds of anonymous requests; the throttle test sets its own rate.
+os.environ.setdefault("API_THROTTLE_ANON", "100000/min")
 # The broker of the worker end-to-end tests: Redis beside PostgreSQL (TEST_REDIS_URL, set by
 # scripts/with-redis.sh), the filesystem transport beside SQLite, in a folder of this run's own.
 if os.environ.get("DATABASE_URL", "").startswith("postgres") and os.environ.get("TEST_REDIS_URL"):

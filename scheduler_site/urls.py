@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
-from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from pilots.api import ComputeElementViewSet, PilotViewSet, VOViewSet
+from scheduler_site.dashboard import dashboard
 from scheduler_site.health import healthz
+from scheduler_site.metrics import metrics_view
 from schedules.api import ScheduleViewSet
 from tasks.api import SchedulerViewSet, TaskViewSet
 
@@ -20,10 +21,11 @@ router.register("compute-elements", ComputeElementViewSet, basename="compute-ele
 router.register("pilots", PilotViewSet, basename="pilot")
 
 urlpatterns = [
-    path("", RedirectView.as_view(url="/admin/", permanent=False), name="home"),
+    path("", dashboard, name="dashboard"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/", include(router.urls)),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
 ]

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from tasks import queue, services
 from tasks.exceptions import TransitionRefused
+from tasks.metrics import DISPATCH_SECONDS
 from tasks.models import Scheduler, SchedulerKind, Task, TaskStatus
 from tasks.registry import HANDLERS
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def dispatch_scheduler(scheduler_id: str) -> int:
     """Dispatch what fits under the threshold; the number of tasks sent."""
-    with transaction.atomic():
+    with DISPATCH_SECONDS.labels(scheduler_id).time(), transaction.atomic():
         scheduler = (
             Scheduler.objects.select_for_update(no_key=True)
             .filter(id=scheduler_id, kind=SchedulerKind.CELERY, paused=False)
@@ -82,9 +83,15 @@ def _send(tasks: Sequence[Task], handler_name: str) -> None:
 
 def _hand_back_quietly(task: Task, *, reason: str) -> None:
     # Refused: it already moved on (reaped or cancelled), so there is nothing to hand back.
+    # No fast path: it would dispatch the task again at once, to the broker that just failed,
+    # over and over; the periodic dispatcher sends it once the broker is back.
     with contextlib.suppress(TransitionRefused):
         services.task_hand_back(
-            task_id=task.id, reason=reason, actor=services.DISPATCHER, attempt=task.attempts
+            task_id=task.id,
+            reason=reason,
+            actor=services.DISPATCHER,
+            attempt=task.attempts,
+            notify=False,
         )
 
 

@@ -17,9 +17,11 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import connections
+from django.utils import timezone
 
 from tasks import locks, services
 from tasks.exceptions import QueueError, TransitionRefused
+from tasks.metrics import QUEUE_WAIT_SECONDS
 from tasks.models import Task
 from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler
 
@@ -73,6 +75,8 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
         logger.info("task %s attempt %s: not claimed (%s)", task_id, attempt, exc.message)
         return "skipped"
     task = Task.objects.select_related("scheduler").get(id=task.id)
+    waited = (timezone.now() - task.not_before).total_seconds()
+    QUEUE_WAIT_SECONDS.labels(task.scheduler_id).observe(max(waited, 0.0))
     try:
         handler = get_handler(task.scheduler.handler)
     except QueueError as exc:

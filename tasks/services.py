@@ -22,6 +22,7 @@ from tasks.exceptions import (
     TaskNotFound,
     TransitionRefused,
 )
+from tasks.metrics import POP_SECONDS, TRANSITION_SECONDS
 from tasks.models import (
     LEASED_STATUSES,
     Scheduler,
@@ -84,7 +85,7 @@ def transition(
         )
     now = timezone.now()
     assignments = {"status": to_status, "modified_at": now, **(values or {})}
-    with transaction.atomic():
+    with TRANSITION_SECONDS.labels(to_status).time(), transaction.atomic():
         rows = queue.cas_update(
             task_ids=[task.id],
             expected=from_status,
@@ -233,6 +234,13 @@ def task_pop(
     due or the scheduler is paused. Each popped task spends one attempt."""
     if not 1 <= limit <= settings.TASK_POP_MAX_LIMIT:
         raise InvalidRequest("limit", f"must be between 1 and {settings.TASK_POP_MAX_LIMIT}.")
+    with POP_SECONDS.labels(scheduler_id).time():
+        return _pop(scheduler_id=scheduler_id, limit=limit, filters=filters, worker=worker)
+
+
+def _pop(
+    *, scheduler_id: str, limit: int, filters: Mapping[str, Any] | None, worker: str
+) -> list[Task]:
     now = timezone.now()
     if not filters and queue.ONE_STATEMENT_POP:
         # The hot path: one round trip; an empty answer says why in a second query.
@@ -443,11 +451,13 @@ def task_hand_back(
     actor: str = "",
     attempt: int | None = None,
     lock_wait: bool = False,
+    notify: bool = True,
 ) -> Task:
     """Put a leased task back in the queue without spending its attempt: its holder is
     shutting down, could not reach the broker, or a lock it needs is held. After a lock wait
     the task waits a short delay that doubles with each wait, from 0.5 s up to
-    LOCK_WAIT_MAX_SECONDS."""
+    LOCK_WAIT_MAX_SECONDS. `notify=False` skips the on-commit fast-path dispatch (the
+    dispatcher handing back what the broker refused must not send it again at once)."""
     task = _get_task(task_id)
     _check_fence(task, attempt)
     if task.status not in LEASED_STATUSES:
@@ -483,7 +493,8 @@ def task_hand_back(
         values=values,
         fence_attempts=True,
     )
-    notify_queued(task.scheduler_id)
+    if notify:
+        notify_queued(task.scheduler_id)
     return handed
 
 

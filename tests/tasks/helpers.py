@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from django.db.models import QuerySet
 from rest_framework.test import APIClient
 
+from pilots.queues import QUEUES
 from tasks import services
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tasks.retry import RetrySpec
@@ -16,6 +18,15 @@ from tasks.retry import RetrySpec
 S = TaskStatus
 T0 = datetime(2030, 1, 1, 10, 5, tzinfo=UTC)
 Push = Callable[..., Task]
+
+
+# Created on every migrate (pilots.queues.ensure_queues): present in every test database.
+SYSTEM_QUEUES = {queue for queue, _ in QUEUES}
+
+
+def user_schedulers() -> QuerySet[Scheduler]:
+    """The schedulers a test made, without the system queues."""
+    return Scheduler.objects.exclude(id__in=SYSTEM_QUEUES)
 
 
 def pop_one(scheduler_id: str = "boefje", **kwargs: Any) -> Task:

@@ -12,7 +12,16 @@ from time_machine import TimeMachineFixture
 from tasks import selectors, services
 from tasks.exceptions import DuplicateTask, SchedulerNotFound, TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
-from tests.tasks.helpers import T0, Push, finish, fresh, history, make_running, pop_one
+from tests.tasks.helpers import (
+    T0,
+    Push,
+    finish,
+    fresh,
+    history,
+    make_running,
+    pop_one,
+    user_schedulers,
+)
 
 S = TaskStatus
 
@@ -300,7 +309,7 @@ def test_scheduler_delete__refused_with_active_tasks(push: Push) -> None:
 
     services.task_cancel(task_id=task.id)
     services.scheduler_delete(scheduler_id="boefje")
-    assert not Scheduler.objects.exists() and not Task.objects.exists()
+    assert not user_schedulers().exists() and not Task.objects.exists()
     with pytest.raises(SchedulerNotFound):
         services.scheduler_delete(scheduler_id="boefje")
 

@@ -1,0 +1,105 @@
+"""Prometheus metrics at /metrics.
+
+Gauges are read from the database at scrape time (so every process reports the same truth);
+latency histograms are recorded in the process that does the work. With several processes
+(gunicorn workers, Celery workers) set PROMETHEUS_MULTIPROC_DIR so the histograms are
+aggregated across them (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from django.db.models import Count
+from django.http import HttpResponse
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+
+from tasks.metrics import DISPATCH_SECONDS, POP_SECONDS, QUEUE_WAIT_SECONDS, TRANSITION_SECONDS
+
+
+class DatabaseCollector(Collector):
+    """Queue depth, tasks by status, due schedules and pilots by status, from the database."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from pilots.models import PilotSubmission
+        from schedules.models import Schedule, ScheduleStatus
+        from tasks.models import Task, TaskStatus
+
+        tasks = GaugeMetricFamily(
+            "scheduler_tasks", "Tasks by scheduler and status.", labels=["scheduler", "status"]
+        )
+        depth = GaugeMetricFamily(
+            "scheduler_queue_depth", "QUEUED tasks due now.", labels=["scheduler"]
+        )
+        rows = Task.objects.order_by().values_list("scheduler_id", "status").annotate(n=Count("id"))
+        for scheduler_id, status, n in rows:
+            tasks.add_metric([scheduler_id, status], n)
+        now = timezone.now()
+        due_tasks = (
+            Task.objects.filter(status=TaskStatus.QUEUED, not_before__lte=now)
+            .order_by()
+            .values_list("scheduler_id")
+            .annotate(n=Count("id"))
+        )
+        for scheduler_id, n in due_tasks:
+            depth.add_metric([scheduler_id], n)
+        due = GaugeMetricFamily(
+            "scheduler_due_schedules", "ACTIVE schedules due now.", labels=["scheduler"]
+        )
+        due_rows = (
+            Schedule.objects.filter(status=ScheduleStatus.ACTIVE, deadline_at__lte=now)
+            .order_by()
+            .values_list("scheduler_id")
+            .annotate(n=Count("id"))
+        )
+        for scheduler_id, n in due_rows:
+            due.add_metric([scheduler_id], n)
+        pilots = GaugeMetricFamily(
+            "scheduler_pilots", "Pilots by CE and status.", labels=["ce", "status"]
+        )
+        pilot_rows = (
+            PilotSubmission.objects.order_by()
+            .values_list("ce__name", "status")
+            .annotate(n=Count("id"))
+        )
+        for ce, status, n in pilot_rows:
+            pilots.add_metric([ce, status], n)
+        yield from (tasks, depth, due, pilots)
+
+
+_database_collector = DatabaseCollector()
+
+
+def _registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        for collector in (POP_SECONDS, DISPATCH_SECONDS, TRANSITION_SECONDS, QUEUE_WAIT_SECONDS):
+            registry.register(collector)
+    registry.register(_database_collector)
+    return registry
+
+
+@extend_schema(exclude=True)  # Prometheus text, not part of the JSON API
+@api_view(["GET"])
+@authentication_classes([TokenAuthentication, SessionAuthentication])
+@permission_classes([IsAuthenticated])
+def metrics_view(request: Request) -> HttpResponse:
+    """Prometheus text format. Authenticated like the API (Prometheus: `authorization:
+    {type: Token, credentials: <key>}`)."""
+    return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
