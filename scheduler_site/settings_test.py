@@ -33,3 +33,9 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed on
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
     os.environ.setdefault("SCHEDULER_TEST_SQLITE", str(VAR_DIR / f"test-{os.getpid()}.sqlite3"))  # noqa: F405
     DATABASES["default"]["TEST"]["NAME"] = os.environ["SCHEDULER_TEST_SQLITE"]  # noqa: F405
+
+# Tests render pages without running collectstatic first.
+STORAGES = {
+    **STORAGES,  # noqa: F405
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
