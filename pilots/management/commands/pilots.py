@@ -2,17 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from pilots import services
 from pilots.models import CEStatus, ComputeElement, PilotStatus, PilotSubmission
-from tasks.exceptions import QueueError
-from tasks.management.commands._base import as_command_error, dumps
-
-STATE_ACTIONS = {"drain": CEStatus.DRAINING, "ban": CEStatus.BANNED, "activate": CEStatus.ACTIVE}
+from tasks.management.commands._base import SubcommandCommand, dumps
 
 
-class Command(BaseCommand):
+class Command(SubcommandCommand):
     help = (
         "Pilots: list CEs (ces), drain/ban/activate a CE, submit one pilot now, list pilots, "
         "print a report (counts per status, CE and VO; --store keeps it as a PilotReport). "
@@ -41,17 +38,18 @@ class Command(BaseCommand):
         report = sub.add_parser("report", help="Counts per status, CE and VO.")
         report.add_argument("--store", action="store_true", help="Also store it as a PilotReport.")
 
-    def handle(self, *args: Any, action: str, **options: Any) -> None:
-        try:
-            if action in STATE_ACTIONS:
-                ce = services.ce_set_status(
-                    name=options["ce"], to_status=STATE_ACTIONS[action], actor="cli"
-                )
-                self.stdout.write(f"{ce.name}: {ce.status}")
-            else:
-                getattr(self, f"_{action}")(**options)
-        except QueueError as exc:
-            raise as_command_error(exc) from None
+    def _drain(self, *, ce: str, **_: Any) -> None:
+        self._set_status(ce, CEStatus.DRAINING)
+
+    def _ban(self, *, ce: str, **_: Any) -> None:
+        self._set_status(ce, CEStatus.BANNED)
+
+    def _activate(self, *, ce: str, **_: Any) -> None:
+        self._set_status(ce, CEStatus.ACTIVE)
+
+    def _set_status(self, name: str, to_status: str) -> None:
+        ce = services.ce_set_status(name=name, to_status=to_status, actor="cli")
+        self.stdout.write(f"{ce.name}: {ce.status}")
 
     def _ces(self, **_: Any) -> None:
         self.stdout.write(f"{'name':24} {'status':9} {'cap':>4} {'active':>6} {'free':>5}  VOs")

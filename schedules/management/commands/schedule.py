@@ -4,15 +4,13 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from schedules import services, timing
 from schedules.models import Schedule, ScheduleStatus
-from tasks.exceptions import QueueError
-from tasks.management.commands._base import as_command_error, parse_json_object
+from tasks.management.commands._base import SubcommandCommand, parse_json_object
 
 
 def _when(value: str) -> datetime:
@@ -24,7 +22,7 @@ def _when(value: str) -> datetime:
     return parsed
 
 
-class Command(BaseCommand):
+class Command(SubcommandCommand):
     help = (
         "Operate on schedules: list, create, pause, resume, trigger (run now), delete. "
         "`manage.py schedule <action> --help` for each."
@@ -57,17 +55,6 @@ class Command(BaseCommand):
             ("delete", "Delete the schedule (its tasks stay)."),
         ]:
             sub.add_parser(name, help=text).add_argument("schedule_id", type=uuid.UUID)
-
-    def handle(self, *args: Any, action: str, **options: Any) -> None:
-        try:
-            getattr(self, f"_{action}")(**options)
-        except QueueError as exc:
-            raise as_command_error(exc) from None
-        except ValidationError as exc:
-            details = "; ".join(
-                f"{field}: {' '.join(msgs)}" for field, msgs in exc.message_dict.items()
-            )
-            raise CommandError(f"invalid schedule: {details}") from None
 
     def _list(
         self, *, scheduler: str | None, status: str | None, due: bool, limit: int, **_: Any

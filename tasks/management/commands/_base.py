@@ -3,7 +3,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.core.management.base import CommandError
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
 
 from tasks.exceptions import QueueError
 
@@ -26,3 +27,19 @@ def as_command_error(exc: QueueError) -> CommandError:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+class SubcommandCommand(BaseCommand):
+    """A command with subcommands (`manage.py task push …`): `handle` calls `_<action>` and
+    turns domain errors into CommandErrors that name the problem, as the API's 4xx do."""
+
+    def handle(self, *args: Any, action: str, **options: Any) -> None:
+        try:
+            getattr(self, f"_{action.replace('-', '_')}")(**options)
+        except QueueError as exc:
+            raise as_command_error(exc) from None
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{field}: {' '.join(messages)}" for field, messages in exc.message_dict.items()
+            )
+            raise CommandError(f"invalid: {details}") from None

@@ -2,12 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from tasks import selectors, services
-from tasks.exceptions import QueueError
-from tasks.management.commands._base import as_command_error
+from tasks.management.commands._base import SubcommandCommand
 from tasks.models import RetryPolicy, Scheduler, SchedulerKind
 
 SETTABLE = {
@@ -24,7 +22,7 @@ SETTABLE = {
 }
 
 
-class Command(BaseCommand):
+class Command(SubcommandCommand):
     help = (
         "Operate on schedulers (named queues): list, create, update, pause, resume, delete. "
         "`manage.py scheduler <action> --help` for each."
@@ -47,14 +45,6 @@ class Command(BaseCommand):
             ("delete", "Delete a queue that has no active tasks."),
         ]:
             sub.add_parser(name, help=text).add_argument("scheduler_id")
-
-    def handle(self, *args: Any, action: str, **options: Any) -> None:
-        try:
-            getattr(self, f"_{action}")(**options)
-        except QueueError as exc:
-            raise as_command_error(exc) from None
-        except ValidationError as exc:
-            raise CommandError(f"invalid: {exc.message_dict}") from None
 
     @staticmethod
     def _fields(options: dict[str, Any]) -> dict[str, Any]:

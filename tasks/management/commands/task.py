@@ -5,11 +5,11 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from tasks import selectors, services
 from tasks.exceptions import QueueError
-from tasks.management.commands._base import as_command_error, dumps, parse_json_object
+from tasks.management.commands._base import SubcommandCommand, dumps, parse_json_object
 from tasks.models import Task, TaskEvent, TaskStatus
 from tasks.serializers import PopSerializer, TaskEventSerializer, TaskSerializer
 
@@ -21,7 +21,7 @@ def _uuid(value: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"{value!r} is not a task id (UUID)") from None
 
 
-class Command(BaseCommand):
+class Command(SubcommandCommand):
     help = (
         "Operate on tasks: push, pop, list, show, events, cancel, requeue, reap expired leases, "
         "prune old finished tasks, hourly stats. `manage.py task <action> --help` for each."
@@ -60,12 +60,6 @@ class Command(BaseCommand):
         stats = sub.add_parser("stats", help="Transitions per hour, per scheduler and status.")
         stats.add_argument("--scheduler")
         stats.add_argument("--hours", type=int, default=24)
-
-    def handle(self, *args: Any, action: str, **options: Any) -> None:
-        try:
-            getattr(self, f"_{action}")(**options)
-        except QueueError as exc:
-            raise as_command_error(exc) from None
 
     def _push(
         self, *, scheduler: str, data: str | None, priority: int, hash: str | None, **_: Any
