@@ -39,3 +39,6 @@ STORAGES = {
     **STORAGES,  # noqa: F405
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+
+# whitenoise warns at every request when STATIC_ROOT is missing (collectstatic is a deploy step).
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405

@@ -29,6 +29,10 @@ class RetrySpec:
             dead_letter=scheduler.dead_letter,
         )
 
+    @property
+    def attempts_allowed(self) -> int:
+        return 1 if self.policy == RetryPolicy.NONE else self.max_attempts
+
     def should_retry(self, attempts_made: int) -> bool:
         """`attempts_made` counts the attempt that just failed."""
         return self.policy != RetryPolicy.NONE and attempts_made < self.max_attempts

@@ -373,7 +373,9 @@ def _fail_attempt(
             current_status=task.status,
         )
     spec = retry or retry_spec_for(task)
-    attempt_note = f"attempt {task.attempts}/{spec.max_attempts} failed: {error or 'no error text'}"
+    attempt_note = (
+        f"attempt {task.attempts}/{spec.attempts_allowed} failed: {error or 'no error text'}"
+    )
     values: dict[str, Any] = {"error": error, "result": result, "lease_expires_at": None}
     if task.cancel_requested_at is not None:
         to_status, note = TaskStatus.CANCELLED, f"{attempt_note}; cancel was requested"
