@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.signals import task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
 
@@ -21,3 +22,12 @@ def _ensure_broker_folder(sender: Celery, **_: object) -> None:
 
     if settings.CELERY_BROKER_URL.startswith("filesystem://"):
         (settings.CELERY_BROKER_DIR / "control").mkdir(parents=True, exist_ok=True)
+
+
+@task_prerun.connect
+def _recycle_old_connections(**_: object) -> None:
+    # Connections are reused across tasks (CELERY_DB_REUSE_MAX); drop broken or expired ones
+    # the way Django does between requests.
+    from django.db import close_old_connections
+
+    close_old_connections()

@@ -31,8 +31,13 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$workdir" \
   --daemonize yes --pidfile "$workdir/redis.pid" --logfile "$workdir/redis.log"
 cleanup() {
-  [[ -f "$workdir/redis.pid" ]] && kill "$(cat "$workdir/redis.pid")" 2>/dev/null || true
-  rm -rf "$workdir"
+  # Shut down and wait: Redis writes its log while stopping, which raced a plain kill + rm.
+  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+  for _ in $(seq 50); do
+    [[ -f "$workdir/redis.pid" ]] && kill -0 "$(cat "$workdir/redis.pid")" 2>/dev/null || break
+    sleep 0.1
+  done
+  rm -rf "$workdir" || true
 }
 trap cleanup EXIT INT TERM
 for _ in $(seq 50); do

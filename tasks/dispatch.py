@@ -112,6 +112,25 @@ def on_queued(scheduler_id: str) -> None:
         )
 
 
+def refill_after_run(task_id: str) -> None:
+    """After a worker finishes a task: top the queue's broker share up, but only once half of
+    its threshold is free. A full dispatch round (row lock, claim, events, send) after every
+    single task made workers and the dispatcher queue on the scheduler row."""
+    row = (
+        Task.objects.filter(id=task_id, scheduler__kind=SchedulerKind.CELERY)
+        .values("scheduler_id", "scheduler__dispatch_threshold")
+        .first()
+    )
+    if row is None:
+        return
+    threshold = row["scheduler__dispatch_threshold"]
+    in_broker = Task.objects.filter(
+        scheduler_id=row["scheduler_id"], status=TaskStatus.DISPATCHED
+    ).count()
+    if threshold - in_broker >= max(1, threshold // 2):
+        on_queued(row["scheduler_id"])
+
+
 def connect() -> None:
     if on_queued not in services.on_queued_hooks:
         services.on_queued_hooks.append(on_queued)

@@ -74,7 +74,6 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
     except QueueError as exc:
         logger.info("task %s attempt %s: not claimed (%s)", task_id, attempt, exc.message)
         return "skipped"
-    task = Task.objects.select_related("scheduler").get(id=task.id)
     waited = (timezone.now() - task.not_before).total_seconds()
     QUEUE_WAIT_SECONDS.labels(task.scheduler_id).observe(max(waited, 0.0))
     try:

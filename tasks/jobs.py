@@ -9,7 +9,6 @@ from typing import Any
 from celery import shared_task
 
 from tasks import dispatch, execution, services
-from tasks.models import Task
 
 
 @shared_task(name="tasks.reap_expired_leases", ignore_result=True)
@@ -28,9 +27,7 @@ def run_task(self: Any, task_id: str, attempt: int) -> str:
     outcome = execution.execute(
         uuid.UUID(task_id), int(attempt), worker=self.request.hostname or "worker"
     )
-    scheduler_id = Task.objects.filter(id=task_id).values_list("scheduler_id", flat=True).first()
-    if scheduler_id:
-        dispatch.on_queued(scheduler_id)
+    dispatch.refill_after_run(task_id)
     return outcome
 
 

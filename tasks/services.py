@@ -101,7 +101,10 @@ def transition(
             )
         queue.record_events(rows, from_status=from_status, actor=actor, note=note, at=now)
     logger.info("task %s %s -> %s by %s %s", task.id, from_status, to_status, actor, note)
-    return rows[0]
+    updated = rows[0]
+    if Task.scheduler.is_cached(task):
+        updated.scheduler = task.scheduler  # spare the caller a second read
+    return updated
 
 
 # --- schedulers ------------------------------------------------------------------------------
