@@ -73,12 +73,17 @@ def _send(tasks: Sequence[Task], handler_name: str) -> None:
     options = {}
     if handler is not None:
         options = {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
-    for task in tasks:
+    for index, task in enumerate(tasks):
         try:
             run_task.apply_async(args=[str(task.id), task.attempts], **options)
         except Exception as exc:  # the broker is outside our control: hand back, not lose
-            logger.warning("dispatch of task %s failed (%s); handing it back", task.id, exc)
-            _hand_back_quietly(task, reason=f"broker unavailable: {exc}")
+            # One failure is enough to know: hand back the rest without waiting out a connect
+            # timeout for each; the periodic dispatcher sends them when the broker is back.
+            unsent = tasks[index:]
+            logger.warning("broker unavailable (%s): handing back %d tasks", exc, len(unsent))
+            for left in unsent:
+                _hand_back_quietly(left, reason=f"broker unavailable: {exc}")
+            return
 
 
 def _hand_back_quietly(task: Task, *, reason: str) -> None:

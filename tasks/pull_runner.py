@@ -96,7 +96,10 @@ class Work:
             feeder.join(0.2)
             if is_cancelled():
                 process.terminate()
-                feeder.join()
+                feeder.join(5)
+                if feeder.is_alive():  # it ignores SIGTERM
+                    process.kill()
+                    feeder.join()
                 raise TaskCancelled("cancelled while the command ran")
         stdout, stderr = output["out"]
         if process.returncode != 0:
@@ -164,7 +167,11 @@ class PullRunner:
                 worker.join(self.grace_seconds)
                 if worker.is_alive():
                     cancelled.set()
-                    return self._hand_back(path, attempt)
+                    handed = self._hand_back(path, attempt)
+                    # Let the work see the cancel and stop: a command is terminated, not left
+                    # running after the runner exits. A handler that never checks is abandoned.
+                    worker.join(10)
+                    return handed
         cancelled.set()  # stops the heartbeat
         return self._report(path, attempt, outcome)
 

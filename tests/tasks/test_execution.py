@@ -1,0 +1,553 @@
+"""Running one dispatched attempt (DESIGN 4.5): `execution.execute` called in-process, the
+worker's code path minus Celery. Claim by CAS on the attempt, the handler's retry policy,
+locks (held → deferred, attempt not spent, doubling delay), cooperative cancel, the heartbeat;
+then the hand-back service and its REST endpoint, and the reaper's policy for celery tasks."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from django.contrib.auth.models import User
+from django.db import connections
+from django.utils import timezone
+from rest_framework.test import APIClient
+from time_machine import TimeMachineFixture
+
+from scheduler_site.celery import app
+from tasks import dispatch, execution, locks, services
+from tasks.exceptions import TransitionRefused
+from tasks.locks import MutexLock
+from tasks.models import Lock, Scheduler, Task, TaskStatus
+from tasks.registry import HANDLERS, TaskContext, register
+from tasks.retry import RetrySpec
+from tests.tasks.helpers import T0, fresh, history, snapshot
+
+S = TaskStatus
+
+
+@pytest.fixture(autouse=True)
+def _restore_handlers() -> Iterator[None]:
+    before = dict(HANDLERS)
+    yield
+    HANDLERS.clear()
+    HANDLERS.update(before)
+
+
+@pytest.fixture
+def frozen(time_machine: TimeMachineFixture) -> TimeMachineFixture:
+    time_machine.move_to(T0, tick=False)
+    return time_machine
+
+
+def _celery(scheduler_id: str, handler: str, **fields: Any) -> Scheduler:
+    # The queue's own policy differs from every demo handler's: tests see which one applied.
+    fields.setdefault("retry_policy", "none")
+    fields.setdefault("dead_letter", False)
+    return services.scheduler_create(id=scheduler_id, kind="celery", handler=handler, **fields)
+
+
+def _dispatched(scheduler_id: str, **data: Any) -> Task:
+    task = services.task_push(scheduler_id=scheduler_id, data=data)
+    assert dispatch.dispatch_scheduler(scheduler_id) == 1
+    return fresh(task)
+
+
+def _run(task: Task) -> str:
+    return execution.execute(task.id, task.attempts, worker="test")
+
+
+# --- outcomes --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_execute__success_completes_with_the_result() -> None:
+    _celery("echo", "demo.echo")
+    task = _dispatched("echo", n=7)
+
+    assert _run(task) == "completed"
+
+    task = fresh(task)
+    assert (task.status, task.attempts, task.error) == (S.COMPLETED, 1, "")
+    assert task.result == {"echo": {"n": 7}, "attempt": 1}
+    assert task.lease_expires_at is None
+    assert [(frm, to) for frm, to, _ in history(task)] == [
+        ("", S.QUEUED),
+        (S.QUEUED, S.DISPATCHED),
+        (S.DISPATCHED, S.RUNNING),
+        (S.RUNNING, S.COMPLETED),
+    ]
+    assert set(
+        task.events.filter(to_status__in=[S.RUNNING, S.COMPLETED]).values_list("actor", flat=True)
+    ) == {"test"}
+
+
+@pytest.mark.django_db
+def test_execute__handler_error_retries_by_the_handlers_policy_then_dead(
+    frozen: TimeMachineFixture,
+) -> None:
+    # demo.sleep: fixed 1 s, 3 attempts, dead-letters; the queue says no retry, no dead letter.
+    _celery("sleepy", "demo.sleep")
+    task = _dispatched("sleepy", seconds=0, fail="boom")
+
+    for attempt in (1, 2):
+        assert _run(task) == "failed"
+        task = fresh(task)
+        assert (task.status, task.attempts) == (S.QUEUED, attempt)
+        assert task.not_before == timezone.now() + timedelta(seconds=1)
+        assert task.error == "RuntimeError: boom"
+        assert f"attempt {attempt}/3 failed: RuntimeError: boom" in history(task)[-1][2]
+        assert dispatch.dispatch_scheduler("sleepy") == 0, "dispatched before its retry time"
+        frozen.shift(timedelta(seconds=1))
+        assert dispatch.dispatch_scheduler("sleepy") == 1
+        task = fresh(task)
+
+    assert _run(task) == "failed"
+    task = fresh(task)
+    assert (task.status, task.attempts, task.error) == (S.DEAD, 3, "RuntimeError: boom")
+    assert "no attempts left" in history(task)[-1][2]
+
+
+@pytest.mark.django_db
+def test_execute__soft_time_limit_is_a_failed_attempt() -> None:
+    def overrun(ctx: TaskContext) -> None:
+        raise SoftTimeLimitExceeded()
+
+    register("test.overrun", retry=RetrySpec(policy="none", dead_letter=False))(overrun)
+    _celery("slow", "test.overrun")
+    task = _dispatched("slow")
+
+    assert _run(task) == "failed"
+
+    task = fresh(task)
+    assert (task.status, task.error) == (S.FAILED, "soft time limit exceeded")
+
+
+@pytest.mark.django_db
+def test_execute__handler_no_longer_registered_fails_the_attempt() -> None:
+    register("test.gone")(lambda ctx: None)
+    _celery("gone", "test.gone")
+    task = _dispatched("gone")
+    del HANDLERS["test.gone"]
+
+    assert _run(task) == "failed"
+
+    task = fresh(task)
+    assert task.status == S.FAILED  # the queue's policy: no handler, no handler policy
+    assert "'test.gone' is not registered" in task.error
+
+
+@pytest.mark.django_db
+def test_execute__late_report_after_the_lease_was_taken_back_is_lost() -> None:
+    def reaped_meanwhile(ctx: TaskContext) -> str:
+        past = timezone.now() - timedelta(hours=1)
+        Task.objects.filter(id=ctx.task_id).update(lease_expires_at=past)
+        services.tasks_reap_expired()
+        return "too late"
+
+    register("test.reaped", retry=RetrySpec(policy="fixed", delay_seconds=0, jitter=False))(
+        reaped_meanwhile
+    )
+    _celery("reaped", "test.reaped")
+    task = _dispatched("reaped")
+
+    assert _run(task) == "lost"
+
+    task = fresh(task)
+    assert (task.status, task.result, task.error) == (S.QUEUED, None, "lease expired (lost)")
+
+
+# --- the claim -------------------------------------------------------------------------------
+
+
+def _stale_attempt(task: Task) -> tuple[Any, int]:
+    return task.id, task.attempts + 1
+
+
+def _running(task: Task) -> tuple[Any, int]:
+    services.task_start(task_id=task.id, actor="other-worker", attempt=task.attempts)
+    return task.id, task.attempts
+
+
+def _completed(task: Task) -> tuple[Any, int]:
+    services.task_complete(task_id=task.id, result="done", attempt=task.attempts)
+    return task.id, task.attempts
+
+
+def _cancelled(task: Task) -> tuple[Any, int]:
+    services.task_cancel(task_id=task.id)
+    return task.id, task.attempts
+
+
+def _missing(task: Task) -> tuple[Any, int]:
+    return uuid.uuid4(), 1
+
+
+@pytest.mark.parametrize(
+    "arrange",
+    [_stale_attempt, _running, _completed, _cancelled, _missing],
+    ids=lambda f: f.__name__,
+)
+@pytest.mark.django_db
+def test_execute__not_claimable_is_skipped_and_changes_nothing(
+    arrange: Callable[[Task], tuple[Any, int]],
+) -> None:
+    _celery("echo", "demo.echo")
+    task_id, attempt = arrange(_dispatched("echo", n=1))
+    before = snapshot()
+
+    assert execution.execute(task_id, attempt, worker="test") == "skipped"
+
+    assert snapshot() == before
+
+
+@pytest.mark.django_db
+def test_execute__a_redelivered_message_runs_the_attempt_once() -> None:
+    _celery("echo", "demo.echo")
+    task = _dispatched("echo", n=1)
+
+    assert [_run(task) for _ in range(3)] == ["completed", "skipped", "skipped"]
+
+    assert fresh(task).events.filter(to_status=S.RUNNING).count() == 1
+
+
+# --- locks -----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_execute__lock_held_defers_without_spending_the_attempt(
+    frozen: TimeMachineFixture,
+) -> None:
+    _celery("locked", "demo.locked")
+    locks.acquire([MutexLock("demo", "ce-1")], owner="someone-else", ttl=timedelta(hours=1))
+    task = _dispatched("locked", key="ce-1", seconds=0)
+
+    assert _run(task) == "deferred"
+
+    task = fresh(task)
+    assert (task.status, task.attempts, task.lock_waits) == (S.QUEUED, 0, 1)
+    assert task.not_before == T0 + timedelta(seconds=0.5)
+    assert (task.worker, task.lease_expires_at) == ("", None)
+    # Claimed first (so a redelivered message cannot take the locks too), then handed back.
+    assert history(task)[-2:] == [
+        (S.DISPATCHED, S.RUNNING, "started"),
+        (S.RUNNING, S.QUEUED, "handed back, attempt not spent: lock held: demo:ce-1"),
+    ]
+    assert locks.holder(MutexLock("demo", "ce-1")).owner == "someone-else"
+
+
+@pytest.mark.django_db
+def test_execute__each_lock_wait_doubles_the_delay_up_to_the_cap(
+    frozen: TimeMachineFixture, settings: Any
+) -> None:
+    settings.LOCK_WAIT_MAX_SECONDS = 2
+    _celery("locked", "demo.locked")
+    locks.acquire([MutexLock("demo", "ce-1")], owner="someone-else", ttl=timedelta(hours=1))
+    task = _dispatched("locked", key="ce-1", seconds=0)
+    delays = []
+
+    for _ in range(4):
+        assert _run(task) == "deferred"
+        task = fresh(task)
+        delays.append((task.not_before - timezone.now()).total_seconds())
+        frozen.move_to(task.not_before, tick=False)
+        assert dispatch.dispatch_scheduler("locked") == 1
+        task = fresh(task)
+
+    assert delays == [0.5, 1.0, 2.0, 2.0]
+    assert task.lock_waits == 4 and task.attempts == 1  # dispatched again, nothing spent
+
+    locks.release([MutexLock("demo", "ce-1").name], owner="someone-else")
+    assert _run(task) == "completed"
+    assert fresh(task).attempts == 1
+
+
+@pytest.mark.django_db
+def test_execute__holds_the_handlers_locks_while_running_and_releases_them() -> None:
+    seen: dict[str, Any] = {}
+
+    def peek(ctx: TaskContext) -> None:
+        seen["held"] = dict(Lock.objects.values_list("name", "owner"))
+        if ctx.data.get("fail"):
+            raise RuntimeError("after taking the locks")
+
+    register(
+        "test.peek",
+        retry=RetrySpec(policy="none", dead_letter=False),
+        locks=lambda data: [MutexLock("ce", data["ce"]), MutexLock("vo", "lhcb")],
+    )(peek)
+    _celery("peek", "test.peek")
+
+    for fail in (False, True):
+        task = _dispatched("peek", ce=f"ce-{fail}", fail=fail)
+        assert _run(task) == ("failed" if fail else "completed")
+        assert seen["held"] == {f"ce:ce-{fail}": str(task.id), "vo:lhcb": str(task.id)}
+        assert not Lock.objects.exists(), "locks left behind after the run"
+
+
+# --- cancel and the heartbeat ----------------------------------------------------------------
+
+
+def _wait_until(condition: Callable[[], bool], *, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_execute__cancel_requested_while_running_ends_cancelled() -> None:
+    _celery("slow", "demo.sleep")
+    # Committed for real here: the push's fast path dispatches it (its message, which no worker
+    # reads, is purged at the end).
+    task = fresh(services.task_push(scheduler_id="slow", data={"seconds": 60}))
+    assert (task.status, task.attempts) == (S.DISPATCHED, 1)
+    outcome: dict[str, str] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = _run(task)
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        _wait_until(lambda: fresh(task).status == S.RUNNING)
+        services.task_cancel(task_id=task.id, actor="operator")
+    finally:
+        worker.join(timeout=20)
+        with contextlib.suppress(Exception):
+            app.control.purge()
+    assert not worker.is_alive(), "the handler did not stop after the cancel"
+
+    assert outcome == {"value": "failed"}
+    task = fresh(task)
+    assert task.status == S.CANCELLED
+    assert task.error.startswith("cancelled: ")
+    assert "cancel was requested" in history(task)[-1][2]
+
+
+def _running_task(scheduler_id: str, **data: Any) -> Task:
+    task = _dispatched(scheduler_id, **data)
+    return services.task_start(task_id=task.id, actor="test", attempt=task.attempts)
+
+
+@pytest.mark.django_db
+def test_heartbeat__extends_the_lease_and_the_locks(
+    frozen: TimeMachineFixture, settings: Any
+) -> None:
+    settings.WORKER_HEARTBEAT_SECONDS = 5
+    _celery("echo", "demo.echo")
+    task = _running_task("echo")
+    names = locks.acquire([MutexLock("x")], owner=str(task.id), ttl=timedelta(seconds=15))
+    frozen.shift(timedelta(seconds=10))
+
+    beat = execution.Heartbeat(task, names)
+    beat.beat()
+
+    assert fresh(task).lease_expires_at == T0 + timedelta(seconds=10 + 15)
+    assert Lock.objects.get(name="x").expires_at == T0 + timedelta(seconds=10 + 15)
+    assert not beat.cancelled.is_set()
+
+
+@pytest.mark.django_db
+def test_heartbeat__refused_after_a_cancel_request_flags_the_task() -> None:
+    _celery("echo", "demo.echo")
+    task = _running_task("echo")
+    services.task_cancel(task_id=task.id)
+
+    beat = execution.Heartbeat(task, [])
+    beat.beat()
+
+    assert beat.cancelled.is_set()
+    assert fresh(task).status == S.RUNNING  # cancelled when the handler reports
+
+
+# --- task_hand_back --------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_task_hand_back__running_task_back_to_the_queue_attempt_not_spent(
+    frozen: TimeMachineFixture,
+) -> None:
+    _celery("echo", "demo.echo")
+    task = _running_task("echo")
+
+    handed = services.task_hand_back(
+        task_id=task.id, reason="runner stopping", actor="r1", attempt=1
+    )
+
+    assert handed.status == S.QUEUED
+    task = fresh(task)
+    assert (task.status, task.attempts, task.lock_waits, task.worker) == (S.QUEUED, 0, 0, "")
+    assert (task.not_before, task.lease_expires_at) == (T0, None)
+    assert history(task)[-1] == (
+        S.RUNNING,
+        S.QUEUED,
+        "handed back, attempt not spent: runner stopping",
+    )
+
+
+@pytest.mark.django_db
+def test_task_hand_back__stale_attempt_is_refused() -> None:
+    _celery("echo", "demo.echo")
+    task = _running_task("echo")
+    before = snapshot()
+
+    with pytest.raises(TransitionRefused, match="not 2"):
+        services.task_hand_back(task_id=task.id, reason="x", attempt=2)
+
+    assert snapshot() == before
+
+
+@pytest.mark.django_db
+def test_task_hand_back__not_leased_is_refused() -> None:
+    _celery("echo", "demo.echo", paused=True)
+    task = services.task_push(scheduler_id="echo")
+    before = snapshot()
+
+    with pytest.raises(TransitionRefused, match="it is QUEUED"):
+        services.task_hand_back(task_id=task.id, reason="x")
+
+    assert snapshot() == before
+
+
+@pytest.mark.django_db
+def test_task_hand_back__cancel_requested_ends_cancelled() -> None:
+    _celery("echo", "demo.echo")
+    task = _running_task("echo")
+    services.task_cancel(task_id=task.id)
+
+    services.task_hand_back(task_id=task.id, reason="runner stopping", attempt=1)
+
+    task = fresh(task)
+    assert (task.status, task.lease_expires_at) == (S.CANCELLED, None)
+    assert "cancel was requested" in history(task)[-1][2]
+
+
+# --- POST /api/tasks/{id}/release/ -----------------------------------------------------------
+
+
+@pytest.fixture
+def leased(scheduler: Scheduler) -> Task:
+    services.task_push(scheduler_id=scheduler.id, data={"n": 1})
+    [popped] = services.task_pop(scheduler_id=scheduler.id, worker="runner")
+    return services.task_start(task_id=popped.id, actor="runner", attempt=1)
+
+
+@pytest.mark.django_db
+def test_release__runner_hands_its_task_back(runner_client: APIClient, leased: Task) -> None:
+    response = runner_client.post(
+        f"/api/tasks/{leased.id}/release/", {"attempt": 1, "reason": "r1 stopping"}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    assert (response.json()["status"], response.json()["attempts"]) == ("QUEUED", 0)
+    assert history(leased)[-1] == (
+        S.RUNNING,
+        S.QUEUED,
+        "handed back, attempt not spent: r1 stopping",
+    )
+    assert fresh(leased).events.last().actor == "runner"
+
+
+@pytest.mark.django_db
+def test_release__default_reason(runner_client: APIClient, leased: Task) -> None:
+    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {}, format="json")
+
+    assert response.status_code == 200
+    assert history(leased)[-1][2] == "handed back, attempt not spent: released by its runner"
+
+
+@pytest.mark.django_db
+def test_release__needs_the_runner_permission(leased: Task, anon_client: APIClient) -> None:
+    viewer = User.objects.create_user(username="viewer")
+    client = APIClient()
+    client.force_authenticate(viewer)
+    before = snapshot()
+
+    assert client.post(f"/api/tasks/{leased.id}/release/", {}, format="json").status_code == 403
+    assert (
+        anon_client.post(f"/api/tasks/{leased.id}/release/", {}, format="json").status_code == 401
+    )
+
+    assert snapshot() == before
+
+
+@pytest.mark.django_db
+def test_release__stale_attempt_is_409(runner_client: APIClient, leased: Task) -> None:
+    before = snapshot()
+
+    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {"attempt": 2}, format="json")
+
+    assert response.status_code == 409
+    assert response.json()["status"] == S.RUNNING
+    assert snapshot() == before
+
+
+@pytest.mark.django_db
+def test_release__not_leased_is_409(runner_client: APIClient, leased: Task) -> None:
+    services.task_complete(task_id=leased.id, result=1, attempt=1)
+    before = snapshot()
+
+    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {}, format="json")
+
+    assert response.status_code == 409
+    assert response.json()["status"] == S.COMPLETED
+    assert snapshot() == before
+
+
+@pytest.mark.django_db
+def test_release__cancel_requested_is_cancelled(runner_client: APIClient, leased: Task) -> None:
+    services.task_cancel(task_id=leased.id, actor="operator")
+
+    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {"attempt": 1}, format="json")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == S.CANCELLED
+    assert fresh(leased).status == S.CANCELLED
+
+
+# --- the reaper's policy for celery tasks ----------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_retry_spec_for__celery_task_follows_its_handler_pull_task_its_queue() -> None:
+    celery_queue = _celery("sleepy", "demo.sleep")
+    pull_queue = services.scheduler_create(id="pull", retry_policy="none", dead_letter=False)
+    celery_task = services.task_push(scheduler_id=celery_queue.id)
+    pull_task = services.task_push(scheduler_id=pull_queue.id)
+
+    assert services.retry_spec_for(fresh(celery_task)) == HANDLERS["demo.sleep"].retry
+    assert services.retry_spec_for(fresh(pull_task)) == RetrySpec.for_scheduler(pull_queue)
+    del HANDLERS["demo.sleep"]
+    assert services.retry_spec_for(fresh(celery_task)) == RetrySpec.for_scheduler(celery_queue)
+
+
+@pytest.mark.django_db
+def test_reaper__lost_celery_task_retries_by_its_handlers_policy(
+    frozen: TimeMachineFixture,
+) -> None:
+    _celery("sleepy", "demo.sleep", lease_seconds=60)
+    task = _running_task("sleepy", seconds=30)
+
+    for attempt in (1, 2, 3):
+        frozen.shift(timedelta(seconds=61))
+        assert services.tasks_reap_expired() == 1
+        task = fresh(task)
+        if attempt < 3:
+            assert (task.status, task.attempts) == (S.QUEUED, attempt)
+            assert task.not_before == timezone.now() + timedelta(seconds=1)
+            frozen.shift(timedelta(seconds=1))
+            assert dispatch.dispatch_scheduler("sleepy") == 1
+
+    assert (task.status, task.attempts) == (S.DEAD, 3)  # the handler dead-letters; the queue not
+    assert task.error == "lease expired (lost)"
