@@ -7,8 +7,12 @@ import os
 
 from celery import Celery
 from celery.signals import task_prerun
+from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
+
+# `filesystem://` means our atomic-put variant of kombu's transport (see kombu_filesystem).
+TRANSPORT_ALIASES["filesystem"] = "scheduler_site.kombu_filesystem:Transport"
 
 app = Celery("scheduler_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
