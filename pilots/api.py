@@ -6,7 +6,7 @@ from typing import Any
 
 import django_filters
 from django.db.models import Count, Q
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -23,6 +23,7 @@ from pilots.models import (
 )
 from pilots.serializers import (
     ComputeElementSerializer,
+    ComputeElementUpdateSerializer,
     PilotSerializer,
     SubmitSerializer,
     SummarySerializer,
@@ -51,9 +52,16 @@ class VOViewSet(
     http_method_names = ["get", "post", "patch", "head", "options"]
 
 
+@extend_schema_view(
+    partial_update=extend_schema(request=ComputeElementUpdateSerializer),
+    destroy=extend_schema(responses={204: None, 409: ERROR}),  # pilots on record
+)
 class ComputeElementViewSet(viewsets.ModelViewSet):
     queryset = ComputeElement.objects.prefetch_related("vos")
     serializer_class = ComputeElementSerializer
+    # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
+    # an update cannot change.
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     lookup_field = "name"
     lookup_value_regex = NAME_PATTERN
     action_permissions = {

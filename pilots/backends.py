@@ -8,15 +8,17 @@ pull runner is the natural pilot), tracked by pid and by an exit-code file its s
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from pilots.models import ComputeElement, PilotStatus, PilotSubmission
@@ -125,6 +127,38 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has exited
+
+
+# The options each backend reads from backend_settings, and what each must be.
+NUMBER_OPTIONS = {"simulated": ("start_after_seconds", "run_seconds"), "local": ()}
+TEXT_OPTIONS = {"simulated": (), "local": ("command",)}
+
+
+def _seconds(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def check_settings(backend: str, options: Any) -> None:
+    """Refuse backend_settings the backend could not use (at input, not at the first submit)."""
+    if not isinstance(options, dict):
+        raise ValidationError({"backend_settings": ["Must be a JSON object."]})
+    errors = [
+        f"{key}: must be a number of seconds, 0 or more."
+        for key in NUMBER_OPTIONS.get(backend, ())
+        if key in options and not _seconds(options[key])
+    ]
+    errors += [
+        f"{key}: must be a non-empty string."
+        for key in TEXT_OPTIONS.get(backend, ())
+        if key in options and not (isinstance(options[key], str) and options[key].strip())
+    ]
+    if errors:
+        raise ValidationError({"backend_settings": errors})
 
 
 def backend_for(ce: ComputeElement) -> PilotBackend:

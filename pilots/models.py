@@ -4,6 +4,7 @@ design, made real)."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
@@ -68,6 +69,19 @@ class ComputeElement(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # An edit (API, admin) moves modified_at; ce_set_status sets it in its own UPDATE.
+        if not self._state.adding:
+            self.modified_at = timezone.now()
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "modified_at"}
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        from pilots.backends import check_settings
+
+        check_settings(self.backend, self.backend_settings)
 
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in CE_TRANSITIONS.get(self.status, frozenset())

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.db.models import Q
+
 from pilots import services
-from pilots.models import VirtualOrganisation
+from pilots.models import ACTIVE_PILOT_STATUSES, VirtualOrganisation
 from tasks import services as task_services
 from tasks.exceptions import DuplicateTask
 from tasks.models import Scheduler
@@ -39,13 +41,15 @@ def ensure_queues(**_: Any) -> None:
 
 
 def start_cycle(cycle: str) -> list[str]:
-    """Queue the cycle's tasks; a VO whose previous run is still active is skipped (the hash)."""
+    """Queue the cycle's tasks, one per enabled VO (check_pilots: also per disabled VO that
+    still has active pilots) or one; a VO whose previous run is still active is skipped."""
     queue_id, _, vo_aware = CYCLES[cycle]
-    targets = (
-        list(VirtualOrganisation.objects.filter(enabled=True).values_list("name", flat=True))
-        if vo_aware
-        else [""]
-    )
+    vos = VirtualOrganisation.objects.filter(enabled=True)
+    if cycle == "check_pilots":
+        # A disabled VO's pilots hold their CE slots until they end: keep checking them.
+        active = Q(pilots__status__in=list(ACTIVE_PILOT_STATUSES))
+        vos = VirtualOrganisation.objects.filter(Q(enabled=True) | active).distinct()
+    targets = list(vos.values_list("name", flat=True)) if vo_aware else [""]
     queued = []
     for vo in targets:
         data = {"vo": vo} if vo_aware else {}

@@ -4,21 +4,24 @@ from typing import Any
 
 from rest_framework import serializers
 
-from pilots.models import ComputeElement, PilotReport, PilotSubmission, VirtualOrganisation
-from tasks.serializers import reject_nul
+from pilots.backends import check_settings
+from pilots.models import Backend, ComputeElement, PilotReport, PilotSubmission, VirtualOrganisation
+from scheduler_site.api_input import StrictTypes
+from tasks.serializers import JSONObjectField
 
 
-class VOSerializer(serializers.ModelSerializer):
+class VOSerializer(StrictTypes, serializers.ModelSerializer):
     class Meta:
         model = VirtualOrganisation
         fields = ["name", "enabled", "created_at"]
         read_only_fields = ["created_at"]
 
 
-class ComputeElementSerializer(serializers.ModelSerializer):
+class ComputeElementSerializer(StrictTypes, serializers.ModelSerializer):
     vos = serializers.SlugRelatedField(
         slug_field="name", many=True, queryset=VirtualOrganisation.objects.all(), required=False
     )
+    backend_settings = JSONObjectField(required=False)
     active_pilots = serializers.SerializerMethodField()
     free_slots = serializers.SerializerMethodField()
 
@@ -51,10 +54,19 @@ class ComputeElementSerializer(serializers.ModelSerializer):
             fields["name"].read_only = True
         return fields
 
-    def validate_backend_settings(self, value: Any) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("Must be a JSON object.")
-        return reject_nul(value)
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        def current(field: str, default: Any) -> Any:
+            return attrs.get(field, getattr(self.instance, field, default))
+
+        check_settings(current("backend", Backend.SIMULATED), current("backend_settings", {}))
+        return attrs
+
+
+class ComputeElementUpdateSerializer(ComputeElementSerializer):
+    """What a PATCH may change: all but the name."""
+
+    class Meta(ComputeElementSerializer.Meta):
+        read_only_fields = [*ComputeElementSerializer.Meta.read_only_fields, "name"]
 
 
 class PilotSerializer(serializers.ModelSerializer):
@@ -77,7 +89,7 @@ class PilotSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class SubmitSerializer(serializers.Serializer):
+class SubmitSerializer(StrictTypes):
     vo = serializers.CharField(max_length=100)
 
 

@@ -23,11 +23,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
-from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 
+from scheduler_site.permissions import Authenticated, TokenAuthentication
 from tasks.metrics import DISPATCH_SECONDS, POP_SECONDS, QUEUE_WAIT_SECONDS, TRANSITION_SECONDS
 
 
@@ -98,7 +98,7 @@ def _registry() -> CollectorRegistry:
 @extend_schema(exclude=True)  # Prometheus text, not part of the JSON API
 @api_view(["GET"])
 @authentication_classes([TokenAuthentication, SessionAuthentication])
-@permission_classes([IsAuthenticated])
+@permission_classes([Authenticated])
 def metrics_view(request: Request) -> HttpResponse:
     """Prometheus text format. Authenticated like the API (Prometheus: `authorization:
     {type: Token, credentials: <key>}`)."""

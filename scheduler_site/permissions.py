@@ -1,9 +1,49 @@
+"""Who may call the API, and the throttling of those who may not.
+
+DRF checks throttles after authentication and permissions, so a request with no or a bad token
+would get its 401 before the anonymous rate could apply: token guessing would never be slowed.
+Here such a request counts against the anonymous rate first (429 with Retry-After beyond it).
+"""
+
 from __future__ import annotations
 
 from typing import Any
 
-from rest_framework.permissions import DjangoModelPermissions
+from rest_framework import authentication
+from rest_framework.exceptions import AuthenticationFailed, Throttled
+from rest_framework.permissions import DjangoModelPermissions, IsAuthenticated
 from rest_framework.request import Request
+from rest_framework.throttling import AnonRateThrottle
+
+
+def throttle_anonymous(request: Request) -> None:
+    """Count a request without valid credentials against the anonymous rate."""
+    throttle = AnonRateThrottle()
+    # The Django request: its user is the session's (anonymous here), and DRF's request.user
+    # may be what is being worked out.
+    if not throttle.allow_request(request._request, None):
+        raise Throttled(wait=throttle.wait())
+
+
+class TokenAuthentication(authentication.TokenAuthentication):
+    """DRF's token authentication; an unknown or inactive token is throttled as anonymous."""
+
+    def authenticate(self, request: Request) -> Any:
+        try:
+            return super().authenticate(request)
+        except AuthenticationFailed:
+            throttle_anonymous(request)
+            raise
+
+
+class Authenticated(IsAuthenticated):
+    """Any account (metrics, schema, docs); anonymous requests are throttled, then refused."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        if super().has_permission(request, view):
+            return True
+        throttle_anonymous(request)
+        return False
 
 
 class ModelActionPermissions(DjangoModelPermissions):
@@ -22,6 +62,7 @@ class ModelActionPermissions(DjangoModelPermissions):
 
     def has_permission(self, request: Request, view: Any) -> bool:
         if not request.user or not request.user.is_authenticated:
+            throttle_anonymous(request)
             return False
         required = getattr(view, "action_permissions", {}).get(getattr(view, "action", None))
         if required is not None:

@@ -20,6 +20,8 @@ router.register("vos", VOViewSet, basename="vo")
 router.register("compute-elements", ComputeElementViewSet, basename="compute-element")
 router.register("pilots", PilotViewSet, basename="pilot")
 
+handler404 = "scheduler_site.api_errors.not_found"
+
 urlpatterns = [
     path("", dashboard, name="dashboard"),
     path("admin/", admin.site.urls),

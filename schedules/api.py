@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import uuid
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
-from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scheduler_site.api_input import CursorPagination
 from schedules import services
 from schedules.filters import ScheduleFilter
 from schedules.models import Schedule
-from schedules.serializers import ScheduleSerializer
+from schedules.serializers import ScheduleSerializer, ScheduleUpdateSerializer
 from tasks.api import UUID_PATTERN
 from tasks.serializers import TaskSerializer
 
@@ -27,14 +27,15 @@ def _actor(request: Request) -> str:
 
 class ScheduleCursorPagination(CursorPagination):
     ordering = ("-created_at", "-id")
-    page_size = 100
-    page_size_query_param = "page_size"
-    max_page_size = 1000
 
 
+@extend_schema_view(partial_update=extend_schema(request=ScheduleUpdateSerializer))
 class ScheduleViewSet(viewsets.ModelViewSet):
     queryset = Schedule.objects.all()
     serializer_class = ScheduleSerializer
+    # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
+    # an update cannot change.
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     filterset_class = ScheduleFilter
     pagination_class = ScheduleCursorPagination
     lookup_value_regex = UUID_PATTERN  # anything uuid.UUID() refuses is a 404, not a 500

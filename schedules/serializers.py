@@ -4,15 +4,17 @@ from typing import Any
 
 from rest_framework import serializers
 
+from scheduler_site.api_input import StrictTypes
 from schedules import timing
 from schedules.models import Schedule
 from tasks.models import Scheduler
-from tasks.serializers import reject_nul
+from tasks.serializers import JSONObjectField
 
 
-class ScheduleSerializer(serializers.ModelSerializer):
+class ScheduleSerializer(StrictTypes, serializers.ModelSerializer):
     scheduler = serializers.SlugRelatedField(slug_field="id", queryset=Scheduler.objects.all())
     cron_description = serializers.SerializerMethodField()
+    data = JSONObjectField(required=False)
 
     class Meta:
         model = Schedule
@@ -59,11 +61,6 @@ class ScheduleSerializer(serializers.ModelSerializer):
             fields["scheduler"].read_only = True  # moving a schedule to another queue: recreate
         return fields
 
-    def validate_data(self, value: Any) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("Must be a JSON object.")
-        return reject_nul(value)
-
     def validate_timezone(self, value: str) -> str:
         try:
             timing.zone(value)
@@ -79,3 +76,9 @@ class ScheduleSerializer(serializers.ModelSerializer):
             except timing.TimingError as exc:
                 raise serializers.ValidationError(exc.message) from None
         return value
+
+
+class ScheduleUpdateSerializer(ScheduleSerializer):
+    """What a PATCH may change: all but the scheduler."""
+
+    scheduler = serializers.SlugRelatedField(slug_field="id", read_only=True)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scheduler_site.api_input import CursorPagination
 from tasks import selectors, services
 from tasks.filters import TaskFilter
 from tasks.models import Scheduler, Task
@@ -20,6 +25,7 @@ from tasks.serializers import (
     PopSerializer,
     ReleaseSerializer,
     SchedulerSerializer,
+    SchedulerUpdateSerializer,
     StatsQuerySerializer,
     StatsRowSerializer,
     TaskEventSerializer,
@@ -43,14 +49,18 @@ def _actor(request: Request) -> str:
 class TaskCursorPagination(CursorPagination):
     # Cursor paging needs no COUNT(*), so listing stays cheap on a table of millions.
     ordering = ("-created_at", "-id")
-    page_size = 100
-    page_size_query_param = "page_size"
-    max_page_size = 1000
 
 
+@extend_schema_view(
+    partial_update=extend_schema(request=SchedulerUpdateSerializer),
+    destroy=extend_schema(responses={204: None, 409: ERROR}),  # while tasks are active
+)
 class SchedulerViewSet(viewsets.ModelViewSet):
     queryset = Scheduler.objects.all()
     serializer_class = SchedulerSerializer
+    # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
+    # an update cannot change.
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     lookup_value_regex = r"[a-z0-9][a-z0-9_-]{0,63}"
     action_permissions = {
         "pause": ["tasks.change_scheduler"],

@@ -4,8 +4,10 @@ import re
 from typing import Any
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from scheduler_site.api_input import QuerySerializer, StrictTypes
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
@@ -29,7 +31,20 @@ def reject_nul(value: Any) -> Any:
     return value
 
 
-class SchedulerSerializer(serializers.ModelSerializer):
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class JSONObjectField(serializers.JSONField):
+    """A JSON object, with no NUL character anywhere in it."""
+
+    default_error_messages = {"not_an_object": "Must be a JSON object."}
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        value = super().to_internal_value(data)
+        if not isinstance(value, dict):
+            self.fail("not_an_object")
+        return reject_nul(value)
+
+
+class SchedulerSerializer(StrictTypes, serializers.ModelSerializer):
     counts = serializers.SerializerMethodField(help_text="Tasks per status.")
 
     class Meta:
@@ -69,6 +84,13 @@ class SchedulerSerializer(serializers.ModelSerializer):
     # Scheduler.clean(), which the services run, so the API, admin and CLI share them.
 
 
+class SchedulerUpdateSerializer(SchedulerSerializer):
+    """What a PATCH may change: all but the id."""
+
+    class Meta(SchedulerSerializer.Meta):
+        read_only_fields = [*SchedulerSerializer.Meta.read_only_fields, "id"]
+
+
 class TaskSerializer(serializers.ModelSerializer):
     class Meta:
         model = Task
@@ -93,35 +115,49 @@ class TaskSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class TaskPushSerializer(serializers.Serializer):
-    data = serializers.JSONField(required=False, default=dict)
+class TaskPushSerializer(StrictTypes):
+    data = JSONObjectField(required=False, default=dict)
     priority = serializers.IntegerField(
         required=False, default=0, min_value=-(2**31), max_value=2**31 - 1
     )
     hash = serializers.CharField(required=False, allow_null=True, max_length=64, default=None)
     not_before = serializers.DateTimeField(required=False, allow_null=True, default=None)
 
-    def validate_data(self, value: Any) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("Must be a JSON object.")
-        return reject_nul(value)
+
+_SCALAR_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+MAX_POP_FILTERS = 10
 
 
-class PopSerializer(serializers.Serializer):
+# The schema of what validate_filters accepts, but the keys' pattern (OpenAPI 3.0 cannot
+# state it; the help text does).
+@extend_schema_field(
+    {
+        "type": "object",
+        "maxProperties": MAX_POP_FILTERS,
+        "additionalProperties": {
+            "anyOf": [_SCALAR_SCHEMA, {"type": "array", "minItems": 1, "items": _SCALAR_SCHEMA}]
+        },
+    }
+)
+class PopFiltersField(serializers.DictField):
+    child = serializers.JSONField()
+
+
+class PopSerializer(StrictTypes):
     limit = serializers.IntegerField(
         required=False, default=1, min_value=1, max_value=settings.TASK_POP_MAX_LIMIT
     )
-    filters = serializers.DictField(
+    filters = PopFiltersField(
         required=False,
         default=dict,
-        child=serializers.JSONField(),
         help_text='Equality on keys of data, dotted for nesting: {"org": "acme", "boefje.id": '
-        '"dns"}; a list means one of.',
+        f'"dns"}}; a list means one of. At most {MAX_POP_FILTERS}; a key is up to 5 '
+        "dot-separated parts of letters, digits, '_' and '-'.",
     )
 
     def validate_filters(self, value: dict[str, Any]) -> dict[str, Any]:
-        if len(value) > 10:
-            raise serializers.ValidationError("At most 10 filters.")
+        if len(value) > MAX_POP_FILTERS:
+            raise serializers.ValidationError(f"At most {MAX_POP_FILTERS} filters.")
         for key, wanted in value.items():
             if not _FILTER_KEY.match(key):
                 raise serializers.ValidationError(
@@ -133,10 +169,12 @@ class PopSerializer(serializers.Serializer):
                     f"{key!r}: the value must be a string, number, boolean or a non-empty list "
                     "of them."
                 )
-        return value
+        return reject_nul(value)
 
 
-class TaskReportSerializer(serializers.Serializer):
+class TaskReportSerializer(StrictTypes):
+    patch_is_partial = False  # a complete report, sent with PATCH (scheduler_site.schema)
+
     status = serializers.ChoiceField(
         choices=[TaskStatus.RUNNING, TaskStatus.COMPLETED, TaskStatus.FAILED]
     )
@@ -153,12 +191,12 @@ class TaskReportSerializer(serializers.Serializer):
     )
 
 
-class HeartbeatSerializer(serializers.Serializer):
+class HeartbeatSerializer(StrictTypes):
     attempt = serializers.IntegerField(required=False, min_value=1)
     lease_seconds = serializers.IntegerField(required=False, min_value=1, max_value=86400)
 
 
-class ReleaseSerializer(serializers.Serializer):
+class ReleaseSerializer(StrictTypes):
     attempt = serializers.IntegerField(required=False, min_value=1)
     reason = serializers.CharField(
         required=False, default="released by its runner", max_length=500, validators=[reject_nul]
@@ -171,9 +209,11 @@ class TaskEventSerializer(serializers.ModelSerializer):
         fields = ["id", "from_status", "to_status", "at", "actor", "note"]
 
 
-class StatsQuerySerializer(serializers.Serializer):
+class StatsQuerySerializer(QuerySerializer):
     # source: the selector takes scheduler_id.
-    scheduler = serializers.CharField(required=False, max_length=64, source="scheduler_id")
+    scheduler = serializers.CharField(
+        required=False, max_length=64, source="scheduler_id", trim_whitespace=False
+    )
     hours = serializers.IntegerField(required=False, default=24, min_value=1, max_value=24 * 31)
 
 

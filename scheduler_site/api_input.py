@@ -1,0 +1,192 @@
+"""Input of the API, strict: a value of the wrong type or shape is a 400 naming it.
+
+Query parameters: DRF's paginators replace a limit, offset or page size they cannot read with
+their default, and django-filter and DRF serializers take a parameter given empty
+(`?created_after=`) as not given: a script that builds `?created_after=$SINCE` with SINCE unset
+would list everything. Here each is refused instead, and the schema states the bounds.
+
+JSON bodies: DRF coerces scalars (`"7"` or `7.0` for 7, `0` for false, `5` for "5") and takes
+any iterable for a list (`{"lhcb": 1}` as `["lhcb"]`). StrictTypes refuses what is not the
+JSON type the schema states.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
+from django_filters import utils as filter_utils
+from django_filters.rest_framework import DjangoFilterBackend
+from rest_framework import pagination, serializers
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.request import Request
+
+_DIGITS = re.compile(r"[0-9]{1,10}")
+MAX_OFFSET = 2**31 - 1
+EMPTY_MESSAGE = "Must not be empty; leave the parameter out instead."
+
+
+def query_int(
+    request: Request, name: str, *, default: int, minimum: int, maximum: int | None = None
+) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = int(raw) if _DIGITS.fullmatch(raw) else None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bounds = f"from {minimum} to {maximum}" if maximum is not None else f"≥ {minimum}"
+        raise ValidationError({name: [f"Must be an integer {bounds}."]})
+    return value
+
+
+def _with_bounds(
+    parameters: list[dict[str, Any]], bounds: dict[str, dict[str, int]]
+) -> list[dict[str, Any]]:
+    for parameter in parameters:
+        if parameter["name"] in bounds:
+            parameter["schema"] = {**parameter["schema"], **bounds[parameter["name"]]}
+    return parameters
+
+
+class LimitOffsetPagination(pagination.LimitOffsetPagination):
+    max_limit = 1000
+
+    def get_limit(self, request: Request) -> int:
+        return query_int(
+            request,
+            self.limit_query_param,
+            default=self.default_limit,
+            minimum=1,
+            maximum=self.max_limit,
+        )
+
+    def get_offset(self, request: Request) -> int:
+        return query_int(request, self.offset_query_param, default=0, minimum=0, maximum=MAX_OFFSET)
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        return _with_bounds(
+            super().get_schema_operation_parameters(view),
+            {
+                self.limit_query_param: {"minimum": 1, "maximum": self.max_limit},
+                self.offset_query_param: {"minimum": 0, "maximum": MAX_OFFSET},
+            },
+        )
+
+
+class CursorPagination(pagination.CursorPagination):
+    """Cursor paging (no COUNT(*)); an unreadable cursor stays DRF's 404 "Invalid cursor"."""
+
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+    def paginate_queryset(self, queryset: QuerySet, request: Request, view: Any = None) -> Any:
+        try:
+            return super().paginate_queryset(queryset, request, view)
+        except DjangoValidationError:
+            # A cursor that decodes, but to a position the ordering field cannot hold.
+            raise NotFound(self.invalid_cursor_message) from None
+
+    def get_page_size(self, request: Request) -> int:
+        return query_int(
+            request,
+            self.page_size_query_param,
+            default=self.page_size,
+            minimum=1,
+            maximum=self.max_page_size,
+        )
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        return _with_bounds(
+            super().get_schema_operation_parameters(view),
+            {self.page_size_query_param: {"minimum": 1, "maximum": self.max_page_size}},
+        )
+
+
+def refuse_empty(query: Any, names: Any) -> None:
+    """400 for each of `names` given in the query string with an empty value."""
+    empty = sorted(name for name in names if name in query and "" in query.getlist(name))
+    if empty:
+        raise ValidationError({name: [EMPTY_MESSAGE] for name in empty})
+
+
+class FilterBackend(DjangoFilterBackend):
+    """django-filter's backend; a filter given empty is refused rather than ignored, and a
+    time is compared in UTC (PostgreSQL refuses offsets beyond ±15:59, which ISO 8601 allows)."""
+
+    def filter_queryset(self, request: Request, queryset: QuerySet, view: Any) -> QuerySet:
+        filterset = self.get_filterset(request, queryset, view)
+        if filterset is None:
+            return queryset
+        refuse_empty(request.query_params, filterset.filters)
+        if not filterset.is_valid():
+            raise filter_utils.translate_validation(filterset.errors)
+        cleaned = filterset.form.cleaned_data
+        for name, value in cleaned.items():
+            if isinstance(value, datetime) and value.tzinfo is not None:
+                try:
+                    cleaned[name] = value.astimezone(UTC)
+                except OverflowError:
+                    raise ValidationError({name: ["Out of range."]}) from None
+        return filterset.qs
+
+
+class QuerySerializer(serializers.Serializer):
+    """A serializer of query parameters; a parameter given empty is refused, not ignored."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if hasattr(data, "getlist"):
+            refuse_empty(data, self.fields)
+        return super().to_internal_value(data)
+
+
+def _wrong_type(field: serializers.Field, value: Any) -> str | None:
+    if value is None:
+        return None  # allow_null is the field's own business
+    if isinstance(
+        field,
+        serializers.ListField | serializers.ManyRelatedField | serializers.MultipleChoiceField,
+    ):
+        return None if isinstance(value, list) else "Must be a list."
+    if isinstance(field, serializers.BooleanField):
+        return None if isinstance(value, bool) else "Must be true or false."
+    if isinstance(field, serializers.IntegerField):
+        return (
+            None
+            if isinstance(value, int) and not isinstance(value, bool)
+            else "Must be an integer."
+        )
+    if isinstance(field, serializers.FloatField | serializers.DecimalField):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else "Must be a number."
+    string_fields = (
+        serializers.CharField,
+        serializers.ChoiceField,
+        serializers.DateTimeField,
+        serializers.UUIDField,
+        serializers.SlugRelatedField,
+    )
+    if isinstance(field, string_fields):
+        return None if isinstance(value, str) else "Must be a string."
+    return None
+
+
+class StrictTypes(serializers.Serializer):
+    """Refuses a JSON value whose type is not the field's, before DRF would coerce it."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            errors = {
+                name: [message]
+                for name, field in self.fields.items()
+                if not field.read_only
+                and name in data
+                and (message := _wrong_type(field, data[name])) is not None
+            }
+            if errors:
+                raise ValidationError(errors)
+        return super().to_internal_value(data)

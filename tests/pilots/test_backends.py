@@ -1,0 +1,243 @@
+"""CE backends: the simulated one (seeded, reliability-driven, time-driven) and the local one
+(real processes, tracked by pid and by the exit code their shell records)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pytest_django.fixtures import Settings
+from time_machine import TimeMachineFixture
+
+from pilots.backends import (
+    LocalBackend,
+    PilotNews,
+    SimulatedBackend,
+    SubmitError,
+    backend_for,
+)
+from pilots.models import ComputeElement, PilotStatus, PilotSubmission
+from tests.pilots.helpers import T0
+
+P = PilotStatus
+PILOT_IDS = [uuid.UUID(int=n * 7919 + 1) for n in range(200)]
+
+
+def _ce(reliability: float = 0.5, backend: str = "simulated", **options: object) -> ComputeElement:
+    return ComputeElement(
+        name="ce-x", reliability=reliability, backend=backend, backend_settings=options
+    )
+
+
+def _pilot(pilot_id: uuid.UUID | None = None, **fields: object) -> PilotSubmission:
+    return PilotSubmission(id=pilot_id or uuid.uuid4(), **fields)
+
+
+def _submits(backend: SimulatedBackend, pilot: PilotSubmission) -> bool:
+    try:
+        external_id = backend.submit(pilot)
+    except SubmitError as exc:
+        assert str(exc) == "simulated submission refused by the CE"
+        return False
+    assert external_id == f"sim-{pilot.id.hex[:12]}"
+    return True
+
+
+# --- simulated -------------------------------------------------------------------------------
+
+
+def test_backend_for__picks_by_the_ce_backend() -> None:
+    assert isinstance(backend_for(_ce(backend="simulated")), SimulatedBackend)
+    assert isinstance(backend_for(_ce(backend="local")), LocalBackend)
+
+
+def test_simulated_submit__same_seed_and_pilot_same_outcome() -> None:
+    pilots = [_pilot(pilot_id) for pilot_id in PILOT_IDS]
+
+    first = [_submits(SimulatedBackend(_ce(seed="s1")), p) for p in pilots]
+    again = [_submits(SimulatedBackend(_ce(seed="s1")), p) for p in pilots]
+    other_seed = [_submits(SimulatedBackend(_ce(seed="s2")), p) for p in pilots]
+
+    assert first == again
+    assert first != other_seed
+    # reliability 0.5 over 200 pilots: both outcomes happen, in roughly equal numbers
+    assert 60 < sum(first) < 140
+
+
+def test_simulated_submit__seed_defaults_to_the_setting(settings: Settings) -> None:
+    pilots = [_pilot(pilot_id) for pilot_id in PILOT_IDS]
+    explicit = [_submits(SimulatedBackend(_ce(seed="from-settings")), p) for p in pilots]
+
+    settings.PILOT_SIMULATION_SEED = "from-settings"
+    default = [_submits(SimulatedBackend(_ce()), p) for p in pilots]
+    settings.PILOT_SIMULATION_SEED = "something-else"
+    changed = [_submits(SimulatedBackend(_ce()), p) for p in pilots]
+
+    assert default == explicit
+    assert changed != explicit
+
+
+def test_simulated_outcome__reproducible_per_seed_and_pilot(clock: TimeMachineFixture) -> None:
+    pilots = [
+        _pilot(pilot_id, submitted_at=T0, external_id=f"ext-{n}")
+        for n, pilot_id in enumerate(PILOT_IDS)
+    ]
+    clock.move_to(T0 + timedelta(seconds=60), tick=False)
+
+    first = SimulatedBackend(_ce(seed="s1", start_after_seconds=1, run_seconds=1)).status(pilots)
+    again = SimulatedBackend(_ce(seed="s1", start_after_seconds=1, run_seconds=1)).status(pilots)
+    other = SimulatedBackend(_ce(seed="s2", start_after_seconds=1, run_seconds=1)).status(pilots)
+
+    assert first == again
+    assert first != other
+    assert {news.status for news in first.values()} == {P.DONE, P.FAILED}
+
+
+def test_simulated_submit__reliability_1_always_succeeds_0_always_fails() -> None:
+    pilots = [_pilot(pilot_id) for pilot_id in PILOT_IDS]
+
+    assert all(_submits(SimulatedBackend(_ce(reliability=1.0)), p) for p in pilots)
+    assert not any(_submits(SimulatedBackend(_ce(reliability=0.0)), p) for p in pilots)
+
+
+def test_simulated_status__progresses_with_time(clock: TimeMachineFixture) -> None:
+    backend = SimulatedBackend(_ce(reliability=1.0, start_after_seconds=10, run_seconds=30))
+    pilot = _pilot(submitted_at=T0, external_id="sim-1")
+
+    def at(seconds: float) -> dict[str, PilotNews]:
+        clock.move_to(T0 + timedelta(seconds=seconds), tick=False)
+        return backend.status([pilot])
+
+    assert at(0) == {}
+    assert at(9.9) == {}  # still in the CE's queue: no news
+    assert at(10) == {"sim-1": PilotNews(P.RUNNING)}
+    assert at(39.9) == {"sim-1": PilotNews(P.RUNNING)}
+    assert at(40) == {"sim-1": PilotNews(P.DONE)}
+    assert at(4000) == {"sim-1": PilotNews(P.DONE)}
+
+
+def test_simulated_status__reliability_0_ends_failed(clock: TimeMachineFixture) -> None:
+    backend = SimulatedBackend(_ce(reliability=0.0, start_after_seconds=10, run_seconds=30))
+    pilots = [_pilot(pid, submitted_at=T0, external_id=f"e{n}") for n, pid in enumerate(PILOT_IDS)]
+
+    clock.move_to(T0 + timedelta(seconds=20), tick=False)
+    assert {news.status for news in backend.status(pilots).values()} == {P.RUNNING}
+    clock.move_to(T0 + timedelta(seconds=40), tick=False)
+    news = backend.status(pilots)
+
+    assert len(news) == len(pilots)
+    assert set(news.values()) == {PilotNews(P.FAILED, "simulated pilot failure")}
+
+
+def test_simulated_status__default_timing_is_5s_queue_then_20s_run(
+    clock: TimeMachineFixture,
+) -> None:
+    backend = SimulatedBackend(_ce(reliability=1.0))
+    pilot = _pilot(submitted_at=T0, external_id="sim-1")
+
+    for seconds, expected in [(4, None), (5, P.RUNNING), (24, P.RUNNING), (25, P.DONE)]:
+        clock.move_to(T0 + timedelta(seconds=seconds), tick=False)
+        news = backend.status([pilot]).get("sim-1")
+        assert (news.status if news else None) == expected, seconds
+
+
+# --- local -----------------------------------------------------------------------------------
+
+
+def _local(command: str) -> tuple[LocalBackend, PilotSubmission]:
+    ce = _ce(backend="local", command=command)
+    return LocalBackend(ce), _pilot()
+
+
+def _poll_until_final(backend: LocalBackend, pilot: PilotSubmission) -> PilotNews:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        news = backend.status([pilot]).get(pilot.external_id)
+        assert news is not None, "a live or finished local pilot always has news"
+        if news.status != P.RUNNING:
+            return news
+        time.sleep(0.05)
+    raise AssertionError("the local pilot did not finish in 20 s")
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _pid(pilot: PilotSubmission) -> int:
+    token, _, pid = pilot.external_id.partition(":")
+    assert token == pilot.id.hex
+    assert pid.isdigit()
+    return int(pid)
+
+
+# Each pilot sleeps half a second first, so the test sees it RUNNING before it ends.
+SLEEP_THEN = "python3 -c 'import sys, time; time.sleep(0.5); sys.exit({code})'"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(0, PilotNews(P.DONE)), (3, PilotNews(P.FAILED, "pilot process exited with 3"))],
+)
+def test_local__real_process_runs_then_reports_its_exit_code(
+    var_dir: Path, code: int, expected: PilotNews
+) -> None:
+    backend, pilot = _local(SLEEP_THEN.format(code=code))
+
+    pilot.external_id = backend.submit(pilot)
+    pid = _pid(pilot)
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    running = backend.status([pilot])
+
+    assert running == {pilot.external_id: PilotNews(P.RUNNING)}
+    assert f"PILOT_ID={pilot.id}".encode() in environ
+    assert _poll_until_final(backend, pilot) == expected
+    assert (var_dir / "pilots" / f"{pilot.id.hex}.exit").read_text().strip() == str(code)
+    _reap(pid)
+
+
+def test_local__immediate_exit_is_seen_done(var_dir: Path) -> None:
+    backend, pilot = _local("python3 -c 'import sys; sys.exit(0)'")
+
+    pilot.external_id = backend.submit(pilot)
+
+    assert _poll_until_final(backend, pilot) == PilotNews(P.DONE)
+    _reap(_pid(pilot))
+
+
+def test_local__killed_process_gives_no_news(var_dir: Path) -> None:
+    backend, pilot = _local(SLEEP_THEN.replace("0.5", "60").format(code=0))
+    pilot.external_id = backend.submit(pilot)
+    pid = _pid(pilot)
+    assert backend.status([pilot]) == {pilot.external_id: PilotNews(P.RUNNING)}
+
+    os.killpg(pid, signal.SIGKILL)  # no exit code is written; the shell is a zombie until reaped
+    deadline = time.monotonic() + 10
+    while backend.status([pilot]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert backend.status([pilot]) == {}
+    _reap(pid)
+    assert backend.status([pilot]) == {}
+
+
+def test_local__unknown_pid_and_no_exit_file_give_no_news(var_dir: Path) -> None:
+    backend, pilot = _local("true")
+    pilot.external_id = f"{pilot.id.hex}:999999999"
+    bad = _pilot(external_id="garbage")
+
+    assert backend.status([pilot, bad]) == {}
+
+
+def test_local__default_command_is_a_short_sleep(var_dir: Path) -> None:
+    backend = LocalBackend(_ce(backend="local"))
+
+    assert "sleep(5)" in backend.command
+    assert backend.folder == var_dir / "pilots"
