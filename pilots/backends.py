@@ -109,6 +109,10 @@ class LocalBackend:
         for pilot in pilots:
             token, _, pid = pilot.external_id.partition(":")
             exit_file = self._exit_file(token)
+            # Liveness first, then the file: the shell writes the file before it exits, so a
+            # process found dead has left its file. The other order missed a pilot that wrote
+            # its file and exited between the two checks.
+            alive = pid.isdigit() and _alive(int(pid))
             if exit_file.exists():
                 code = exit_file.read_text().strip()
                 news[pilot.external_id] = (
@@ -116,7 +120,7 @@ class LocalBackend:
                     if code == "0"
                     else PilotNews(PilotStatus.FAILED, f"pilot process exited with {code}")
                 )
-            elif pid.isdigit() and _alive(int(pid)):
+            elif alive:
                 news[pilot.external_id] = PilotNews(PilotStatus.RUNNING)
         return news
 
