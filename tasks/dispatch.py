@@ -107,8 +107,14 @@ def dispatch_all() -> dict[str, int]:
     return {scheduler_id: dispatch_scheduler(scheduler_id) for scheduler_id in ids}
 
 
-def on_queued(scheduler_id: str) -> None:
-    """Fast path after a push commits. Never raises: the periodic dispatcher is the safety net."""
+def on_queued(scheduler: Scheduler) -> None:
+    """Fast path after tasks of a queue are QUEUED: pull and paused queues cost nothing here."""
+    if scheduler.kind == SchedulerKind.CELERY and not scheduler.paused:
+        _dispatch_quietly(scheduler.id)
+
+
+def _dispatch_quietly(scheduler_id: str) -> None:
+    """Never raises: the periodic dispatcher is the safety net."""
     try:
         dispatch_scheduler(scheduler_id)
     except Exception:
@@ -133,7 +139,7 @@ def refill_after_run(task_id: str) -> None:
         scheduler_id=row["scheduler_id"], status=TaskStatus.DISPATCHED
     ).count()
     if threshold - in_broker >= max(1, threshold // 2):
-        on_queued(row["scheduler_id"])
+        _dispatch_quietly(row["scheduler_id"])
 
 
 def connect() -> None:

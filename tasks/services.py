@@ -40,7 +40,7 @@ DISPATCHER = "dispatcher"
 
 # Hooks run on commit: after tasks of a scheduler become QUEUED (the Celery dispatch fast path),
 # and after a task completes (adaptive schedule intervals). Apps register them in ready().
-on_queued_hooks: list[Callable[[str], None]] = []
+on_queued_hooks: list[Callable[[Scheduler], None]] = []
 on_completed_hooks: list[Callable[[Task], None]] = []
 
 
@@ -62,9 +62,11 @@ def _get_task(task_id: uuid.UUID) -> Task:
         raise TaskNotFound(f"Task {task_id} does not exist.") from None
 
 
-def notify_queued(scheduler_id: str) -> None:
+def notify_queued(scheduler: Scheduler) -> None:
+    """After commit, tell the hooks that `scheduler` has new QUEUED tasks. They get the row the
+    caller already holds, so a hook that only cares about some queues needs no query."""
     for hook in on_queued_hooks:
-        transaction.on_commit(lambda hook=hook: hook(scheduler_id))
+        transaction.on_commit(lambda hook=hook: hook(scheduler))
 
 
 def transition(
@@ -137,7 +139,7 @@ def scheduler_set_paused(*, scheduler_id: str, paused: bool, actor: str = "") ->
                 "scheduler %s %s by %s", scheduler_id, "paused" if paused else "resumed", actor
             )
     if not paused:
-        notify_queued(scheduler_id)
+        notify_queued(scheduler)
     return scheduler
 
 
@@ -192,7 +194,7 @@ def task_push(
         except IntegrityError:
             raise _duplicate_of(scheduler_id, hash) from None
         queue.record_events([task], from_status="", actor=actor, note="pushed", at=now)
-        notify_queued(scheduler_id)
+        notify_queued(scheduler)
     return task
 
 
@@ -393,7 +395,7 @@ def _fail_attempt(
         task, to_status=to_status, actor=actor, note=note, values=values, fence_attempts=True
     )
     if to_status == TaskStatus.QUEUED:
-        notify_queued(task.scheduler_id)
+        notify_queued(task.scheduler)
     return updated
 
 
@@ -499,7 +501,7 @@ def task_hand_back(
         fence_attempts=True,
     )
     if notify:
-        notify_queued(task.scheduler_id)
+        notify_queued(task.scheduler)
     return handed
 
 
@@ -552,7 +554,7 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
             )
     except IntegrityError:
         raise _duplicate_of(task.scheduler_id, task.hash) from None
-    notify_queued(task.scheduler_id)
+    notify_queued(task.scheduler)
     return updated
 
 

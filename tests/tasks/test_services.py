@@ -154,12 +154,12 @@ def test_task_push__unknown_scheduler() -> None:
 def test_task_push__runs_on_queued_hooks_after_commit(
     push: Push, monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any
 ) -> None:
-    seen: list[str] = []
+    seen: list[Scheduler] = []
     monkeypatch.setattr(services, "on_queued_hooks", [seen.append])
     with django_capture_on_commit_callbacks(execute=True):
         push()
         assert seen == []
-    assert seen == ["boefje"]
+    assert [scheduler.id for scheduler in seen] == ["boefje"]
 
 
 # --- pop -------------------------------------------------------------------------------------
