@@ -155,6 +155,16 @@ def _local(command: str) -> tuple[LocalBackend, PilotSubmission]:
     return LocalBackend(ce), _pilot()
 
 
+def _environ_after_exec(pid: int) -> list[bytes]:
+    """The pilot's environment once it has exec'd (just after fork it reads empty)."""
+    deadline = time.monotonic() + 5
+    while True:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        if environ or time.monotonic() > deadline:
+            return environ.split(b"\0")
+        time.sleep(0.01)
+
+
 def _poll_until_final(backend: LocalBackend, pilot: PilotSubmission) -> PilotNews:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -193,7 +203,7 @@ def test_local__real_process_runs_then_reports_its_exit_code(
 
     pilot.external_id = backend.submit(pilot)
     pid = _pid(pilot)
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    environ = _environ_after_exec(pid)
     running = backend.status([pilot])
 
     assert running == {pilot.external_id: PilotNews(P.RUNNING)}
