@@ -67,27 +67,33 @@ def dispatch_scheduler(scheduler_id: str) -> int:
 
 
 def _send(tasks: Sequence[Task], handler_name: str) -> None:
+    from scheduler_site.celery import app
     from tasks.jobs import run_task
 
     handler = HANDLERS.get(handler_name)
     options = {}
     if handler is not None:
         options = {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
-    for index, task in enumerate(tasks):
-        try:
-            run_task.apply_async(args=[str(task.id), task.attempts], **options)
-        except Exception as exc:  # the broker is outside our control: hand back, not lose
-            # One failure is enough to know: hand back the rest without waiting out a connect
-            # timeout for each; the periodic dispatcher sends them when the broker is back.
-            unsent = tasks[index:]
-            logger.warning("broker unavailable (%s): handing back %d tasks", exc, len(unsent))
-            for left in unsent:
-                _hand_back_quietly(left, reason=f"broker unavailable: {exc}")
-            return
+    try:
+        # One producer for the round, its messages sent together (one Redis round trip).
+        with app.producer_or_acquire() as producer, producer.batch():
+            for task in tasks:
+                run_task.apply_async(
+                    args=[str(task.id), task.attempts], producer=producer, **options
+                )
+    except Exception as exc:  # the broker is outside our control: hand back, not lose
+        # Which messages got through is uncertain (a batch fails as a whole, and some of its
+        # commands may have run), so all the round's tasks go back. A message that did arrive
+        # then finds its task QUEUED, or on another attempt, and does nothing; one already
+        # claimed refuses the hand-back. No waiting out a connect timeout per task: the
+        # periodic dispatcher sends them once the broker is back.
+        logger.warning("broker unavailable (%s): handing back %d tasks", exc, len(tasks))
+        for task in tasks:
+            _hand_back_quietly(task, reason=f"broker unavailable: {exc}")
 
 
 def _hand_back_quietly(task: Task, *, reason: str) -> None:
-    # Refused: it already moved on (reaped or cancelled), so there is nothing to hand back.
+    # Refused: it already moved on (claimed, reaped or cancelled): nothing to hand back.
     # No fast path: it would dispatch the task again at once, to the broker that just failed,
     # over and over; the periodic dispatcher sends it once the broker is back.
     with contextlib.suppress(TransitionRefused):
@@ -97,6 +103,7 @@ def _hand_back_quietly(task: Task, *, reason: str) -> None:
             actor=services.DISPATCHER,
             attempt=task.attempts,
             notify=False,
+            unclaimed_only=True,
         )
 
 
@@ -123,23 +130,15 @@ def _dispatch_quietly(scheduler_id: str) -> None:
         )
 
 
-def refill_after_run(task_id: str) -> None:
-    """After a worker finishes a task: top the queue's broker share up, but only once half of
-    its threshold is free. A full dispatch round (row lock, claim, events, send) after every
-    single task made workers and the dispatcher queue on the scheduler row."""
-    row = (
-        Task.objects.filter(id=task_id, scheduler__kind=SchedulerKind.CELERY)
-        .values("scheduler_id", "scheduler__dispatch_threshold")
-        .first()
-    )
-    if row is None:
-        return
-    threshold = row["scheduler__dispatch_threshold"]
-    in_broker = Task.objects.filter(
-        scheduler_id=row["scheduler_id"], status=TaskStatus.DISPATCHED
-    ).count()
-    if threshold - in_broker >= max(1, threshold // 2):
-        _dispatch_quietly(row["scheduler_id"])
+def refill_on_claim(task: Task) -> None:
+    """After a worker claimed a task: top its queue's broker share up, once half of the
+    threshold is free. The claim itself says how much room there is (`broker_room`, None for
+    pull or paused queues), so the check costs no query; done before the handler runs, so a
+    long handler does not leave the broker dry meanwhile. A full dispatch round (row lock,
+    claim, events, send) after every single task made workers queue on the scheduler row."""
+    room = getattr(task, "broker_room", None)
+    if room is not None and room >= max(1, task.dispatch_threshold // 2):
+        _dispatch_quietly(task.scheduler_id)
 
 
 def connect() -> None:

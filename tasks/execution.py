@@ -9,17 +9,19 @@ policy). A late report from a worker whose lease was taken back is refused by th
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import connections
+from django.db import close_old_connections, connections
 from django.utils import timezone
 
-from tasks import locks, services
+from tasks import dispatch, locks, services
 from tasks.exceptions import QueueError, TransitionRefused
 from tasks.metrics import QUEUE_WAIT_SECONDS
 from tasks.models import Task
@@ -28,43 +30,108 @@ from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler
 logger = logging.getLogger(__name__)
 
 
-class Heartbeat(threading.Thread):
-    """Extends the task's lease and its locks every WORKER_HEARTBEAT_SECONDS; notices a cancel
-    request (the heartbeat is refused) and a lost lease."""
+class Heartbeat:
+    """One running task's lease as this process keeps it: every WORKER_HEARTBEAT_SECONDS the
+    process's beater extends the task's lease and its locks, and notices a cancel request (the
+    heartbeat is refused) or a lost lease."""
 
     def __init__(self, task: Task, lock_names: list[str]) -> None:
-        super().__init__(name=f"heartbeat-{task.id}", daemon=True)
         self.task = task
         self.lock_names = lock_names
         self.interval = settings.WORKER_HEARTBEAT_SECONDS
         self.lease = timedelta(seconds=self.interval * 3)
-        self.stopped = threading.Event()
+        self.due_at = time.monotonic() + self.interval
         self.cancelled = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.stopped.wait(self.interval):
-                self.beat()
-        finally:
-            connections.close_all()  # this thread's own connection
+        # Held while beating: stop() waits for a beat in flight and marks the heartbeat
+        # stopped, so a beat the beater had already picked up does not land after it.
+        self.beating = threading.Lock()
+        self.stopped = False
 
     def beat(self) -> None:
-        try:
-            services.task_heartbeat(
-                task_id=self.task.id,
-                attempt=self.task.attempts,
-                lease_seconds=int(self.lease.total_seconds()),
-            )
-        except TransitionRefused as exc:
-            logger.info("task %s: heartbeat refused (%s)", self.task.id, exc.message)
-            self.cancelled.set()
-        except Exception:
-            logger.exception("task %s: heartbeat failed", self.task.id)
-        locks.extend(self.lock_names, owner=str(self.task.id), ttl=self.lease)
+        with self.beating:
+            if self.stopped:
+                return
+            try:
+                services.task_heartbeat(
+                    task_id=self.task.id,
+                    attempt=self.task.attempts,
+                    lease_seconds=int(self.lease.total_seconds()),
+                )
+            except TransitionRefused as exc:
+                logger.info("task %s: heartbeat refused (%s)", self.task.id, exc.message)
+                self.cancelled.set()
+            except Exception:
+                logger.exception("task %s: heartbeat failed", self.task.id)
+            try:
+                locks.extend(self.lock_names, owner=str(self.task.id), ttl=self.lease)
+            except Exception:
+                logger.exception("task %s: extending its locks failed", self.task.id)
+            self.due_at = time.monotonic() + self.interval
+
+    def start(self) -> None:
+        _beater().add(self)
 
     def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=self.interval + 5)
+        _beater().remove(self)
+        with self.beating:
+            self.stopped = True
+
+
+class Beater(threading.Thread):
+    """One thread per worker process beats every running task's Heartbeat when due. A thread
+    per task cost more than a no-op task's whole claim: most tasks end before their first
+    beat."""
+
+    def __init__(self) -> None:
+        super().__init__(name="heartbeats", daemon=True)
+        self.heartbeats: set[Heartbeat] = set()
+        self.guard = threading.Lock()
+
+    def add(self, heartbeat: Heartbeat) -> None:
+        with self.guard:
+            self.heartbeats.add(heartbeat)
+
+    def remove(self, heartbeat: Heartbeat) -> None:
+        with self.guard:
+            self.heartbeats.discard(heartbeat)
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self._seconds_to_next())
+            with self.guard:
+                due = [h for h in self.heartbeats if h.due_at <= time.monotonic()]
+                idle = not self.heartbeats
+            if due:
+                # This thread's connection outlives any one task: drop it when broken or past
+                # CONN_MAX_AGE, as the worker does before each task.
+                close_old_connections()
+            elif idle:
+                connections.close_all()  # nothing to beat: hold no connection meanwhile
+            for heartbeat in due:
+                heartbeat.beat()
+
+    def _seconds_to_next(self) -> float:
+        with self.guard:
+            next_due = min((h.due_at for h in self.heartbeats), default=None)
+        if next_due is None:
+            return settings.WORKER_HEARTBEAT_SECONDS
+        return max(0.0, next_due - time.monotonic())
+
+
+_BEATER: Beater | None = None
+_BEATER_PID = 0
+_BEATER_GUARD = threading.Lock()
+
+
+def _beater() -> Beater:
+    """This process's beater, started on first use: a prefork child must not inherit its
+    parent's (threads do not survive fork)."""
+    global _BEATER, _BEATER_PID
+    with _BEATER_GUARD:
+        if _BEATER is None or os.getpid() != _BEATER_PID:
+            _BEATER, _BEATER_PID = Beater(), os.getpid()
+            _BEATER.start()
+        return _BEATER
 
 
 def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
@@ -74,10 +141,11 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
     except QueueError as exc:
         logger.info("task %s attempt %s: not claimed (%s)", task_id, attempt, exc.message)
         return "skipped"
+    dispatch.refill_on_claim(task)
     waited = (timezone.now() - task.not_before).total_seconds()
     QUEUE_WAIT_SECONDS.labels(task.scheduler_id).observe(max(waited, 0.0))
     try:
-        handler = get_handler(task.scheduler.handler)
+        handler = get_handler(task.handler_name)
     except QueueError as exc:
         services.task_fail(task_id=task.id, error=exc.message, actor=worker, attempt=attempt)
         return "failed"

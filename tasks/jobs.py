@@ -8,27 +8,25 @@ from typing import Any
 
 from celery import shared_task
 
-from tasks import dispatch, execution, services
+from tasks import dispatch, execution, housekeeping
 
 
 @shared_task(name="tasks.reap_expired_leases", ignore_result=True)
 def reap_expired_leases() -> int:
-    return services.tasks_reap_expired()
+    return housekeeping.tasks_reap_expired()
 
 
 @shared_task(name="tasks.prune_finished_tasks", ignore_result=True)
 def prune_finished_tasks() -> int:
-    return services.tasks_prune()
+    return housekeeping.tasks_prune()
 
 
 @shared_task(name="tasks.run_task", bind=True, ignore_result=True, acks_late=True)
 def run_task(self: Any, task_id: str, attempt: int) -> str:
-    """Run one dispatched attempt of a task; then refill the queue's share of the broker."""
-    outcome = execution.execute(
+    """Run one dispatched attempt of a task (which also refills its queue's broker share)."""
+    return execution.execute(
         uuid.UUID(task_id), int(attempt), worker=self.request.hostname or "worker"
     )
-    dispatch.refill_after_run(task_id)
-    return outcome
 
 
 @shared_task(name="tasks.dispatch", ignore_result=True)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.db.models.fields.json import KeyTransform
 
-from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,46 @@ def _prep_ids(ids: Iterable[uuid.UUID]) -> list[Any]:
     return [pk.get_db_prep_value(task_id, connection) for task_id in ids]
 
 
+_CONVERTERS: list[tuple[int, list[Any], Any]] | None = None
+
+
+def _converters() -> list[tuple[int, list[Any], Any]]:
+    """(column index, converters, expression) of the Task fields whose raw values need one."""
+    global _CONVERTERS
+    if _CONVERTERS is None:
+        found = []
+        for index, model_field in enumerate(Task._meta.concrete_fields):
+            column = model_field.get_col(Task._meta.db_table)
+            funcs = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+            if funcs:
+                found.append((index, funcs, column))
+        _CONVERTERS = found
+    return _CONVERTERS
+
+
+def _fetch_tasks(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Task]:
+    """Tasks from a statement returning every Task column in field order, then any extra
+    columns (set as attributes). Task.objects.raw() did the same, but re-read the cursor's
+    description and rebuilt its converters on every call: most of a claim's Python time."""
+    attnames = [f.attname for f in Task._meta.concrete_fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        extras = [column[0] for column in cursor.description[len(attnames) :]]
+        rows = cursor.fetchall()
+    converters = _converters()
+    tasks = []
+    for row in rows:
+        values = list(row)
+        for index, funcs, column in converters:
+            for func in funcs:
+                values[index] = func(values[index], column, connection)
+        task = Task.from_db(connection.alias, attnames, values[: len(attnames)])
+        for name, value in zip(extras, values[len(attnames) :], strict=True):
+            setattr(task, name, value)
+        tasks.append(task)
+    return tasks
+
+
 def _update_returning(
     values: Mapping[str, Any],
     where_sql: str,
@@ -66,7 +106,7 @@ def _update_returning(
 ) -> list[Task]:
     set_sql, set_params = _assignments(values)
     sql = f"{with_sql}UPDATE {_table()} SET {set_sql} WHERE {where_sql} RETURNING {_columns()}"
-    return list(Task.objects.raw(sql, [*with_params, *set_params, *where_params]))
+    return _fetch_tasks(sql, [*with_params, *set_params, *where_params])
 
 
 def cas_update(
@@ -198,7 +238,7 @@ def pop_in_one_statement(
     if _POP_SQL is None:
         _POP_SQL = _pop_sql()
     params = {"scheduler": scheduler_id, "now": now, "limit": limit, "worker": worker}
-    return list(Task.objects.raw(_POP_SQL, params))
+    return _fetch_tasks(_POP_SQL, params)
 
 
 def lease_expired_ids(*, now: datetime, limit: int) -> list[uuid.UUID]:
@@ -226,3 +266,207 @@ def record_events(
             for task in tasks
         ]
     )
+
+
+# --- the worker's hot path: claim and report in one statement each -------------------------
+#
+# A Celery worker runs every task through a claim (DISPATCHED -> RUNNING) and a report
+# (-> COMPLETED). Through the ORM these were a read, a transaction, the CAS and an event insert
+# each: most of a no-op task's cost. On PostgreSQL each is one statement of data-modifying CTEs
+# (the CAS and its event commit together, in autocommit); SQLite runs the same steps in one
+# IMMEDIATE transaction. Both return None when the compare-and-swap matched nothing; the caller
+# then reads the task to say why.
+
+
+def _returned(alias: str) -> str:
+    q = connection.ops.quote_name
+    return ", ".join(f"{alias}.{q(f.column)}" for f in Task._meta.concrete_fields)
+
+
+def _names() -> dict[str, str]:
+    q = connection.ops.quote_name
+    return {
+        "task": q(Task._meta.db_table),
+        "event": q(TaskEvent._meta.db_table),
+        "scheduler": q(Scheduler._meta.db_table),
+    }
+
+
+def _start_sql() -> str:
+    # The lease is the scheduler's, so the UPDATE joins it; its handler comes back with the
+    # row, sparing the worker a second read. attempts = COALESCE(...) is the fence: a caller
+    # that names an attempt only claims that one. broker_room is what dispatch may still send
+    # to an unpaused celery queue: every CTE sees the snapshot from before the UPDATE, where
+    # this task still counts as DISPATCHED, hence the + 1. (The CASE keeps pull queues, whose
+    # DISPATCHED tasks may be many, from counting.)
+    n = _names()
+    return f"""
+        WITH started AS (
+            UPDATE {n["task"]} t SET status = 'RUNNING', modified_at = %(now)s,
+                lease_expires_at = %(now)s + make_interval(secs => s.lease_seconds)
+            FROM {n["scheduler"]} s
+            WHERE t.id = %(id)s AND t.status = 'DISPATCHED'
+                AND t.attempts = COALESCE(%(attempt)s, t.attempts) AND s.id = t.scheduler_id
+            RETURNING {_returned("t")}, s.handler AS handler_name,
+                s.dispatch_threshold AS dispatch_threshold,
+                CASE WHEN s.kind = 'celery' AND NOT s.paused THEN s.dispatch_threshold + 1 - (
+                    SELECT count(*) FROM {n["task"]} d
+                    WHERE d.scheduler_id = s.id AND d.status = 'DISPATCHED'
+                ) END AS broker_room
+        ), events AS (
+            INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
+            SELECT id, 'DISPATCHED', 'RUNNING', %(now)s, %(actor)s, 'started' FROM started
+        )
+        SELECT * FROM started
+    """
+
+
+def _complete_sql() -> str:
+    # A runner may report COMPLETED straight from DISPATCHED, so the status it had is read
+    # (and the row locked) in `previous`; the UPDATE re-checks it: the compare-and-swap.
+    n = _names()
+    return f"""
+        WITH previous AS MATERIALIZED (
+            SELECT id, status FROM {n["task"]}
+            WHERE id = %(id)s AND status IN ('DISPATCHED', 'RUNNING')
+                AND attempts = COALESCE(%(attempt)s, attempts)
+            FOR UPDATE
+        ), completed AS (
+            UPDATE {n["task"]} t SET status = 'COMPLETED', modified_at = %(now)s,
+                result = %(result)s, error = '', lease_expires_at = NULL
+            FROM previous
+            WHERE t.id = previous.id AND t.status = previous.status
+            RETURNING {_returned("t")}, previous.status AS from_status
+        ), events AS (
+            INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
+            SELECT id, from_status, 'COMPLETED', %(now)s, %(actor)s, 'completed' FROM completed
+        )
+        SELECT * FROM completed
+    """
+
+
+_HOT_SQL: dict[str, str] = {}
+
+
+def _hot_sql(name: str, build: Any) -> str:
+    if name not in _HOT_SQL:
+        _HOT_SQL[name] = build()
+    return _HOT_SQL[name]
+
+
+def _prep(field_name: str, value: Any) -> Any:
+    return Task._meta.get_field(field_name).get_db_prep_save(value, connection)
+
+
+def start_dispatched(
+    *, task_id: uuid.UUID, attempt: int | None, now: datetime, actor: str
+) -> Task | None:
+    """DISPATCHED -> RUNNING with the scheduler's lease, and its event; the task, or None if it
+    was not DISPATCHED on `attempt`. The task also carries `handler_name` (its scheduler's
+    handler), its scheduler's `dispatch_threshold`, and `broker_room`: the threshold minus the
+    DISPATCHED tasks of its unpaused celery queue after this claim (None for other queues)."""
+    if not ONE_STATEMENT_POP:
+        return _start_dispatched_sqlite(task_id=task_id, attempt=attempt, now=now, actor=actor)
+    params = {
+        "id": _prep("id", task_id),
+        "attempt": attempt,
+        "now": _prep("modified_at", now),
+        "actor": actor[:200],
+    }
+    rows = _fetch_tasks(_hot_sql("start", _start_sql), params)
+    return rows[0] if rows else None
+
+
+def complete_leased(
+    *, task_id: uuid.UUID, attempt: int | None, result: Any, now: datetime, actor: str
+) -> Task | None:
+    """DISPATCHED or RUNNING -> COMPLETED with `result`, and its event; the task (with
+    `from_status`), or None if it was in neither on `attempt`."""
+    if not ONE_STATEMENT_POP:
+        return _complete_leased_sqlite(
+            task_id=task_id, attempt=attempt, result=result, now=now, actor=actor
+        )
+    params = {
+        "id": _prep("id", task_id),
+        "attempt": attempt,
+        "now": _prep("modified_at", now),
+        "result": _prep("result", result),
+        "actor": actor[:200],
+    }
+    rows = _fetch_tasks(_hot_sql("complete", _complete_sql), params)
+    return rows[0] if rows else None
+
+
+def _sqlite_claim(
+    *,
+    task_id: uuid.UUID,
+    from_statuses: Sequence[str],
+    attempt: int | None,
+    to_status: str,
+    values: Mapping[str, Any],
+) -> tuple[Task, str] | None:
+    """Inside an IMMEDIATE transaction (the write lock is held, nothing interleaves): the CAS
+    from whichever of `from_statuses` the task is in; (row, status it was in) or None."""
+    current = (
+        Task.objects.filter(id=task_id, status__in=from_statuses)
+        .values_list("status", "attempts")
+        .first()
+    )
+    if current is None or (attempt is not None and current[1] != attempt):
+        return None
+    rows = cas_update(
+        task_ids=[task_id],
+        expected=current[0],
+        values={"status": to_status, **values},
+        expected_attempts=current[1],
+    )
+    return (rows[0], current[0]) if rows else None
+
+
+def _start_dispatched_sqlite(
+    *, task_id: uuid.UUID, attempt: int | None, now: datetime, actor: str
+) -> Task | None:
+    with transaction.atomic():
+        scheduler = Scheduler.objects.filter(tasks__id=task_id).first()
+        if scheduler is None:
+            return None
+        lease = now + timedelta(seconds=scheduler.lease_seconds)
+        claimed = _sqlite_claim(
+            task_id=task_id,
+            from_statuses=[TaskStatus.DISPATCHED],
+            attempt=attempt,
+            to_status=TaskStatus.RUNNING,
+            values={"modified_at": now, "lease_expires_at": lease},
+        )
+        if claimed is None:
+            return None
+        task, from_status = claimed
+        record_events([task], from_status=from_status, actor=actor, note="started", at=now)
+        task.broker_room = None
+        if scheduler.kind == "celery" and not scheduler.paused:
+            in_broker = Task.objects.filter(
+                scheduler_id=scheduler.id, status=TaskStatus.DISPATCHED
+            ).count()
+            task.broker_room = scheduler.dispatch_threshold - in_broker
+    task.handler_name = scheduler.handler
+    task.dispatch_threshold = scheduler.dispatch_threshold
+    return task
+
+
+def _complete_leased_sqlite(
+    *, task_id: uuid.UUID, attempt: int | None, result: Any, now: datetime, actor: str
+) -> Task | None:
+    with transaction.atomic():
+        claimed = _sqlite_claim(
+            task_id=task_id,
+            from_statuses=[TaskStatus.DISPATCHED, TaskStatus.RUNNING],
+            attempt=attempt,
+            to_status=TaskStatus.COMPLETED,
+            values={"modified_at": now, "result": result, "error": "", "lease_expires_at": None},
+        )
+        if claimed is None:
+            return None
+        task, from_status = claimed
+        record_events([task], from_status=from_status, actor=actor, note="completed", at=now)
+    task.from_status = from_status
+    return task

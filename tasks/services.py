@@ -1,5 +1,7 @@
 """Writes to the task queue. Every function is keyword-only, atomic, and changes task status only
-through `transition` / `queue.cas_update`, which write the TaskEvent in the same transaction."""
+by compare-and-swap with its TaskEvent in the same transaction: `transition`, or the worker's
+one-statement claim and report in `queue`. Housekeeping (reaper, retention) is in
+`tasks.housekeeping`."""
 
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from tasks.models import (
     Scheduler,
     SchedulerKind,
     Task,
-    TaskEvent,
     TaskStatus,
     is_allowed_transition,
 )
@@ -303,18 +304,33 @@ def _check_fence(task: Task, attempt: int | None) -> None:
         )
 
 
-def task_start(*, task_id: uuid.UUID, actor: str = "", attempt: int | None = None) -> Task:
+def _refusal(task_id: uuid.UUID, attempt: int | None, to_status: str) -> TransitionRefused:
+    """Why a one-statement compare-and-swap to `to_status` matched nothing (raises if gone)."""
     task = _get_task(task_id)
     _check_fence(task, attempt)
-    lease = timezone.now() + timedelta(seconds=task.scheduler.lease_seconds)
-    return transition(
-        task,
-        to_status=TaskStatus.RUNNING,
-        actor=actor,
-        note="started",
-        values={"lease_expires_at": lease},
-        fence_attempts=True,
+    if is_allowed_transition(task.status, to_status):
+        # It was in a status the swap did not expect a moment ago, and is back in one now.
+        return TransitionRefused(
+            f"Task {task.id} changed while moving it to {to_status}; it is {task.status} now.",
+            current_status=task.status,
+        )
+    return TransitionRefused(
+        f"Cannot move task {task.id} from {task.status} to {to_status}.",
+        current_status=task.status,
     )
+
+
+def task_start(*, task_id: uuid.UUID, actor: str = "", attempt: int | None = None) -> Task:
+    """DISPATCHED -> RUNNING with a fresh lease. The returned task carries `handler_name`, its
+    scheduler's handler (what a Celery worker runs)."""
+    with TRANSITION_SECONDS.labels(TaskStatus.RUNNING).time():
+        task = queue.start_dispatched(
+            task_id=task_id, attempt=attempt, now=timezone.now(), actor=actor
+        )
+    if task is None:
+        raise _refusal(task_id, attempt, TaskStatus.RUNNING)
+    logger.info("task %s DISPATCHED -> RUNNING by %s started", task.id, actor)
+    return task
 
 
 def task_complete(
@@ -324,15 +340,14 @@ def task_complete(
     actor: str = "",
     attempt: int | None = None,
 ) -> Task:
-    task = _get_task(task_id)
-    _check_fence(task, attempt)
-    completed = transition(
-        task,
-        to_status=TaskStatus.COMPLETED,
-        actor=actor,
-        note="completed",
-        values={"result": result, "lease_expires_at": None, "error": ""},
-        fence_attempts=True,
+    with TRANSITION_SECONDS.labels(TaskStatus.COMPLETED).time():
+        completed = queue.complete_leased(
+            task_id=task_id, attempt=attempt, result=result, now=timezone.now(), actor=actor
+        )
+    if completed is None:
+        raise _refusal(task_id, attempt, TaskStatus.COMPLETED)
+    logger.info(
+        "task %s %s -> COMPLETED by %s completed", completed.id, completed.from_status, actor
     )
     for hook in on_completed_hooks:
         transaction.on_commit(lambda hook=hook: hook(completed))
@@ -352,7 +367,7 @@ def task_fail(
     or DEAD when the queue dead-letters. A task whose cancel was requested ends CANCELLED."""
     task = _get_task(task_id)
     _check_fence(task, attempt)
-    return _fail_attempt(task, error=error, result=result, actor=actor, retry=retry)
+    return fail_attempt(task, error=error, result=result, actor=actor, retry=retry)
 
 
 def retry_spec_for(task: Task) -> RetrySpec:
@@ -367,9 +382,12 @@ def retry_spec_for(task: Task) -> RetrySpec:
     return RetrySpec.for_scheduler(scheduler)
 
 
-def _fail_attempt(
+def fail_attempt(
     task: Task, *, error: str, actor: str, result: Any = None, retry: RetrySpec | None = None
 ) -> Task:
+    """End the leased attempt of `task` (as just read) as failed: retried after a backoff,
+    FAILED or DEAD by `retry` (default: the task's own policy), CANCELLED if that was asked.
+    Shared by runners' and workers' failure reports and the reaper."""
     if task.status not in LEASED_STATUSES:
         # Only a handed-out attempt can fail: without this, a late FAILED report on a CANCELLED
         # (or FAILED) task would pass as CANCELLED -> QUEUED, the operator's requeue edge.
@@ -459,17 +477,22 @@ def task_hand_back(
     attempt: int | None = None,
     lock_wait: bool = False,
     notify: bool = True,
+    unclaimed_only: bool = False,
 ) -> Task:
     """Put a leased task back in the queue without spending its attempt: its holder is
     shutting down, could not reach the broker, or a lock it needs is held. After a lock wait
     the task waits a short delay that doubles with each wait, from 0.5 s up to
     LOCK_WAIT_MAX_SECONDS. `notify=False` skips the on-commit fast-path dispatch (the
-    dispatcher handing back what the broker refused must not send it again at once)."""
+    dispatcher handing back what the broker refused must not send it again at once).
+    `unclaimed_only` refuses a RUNNING task: the dispatcher does not know whether its message
+    arrived, and must not pull a task from under the worker that claimed it."""
     task = _get_task(task_id)
     _check_fence(task, attempt)
-    if task.status not in LEASED_STATUSES:
+    allowed = [TaskStatus.DISPATCHED] if unclaimed_only else LEASED_STATUSES
+    if task.status not in allowed:
         raise TransitionRefused(
-            f"Cannot hand back task {task.id}: it is {task.status}, not DISPATCHED or RUNNING.",
+            f"Cannot hand back task {task.id}: it is {task.status}, "
+            f"not {' or '.join(sorted(allowed))}.",
             current_status=task.status,
         )
     if task.cancel_requested_at is not None:
@@ -556,61 +579,3 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
         raise _duplicate_of(task.scheduler_id, task.hash) from None
     notify_queued(task.scheduler)
     return updated
-
-
-# --- housekeeping ----------------------------------------------------------------------------
-
-
-def tasks_reap_expired(*, batch_size: int = 500, actor: str = "reaper") -> int:
-    """Turn expired leases into failed attempts ("lost"); the retry policy decides what next."""
-    reaped = 0
-    while True:
-        with transaction.atomic():
-            expired = queue.lease_expired_ids(now=timezone.now(), limit=batch_size)
-            for task in Task.objects.select_related("scheduler").filter(id__in=expired):
-                try:
-                    _fail_attempt(task, error="lease expired (lost)", actor=actor)
-                    reaped += 1
-                except TransitionRefused:
-                    continue  # reported or heartbeated meanwhile: not lost after all
-        if len(expired) < batch_size:
-            return reaped
-
-
-def tasks_prune(
-    *,
-    older_than: timedelta | None = None,
-    dead_older_than: timedelta | None = None,
-    batch_size: int = 1000,
-) -> int:
-    """Delete finished tasks (and their events) last changed before the retention age, in
-    batches so no transaction holds locks for long. Dead letters are kept longer."""
-    now = timezone.now()
-    cutoffs = {
-        TaskStatus.COMPLETED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
-        TaskStatus.FAILED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
-        TaskStatus.CANCELLED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
-        TaskStatus.DEAD: dead_older_than or timedelta(days=settings.TASK_DEAD_RETENTION_DAYS),
-    }
-    deleted = 0
-    for scheduler_id in Scheduler.objects.values_list("id", flat=True):
-        for status, age in cutoffs.items():
-            deleted += _prune_one(scheduler_id, status, now - age, batch_size)
-    return deleted
-
-
-def _prune_one(scheduler_id: str, status: str, cutoff: datetime, batch_size: int) -> int:
-    deleted = 0
-    while True:
-        with transaction.atomic():
-            ids = list(
-                Task.objects.filter(
-                    scheduler_id=scheduler_id, status=status, modified_at__lt=cutoff
-                ).values_list("id", flat=True)[:batch_size]
-            )
-            if ids:
-                TaskEvent.objects.filter(task_id__in=ids).delete()
-                Task.objects.filter(id__in=ids, status=status).delete()
-        deleted += len(ids)
-        if len(ids) < batch_size:
-            return deleted

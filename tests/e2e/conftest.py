@@ -18,7 +18,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from tasks import dispatch, services
+from tasks import dispatch, housekeeping
 from tasks.models import Task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def _purge(broker_url: str) -> None:
 
 def beat() -> None:
     """One round of the periodic jobs that move tasks along: what beat would run."""
-    services.tasks_reap_expired()
+    housekeeping.tasks_reap_expired()
     dispatch.dispatch_all()
 
 

@@ -12,7 +12,7 @@ from time_machine import TimeMachineFixture
 
 from pilots import queues, services
 from pilots.models import PilotReport, PilotStatus, PilotSubmission
-from tasks import dispatch, execution, locks
+from tasks import dispatch, execution, housekeeping, locks
 from tasks import services as task_services
 from tasks.locks import MutexLock
 from tasks.models import Lock, Task, TaskStatus
@@ -215,7 +215,7 @@ def test_submit_pilot__lost_lease_fails_without_retry(time_machine: TimeMachineF
     [task] = _dispatched(services.SUBMIT_ONE_QUEUE)  # the message is lost: nobody claims it
     time_machine.move_to(timezone.now() + timedelta(seconds=121))
 
-    assert task_services.tasks_reap_expired() == 1
+    assert housekeeping.tasks_reap_expired() == 1
 
     lost = _fresh(task)
     assert (lost.status, lost.attempts, lost.error) == (S.FAILED, 1, "lease expired (lost)")

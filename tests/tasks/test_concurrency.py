@@ -13,7 +13,7 @@ import time_machine
 from django.db import connection
 from django.utils import timezone
 
-from tasks import services
+from tasks import housekeeping, services
 from tasks.exceptions import DuplicateTask, QueueFull, TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.processes import run_in_processes
@@ -131,7 +131,7 @@ def test_task_report__racing_reports_apply_exactly_one() -> None:
 
 def _reap(index: int, travel_to: str) -> int:
     with time_machine.travel(travel_to, tick=False):
-        return services.tasks_reap_expired(batch_size=50)
+        return housekeeping.tasks_reap_expired(batch_size=50)
 
 
 def _expire_all(scheduler_id: str, count: int) -> str:
@@ -169,7 +169,7 @@ def test_tasks_reap_expired__lost_task_comes_back_then_dies_when_attempts_are_sp
             (popped,) = services.task_pop(scheduler_id="lost")
             assert popped.id == task.id and popped.attempts == attempt
         with time_machine.travel(start + timedelta(hours=attempt, minutes=30), tick=False):
-            assert services.tasks_reap_expired() == 1
+            assert housekeeping.tasks_reap_expired() == 1
     task.refresh_from_db()
     assert task.status == TaskStatus.DEAD
     assert task.error == "lease expired (lost)"
@@ -188,7 +188,7 @@ def _heartbeat_or_reap(index: int, task_ids: list[str], travel_to: str) -> Count
                 except TransitionRefused:
                     outcome["late"] += 1
             else:
-                outcome["reaped"] += services.tasks_reap_expired(batch_size=10)
+                outcome["reaped"] += housekeeping.tasks_reap_expired(batch_size=10)
     return outcome
 
 
@@ -206,3 +206,86 @@ def test_task_heartbeat__racing_the_reaper_never_leaves_a_task_both_leased_and_r
             assert requeued == 0 and task.attempts == 1
         else:
             assert task.status == TaskStatus.QUEUED and requeued == 1
+
+
+# --- the Celery worker's claim and report (one statement each on PostgreSQL) ----------------
+
+
+def _dispatched_celery_tasks(scheduler_id: str, count: int) -> list[tuple[str, int]]:
+    """`count` tasks of a celery queue, DISPATCHED on attempt 1 (as dispatch leaves them)."""
+    services.scheduler_create(
+        id=scheduler_id, kind="celery", handler="demo.echo", dispatch_threshold=count
+    )
+    _bulk_queue(scheduler_id, count)
+    Task.objects.filter(scheduler_id=scheduler_id).update(
+        status=TaskStatus.DISPATCHED, attempts=1, lease_expires_at=timezone.now()
+    )
+    return [(str(i), 1) for i in Task.objects.values_list("id", flat=True)]
+
+
+def _claim_all(index: int, claims: list[tuple[str, int]]) -> list[str]:
+    # Every process walks the same tasks, each from a different starting point, as workers do
+    # when a message is delivered twice.
+    won = []
+    offset = index * len(claims) // PROCESSES
+    for task_id, attempt in claims[offset:] + claims[:offset]:
+        try:
+            services.task_start(task_id=task_id, actor=f"w{index}", attempt=attempt)
+            won.append(task_id)
+        except TransitionRefused:
+            pass
+    return won
+
+
+def test_task_start__racing_claims_of_one_attempt_start_each_task_once() -> None:
+    total = 400 if connection.vendor == "postgresql" else 100
+    claims = _dispatched_celery_tasks("claims", total)
+
+    results = run_in_processes(PROCESSES, _claim_all, claims)
+
+    won = [task_id for chunk in results for task_id in chunk]
+    assert sorted(won) == sorted(task_id for task_id, _ in claims), "claimed twice, or lost"
+    assert sum(1 for chunk in results if chunk) > 1, "only one process ever won a claim"
+    assert Task.objects.filter(scheduler_id="claims", status=TaskStatus.RUNNING).count() == total
+    running_events = TaskEvent.objects.filter(to_status=TaskStatus.RUNNING)
+    assert running_events.count() == total
+    assert running_events.values("task_id").distinct().count() == total
+
+
+def _complete_or_reap(index: int, claims: list[tuple[str, int]], travel_to: str) -> Counter[str]:
+    outcome: Counter[str] = Counter()
+    with time_machine.travel(travel_to, tick=False):
+        for task_id, attempt in claims:
+            if index % 2:
+                try:
+                    services.task_complete(task_id=task_id, attempt=attempt, result={"by": index})
+                    outcome["completed"] += 1
+                except TransitionRefused:
+                    outcome["refused"] += 1
+            else:
+                # One at a time, in lease order, as the completers go: they meet on each row.
+                outcome["reaped"] += housekeeping.tasks_reap_expired(batch_size=1)
+    return outcome
+
+
+@pytest.mark.postgres
+def test_task_complete__racing_the_reaper_each_attempt_ends_exactly_once() -> None:
+    claims = _dispatched_celery_tasks("ends", 300)
+    for task_id, attempt in claims:
+        services.task_start(task_id=task_id, actor="w", attempt=attempt)
+    later = (timezone.now() + timedelta(hours=2)).isoformat()  # every lease has expired
+
+    results = run_in_processes(4, _complete_or_reap, claims, later)
+
+    totals = sum(results, Counter())
+    assert totals["completed"] + totals["reaped"] == 300
+    assert totals["completed"] > 0 and totals["reaped"] > 0, "no race happened"
+    for task in Task.objects.filter(scheduler_id="ends"):
+        ends = list(
+            TaskEvent.objects.filter(task=task, from_status=TaskStatus.RUNNING).values_list(
+                "to_status", flat=True
+            )
+        )
+        assert len(ends) == 1, f"attempt ended {len(ends)} times: {ends}"
+        assert task.status == ends[0]  # demo.echo: no retry, so a reaped attempt is FAILED
+        assert task.status in {TaskStatus.COMPLETED, TaskStatus.FAILED}

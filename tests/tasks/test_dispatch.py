@@ -17,6 +17,7 @@ from time_machine import TimeMachineFixture
 
 from scheduler_site.celery import app
 from tasks import dispatch, services
+from tasks.exceptions import TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.tasks.helpers import T0, fresh, history, snapshot
 
@@ -364,3 +365,91 @@ def test_send__broker_unreachable_leaves_a_task_that_moved_on_alone(
 
     assert fresh(task).status == S.CANCELLED
     assert not TaskEvent.objects.filter(task=task, note__contains="broker").exists()
+
+
+def test_send__broker_unreachable_leaves_a_claimed_task_running(
+    celery_queue: Scheduler,
+) -> None:
+    # A failed batch leaves delivery uncertain: a message may have reached a worker that
+    # claimed its task before the failure surfaced. Handing that task back would run it twice.
+    [task] = _push(1)
+    dispatch.dispatch_scheduler("echo")
+    dispatched = fresh(task)
+    services.task_start(task_id=task.id, actor="worker-1", attempt=dispatched.attempts)
+
+    with _unreachable_broker():
+        dispatch._send([dispatched], "demo.echo")
+
+    task = fresh(task)
+    assert (task.status, task.attempts) == (S.RUNNING, 1)
+    assert not TaskEvent.objects.filter(task=task, note__contains="broker").exists()
+
+
+def test_task_hand_back__unclaimed_only_refuses_a_running_task(celery_queue: Scheduler) -> None:
+    [task] = _push(1)
+    dispatch.dispatch_scheduler("echo")
+    services.task_start(task_id=task.id, actor="worker-1", attempt=1)
+
+    with pytest.raises(TransitionRefused, match="it is RUNNING, not DISPATCHED"):
+        services.task_hand_back(task_id=task.id, reason="x", attempt=1, unclaimed_only=True)
+
+    assert fresh(task).status == S.RUNNING
+
+
+# --- the claim tells how much room the broker has; the worker refills on it ------------------
+
+
+def _claim_next(scheduler_id: str = "echo") -> Task:
+    task = (
+        Task.objects.filter(scheduler_id=scheduler_id, status=S.DISPATCHED)
+        .order_by("created_at", "id")
+        .first()
+    )
+    assert task is not None
+    return services.task_start(task_id=task.id, actor="worker-1", attempt=task.attempts)
+
+
+def test_task_start__says_the_handler_and_the_room_left_in_the_broker(
+    celery_queue: Scheduler,
+) -> None:
+    _push(5)
+    assert dispatch.dispatch_scheduler("echo") == 3
+
+    started = _claim_next()
+
+    assert started.status == S.RUNNING
+    assert (started.handler_name, started.dispatch_threshold) == ("demo.echo", 3)
+    assert started.broker_room == 1  # threshold 3, two still DISPATCHED
+
+
+def test_task_start__no_broker_room_for_a_pull_or_a_paused_queue(
+    celery_queue: Scheduler, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    make_scheduler("pull")
+    services.task_push(scheduler_id="pull")
+    (popped,) = services.task_pop(scheduler_id="pull", worker="r")
+    assert services.task_start(task_id=popped.id, attempt=1).broker_room is None
+
+    _push(2)
+    dispatch.dispatch_scheduler("echo")
+    services.scheduler_set_paused(scheduler_id="echo", paused=True)
+    assert _claim_next().broker_room is None
+
+
+def test_refill_on_claim__tops_the_broker_up_once_half_the_threshold_is_free(
+    make_scheduler: Callable[..., Scheduler], django_capture_on_commit_callbacks: Any
+) -> None:
+    make_scheduler("refill", kind="celery", handler="demo.echo", dispatch_threshold=4)
+    _push(10, scheduler_id="refill")
+    dispatch.dispatch_scheduler("refill")
+    _broker_messages()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        dispatch.refill_on_claim(_claim_next("refill"))  # 1 of 4 free: not yet
+    assert (_count(S.DISPATCHED, "refill"), _broker_messages()) == (3, [])
+
+    with django_capture_on_commit_callbacks(execute=True):
+        dispatch.refill_on_claim(_claim_next("refill"))  # 2 of 4 free: refill
+    assert _count(S.DISPATCHED, "refill") == 4
+    assert len(_broker_messages()) == 2
+    assert (_count(S.RUNNING, "refill"), _count(S.QUEUED, "refill")) == (2, 4)

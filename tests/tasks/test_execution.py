@@ -6,6 +6,7 @@ then the hand-back service and its REST endpoint, and the reaper's policy for ce
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import threading
 import time
 import uuid
@@ -22,7 +23,7 @@ from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
 
 from scheduler_site.celery import app
-from tasks import dispatch, execution, locks, services
+from tasks import dispatch, execution, housekeeping, locks, services
 from tasks.exceptions import TransitionRefused
 from tasks.locks import MutexLock
 from tasks.models import Lock, Scheduler, Task, TaskStatus
@@ -149,7 +150,7 @@ def test_execute__late_report_after_the_lease_was_taken_back_is_lost() -> None:
     def reaped_meanwhile(ctx: TaskContext) -> str:
         past = timezone.now() - timedelta(hours=1)
         Task.objects.filter(id=ctx.task_id).update(lease_expires_at=past)
-        services.tasks_reap_expired()
+        housekeeping.tasks_reap_expired()
         return "too late"
 
     register("test.reaped", retry=RetrySpec(policy="fixed", delay_seconds=0, jitter=False))(
@@ -371,6 +372,50 @@ def test_heartbeat__refused_after_a_cancel_request_flags_the_task() -> None:
     assert fresh(task).status == S.RUNNING  # cancelled when the handler reports
 
 
+@pytest.mark.django_db(transaction=True)  # the beater thread reads with its own connection
+def test_beater__beats_a_registered_task_when_due_and_never_after_stop(settings: Any) -> None:
+    settings.WORKER_HEARTBEAT_SECONDS = 1
+    _celery("echo", "demo.echo")
+    pushed = services.task_push(scheduler_id="echo")  # committed: the fast path dispatches it
+    with contextlib.suppress(Exception):
+        app.control.purge()
+    assert fresh(pushed).status == S.DISPATCHED
+    task = services.task_start(task_id=pushed.id, actor="test", attempt=1)
+    claimed_lease = fresh(task).lease_expires_at
+    heartbeat = execution.Heartbeat(task, [])
+
+    heartbeat.start()
+    try:
+        deadline = time.monotonic() + 15
+        while fresh(task).lease_expires_at == claimed_lease and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        heartbeat.stop()
+
+    beaten_lease = fresh(task).lease_expires_at
+    assert beaten_lease != claimed_lease, "the process beater never beat the task"
+    assert beaten_lease is not None and beaten_lease <= timezone.now() + timedelta(seconds=3)
+    time.sleep(2.5)  # two more intervals: a registered task would have been beaten again
+    assert fresh(task).lease_expires_at == beaten_lease
+
+
+def test_beater__a_forked_worker_process_starts_its_own() -> None:
+    parent = execution._beater()
+    fork = multiprocessing.get_context("fork")
+    answers = fork.Queue()
+
+    def child() -> None:
+        own = execution._beater()
+        answers.put((own is not parent, own.is_alive(), execution._beater() is own))
+
+    process = fork.Process(target=child)
+    process.start()
+    process.join(30)
+
+    assert answers.get(timeout=5) == (True, True, True)
+    assert parent.is_alive() and execution._beater() is parent
+
+
 # --- task_hand_back --------------------------------------------------------------------------
 
 
@@ -541,7 +586,7 @@ def test_reaper__lost_celery_task_retries_by_its_handlers_policy(
 
     for attempt in (1, 2, 3):
         frozen.shift(timedelta(seconds=61))
-        assert services.tasks_reap_expired() == 1
+        assert housekeeping.tasks_reap_expired() == 1
         task = fresh(task)
         if attempt < 3:
             assert (task.status, task.attempts) == (S.QUEUED, attempt)

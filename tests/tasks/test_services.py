@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from time_machine import TimeMachineFixture
 
-from tasks import services
+from tasks import housekeeping, services
 from tasks.exceptions import (
     DuplicateTask,
     InvalidRequest,
@@ -418,7 +418,7 @@ def test_task_report__stale_attempt_is_fenced_out(
     task = push()
     pop_one()
     frozen.shift(301)
-    assert services.tasks_reap_expired() == 1  # lost: back to QUEUED, retried at +10 s
+    assert housekeeping.tasks_reap_expired() == 1  # lost: back to QUEUED, retried at +10 s
     frozen.shift(10)
     assert pop_one().attempts == 2  # handed out again
     before = Task.objects.filter(id=task.id).values().get()

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from time_machine import TimeMachineFixture
 
-from tasks import selectors, services
+from tasks import housekeeping, selectors, services
 from tasks.exceptions import DuplicateTask, SchedulerNotFound, TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.tasks.helpers import (
@@ -96,7 +96,7 @@ def test_task_cancel__running_then_lease_expiry_ends_cancelled(
     services.task_cancel(task_id=task.id)
     frozen.shift(301)
 
-    assert services.tasks_reap_expired() == 1
+    assert housekeeping.tasks_reap_expired() == 1
     assert fresh(task).status == S.CANCELLED
 
 
@@ -170,10 +170,10 @@ def test_tasks_reap_expired__retries_a_lost_attempt(push: Push, frozen: TimeMach
     task = push()
     pop_one()
     frozen.shift(300)
-    assert services.tasks_reap_expired() == 0, "a lease is good until it has passed"
+    assert housekeeping.tasks_reap_expired() == 0, "a lease is good until it has passed"
     frozen.shift(1)
 
-    assert services.tasks_reap_expired() == 1
+    assert housekeeping.tasks_reap_expired() == 1
 
     row = fresh(task)
     assert (row.status, row.error, row.attempts) == (S.QUEUED, "lease expired (lost)", 1)
@@ -191,7 +191,7 @@ def test_tasks_reap_expired__exhausts_to_dead(
     services.task_start(task_id=task.id)
     frozen.shift(61)
 
-    assert services.tasks_reap_expired() == 1
+    assert housekeeping.tasks_reap_expired() == 1
     assert fresh(task).status == S.DEAD
 
 
@@ -207,11 +207,11 @@ def test_tasks_reap_expired__leaves_unexpired_leases(
     assert pop_one().id == late.id
     frozen.shift(101)
 
-    assert services.tasks_reap_expired() == 1
+    assert housekeeping.tasks_reap_expired() == 1
     assert (fresh(early).status, fresh(late).status) == (S.QUEUED, S.DISPATCHED)
     services.task_heartbeat(task_id=late.id)
     frozen.shift(250)
-    assert services.tasks_reap_expired() == 0
+    assert housekeeping.tasks_reap_expired() == 0
 
 
 @pytest.mark.django_db
@@ -220,7 +220,7 @@ def test_tasks_reap_expired__in_batches(push: Push, frozen: TimeMachineFixture) 
         push()
     services.task_pop(scheduler_id="boefje", limit=5)
     frozen.shift(301)
-    assert services.tasks_reap_expired(batch_size=2) == 5
+    assert housekeeping.tasks_reap_expired(batch_size=2) == 5
     assert Task.objects.filter(status=S.QUEUED).count() == 5
 
 
@@ -239,7 +239,7 @@ def test_tasks_prune__only_old_finished_tasks(push: Push, frozen: TimeMachineFix
     Task.objects.filter(id=recent.id).update(status=S.COMPLETED)
 
     frozen.shift(timedelta(days=1, seconds=1))  # 7 days after the first ones finished
-    assert services.tasks_prune() == 3
+    assert housekeeping.tasks_prune() == 3
 
     gone = [old[s].id for s in (S.COMPLETED, S.FAILED, S.CANCELLED)]
     assert not Task.objects.filter(id__in=gone).exists()
@@ -248,7 +248,7 @@ def test_tasks_prune__only_old_finished_tasks(push: Push, frozen: TimeMachineFix
     assert set(Task.objects.values_list("id", flat=True)) == kept
 
     frozen.shift(timedelta(days=23))  # 30 days after
-    assert services.tasks_prune() == 2  # the dead letter and `recent`
+    assert housekeeping.tasks_prune() == 2  # the dead letter and `recent`
     assert set(Task.objects.values_list("id", flat=True)) == {queued.id, running.id}
     assert TaskEvent.objects.filter(task_id=queued.id).exists()
 
@@ -259,9 +259,9 @@ def test_tasks_prune__explicit_ages_and_batches(push: Push, frozen: TimeMachineF
         Task.objects.filter(id=push().id).update(status=S.COMPLETED)
     dead = finish(push, S.DEAD)
     frozen.shift(timedelta(hours=2))
-    assert services.tasks_prune(older_than=timedelta(hours=3)) == 0
-    assert services.tasks_prune(older_than=timedelta(hours=1), batch_size=2) == 5
-    assert services.tasks_prune(dead_older_than=timedelta(hours=1)) == 1
+    assert housekeeping.tasks_prune(older_than=timedelta(hours=3)) == 0
+    assert housekeeping.tasks_prune(older_than=timedelta(hours=1), batch_size=2) == 5
+    assert housekeeping.tasks_prune(dead_older_than=timedelta(hours=1)) == 1
     assert not Task.objects.filter(id=dead.id).exists()
 
 

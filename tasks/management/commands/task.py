@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 
-from tasks import selectors, services
+from tasks import housekeeping, selectors, services
 from tasks.exceptions import QueueError
 from tasks.management.commands._base import SubcommandCommand, dumps, parse_json_object
 from tasks.models import Task, TaskEvent, TaskStatus
@@ -137,10 +137,10 @@ class Command(SubcommandCommand):
             raise CommandError(f"{failures} of {len(ids)} tasks were not requeued.")
 
     def _reap(self, **_: Any) -> None:
-        self.stdout.write(f"reaped {services.tasks_reap_expired(actor='cli')} expired leases")
+        self.stdout.write(f"reaped {housekeeping.tasks_reap_expired(actor='cli')} expired leases")
 
     def _prune(self, *, days: int | None, dead_days: int | None, **_: Any) -> None:
-        deleted = services.tasks_prune(
+        deleted = housekeeping.tasks_prune(
             older_than=timedelta(days=days) if days else None,
             dead_older_than=timedelta(days=dead_days) if dead_days else None,
         )

@@ -1,0 +1,69 @@
+"""Housekeeping of the task table, run by beat's periodic jobs and `manage.py task`: the
+reaper (expired leases become failed attempts) and retention (finished tasks pruned)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from tasks import queue, services
+from tasks.exceptions import TransitionRefused
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+
+
+def tasks_reap_expired(*, batch_size: int = 500, actor: str = "reaper") -> int:
+    """Turn expired leases into failed attempts ("lost"); the retry policy decides what next."""
+    reaped = 0
+    while True:
+        with transaction.atomic():
+            expired = queue.lease_expired_ids(now=timezone.now(), limit=batch_size)
+            for task in Task.objects.select_related("scheduler").filter(id__in=expired):
+                try:
+                    services.fail_attempt(task, error="lease expired (lost)", actor=actor)
+                    reaped += 1
+                except TransitionRefused:
+                    continue  # reported or heartbeated meanwhile: not lost after all
+        if len(expired) < batch_size:
+            return reaped
+
+
+def tasks_prune(
+    *,
+    older_than: timedelta | None = None,
+    dead_older_than: timedelta | None = None,
+    batch_size: int = 1000,
+) -> int:
+    """Delete finished tasks (and their events) last changed before the retention age, in
+    batches so no transaction holds locks for long. Dead letters are kept longer."""
+    now = timezone.now()
+    cutoffs = {
+        TaskStatus.COMPLETED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
+        TaskStatus.FAILED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
+        TaskStatus.CANCELLED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
+        TaskStatus.DEAD: dead_older_than or timedelta(days=settings.TASK_DEAD_RETENTION_DAYS),
+    }
+    deleted = 0
+    for scheduler_id in Scheduler.objects.values_list("id", flat=True):
+        for status, age in cutoffs.items():
+            deleted += _prune_one(scheduler_id, status, now - age, batch_size)
+    return deleted
+
+
+def _prune_one(scheduler_id: str, status: str, cutoff: datetime, batch_size: int) -> int:
+    deleted = 0
+    while True:
+        with transaction.atomic():
+            ids = list(
+                Task.objects.filter(
+                    scheduler_id=scheduler_id, status=status, modified_at__lt=cutoff
+                ).values_list("id", flat=True)[:batch_size]
+            )
+            if ids:
+                TaskEvent.objects.filter(task_id__in=ids).delete()
+                Task.objects.filter(id__in=ids, status=status).delete()
+        deleted += len(ids)
+        if len(ids) < batch_size:
+            return deleted
