@@ -198,7 +198,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Celery's Django fixup closes the database connection around every task unless this is set:
 # a new PostgreSQL backend per task, half the CPU of a no-op task. Keep connections; the
-# task_prerun hook in scheduler_site.celery still applies CONN_MAX_AGE and health checks.
+# task_prerun hook in scheduler_site.celery still drops old or failed ones.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()

@@ -13,12 +13,19 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import close_old_connections, connections
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+    connections,
+)
 from django.utils import timezone
 
 from tasks import dispatch, locks, services
@@ -28,6 +35,8 @@ from tasks.models import Task
 from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Heartbeat:
@@ -137,7 +146,9 @@ def _beater() -> Beater:
 def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
     """Run one dispatched attempt; returns what happened (for logs and tests)."""
     try:
-        task = services.task_start(task_id=task_id, actor=worker, attempt=attempt)
+        task = _reconnecting(
+            lambda: services.task_start(task_id=task_id, actor=worker, attempt=attempt)
+        )
     except QueueError as exc:
         logger.info("task %s attempt %s: not claimed (%s)", task_id, attempt, exc.message)
         return "skipped"
@@ -168,6 +179,21 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
         return _run(task, handler, lock_names, worker=worker)
     finally:
         locks.release(lock_names, owner=str(task.id))
+
+
+def _reconnecting(call: Callable[[], T]) -> T:
+    """`call()`; once more on a fresh connection if the database connection turns out broken
+    (the worker keeps connections across tasks without a health check before each: a database
+    restart is noticed here). A claim or report that did commit before the break is refused the
+    second time, by the compare-and-swap: never applied twice."""
+    try:
+        return call()
+    except (InterfaceError, OperationalError) as exc:
+        if connection.in_atomic_block:
+            raise  # inside a caller's transaction: the caller decides
+        logger.warning("database connection failed (%s); reconnecting once", exc)
+        connection.close()
+        return call()
 
 
 def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) -> str:
@@ -203,7 +229,11 @@ def _cancel_requested(task_id: uuid.UUID) -> bool:
 
 def _report_success(task: Task, result: Any, *, worker: str) -> str:
     try:
-        services.task_complete(task_id=task.id, result=result, actor=worker, attempt=task.attempts)
+        _reconnecting(
+            lambda: services.task_complete(
+                task_id=task.id, result=result, actor=worker, attempt=task.attempts
+            )
+        )
     except QueueError as exc:
         logger.warning("task %s: result not recorded (%s)", task.id, exc.message)
         return "lost"
@@ -212,8 +242,14 @@ def _report_success(task: Task, result: Any, *, worker: str) -> str:
 
 def _report_failure(task: Task, handler: Handler, error: str, *, worker: str) -> str:
     try:
-        services.task_fail(
-            task_id=task.id, error=error, actor=worker, attempt=task.attempts, retry=handler.retry
+        _reconnecting(
+            lambda: services.task_fail(
+                task_id=task.id,
+                error=error,
+                actor=worker,
+                attempt=task.attempts,
+                retry=handler.retry,
+            )
         )
     except QueueError as exc:
         logger.warning("task %s: failure not recorded (%s)", task.id, exc.message)

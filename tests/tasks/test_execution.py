@@ -293,6 +293,39 @@ def test_execute__holds_the_handlers_locks_while_running_and_releases_them() -> 
         assert not Lock.objects.exists(), "locks left behind after the run"
 
 
+def _terminate_this_connections_backend() -> None:
+    """What a database restart does to a worker's idle connection."""
+    connections["default"].ensure_connection()
+    pid = connections["default"].connection.info.backend_pid
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        other.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # the worker's own connection is killed and replaced
+def test_execute__reconnects_when_the_database_dropped_the_connection_between_tasks() -> None:
+    _celery("echo", "demo.echo")
+    pushed = services.task_push(scheduler_id="echo", data={"n": 1})  # fast path: DISPATCHED
+    with contextlib.suppress(Exception):
+        app.control.purge()
+    task = fresh(pushed)
+    assert task.status == S.DISPATCHED
+    _terminate_this_connections_backend()
+
+    assert _run(task) == "completed"
+
+    task = fresh(task)
+    assert (task.status, task.attempts) == (S.COMPLETED, 1)
+    assert [step[:2] for step in history(task)][-2:] == [
+        (S.DISPATCHED, S.RUNNING),
+        (S.RUNNING, S.COMPLETED),
+    ]
+
+
 # --- cancel and the heartbeat ----------------------------------------------------------------
 
 
