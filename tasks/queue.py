@@ -73,14 +73,16 @@ def _converters() -> list[tuple[int, list[Any], Any]]:
     return _CONVERTERS
 
 
-def _fetch_tasks(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Task]:
-    """Tasks from a statement returning every Task column in field order, then any extra
-    columns (set as attributes). Task.objects.raw() did the same, but re-read the cursor's
-    description and rebuilt its converters on every call: most of a claim's Python time."""
+def _fetch_tasks(
+    sql: str, params: Sequence[Any] | Mapping[str, Any], *, extras: Sequence[str] = ()
+) -> list[Task]:
+    """Tasks from a statement returning every Task column in field order, then the `extras`
+    columns (set as attributes under those names). Task.objects.raw() did the same, but read
+    the cursor's description (an object per column) and rebuilt its converters on every call:
+    most of a claim's Python time."""
     attnames = [f.attname for f in Task._meta.concrete_fields]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        extras = [column[0] for column in cursor.description[len(attnames) :]]
         rows = cursor.fetchall()
     converters = _converters()
     tasks = []
@@ -297,8 +299,9 @@ def _start_sql() -> str:
     # row, sparing the worker a second read. attempts = COALESCE(...) is the fence: a caller
     # that names an attempt only claims that one. broker_room is what dispatch may still send
     # to an unpaused celery queue: every CTE sees the snapshot from before the UPDATE, where
-    # this task still counts as DISPATCHED, hence the + 1. (The CASE keeps pull queues, whose
-    # DISPATCHED tasks may be many, from counting.)
+    # this task still counts as DISPATCHED, hence the + 1. It is NULL when there is nothing
+    # to send (no QUEUED task: at low load every claim would otherwise start a futile dispatch
+    # round), and for pull queues, whose DISPATCHED tasks may be many and are not counted.
     n = _names()
     return f"""
         WITH started AS (
@@ -309,7 +312,10 @@ def _start_sql() -> str:
                 AND t.attempts = COALESCE(%(attempt)s, t.attempts) AND s.id = t.scheduler_id
             RETURNING {_returned("t")}, s.handler AS handler_name,
                 s.dispatch_threshold AS dispatch_threshold,
-                CASE WHEN s.kind = 'celery' AND NOT s.paused THEN s.dispatch_threshold + 1 - (
+                CASE WHEN s.kind = 'celery' AND NOT s.paused AND EXISTS (
+                    SELECT 1 FROM {n["task"]} q
+                    WHERE q.scheduler_id = s.id AND q.status = 'QUEUED'
+                ) THEN s.dispatch_threshold + 1 - (
                     SELECT count(*) FROM {n["task"]} d
                     WHERE d.scheduler_id = s.id AND d.status = 'DISPATCHED'
                 ) END AS broker_room
@@ -364,7 +370,8 @@ def start_dispatched(
     """DISPATCHED -> RUNNING with the scheduler's lease, and its event; the task, or None if it
     was not DISPATCHED on `attempt`. The task also carries `handler_name` (its scheduler's
     handler), its scheduler's `dispatch_threshold`, and `broker_room`: the threshold minus the
-    DISPATCHED tasks of its unpaused celery queue after this claim (None for other queues)."""
+    DISPATCHED tasks of its unpaused celery queue after this claim; None for other queues, and
+    when the queue has no QUEUED task to send."""
     if not ONE_STATEMENT_POP:
         return _start_dispatched_sqlite(task_id=task_id, attempt=attempt, now=now, actor=actor)
     params = {
@@ -373,7 +380,11 @@ def start_dispatched(
         "now": _prep("modified_at", now),
         "actor": actor[:200],
     }
-    rows = _fetch_tasks(_hot_sql("start", _start_sql), params)
+    rows = _fetch_tasks(
+        _hot_sql("start", _start_sql),
+        params,
+        extras=("handler_name", "dispatch_threshold", "broker_room"),
+    )
     return rows[0] if rows else None
 
 
@@ -393,7 +404,7 @@ def complete_leased(
         "result": _prep("result", result),
         "actor": actor[:200],
     }
-    rows = _fetch_tasks(_hot_sql("complete", _complete_sql), params)
+    rows = _fetch_tasks(_hot_sql("complete", _complete_sql), params, extras=("from_status",))
     return rows[0] if rows else None
 
 
@@ -443,7 +454,8 @@ def _start_dispatched_sqlite(
         task, from_status = claimed
         record_events([task], from_status=from_status, actor=actor, note="started", at=now)
         task.broker_room = None
-        if scheduler.kind == "celery" and not scheduler.paused:
+        queued = Task.objects.filter(scheduler_id=scheduler.id, status=TaskStatus.QUEUED)
+        if scheduler.kind == "celery" and not scheduler.paused and queued.exists():
             in_broker = Task.objects.filter(
                 scheduler_id=scheduler.id, status=TaskStatus.DISPATCHED
             ).count()

@@ -197,10 +197,21 @@ class HeartbeatSerializer(StrictTypes):
 
 
 class ReleaseSerializer(StrictTypes):
+    DEFAULT_REASON = "released by its runner"
+
     attempt = serializers.IntegerField(required=False, min_value=1)
+    # Blank (or only whitespace, which is trimmed) means "no reason given", not a bad request:
+    # the schema cannot say "not only whitespace", and a runner stopping should not be refused.
     reason = serializers.CharField(
-        required=False, default="released by its runner", max_length=500, validators=[reject_nul]
+        required=False,
+        allow_blank=True,
+        default=DEFAULT_REASON,
+        max_length=500,
+        validators=[reject_nul],
     )
+
+    def validate_reason(self, value: str) -> str:
+        return value or self.DEFAULT_REASON
 
 
 class TaskEventSerializer(serializers.ModelSerializer):

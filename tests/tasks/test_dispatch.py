@@ -453,3 +453,12 @@ def test_refill_on_claim__tops_the_broker_up_once_half_the_threshold_is_free(
     assert _count(S.DISPATCHED, "refill") == 4
     assert len(_broker_messages()) == 2
     assert (_count(S.RUNNING, "refill"), _count(S.QUEUED, "refill")) == (2, 4)
+
+
+def test_task_start__no_broker_room_when_nothing_is_queued(celery_queue: Scheduler) -> None:
+    # Every claim at low load would otherwise start a dispatch round with nothing to send.
+    _push(2)
+    dispatch.dispatch_scheduler("echo")
+    assert _count(S.QUEUED) == 0
+
+    assert _claim_next().broker_room is None
