@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.validators import RegexValidator
 from drf_spectacular import openapi
 from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
@@ -61,6 +62,25 @@ class AutoSchema(openapi.AutoSchema):
                 response["content"] = {"application/json": {"schema": error}}
         operation["responses"] = dict(sorted(responses.items()))
         return operation
+
+    def _map_serializer_field(
+        self, field: Any, direction: str, bypass_extensions: bool = False
+    ) -> dict[str, Any]:
+        schema = super()._map_serializer_field(field, direction, bypass_extensions)
+        if (
+            direction == "request"
+            and isinstance(field, serializers.CharField)
+            and field.trim_whitespace
+            and not field.allow_blank
+            and schema.get("type") == "string"
+            and not {"pattern", "format", "enum"} & schema.keys()
+            and not any(isinstance(v, RegexValidator) for v in field.validators)
+        ):
+            # DRF trims the value, then refuses it blank: " " has a minLength of 1 but is
+            # refused. Say so: at least one character that is not whitespace. (A field with
+            # a RegexValidator gets that pattern later, from drf-spectacular.)
+            schema["pattern"] = r"\S"
+        return schema
 
     def _get_filter_parameters(self) -> list[dict[str, Any]]:
         # The filter backend refuses a filter given empty (scheduler_site.api_input).
