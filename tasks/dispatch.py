@@ -131,14 +131,12 @@ def _dispatch_quietly(scheduler_id: str) -> None:
 
 
 def refill_on_claim(task: Task) -> None:
-    """After a worker claimed a task: top its queue's broker share up, once half of the
-    threshold is free. The claim itself says how much room there is (`broker_room`; None for
-    pull or paused queues, or when nothing is QUEUED), so the check costs no query. Done
-    before the handler runs, so a long handler does not leave the broker dry meanwhile. A full
-    dispatch round (row lock, claim, events, send) after every single task made workers queue
-    on the scheduler row."""
-    room = getattr(task, "broker_room", None)
-    if room is not None and room >= max(1, task.dispatch_threshold // 2):
+    """After a worker claimed a task: top its queue's broker share up when the claim says so
+    (`broker_room` is set once half of the threshold is free and something is QUEUED), which
+    costs no query. Done before the handler runs, so a long handler does not leave the broker
+    dry meanwhile. A full dispatch round (row lock, claim, events, send) after every single
+    task made workers queue on the scheduler row."""
+    if getattr(task, "broker_room", None) is not None:
         _dispatch_quietly(task.scheduler_id)
 
 

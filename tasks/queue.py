@@ -297,11 +297,13 @@ def _names() -> dict[str, str]:
 def _start_sql() -> str:
     # The lease is the scheduler's, so the UPDATE joins it; its handler comes back with the
     # row, sparing the worker a second read. attempts = COALESCE(...) is the fence: a caller
-    # that names an attempt only claims that one. broker_room is what dispatch may still send
-    # to an unpaused celery queue: every CTE sees the snapshot from before the UPDATE, where
-    # this task still counts as DISPATCHED, hence the + 1. It is NULL when there is nothing
-    # to send (no QUEUED task: at low load every claim would otherwise start a futile dispatch
-    # round), and for pull queues, whose DISPATCHED tasks may be many and are not counted.
+    # that names an attempt only claims that one.
+    # broker_room says whether the claim should top the broker up: the room left under the
+    # threshold of an unpaused celery queue, once at least half of it is free and something
+    # is QUEUED to fill it with; NULL otherwise (pull queues are not counted: their DISPATCHED
+    # tasks may be many). The final SELECT sees the snapshot from before the UPDATE, where
+    # this task still counts as DISPATCHED, hence the + 1; the nested CASE looks for QUEUED
+    # tasks only when there is room.
     n = _names()
     return f"""
         WITH started AS (
@@ -312,18 +314,24 @@ def _start_sql() -> str:
                 AND t.attempts = COALESCE(%(attempt)s, t.attempts) AND s.id = t.scheduler_id
             RETURNING {_returned("t")}, s.handler AS handler_name,
                 s.dispatch_threshold AS dispatch_threshold,
-                CASE WHEN s.kind = 'celery' AND NOT s.paused AND EXISTS (
-                    SELECT 1 FROM {n["task"]} q
-                    WHERE q.scheduler_id = s.id AND q.status = 'QUEUED'
-                ) THEN s.dispatch_threshold + 1 - (
-                    SELECT count(*) FROM {n["task"]} d
-                    WHERE d.scheduler_id = s.id AND d.status = 'DISPATCHED'
-                ) END AS broker_room
+                (s.kind = 'celery' AND NOT s.paused) AS dispatched_by_us
         ), events AS (
             INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
             SELECT id, 'DISPATCHED', 'RUNNING', %(now)s, %(actor)s, 'started' FROM started
+        ), room AS (
+            SELECT started.dispatch_threshold + 1 - (
+                SELECT count(*) FROM {n["task"]} d
+                WHERE d.scheduler_id = started.scheduler_id AND d.status = 'DISPATCHED'
+            ) AS free FROM started WHERE started.dispatched_by_us
         )
-        SELECT * FROM started
+        SELECT {_returned("started")}, started.handler_name, started.dispatch_threshold,
+            (SELECT CASE WHEN room.free >= GREATEST(1, started.dispatch_threshold / 2) THEN
+                CASE WHEN EXISTS (
+                    SELECT 1 FROM {n["task"]} q
+                    WHERE q.scheduler_id = started.scheduler_id AND q.status = 'QUEUED'
+                ) THEN room.free END
+            END FROM room) AS broker_room
+        FROM started
     """
 
 
@@ -369,9 +377,9 @@ def start_dispatched(
 ) -> Task | None:
     """DISPATCHED -> RUNNING with the scheduler's lease, and its event; the task, or None if it
     was not DISPATCHED on `attempt`. The task also carries `handler_name` (its scheduler's
-    handler), its scheduler's `dispatch_threshold`, and `broker_room`: the threshold minus the
-    DISPATCHED tasks of its unpaused celery queue after this claim; None for other queues, and
-    when the queue has no QUEUED task to send."""
+    handler), its scheduler's `dispatch_threshold`, and `broker_room`: when the broker share of
+    its unpaused celery queue should be topped up (half the threshold or more free, and
+    something QUEUED), the room left after this claim; else None."""
     if not ONE_STATEMENT_POP:
         return _start_dispatched_sqlite(task_id=task_id, attempt=attempt, now=now, actor=actor)
     params = {
@@ -454,12 +462,14 @@ def _start_dispatched_sqlite(
         task, from_status = claimed
         record_events([task], from_status=from_status, actor=actor, note="started", at=now)
         task.broker_room = None
-        queued = Task.objects.filter(scheduler_id=scheduler.id, status=TaskStatus.QUEUED)
-        if scheduler.kind == "celery" and not scheduler.paused and queued.exists():
+        if scheduler.kind == "celery" and not scheduler.paused:
             in_broker = Task.objects.filter(
                 scheduler_id=scheduler.id, status=TaskStatus.DISPATCHED
             ).count()
-            task.broker_room = scheduler.dispatch_threshold - in_broker
+            free = scheduler.dispatch_threshold - in_broker
+            queued = Task.objects.filter(scheduler_id=scheduler.id, status=TaskStatus.QUEUED)
+            if free >= max(1, scheduler.dispatch_threshold // 2) and queued.exists():
+                task.broker_room = free
     task.handler_name = scheduler.handler
     task.dispatch_threshold = scheduler.dispatch_threshold
     return task
