@@ -40,6 +40,11 @@ def _recycle_old_connections(**_: object) -> None:
     from django.db import connections
 
     for conn in connections.all(initialized_only=True):
+        if conn.connection is None:
+            continue
         expired = conn.close_at is not None and time.monotonic() >= conn.close_at
-        if conn.connection is not None and (conn.errors_occurred or expired):
+        # A task that left autocommit off (or a transaction open) would make every later
+        # one-statement claim and report run in a transaction that never commits.
+        left_open = conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"]
+        if conn.errors_occurred or expired or left_open:
             conn.close_if_unusable_or_obsolete()

@@ -37,6 +37,15 @@ COMMON = {
 }
 
 
+# One character that str.strip() (DRF's trimming) keeps. Not `\S`: JSON Schema patterns are
+# ECMA-262 regexes, whose whitespace differs from Python's (U+001C-U+001F, U+0085 are
+# whitespace to Python only), so this names Python's whitespace, written alike in both.
+NOT_ONLY_WHITESPACE = (
+    r"[^\t\n\u000b\u000c\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029"
+    r"\u202f\u205f\u3000]"
+)
+
+
 class AutoSchema(openapi.AutoSchema):
     def get_operation(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         operation = super().get_operation(*args, **kwargs)
@@ -79,7 +88,7 @@ class AutoSchema(openapi.AutoSchema):
             # DRF trims the value, then refuses it blank: " " has a minLength of 1 but is
             # refused. Say so: at least one character that is not whitespace. (A field with
             # a RegexValidator gets that pattern later, from drf-spectacular.)
-            schema["pattern"] = r"\S"
+            schema["pattern"] = NOT_ONLY_WHITESPACE
         return schema
 
     def _get_filter_parameters(self) -> list[dict[str, Any]]:

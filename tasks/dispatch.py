@@ -10,7 +10,6 @@ worker finishes (to keep the pipeline full).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
@@ -95,8 +94,10 @@ def _send(tasks: Sequence[Task], handler_name: str) -> None:
 def _hand_back_quietly(task: Task, *, reason: str) -> None:
     # Refused: it already moved on (claimed, reaped or cancelled): nothing to hand back.
     # No fast path: it would dispatch the task again at once, to the broker that just failed,
-    # over and over; the periodic dispatcher sends it once the broker is back.
-    with contextlib.suppress(TransitionRefused):
+    # over and over; the periodic dispatcher sends it once the broker is back. Any other error
+    # is logged, not raised: the round's other tasks must still be handed back (one left
+    # DISPATCHED without a message waits for its lease, and the reaper spends an attempt).
+    try:
         services.task_hand_back(
             task_id=task.id,
             reason=reason,
@@ -105,6 +106,10 @@ def _hand_back_quietly(task: Task, *, reason: str) -> None:
             notify=False,
             unclaimed_only=True,
         )
+    except TransitionRefused:
+        pass
+    except Exception:
+        logger.exception("task %s: could not hand it back", task.id)
 
 
 def dispatch_all() -> dict[str, int]:

@@ -106,18 +106,25 @@ class Beater(threading.Thread):
 
     def run(self) -> None:
         while True:
-            time.sleep(self._seconds_to_next())
-            with self.guard:
-                due = [h for h in self.heartbeats if h.due_at <= time.monotonic()]
-                idle = not self.heartbeats
-            if due:
-                # This thread's connection outlives any one task: drop it when broken or past
-                # CONN_MAX_AGE, as the worker does before each task.
-                close_old_connections()
-            elif idle:
-                connections.close_all()  # nothing to beat: hold no connection meanwhile
-            for heartbeat in due:
-                heartbeat.beat()
+            try:
+                self._round()
+            except Exception:  # a dead beater would let every running task's lease run out
+                logger.exception("heartbeat round failed")
+                time.sleep(1)
+
+    def _round(self) -> None:
+        time.sleep(self._seconds_to_next())
+        with self.guard:
+            due = [h for h in self.heartbeats if h.due_at <= time.monotonic()]
+            idle = not self.heartbeats
+        if due:
+            # This thread's connection outlives any one task: drop it when broken or past
+            # CONN_MAX_AGE, as the worker does before each task.
+            close_old_connections()
+        elif idle:
+            connections.close_all()  # nothing to beat: hold no connection meanwhile
+        for heartbeat in due:
+            heartbeat.beat()
 
     def _seconds_to_next(self) -> float:
         with self.guard:
@@ -134,10 +141,10 @@ _BEATER_GUARD = threading.Lock()
 
 def _beater() -> Beater:
     """This process's beater, started on first use: a prefork child must not inherit its
-    parent's (threads do not survive fork)."""
+    parent's (threads do not survive fork), and one that died is replaced."""
     global _BEATER, _BEATER_PID
     with _BEATER_GUARD:
-        if _BEATER is None or os.getpid() != _BEATER_PID:
+        if _BEATER is None or os.getpid() != _BEATER_PID or not _BEATER.is_alive():
             _BEATER, _BEATER_PID = Beater(), os.getpid()
             _BEATER.start()
         return _BEATER
@@ -182,16 +189,17 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
 
 
 def _reconnecting(call: Callable[[], T]) -> T:
-    """`call()`; once more on a fresh connection if the database connection turns out broken
-    (the worker keeps connections across tasks without a health check before each: a database
-    restart is noticed here). A claim or report that did commit before the break is refused the
-    second time, by the compare-and-swap: never applied twice."""
+    """`call()`; once more on a fresh connection if the database connection turns out to be
+    broken (the worker keeps connections across tasks without a health check before each: a
+    database restart is noticed here). Other database errors (a deadlock, a timeout) are
+    raised as they are. A claim or report that had committed before the connection broke is
+    refused the second time by the compare-and-swap: never applied twice."""
     try:
         return call()
     except (InterfaceError, OperationalError) as exc:
-        if connection.in_atomic_block:
-            raise  # inside a caller's transaction: the caller decides
-        logger.warning("database connection failed (%s); reconnecting once", exc)
+        if connection.in_atomic_block or (connection.connection and connection.is_usable()):
+            raise  # a caller's transaction, or an error of the statement, not of the link
+        logger.warning("database connection lost (%s); reconnecting once", exc)
         connection.close()
         return call()
 
@@ -206,20 +214,23 @@ def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) ->
         is_cancelled=lambda: heartbeat.cancelled.is_set() or _cancel_requested(task.id),
     )
     heartbeat.start()
+    error = None
     try:
         result = handler.func(context)
     except TaskCancelled as exc:
-        return _report_failure(task, handler, f"cancelled: {exc}", worker=worker)
+        error = f"cancelled: {exc}"
     except SoftTimeLimitExceeded:
-        return _report_failure(task, handler, "soft time limit exceeded", worker=worker)
+        error = "soft time limit exceeded"
     except Exception as exc:
         logger.info(
             "task %s attempt %s failed: %s: %s", task.id, task.attempts, type(exc).__name__, exc
         )
         logger.debug("task %s: traceback", task.id, exc_info=True)
-        return _report_failure(task, handler, f"{type(exc).__name__}: {exc}", worker=worker)
+        error = f"{type(exc).__name__}: {exc}"
     finally:
-        heartbeat.stop()
+        heartbeat.stop()  # before the report: no beat races it
+    if error is not None:
+        return _report_failure(task, handler, error, worker=worker)
     return _report_success(task, result, worker=worker)
 
 

@@ -337,7 +337,10 @@ def _start_sql() -> str:
 
 def _complete_sql() -> str:
     # A runner may report COMPLETED straight from DISPATCHED, so the status it had is read
-    # (and the row locked) in `previous`; the UPDATE re-checks it: the compare-and-swap.
+    # (and the row locked) in `previous`. The UPDATE re-checks the allowed statuses, not
+    # `previous.status`: it scans the statement's snapshot, and when `previous` waited for a
+    # concurrent claim (DISPATCHED -> RUNNING) the snapshot still says DISPATCHED; the
+    # re-check then runs on the newest version, the one `previous` locked and read.
     n = _names()
     return f"""
         WITH previous AS MATERIALIZED (
@@ -349,7 +352,8 @@ def _complete_sql() -> str:
             UPDATE {n["task"]} t SET status = 'COMPLETED', modified_at = %(now)s,
                 result = %(result)s, error = '', lease_expires_at = NULL
             FROM previous
-            WHERE t.id = previous.id AND t.status = previous.status
+            WHERE t.id = previous.id AND t.status IN ('DISPATCHED', 'RUNNING')
+                AND t.attempts = COALESCE(%(attempt)s, t.attempts)
             RETURNING {_returned("t")}, previous.status AS from_status
         ), events AS (
             INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)

@@ -350,7 +350,9 @@ def task_complete(
         "task %s %s -> COMPLETED by %s completed", completed.id, completed.from_status, actor
     )
     for hook in on_completed_hooks:
-        transaction.on_commit(lambda hook=hook: hook(completed))
+        # robust: the completion has committed (at once, in autocommit); a failing hook is
+        # logged, and must not make the worker report it again or call it lost.
+        transaction.on_commit(lambda hook=hook: hook(completed), robust=True)
     return completed
 
 

@@ -58,3 +58,15 @@ def test_recycle_old_connections__drops_one_that_failed_and_is_unusable(
     _recycle_old_connections()
 
     assert connection.connection is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_recycle_old_connections__drops_one_left_out_of_autocommit(open_connection: None) -> None:
+    # Found in review: otherwise the next tasks' claims and reports would run in a
+    # transaction that never commits.
+    connection.set_autocommit(False)
+
+    _recycle_old_connections()
+
+    assert connection.connection is None
+    assert connection.get_autocommit()  # a fresh connection, as configured

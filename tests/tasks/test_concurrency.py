@@ -4,13 +4,15 @@ not marked `postgres` (there IMMEDIATE transactions serialise the writers)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import time_machine
-from django.db import connection
+from django.db import connection, connections
 from django.utils import timezone
 
 from tasks import housekeeping, services
@@ -292,3 +294,55 @@ def test_task_complete__racing_the_reaper_each_attempt_ends_exactly_once() -> No
         assert len(ends) == 1, f"attempt ended {len(ends)} times: {ends}"
         assert task.status == ends[0]  # demo.echo: no retry, so a reaped attempt is FAILED
         assert task.status in {TaskStatus.COMPLETED, TaskStatus.FAILED}
+
+
+@pytest.mark.postgres
+def test_task_complete__waits_for_a_concurrent_claim_then_completes() -> None:
+    # Found in review: the completion locked the row, waited for the claim to commit, read
+    # RUNNING, then re-checked that against its older snapshot (DISPATCHED) and dropped a
+    # legitimate result.
+    (task_id, attempt), *_ = _dispatched_celery_tasks("behind", 1)
+    claim = connections.create_connection("default")
+    outcome: dict[str, Any] = {}
+
+    def complete() -> None:
+        try:
+            outcome["task"] = services.task_complete(
+                task_id=task_id, attempt=attempt, result={"ok": 1}, actor="runner"
+            )
+        except Exception as exc:  # reported below, not lost in the thread
+            outcome["error"] = exc
+        finally:
+            connections.close_all()
+
+    try:
+        with claim.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute("UPDATE tasks_task SET status = 'RUNNING' WHERE id = %s", [task_id])
+            completer = threading.Thread(target=complete)
+            completer.start()
+            _wait_until_blocked_on_a_lock(cursor, outcome)
+            cursor.execute("COMMIT")
+        completer.join(30)
+    finally:
+        claim.close()
+
+    assert "error" not in outcome, outcome.get("error")
+    assert (outcome["task"].status, outcome["task"].from_status) == ("COMPLETED", "RUNNING")
+    ends = TaskEvent.objects.filter(task_id=task_id, to_status=TaskStatus.COMPLETED)
+    assert list(ends.values_list("from_status", flat=True)) == ["RUNNING"]
+
+
+def _wait_until_blocked_on_a_lock(cursor: Any, outcome: dict[str, Any]) -> None:
+    for _ in range(300):
+        assert not outcome, f"the completion did not wait: {outcome}"
+        # Activity is read once per transaction, and this cursor is inside one: re-read it.
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+        if cursor.fetchone()[0]:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the completion never waited for the claim's row lock")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from django.contrib.auth.models import User
-from django.db import connections
+from django.db import OperationalError, connections
 from django.utils import timezone
 from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
@@ -326,6 +327,23 @@ def test_execute__reconnects_when_the_database_dropped_the_connection_between_ta
     ]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_reconnecting__a_statement_error_on_a_live_connection_is_raised_not_retried() -> None:
+    # Found in review: a deadlock or a timeout is not a lost connection; retrying it would
+    # hide the error (and a report that committed would be called lost).
+    calls: list[int] = []
+
+    def deadlocked() -> None:
+        connections["default"].ensure_connection()
+        calls.append(1)
+        raise OperationalError("deadlock detected")
+
+    with pytest.raises(OperationalError):
+        execution._reconnecting(deadlocked)
+
+    assert calls == [1]
+
+
 # --- cancel and the heartbeat ----------------------------------------------------------------
 
 
@@ -447,6 +465,56 @@ def test_beater__a_forked_worker_process_starts_its_own() -> None:
 
     assert answers.get(timeout=5) == (True, True, True)
     assert parent.is_alive() and execution._beater() is parent
+
+
+def test_beater__survives_a_failing_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A dead beater would let the lease of every task of the process run out mid-run.
+    beater = execution.Beater()
+    rounds: list[int] = []
+
+    def failing_then_fine() -> None:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("database gone")
+        time.sleep(0.05)
+
+    monkeypatch.setattr(beater, "_round", failing_then_fine)
+    beater.start()
+    deadline = time.monotonic() + 10
+    while len(rounds) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert len(rounds) >= 2 and beater.is_alive()
+
+
+def test_beater__a_dead_one_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = execution.Beater()  # never started: not alive
+    monkeypatch.setattr(execution, "_BEATER", dead)
+    monkeypatch.setattr(execution, "_BEATER_PID", os.getpid())
+
+    replacement = execution._beater()
+
+    assert replacement is not dead and replacement.is_alive()
+
+
+@pytest.mark.django_db(transaction=True)  # autocommit: on-commit hooks run inside the report
+def test_execute__a_failing_completion_hook_does_not_undo_or_repeat_the_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken_hook(task: Task) -> None:
+        raise RuntimeError("hook failed")
+
+    monkeypatch.setattr(services, "on_completed_hooks", [broken_hook])
+    _celery("echo", "demo.echo")
+    pushed = services.task_push(scheduler_id="echo")  # committed: the fast path dispatches it
+    with contextlib.suppress(Exception):
+        app.control.purge()
+
+    assert _run(fresh(pushed)) == "completed"
+
+    task = fresh(pushed)
+    assert task.status == S.COMPLETED
+    assert [to for _, to, _ in history(task)].count(S.COMPLETED) == 1
 
 
 # --- task_hand_back --------------------------------------------------------------------------
