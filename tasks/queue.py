@@ -186,10 +186,10 @@ def claim_queued(
     return rows
 
 
-# PostgreSQL runs data-modifying CTEs: there a pop is one statement. SQLite cannot, and pops
-# through claim_queued + record_events in one IMMEDIATE transaction instead; the test suite
-# runs both paths (one per database leg).
-ONE_STATEMENT_POP = connection.vendor == "postgresql"
+# PostgreSQL runs data-modifying CTEs: there a pop, a worker's claim and its report are one
+# statement each. SQLite cannot, and runs the same steps in one IMMEDIATE transaction
+# instead; the test suite runs both paths (one per database leg).
+ONE_STATEMENT_WRITES = connection.vendor == "postgresql"
 
 
 def _pop_sql() -> str:
@@ -228,7 +228,13 @@ def _pop_sql() -> str:
     """
 
 
-_POP_SQL: str | None = None
+_HOT_SQL: dict[str, str] = {}  # statement texts, built once (they quote the table names)
+
+
+def _hot_sql(name: str, build: Any) -> str:
+    if name not in _HOT_SQL:
+        _HOT_SQL[name] = build()
+    return _HOT_SQL[name]
 
 
 def pop_in_one_statement(
@@ -236,11 +242,8 @@ def pop_in_one_statement(
 ) -> list[Task]:
     """PostgreSQL only: claim up to `limit` due tasks of an unpaused pull scheduler and write
     their events, in one statement (no transaction block needed). [] says nothing about why."""
-    global _POP_SQL
-    if _POP_SQL is None:
-        _POP_SQL = _pop_sql()
     params = {"scheduler": scheduler_id, "now": now, "limit": limit, "worker": worker}
-    return _fetch_tasks(_POP_SQL, params)
+    return _fetch_tasks(_hot_sql("pop", _pop_sql), params)
 
 
 def lease_expired_ids(*, now: datetime, limit: int) -> list[uuid.UUID]:
@@ -363,15 +366,6 @@ def _complete_sql() -> str:
     """
 
 
-_HOT_SQL: dict[str, str] = {}
-
-
-def _hot_sql(name: str, build: Any) -> str:
-    if name not in _HOT_SQL:
-        _HOT_SQL[name] = build()
-    return _HOT_SQL[name]
-
-
 def _prep(field_name: str, value: Any) -> Any:
     return Task._meta.get_field(field_name).get_db_prep_save(value, connection)
 
@@ -384,7 +378,7 @@ def start_dispatched(
     handler), its scheduler's `dispatch_threshold`, and `broker_room`: when the broker share of
     its unpaused celery queue should be topped up (half the threshold or more free, and
     something QUEUED), the room left after this claim; else None."""
-    if not ONE_STATEMENT_POP:
+    if not ONE_STATEMENT_WRITES:
         return _start_dispatched_sqlite(task_id=task_id, attempt=attempt, now=now, actor=actor)
     params = {
         "id": _prep("id", task_id),
@@ -405,7 +399,7 @@ def complete_leased(
 ) -> Task | None:
     """DISPATCHED or RUNNING -> COMPLETED with `result`, and its event; the task (with
     `from_status`), or None if it was in neither on `attempt`."""
-    if not ONE_STATEMENT_POP:
+    if not ONE_STATEMENT_WRITES:
         return _complete_leased_sqlite(
             task_id=task_id, attempt=attempt, result=result, now=now, actor=actor
         )

@@ -248,7 +248,7 @@ def _pop(
     *, scheduler_id: str, limit: int, filters: Mapping[str, Any] | None, worker: str
 ) -> list[Task]:
     now = timezone.now()
-    if not filters and queue.ONE_STATEMENT_POP:
+    if not filters and queue.ONE_STATEMENT_WRITES:
         # The hot path: one round trip; an empty answer says why in a second query.
         tasks = queue.pop_in_one_statement(
             scheduler_id=scheduler_id, limit=limit, now=now, worker=worker[:200]
@@ -262,7 +262,7 @@ def _pop(
             "workers, not popped.",
             current_status="",
         )
-    if scheduler.paused or (not filters and queue.ONE_STATEMENT_POP):
+    if scheduler.paused or (not filters and queue.ONE_STATEMENT_WRITES):
         return []
     return _pop_filtered(scheduler, limit=limit, filters=filters, worker=worker, now=now)
 

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -34,13 +34,7 @@ from tests.tasks.helpers import T0, fresh, history, snapshot
 
 S = TaskStatus
 
-
-@pytest.fixture(autouse=True)
-def _restore_handlers() -> Iterator[None]:
-    before = dict(HANDLERS)
-    yield
-    HANDLERS.clear()
-    HANDLERS.update(before)
+pytestmark = pytest.mark.usefixtures("restore_handlers")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ and the cancellation check a handler calls."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -26,13 +25,7 @@ from tasks.registry import (
 from tasks.retry import RetrySpec
 from tests.tasks.helpers import snapshot
 
-
-@pytest.fixture(autouse=True)
-def _restore_handlers() -> Iterator[None]:
-    before = dict(HANDLERS)
-    yield
-    HANDLERS.clear()
-    HANDLERS.update(before)
+pytestmark = pytest.mark.usefixtures("restore_handlers")
 
 
 def _context(**fields: object) -> TaskContext:
