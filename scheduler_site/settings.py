@@ -156,10 +156,21 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Several resources have a `status`, each with its own choices: name each enum.
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStatusEnum": "tasks.models.TaskStatus",
+        "ReportedStatusEnum": ["RUNNING", "COMPLETED", "FAILED"],
+        "ScheduleStatusEnum": "schedules.models.ScheduleStatus",
+        "ComputeElementStatusEnum": "pilots.models.CEStatus",
+        "PilotStatusEnum": "pilots.models.PilotStatus",
+    },
 }
 
 # Queue behaviour.
 TASK_DEFAULT_LEASE_SECONDS = env_int("TASK_DEFAULT_LEASE_SECONDS", 300, minimum=1)
+# A task dispatched to the broker that no worker claims within this long is handed back and
+# sent again (its message was lost, e.g. by a broker restart); a duplicate is harmless.
+TASK_CLAIM_TIMEOUT_SECONDS = env_int("TASK_CLAIM_TIMEOUT_SECONDS", 15, minimum=1)
 TASK_POP_MAX_LIMIT = 1000
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 7, minimum=1)
 TASK_DEAD_RETENTION_DAYS = env_int("TASK_DEAD_RETENTION_DAYS", 30, minimum=1)

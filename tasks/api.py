@@ -19,9 +19,11 @@ from rest_framework.response import Response
 from scheduler_site.api_input import CursorPagination
 from tasks import selectors, services
 from tasks.filters import TaskFilter
+from tasks.leases import LeaseProof
 from tasks.models import Scheduler, Task
 from tasks.serializers import (
     HeartbeatSerializer,
+    PoppedTaskSerializer,
     PopSerializer,
     ReleaseSerializer,
     SchedulerSerializer,
@@ -38,12 +40,23 @@ from tasks.serializers import (
 # from the router, never a ValueError in the view.
 UUID_PATTERN = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
-POP_RESPONSE = inline_serializer("PopResponse", {"results": TaskSerializer(many=True)})
+POP_RESPONSE = inline_serializer("PopResponse", {"results": PoppedTaskSerializer(many=True)})
 RUNNER_PERMS = ["tasks.report_task"]
+OPERATOR_PERM = "tasks.change_task"
 
 
 def _actor(request: Request) -> str:
     return getattr(request.user, "username", "") or "anonymous"
+
+
+def _is_operator(request: Request) -> bool:
+    return request.user.has_perm(OPERATOR_PERM)
+
+
+def _proof(request: Request, body: dict[str, Any]) -> LeaseProof:
+    """The caller's claim to a task's lease: the token in the body (taken out of it), or, for
+    an operator, none at all (an override the event records)."""
+    return LeaseProof(token=body.pop("lease_token", None), operator=_is_operator(request))
 
 
 class TaskCursorPagination(CursorPagination):
@@ -120,7 +133,8 @@ class SchedulerViewSet(viewsets.ModelViewSet):
         body = PopSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         tasks = services.task_pop(scheduler_id=pk, worker=_actor(request), **body.validated_data)
-        return Response({"results": TaskSerializer(tasks, many=True).data})
+        # The pop's answer is the one place a runner learns its lease tokens.
+        return Response({"results": PoppedTaskSerializer(tasks, many=True).data})
 
 
 class TaskViewSet(
@@ -146,6 +160,14 @@ class TaskViewSet(
     def get_queryset(self) -> Any:
         return selectors.task_list()
 
+    def get_serializer_context(self) -> dict[str, Any]:
+        context = super().get_serializer_context()
+        context["show_lease_token"] = _is_operator(self.request)
+        return context
+
+    def _render(self, task: Task) -> Response:
+        return Response(self.get_serializer(task).data)
+
     def _task_id(self) -> uuid.UUID:
         return uuid.UUID(self.kwargs["pk"])
 
@@ -156,10 +178,11 @@ class TaskViewSet(
     def partial_update(self, request: Request, pk: str) -> Response:
         body = TaskReportSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        data = dict(body.validated_data)
         task = services.task_report(
-            task_id=self._task_id(), actor=_actor(request), **body.validated_data
+            task_id=self._task_id(), actor=_actor(request), proof=_proof(request, data), **data
         )
-        return Response(TaskSerializer(task).data)
+        return self._render(task)
 
     @extend_schema(
         request=HeartbeatSerializer, responses={200: TaskSerializer, 404: ERROR, 409: ERROR}
@@ -168,8 +191,9 @@ class TaskViewSet(
     def heartbeat(self, request: Request, pk: str) -> Response:
         body = HeartbeatSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        task = services.task_heartbeat(task_id=self._task_id(), **body.validated_data)
-        return Response(TaskSerializer(task).data)
+        data = dict(body.validated_data)
+        task = services.task_heartbeat(task_id=self._task_id(), proof=_proof(request, data), **data)
+        return self._render(task)
 
     @extend_schema(
         request=ReleaseSerializer, responses={200: TaskSerializer, 404: ERROR, 409: ERROR}
@@ -180,22 +204,23 @@ class TaskViewSet(
         is shutting down)."""
         body = ReleaseSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        data = dict(body.validated_data)
         task = services.task_hand_back(
-            task_id=self._task_id(), actor=_actor(request), **body.validated_data
+            task_id=self._task_id(), actor=_actor(request), proof=_proof(request, data), **data
         )
-        return Response(TaskSerializer(task).data)
+        return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         task = services.task_cancel(task_id=self._task_id(), actor=_actor(request))
-        return Response(TaskSerializer(task).data)
+        return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"])
     def requeue(self, request: Request, pk: str) -> Response:
         task = services.task_requeue(task_id=self._task_id(), actor=_actor(request))
-        return Response(TaskSerializer(task).data)
+        return self._render(task)
 
     @extend_schema(responses={200: TaskEventSerializer(many=True), 404: ERROR})
     @action(detail=True, methods=["get"], pagination_class=None, filterset_class=None)

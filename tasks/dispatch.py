@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -48,7 +49,9 @@ def dispatch_scheduler(scheduler_id: str) -> int:
             values={
                 "status": TaskStatus.DISPATCHED,
                 "attempts": queue.Sql('"attempts" + 1'),
-                "lease_expires_at": now + timedelta(seconds=scheduler.lease_seconds),
+                # Until a worker claims it, the lease is the claim timeout: a message the
+                # broker lost must not hold the queue's threshold for a whole lease.
+                "lease_expires_at": now + timedelta(seconds=settings.TASK_CLAIM_TIMEOUT_SECONDS),
                 "worker": services.DISPATCHER,
                 "modified_at": now,
             },
@@ -91,7 +94,7 @@ def _send(tasks: Sequence[Task], handler_name: str) -> None:
             _hand_back_quietly(task, reason=f"broker unavailable: {exc}")
 
 
-def _hand_back_quietly(task: Task, *, reason: str) -> None:
+def _hand_back_quietly(task: Task, *, reason: str) -> int:
     # Refused: it already moved on (claimed, reaped or cancelled): nothing to hand back.
     # No fast path: it would dispatch the task again at once, to the broker that just failed,
     # over and over; the periodic dispatcher sends it once the broker is back. Any other error
@@ -107,16 +110,36 @@ def _hand_back_quietly(task: Task, *, reason: str) -> None:
             unclaimed_only=True,
         )
     except TransitionRefused:
-        pass
+        return 0
     except Exception:
         logger.exception("task %s: could not hand it back", task.id)
+        return 0
+    return 1
 
 
 def dispatch_all() -> dict[str, int]:
+    """The periodic round: first take back what no worker claimed in time, then fill every
+    unpaused celery queue up to its threshold (which sends those again)."""
+    hand_back_unclaimed()
     ids = Scheduler.objects.filter(kind=SchedulerKind.CELERY, paused=False).values_list(
         "id", flat=True
     )
     return {scheduler_id: dispatch_scheduler(scheduler_id) for scheduler_id in ids}
+
+
+def hand_back_unclaimed(*, batch_size: int = 500) -> int:
+    """DISPATCHED tasks of celery queues whose claim timeout has passed go back to QUEUED,
+    attempt not spent. Their message was lost (a broker restart, a worker killed between the
+    commit and the send) or waits behind busy workers; either way sending it again is safe:
+    the worker's claim is a compare-and-swap on (DISPATCHED, attempt), so of two messages for
+    one attempt only the first claims it and the other does nothing."""
+    handed = 0
+    for task in queue.unclaimed_expired(now=timezone.now(), limit=batch_size):
+        reason = f"not claimed by a worker within {settings.TASK_CLAIM_TIMEOUT_SECONDS} s"
+        handed += _hand_back_quietly(task, reason=reason)
+    if handed:
+        logger.warning("handed back %d dispatched tasks no worker claimed in time", handed)
+    return handed
 
 
 def on_queued(scheduler: Scheduler) -> None:

@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from tasks import dispatch, locks, services
 from tasks.exceptions import QueueError, TransitionRefused
+from tasks.leases import LeaseProof
 from tasks.metrics import QUEUE_WAIT_SECONDS
 from tasks.models import Task
 from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler
@@ -65,6 +66,7 @@ class Heartbeat:
                     task_id=self.task.id,
                     attempt=self.task.attempts,
                     lease_seconds=int(self.lease.total_seconds()),
+                    proof=LeaseProof.holder(self.task.lease_token),
                 )
             except TransitionRefused as exc:
                 logger.info("task %s: heartbeat refused (%s)", self.task.id, exc.message)
@@ -154,7 +156,9 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
     """Run one dispatched attempt; returns what happened (for logs and tests)."""
     try:
         task = _reconnecting(
-            lambda: services.task_start(task_id=task_id, actor=worker, attempt=attempt)
+            lambda: services.task_start(
+                task_id=task_id, actor=worker, attempt=attempt, mint_token=True
+            )
         )
     except QueueError as exc:
         logger.info("task %s attempt %s: not claimed (%s)", task_id, attempt, exc.message)
@@ -162,23 +166,29 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
     dispatch.refill_on_claim(task)
     waited = (timezone.now() - task.not_before).total_seconds()
     QUEUE_WAIT_SECONDS.labels(task.scheduler_id).observe(max(waited, 0.0))
+    proof = LeaseProof.holder(task.lease_token)
     try:
         handler = get_handler(task.handler_name)
-    except QueueError as exc:
-        services.task_fail(task_id=task.id, error=exc.message, actor=worker, attempt=attempt)
+        wanted = handler.locks_for(task.data)
+    except Exception as exc:
+        # An unknown handler, or a locks function that raised on this task's data (a KeyError
+        # on a missing key): a failed attempt with the error, not a task left RUNNING until
+        # its lease is reaped.
+        error = exc.message if isinstance(exc, QueueError) else f"{type(exc).__name__}: {exc}"
+        services.task_fail(task_id=task.id, error=error, actor=worker, attempt=attempt, proof=proof)
         return "failed"
     lock_names = locks.acquire(
-        handler.locks_for(task.data),
+        wanted,
         owner=str(task.id),
         ttl=timedelta(seconds=settings.WORKER_HEARTBEAT_SECONDS * 3),
     )
     if lock_names is None:
-        held = ", ".join(lock.name for lock in handler.locks_for(task.data))
         services.task_hand_back(
             task_id=task.id,
-            reason=f"lock held: {held}",
+            reason=f"lock held: {', '.join(lock.name for lock in wanted)}",
             actor=worker,
             attempt=attempt,
+            proof=proof,
             lock_wait=True,
         )
         return "deferred"
@@ -242,7 +252,11 @@ def _report_success(task: Task, result: Any, *, worker: str) -> str:
     try:
         _reconnecting(
             lambda: services.task_complete(
-                task_id=task.id, result=result, actor=worker, attempt=task.attempts
+                task_id=task.id,
+                result=result,
+                actor=worker,
+                attempt=task.attempts,
+                proof=LeaseProof.holder(task.lease_token),
             )
         )
     except QueueError as exc:
@@ -259,6 +273,7 @@ def _report_failure(task: Task, handler: Handler, error: str, *, worker: str) ->
                 error=error,
                 actor=worker,
                 attempt=task.attempts,
+                proof=LeaseProof.holder(task.lease_token),
                 retry=handler.retry,
             )
         )

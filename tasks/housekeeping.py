@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from tasks import queue, services
 from tasks.exceptions import TransitionRefused
-from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import Scheduler, SchedulerKind, Task, TaskEvent, TaskStatus
 
 
 def tasks_reap_expired(*, batch_size: int = 500, actor: str = "reaper") -> int:
@@ -22,12 +22,27 @@ def tasks_reap_expired(*, batch_size: int = 500, actor: str = "reaper") -> int:
             expired = queue.lease_expired_ids(now=timezone.now(), limit=batch_size)
             for task in Task.objects.select_related("scheduler").filter(id__in=expired):
                 try:
-                    services.fail_attempt(task, error="lease expired (lost)", actor=actor)
+                    _reap(task, actor=actor)
                     reaped += 1
                 except TransitionRefused:
                     continue  # reported or heartbeated meanwhile: not lost after all
         if len(expired) < batch_size:
             return reaped
+
+
+def _reap(task: Task, *, actor: str) -> None:
+    if task.status == TaskStatus.DISPATCHED and task.scheduler.kind == SchedulerKind.CELERY:
+        # Never claimed by a worker: its message was lost, no attempt was made; the
+        # dispatcher sends it again (usually it took it back before the reaper came by).
+        services.task_hand_back(
+            task_id=task.id,
+            reason="not claimed by a worker before its claim timeout",
+            actor=actor,
+            attempt=task.attempts,
+            unclaimed_only=True,
+        )
+    else:
+        services.fail_attempt(task, error="lease expired (lost)", actor=actor)
 
 
 def tasks_prune(

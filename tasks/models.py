@@ -45,6 +45,9 @@ class TaskStatus(models.TextChoices):
 
 ACTIVE_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING})
 LEASED_STATUSES = frozenset({TaskStatus.DISPATCHED, TaskStatus.RUNNING})
+# What an operator may requeue: an attempt still leased or queued has a holder (or is about to
+# get one), and requeueing it would hand the same work out twice.
+REQUEUEABLE_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED})
 FINAL_STATUSES = frozenset(
     {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED}
 )
@@ -200,6 +203,10 @@ class Task(models.Model):
     not_before = models.DateTimeField(default=timezone.now)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True, help_text="Who holds the lease.")
+    # A fresh random secret per hand-out (pop or worker claim), cleared when the attempt ends.
+    # Holders prove who they are with it: the attempt number is visible to anyone who can GET
+    # the task, so it fences stale holders out but proves nothing.
+    lease_token = models.CharField(max_length=64, blank=True, default="", editable=False)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     lock_waits = models.PositiveIntegerField(
         default=0, help_text="Times handed back because a lock was held (grows the delay)."

@@ -117,8 +117,10 @@ def cas_update(
     expected: str,
     values: Mapping[str, Any],
     expected_attempts: int | None = None,
+    expected_token: str | None = None,
 ) -> list[Task]:
-    """Apply `values` to those of `task_ids` still in `expected`; return the rows changed."""
+    """Apply `values` to those of `task_ids` still in `expected` (and, when given, on
+    `expected_attempts` and held with `expected_token`); return the rows changed."""
     if not task_ids:
         return []
     placeholders = ", ".join(["%s"] * len(task_ids))
@@ -130,7 +132,21 @@ def cas_update(
         # the status is DISPATCHED again, but the attempt count has moved on.
         where += f" AND {connection.ops.quote_name('attempts')} = %s"
         params.append(expected_attempts)
+    if expected_token is not None:
+        # The lease token proves the caller is the current holder, whatever requeues reset
+        # the attempt count in between: each hand-out mints a new one.
+        where += f" AND {connection.ops.quote_name('lease_token')} = %s"
+        params.append(expected_token)
     return _update_returning(values, where, params)
+
+
+def new_lease_token() -> Sql:
+    """A fresh lease token for each row an UPDATE hands out: 64 hex digits from the database's
+    strong random source (PostgreSQL: two gen_random_uuid(), 244 random bits; SQLite:
+    randomblob, 256 bits). Minted in SQL, so a batch pop gives every task its own."""
+    if connection.vendor == "postgresql":
+        return Sql("replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')")
+    return Sql("lower(hex(randomblob(32)))")
 
 
 def data_filter(queryset: QuerySet[Task], filters: Mapping[str, Any]) -> QuerySet[Task]:
@@ -216,7 +232,7 @@ def _pop_sql() -> str:
         ), popped AS (
             UPDATE {task} t SET status = 'DISPATCHED', attempts = t.attempts + 1,
                 lease_expires_at = %(now)s + make_interval(secs => queue.lease_seconds),
-                worker = %(worker)s, modified_at = %(now)s
+                worker = %(worker)s, modified_at = %(now)s, lease_token = {new_lease_token().text}
             FROM queue
             WHERE t.id IN (SELECT id FROM picked) AND t.status = 'QUEUED'
             RETURNING {returned}
@@ -253,6 +269,18 @@ def lease_expired_ids(*, now: datetime, limit: int) -> list[uuid.UUID]:
     if connection.features.has_select_for_update_skip_locked:
         candidates = candidates.select_for_update(skip_locked=True)
     return list(candidates.values_list("id", flat=True)[:limit])
+
+
+def unclaimed_expired(*, now: datetime, limit: int) -> list[Task]:
+    """DISPATCHED tasks of celery queues past their claim timeout (the dispatch lease), oldest
+    first; through task_lease_idx, so the periodic dispatcher's check costs O(expired)."""
+    return list(
+        Task.objects.filter(
+            status=TaskStatus.DISPATCHED,
+            lease_expires_at__lt=now,
+            scheduler__kind="celery",
+        ).order_by("lease_expires_at")[:limit]
+    )
 
 
 def record_events(
@@ -306,21 +334,28 @@ def _start_sql() -> str:
     # is QUEUED to fill it with; NULL otherwise (pull queues are not counted: their DISPATCHED
     # tasks may be many). The final SELECT sees the snapshot from before the UPDATE, where
     # this task still counts as DISPATCHED, hence the + 1; the nested CASE looks for QUEUED
-    # tasks only when there is room.
+    # tasks only when there is room. A worker's claim mints the lease token (the dispatcher
+    # handed the task to the broker, not to a holder); a runner's RUNNING report keeps the
+    # token its pop minted, and must show it (or be an operator's override: token NULL).
     n = _names()
     return f"""
         WITH started AS (
             UPDATE {n["task"]} t SET status = 'RUNNING', modified_at = %(now)s,
-                lease_expires_at = %(now)s + make_interval(secs => s.lease_seconds)
+                lease_expires_at = %(now)s + make_interval(secs => s.lease_seconds),
+                worker = %(actor)s,
+                lease_token = CASE WHEN %(mint)s THEN {new_lease_token().text}
+                    ELSE t.lease_token END
             FROM {n["scheduler"]} s
             WHERE t.id = %(id)s AND t.status = 'DISPATCHED'
-                AND t.attempts = COALESCE(%(attempt)s, t.attempts) AND s.id = t.scheduler_id
+                AND t.attempts = COALESCE(%(attempt)s, t.attempts)
+                AND t.lease_token = COALESCE(%(token)s::text, t.lease_token)
+                AND s.id = t.scheduler_id
             RETURNING {_returned("t")}, s.handler AS handler_name,
                 s.dispatch_threshold AS dispatch_threshold,
                 (s.kind = 'celery' AND NOT s.paused) AS dispatched_by_us
         ), events AS (
             INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
-            SELECT id, 'DISPATCHED', 'RUNNING', %(now)s, %(actor)s, 'started' FROM started
+            SELECT id, 'DISPATCHED', 'RUNNING', %(now)s, %(actor)s, %(note)s FROM started
         ), room AS (
             SELECT started.dispatch_threshold + 1 - (
                 SELECT count(*) FROM {n["task"]} d
@@ -350,17 +385,19 @@ def _complete_sql() -> str:
             SELECT id, status FROM {n["task"]}
             WHERE id = %(id)s AND status IN ('DISPATCHED', 'RUNNING')
                 AND attempts = COALESCE(%(attempt)s, attempts)
+                AND lease_token = COALESCE(%(token)s::text, lease_token)
             FOR UPDATE
         ), completed AS (
             UPDATE {n["task"]} t SET status = 'COMPLETED', modified_at = %(now)s,
-                result = %(result)s, error = '', lease_expires_at = NULL
+                result = %(result)s, error = '', lease_expires_at = NULL, lease_token = ''
             FROM previous
             WHERE t.id = previous.id AND t.status IN ('DISPATCHED', 'RUNNING')
                 AND t.attempts = COALESCE(%(attempt)s, t.attempts)
+                AND t.lease_token = COALESCE(%(token)s::text, t.lease_token)
             RETURNING {_returned("t")}, previous.status AS from_status
         ), events AS (
             INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
-            SELECT id, from_status, 'COMPLETED', %(now)s, %(actor)s, 'completed' FROM completed
+            SELECT id, from_status, 'COMPLETED', %(now)s, %(actor)s, %(note)s FROM completed
         )
         SELECT * FROM completed
     """
@@ -371,20 +408,40 @@ def _prep(field_name: str, value: Any) -> Any:
 
 
 def start_dispatched(
-    *, task_id: uuid.UUID, attempt: int | None, now: datetime, actor: str
+    *,
+    task_id: uuid.UUID,
+    attempt: int | None,
+    lease_token: str | None,
+    mint_token: bool,
+    now: datetime,
+    actor: str,
+    note: str = "started",
 ) -> Task | None:
     """DISPATCHED -> RUNNING with the scheduler's lease, and its event; the task, or None if it
-    was not DISPATCHED on `attempt`. The task also carries `handler_name` (its scheduler's
+    was not DISPATCHED on `attempt` (and held with `lease_token`, when given). `mint_token`
+    gives the task a fresh lease token (a worker's claim); else it keeps the one its pop
+    minted (a runner's RUNNING report). The task also carries `handler_name` (its scheduler's
     handler), its scheduler's `dispatch_threshold`, and `broker_room`: when the broker share of
     its unpaused celery queue should be topped up (half the threshold or more free, and
     something QUEUED), the room left after this claim; else None."""
     if not ONE_STATEMENT_WRITES:
-        return _start_dispatched_sqlite(task_id=task_id, attempt=attempt, now=now, actor=actor)
+        return _start_dispatched_sqlite(
+            task_id=task_id,
+            attempt=attempt,
+            lease_token=lease_token,
+            mint_token=mint_token,
+            now=now,
+            actor=actor,
+            note=note,
+        )
     params = {
         "id": _prep("id", task_id),
         "attempt": attempt,
+        "token": lease_token,
+        "mint": mint_token,
         "now": _prep("modified_at", now),
         "actor": actor[:200],
+        "note": note,
     }
     rows = _fetch_tasks(
         _hot_sql("start", _start_sql),
@@ -395,20 +452,36 @@ def start_dispatched(
 
 
 def complete_leased(
-    *, task_id: uuid.UUID, attempt: int | None, result: Any, now: datetime, actor: str
+    *,
+    task_id: uuid.UUID,
+    attempt: int | None,
+    lease_token: str | None,
+    result: Any,
+    now: datetime,
+    actor: str,
+    note: str = "completed",
 ) -> Task | None:
     """DISPATCHED or RUNNING -> COMPLETED with `result`, and its event; the task (with
-    `from_status`), or None if it was in neither on `attempt`."""
+    `from_status`), or None if it was in neither on `attempt` with `lease_token` (each
+    checked when given)."""
     if not ONE_STATEMENT_WRITES:
         return _complete_leased_sqlite(
-            task_id=task_id, attempt=attempt, result=result, now=now, actor=actor
+            task_id=task_id,
+            attempt=attempt,
+            lease_token=lease_token,
+            result=result,
+            now=now,
+            actor=actor,
+            note=note,
         )
     params = {
         "id": _prep("id", task_id),
         "attempt": attempt,
+        "token": lease_token,
         "now": _prep("modified_at", now),
         "result": _prep("result", result),
         "actor": actor[:200],
+        "note": note,
     }
     rows = _fetch_tasks(_hot_sql("complete", _complete_sql), params, extras=("from_status",))
     return rows[0] if rows else None
@@ -419,6 +492,7 @@ def _sqlite_claim(
     task_id: uuid.UUID,
     from_statuses: Sequence[str],
     attempt: int | None,
+    lease_token: str | None,
     to_status: str,
     values: Mapping[str, Any],
 ) -> tuple[Task, str] | None:
@@ -426,67 +500,102 @@ def _sqlite_claim(
     from whichever of `from_statuses` the task is in; (row, status it was in) or None."""
     current = (
         Task.objects.filter(id=task_id, status__in=from_statuses)
-        .values_list("status", "attempts")
+        .values_list("status", "attempts", "lease_token")
         .first()
     )
     if current is None or (attempt is not None and current[1] != attempt):
+        return None
+    if lease_token is not None and current[2] != lease_token:
         return None
     rows = cas_update(
         task_ids=[task_id],
         expected=current[0],
         values={"status": to_status, **values},
         expected_attempts=current[1],
+        expected_token=current[2],
     )
     return (rows[0], current[0]) if rows else None
 
 
 def _start_dispatched_sqlite(
-    *, task_id: uuid.UUID, attempt: int | None, now: datetime, actor: str
+    *,
+    task_id: uuid.UUID,
+    attempt: int | None,
+    lease_token: str | None,
+    mint_token: bool,
+    now: datetime,
+    actor: str,
+    note: str = "started",
 ) -> Task | None:
     with transaction.atomic():
         scheduler = Scheduler.objects.filter(tasks__id=task_id).first()
         if scheduler is None:
             return None
-        lease = now + timedelta(seconds=scheduler.lease_seconds)
+        values: dict[str, Any] = {
+            "modified_at": now,
+            "lease_expires_at": now + timedelta(seconds=scheduler.lease_seconds),
+            "worker": actor[:200],
+        }
+        if mint_token:
+            values["lease_token"] = new_lease_token()
         claimed = _sqlite_claim(
             task_id=task_id,
             from_statuses=[TaskStatus.DISPATCHED],
             attempt=attempt,
+            lease_token=lease_token,
             to_status=TaskStatus.RUNNING,
-            values={"modified_at": now, "lease_expires_at": lease},
+            values=values,
         )
         if claimed is None:
             return None
         task, from_status = claimed
-        record_events([task], from_status=from_status, actor=actor, note="started", at=now)
-        task.broker_room = None
-        if scheduler.kind == "celery" and not scheduler.paused:
-            in_broker = Task.objects.filter(
-                scheduler_id=scheduler.id, status=TaskStatus.DISPATCHED
-            ).count()
-            free = scheduler.dispatch_threshold - in_broker
-            queued = Task.objects.filter(scheduler_id=scheduler.id, status=TaskStatus.QUEUED)
-            if free >= max(1, scheduler.dispatch_threshold // 2) and queued.exists():
-                task.broker_room = free
+        record_events([task], from_status=from_status, actor=actor, note=note, at=now)
+        task.broker_room = _sqlite_broker_room(scheduler)
     task.handler_name = scheduler.handler
     task.dispatch_threshold = scheduler.dispatch_threshold
     return task
 
 
+def _sqlite_broker_room(scheduler: Scheduler) -> int | None:
+    """What the PostgreSQL claim statement's broker_room computes, in two queries."""
+    if scheduler.kind != "celery" or scheduler.paused:
+        return None
+    in_broker = Task.objects.filter(scheduler_id=scheduler.id, status=TaskStatus.DISPATCHED).count()
+    free = scheduler.dispatch_threshold - in_broker
+    queued = Task.objects.filter(scheduler_id=scheduler.id, status=TaskStatus.QUEUED)
+    if free >= max(1, scheduler.dispatch_threshold // 2) and queued.exists():
+        return free
+    return None
+
+
 def _complete_leased_sqlite(
-    *, task_id: uuid.UUID, attempt: int | None, result: Any, now: datetime, actor: str
+    *,
+    task_id: uuid.UUID,
+    attempt: int | None,
+    lease_token: str | None,
+    result: Any,
+    now: datetime,
+    actor: str,
+    note: str = "completed",
 ) -> Task | None:
     with transaction.atomic():
         claimed = _sqlite_claim(
             task_id=task_id,
             from_statuses=[TaskStatus.DISPATCHED, TaskStatus.RUNNING],
             attempt=attempt,
+            lease_token=lease_token,
             to_status=TaskStatus.COMPLETED,
-            values={"modified_at": now, "result": result, "error": "", "lease_expires_at": None},
+            values={
+                "modified_at": now,
+                "result": result,
+                "error": "",
+                "lease_expires_at": None,
+                "lease_token": "",
+            },
         )
         if claimed is None:
             return None
         task, from_status = claimed
-        record_events([task], from_status=from_status, actor=actor, note="completed", at=now)
+        record_events([task], from_status=from_status, actor=actor, note=note, at=now)
     task.from_status = from_status
     return task

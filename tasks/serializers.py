@@ -92,6 +92,8 @@ class SchedulerUpdateSerializer(SchedulerSerializer):
 
 
 class TaskSerializer(serializers.ModelSerializer):
+    always_show_lease_token = False
+
     class Meta:
         model = Task
         fields = [
@@ -109,10 +111,25 @@ class TaskSerializer(serializers.ModelSerializer):
             "lease_expires_at",
             "worker",
             "cancel_requested_at",
+            "lease_token",
             "created_at",
             "modified_at",
         ]
         read_only_fields = fields
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        # The lease token proves who holds the task: only its holder (the pop's answer) and
+        # operators see it.
+        if not (self.always_show_lease_token or self.context.get("show_lease_token")):
+            fields.pop("lease_token")
+        return fields
+
+
+class PoppedTaskSerializer(TaskSerializer):
+    """A task as its new holder gets it from a pop: with its lease token."""
+
+    always_show_lease_token = True
 
 
 class TaskPushSerializer(StrictTypes):
@@ -189,10 +206,24 @@ class TaskReportSerializer(StrictTypes):
         min_value=1,
         help_text="The attempt this runner holds (from pop); refused with 409 if it moved on.",
     )
+    lease_token = serializers.CharField(
+        required=False,
+        max_length=64,
+        trim_whitespace=False,
+        help_text="The lease token your pop returned; required from runners (409 if it is not "
+        "the task's current one). Operators may omit it: an override, noted in the event.",
+    )
 
 
 class HeartbeatSerializer(StrictTypes):
     attempt = serializers.IntegerField(required=False, min_value=1)
+    lease_token = serializers.CharField(
+        required=False,
+        max_length=64,
+        trim_whitespace=False,
+        help_text="The lease token your pop returned; required from runners (409 if it is not "
+        "the task's current one). Operators may omit it: an override, noted in the event.",
+    )
     lease_seconds = serializers.IntegerField(required=False, min_value=1, max_value=86400)
 
 
@@ -200,6 +231,13 @@ class ReleaseSerializer(StrictTypes):
     DEFAULT_REASON = "released by its runner"
 
     attempt = serializers.IntegerField(required=False, min_value=1)
+    lease_token = serializers.CharField(
+        required=False,
+        max_length=64,
+        trim_whitespace=False,
+        help_text="The lease token your pop returned; required from runners (409 if it is not "
+        "the task's current one). Operators may omit it: an override, noted in the event.",
+    )
     # Blank (or only whitespace, which is trimmed) means "no reason given", not a bad request:
     # the schema cannot say "not only whitespace", and a runner stopping should not be refused.
     reason = serializers.CharField(

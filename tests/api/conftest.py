@@ -23,8 +23,8 @@ def world(db: None) -> dict[str, str]:
     services.scheduler_create(id="boefje", retry_jitter=False)
     services.scheduler_create(id="spare", max_queue_size=2)
     queued = services.task_push(scheduler_id="boefje", data={"k": "queued"}, hash="h-queued")
-    dispatched = services.task_push(scheduler_id="boefje", data={"k": "dispatched"})
-    services.task_pop(scheduler_id="boefje", filters={"k": "dispatched"})
+    services.task_push(scheduler_id="boefje", data={"k": "dispatched"})
+    [dispatched] = services.task_pop(scheduler_id="boefje", filters={"k": "dispatched"})
     failed = services.task_push(scheduler_id="boefje", data={"k": "failed"})
     services.task_pop(scheduler_id="boefje", filters={"k": "failed"})
     services.task_fail(task_id=failed.id, retry=RetrySpec(policy="none", dead_letter=True))
@@ -42,6 +42,7 @@ def world(db: None) -> dict[str, str]:
     return {
         "queued": str(queued.id),
         "dispatched": str(dispatched.id),
+        "token": dispatched.lease_token,
         "failed": str(failed.id),
         "schedule": str(schedule.id),
         "paused_schedule": str(paused.id),

@@ -16,14 +16,22 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from tests.api.conftest import snapshot
-from tests.tasks.helpers import call, forbid_server_errors
+from tests.tasks.helpers import call, fill, forbid_server_errors
 from tests.tasks.test_api_permissions import ENDPOINTS as QUEUE_ENDPOINTS
 
 # name, method, url, body, then the status for anonymous, runner, operator. Runners may read
 # queues and tasks, pop, report, heartbeat and release; nothing else.
 MATRIX: list[tuple[str, str, str, Any, int, int, int]] = [
     # tasks: the route the queue matrix has not
-    ("task-release", "post", "/api/tasks/{dispatched}/release/", {"attempt": 1}, 401, 200, 200),
+    (
+        "task-release",
+        "post",
+        "/api/tasks/{dispatched}/release/",
+        {"attempt": 1, "lease_token": "{token}"},
+        401,
+        200,
+        200,
+    ),
     # PUT is not part of the API (PATCH is): refused by permission first, then 405.
     ("scheduler-put", "put", "/api/schedulers/boefje/", {"id": "boefje"}, 401, 403, 405),
     # schedules
@@ -99,7 +107,7 @@ def test_matrix(request: pytest.FixtureRequest, world: dict[str, str], role: str
     client = request.getfixturevalue(f"{role.replace('anonymous', 'anon')}_client")
     before = snapshot()
 
-    response = call(client, method, url.format(**world), body)
+    response = call(client, method, url.format(**world), fill(body, world))
 
     assert response.status_code == expected, (name, role, response.content[:300])
     if expected >= 400:

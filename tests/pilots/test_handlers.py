@@ -212,7 +212,9 @@ def test_pilot_report__stores_a_report() -> None:
 def test_submit_pilot__lost_lease_fails_without_retry(time_machine: TimeMachineFixture) -> None:
     make_ce("ce-a", capacity=1)
     _push(services.SUBMIT_ONE_QUEUE, ce="ce-a", vo="lhcb")
-    [task] = _dispatched(services.SUBMIT_ONE_QUEUE)  # the message is lost: nobody claims it
+    [task] = _dispatched(services.SUBMIT_ONE_QUEUE)
+    # A worker claims it and dies (an unclaimed one would be handed back and sent again).
+    task_services.task_start(task_id=task.id, attempt=task.attempts, mint_token=True)
     time_machine.move_to(timezone.now() + timedelta(seconds=121))
 
     assert housekeeping.tasks_reap_expired() == 1

@@ -78,6 +78,14 @@ def forbid_server_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(APIClient, "request", request)
 
 
+def fill(body: Any, world: dict[str, str]) -> Any:
+    """`body` with "{name}" placeholders in its string values taken from `world` (a lease
+    token, say, known only once the world is built)."""
+    if isinstance(body, dict):
+        return {key: fill(value, world) for key, value in body.items()}
+    return body.format(**world) if isinstance(body, str) else body
+
+
 def call(client: APIClient, method: str, url: str, body: Any = None) -> Any:
     if method in {"get", "delete"}:
         return getattr(client, method)(url)

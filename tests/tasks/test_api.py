@@ -200,18 +200,24 @@ def test_scheduler__404_unknown(operator_client: APIClient, method: str, suffix:
 
 @pytest.fixture
 def dispatched(push: Callable[..., Task]) -> Task:
-    task = push(data={"n": 1})
-    services.task_pop(scheduler_id="boefje")
+    """A popped task, as its runner got it: with its lease token."""
+    push(data={"n": 1})
+    [task] = services.task_pop(scheduler_id="boefje")
     return task
 
 
 @pytest.mark.django_db
 def test_patch__running_then_completed(runner_client: APIClient, dispatched: Task) -> None:
     url = f"/api/tasks/{dispatched.id}/"
-    running = runner_client.patch(url, {"status": "RUNNING", "attempt": 1}, format="json")
+    token = dispatched.lease_token
+    running = runner_client.patch(
+        url, {"status": "RUNNING", "attempt": 1, "lease_token": token}, format="json"
+    )
     assert running.status_code == 200 and running.json()["status"] == "RUNNING"
 
-    done = runner_client.patch(url, {"status": "COMPLETED", "result": {"n": 2}}, format="json")
+    done = runner_client.patch(
+        url, {"status": "COMPLETED", "result": {"n": 2}, "lease_token": token}, format="json"
+    )
 
     assert done.status_code == 200
     assert (done.json()["status"], done.json()["result"]) == ("COMPLETED", {"n": 2})
@@ -221,7 +227,9 @@ def test_patch__running_then_completed(runner_client: APIClient, dispatched: Tas
 @pytest.mark.django_db
 def test_patch__failed_is_retried(runner_client: APIClient, dispatched: Task) -> None:
     response = runner_client.patch(
-        f"/api/tasks/{dispatched.id}/", {"status": "FAILED", "error": "boom"}, format="json"
+        f"/api/tasks/{dispatched.id}/",
+        {"status": "FAILED", "error": "boom", "lease_token": dispatched.lease_token},
+        format="json",
     )
     body = response.json()
     assert response.status_code == 200
@@ -300,8 +308,11 @@ def test_heartbeat__extends_then_409_after_cancel(
     runner_client: APIClient, operator_client: APIClient, dispatched: Task
 ) -> None:
     url = f"/api/tasks/{dispatched.id}/heartbeat/"
-    runner_client.patch(f"/api/tasks/{dispatched.id}/", {"status": "RUNNING"}, format="json")
-    beat = runner_client.post(url, {"lease_seconds": 3600}, format="json")
+    token = {"lease_token": dispatched.lease_token}
+    runner_client.patch(
+        f"/api/tasks/{dispatched.id}/", {"status": "RUNNING", **token}, format="json"
+    )
+    beat = runner_client.post(url, {"lease_seconds": 3600, **token}, format="json")
     assert beat.status_code == 200
     lease = Task.objects.get(id=dispatched.id).lease_expires_at
     assert lease is not None and lease > datetime.now(UTC) + timedelta(minutes=59)
@@ -310,9 +321,11 @@ def test_heartbeat__extends_then_409_after_cancel(
     assert cancel.status_code == 200
     assert cancel.json()["status"] == "RUNNING" and cancel.json()["cancel_requested_at"]
 
-    refused = runner_client.post(url, {}, format="json")
+    refused = runner_client.post(url, token, format="json")
     assert refused.status_code == 409 and refused.json()["status"] == "CANCELLED"
-    done = runner_client.patch(f"/api/tasks/{dispatched.id}/", {"status": "FAILED"}, format="json")
+    done = runner_client.patch(
+        f"/api/tasks/{dispatched.id}/", {"status": "FAILED", **token}, format="json"
+    )
     assert done.json()["status"] == "CANCELLED"
 
 
@@ -355,7 +368,11 @@ def test_cancel_and_requeue(operator_client: APIClient, push: Callable[..., Task
 
 @pytest.mark.django_db
 def test_events__transition_history(runner_client: APIClient, dispatched: Task) -> None:
-    runner_client.patch(f"/api/tasks/{dispatched.id}/", {"status": "RUNNING"}, format="json")
+    runner_client.patch(
+        f"/api/tasks/{dispatched.id}/",
+        {"status": "RUNNING", "lease_token": dispatched.lease_token},
+        format="json",
+    )
     response = runner_client.get(f"/api/tasks/{dispatched.id}/events/")
     assert response.status_code == 200
     assert [(e["from_status"], e["to_status"], e["note"]) for e in response.json()] == [

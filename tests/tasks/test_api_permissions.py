@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 from tasks import services
 from tasks.models import Scheduler
 from tasks.retry import RetrySpec
-from tests.tasks.helpers import call, forbid_server_errors, snapshot
+from tests.tasks.helpers import call, fill, forbid_server_errors, snapshot
 
 
 @pytest.fixture(autouse=True)
@@ -24,12 +24,17 @@ def _no_server_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 def world(scheduler: Scheduler, make_scheduler: Callable[..., Scheduler]) -> dict[str, str]:
     make_scheduler("spare")
     queued = services.task_push(scheduler_id="boefje", data={"k": "queued"})
-    dispatched = services.task_push(scheduler_id="boefje", data={"k": "dispatched"})
-    services.task_pop(scheduler_id="boefje", filters={"k": "dispatched"})
+    services.task_push(scheduler_id="boefje", data={"k": "dispatched"})
+    [dispatched] = services.task_pop(scheduler_id="boefje", filters={"k": "dispatched"})
     failed = services.task_push(scheduler_id="boefje", data={"k": "failed"})
     services.task_pop(scheduler_id="boefje", filters={"k": "failed"})
     services.task_fail(task_id=failed.id, retry=RetrySpec(policy="none", dead_letter=False))
-    return {"queued": str(queued.id), "dispatched": str(dispatched.id), "failed": str(failed.id)}
+    return {
+        "queued": str(queued.id),
+        "dispatched": str(dispatched.id),
+        "token": dispatched.lease_token,
+        "failed": str(failed.id),
+    }
 
 
 # name, method, url, body, runner's status, operator's status
@@ -45,8 +50,22 @@ ENDPOINTS = [
     ("pop", "post", "/api/schedulers/boefje/pop/", {"limit": 5}, 200, 200),
     ("task-list", "get", "/api/tasks/", None, 200, 200),
     ("task-retrieve", "get", "/api/tasks/{dispatched}/", None, 200, 200),
-    ("task-patch", "patch", "/api/tasks/{dispatched}/", {"status": "RUNNING"}, 200, 200),
-    ("heartbeat", "post", "/api/tasks/{dispatched}/heartbeat/", {}, 200, 200),
+    (
+        "task-patch",
+        "patch",
+        "/api/tasks/{dispatched}/",
+        {"status": "RUNNING", "lease_token": "{token}"},
+        200,
+        200,
+    ),
+    (
+        "heartbeat",
+        "post",
+        "/api/tasks/{dispatched}/heartbeat/",
+        {"lease_token": "{token}"},
+        200,
+        200,
+    ),
     ("cancel", "post", "/api/tasks/{queued}/cancel/", None, 403, 200),
     ("requeue", "post", "/api/tasks/{failed}/requeue/", None, 403, 200),
     ("events", "get", "/api/tasks/{dispatched}/events/", None, 200, 200),
@@ -69,7 +88,7 @@ def test_permissions__anonymous_gets_401_and_changes_nothing(
 ) -> None:
     _name, method, url, body, _runner, _operator = endpoint
     before = snapshot()
-    response = call(anon_client, method, url.format(**world), body)
+    response = call(anon_client, method, url.format(**world), fill(body, world))
     assert response.status_code == 401
     assert snapshot() == before
 
@@ -81,7 +100,7 @@ def test_permissions__runner_reads_pops_and_reports_only(
 ) -> None:
     _name, method, url, body, expected, _operator = endpoint
     before = snapshot()
-    response = call(runner_client, method, url.format(**world), body)
+    response = call(runner_client, method, url.format(**world), fill(body, world))
     assert response.status_code == expected, response.content[:300]
     if expected == 403:
         assert snapshot() == before
@@ -93,7 +112,7 @@ def test_permissions__operator_can_do_everything(
     operator_client: APIClient, world: dict[str, str], endpoint: Endpoint
 ) -> None:
     _name, method, url, body, _runner, expected = endpoint
-    response = call(operator_client, method, url.format(**world), body)
+    response = call(operator_client, method, url.format(**world), fill(body, world))
     assert response.status_code == expected, response.content[:300]
 
 

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
 from kombu.simple import SimpleQueue
 from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
@@ -165,7 +166,9 @@ def test_dispatch_scheduler__leases_and_records_the_event(
     assert task.status == S.DISPATCHED
     assert task.attempts == 1
     assert task.worker == services.DISPATCHER
-    assert task.lease_expires_at == T0 + timedelta(seconds=celery_queue.lease_seconds)
+    # Until a worker claims it, the lease is the short claim timeout (a lost message must
+    # not hold the threshold for a whole lease); the claim gives it the queue's lease.
+    assert task.lease_expires_at == T0 + timedelta(seconds=settings.TASK_CLAIM_TIMEOUT_SECONDS)
     event = TaskEvent.objects.get(task=task, to_status=S.DISPATCHED)
     assert (event.from_status, event.actor, event.note, event.at) == (
         S.QUEUED,

@@ -24,7 +24,7 @@ from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
 
 from scheduler_site.celery import app
-from tasks import dispatch, execution, housekeeping, locks, services
+from tasks import dispatch, execution, housekeeping, locks, services, transitions
 from tasks.exceptions import TransitionRefused
 from tasks.locks import MutexLock
 from tasks.models import Lock, Scheduler, Task, TaskStatus
@@ -383,7 +383,9 @@ def test_execute__cancel_requested_while_running_ends_cancelled() -> None:
 
 def _running_task(scheduler_id: str, **data: Any) -> Task:
     task = _dispatched(scheduler_id, **data)
-    return services.task_start(task_id=task.id, actor="test", attempt=task.attempts)
+    return services.task_start(
+        task_id=task.id, actor="test", attempt=task.attempts, mint_token=True
+    )
 
 
 @pytest.mark.django_db
@@ -425,7 +427,7 @@ def test_beater__beats_a_registered_task_when_due_and_never_after_stop(settings:
     with contextlib.suppress(Exception):
         app.control.purge()
     assert fresh(pushed).status == S.DISPATCHED
-    task = services.task_start(task_id=pushed.id, actor="test", attempt=1)
+    task = services.task_start(task_id=pushed.id, actor="test", attempt=1, mint_token=True)
     claimed_lease = fresh(task).lease_expires_at
     heartbeat = execution.Heartbeat(task, [])
 
@@ -498,7 +500,7 @@ def test_execute__a_failing_completion_hook_does_not_undo_or_repeat_the_report(
     def broken_hook(task: Task) -> None:
         raise RuntimeError("hook failed")
 
-    monkeypatch.setattr(services, "on_completed_hooks", [broken_hook])
+    monkeypatch.setattr(transitions, "on_completed_hooks", [broken_hook])
     _celery("echo", "demo.echo")
     pushed = services.task_push(scheduler_id="echo")  # committed: the fast path dispatches it
     with contextlib.suppress(Exception):
@@ -586,7 +588,9 @@ def leased(scheduler: Scheduler) -> Task:
 @pytest.mark.django_db
 def test_release__runner_hands_its_task_back(runner_client: APIClient, leased: Task) -> None:
     response = runner_client.post(
-        f"/api/tasks/{leased.id}/release/", {"attempt": 1, "reason": "r1 stopping"}, format="json"
+        f"/api/tasks/{leased.id}/release/",
+        {"attempt": 1, "reason": "r1 stopping", "lease_token": leased.lease_token},
+        format="json",
     )
 
     assert response.status_code == 200, response.content
@@ -601,7 +605,9 @@ def test_release__runner_hands_its_task_back(runner_client: APIClient, leased: T
 
 @pytest.mark.django_db
 def test_release__default_reason(runner_client: APIClient, leased: Task) -> None:
-    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {}, format="json")
+    response = runner_client.post(
+        f"/api/tasks/{leased.id}/release/", {"lease_token": leased.lease_token}, format="json"
+    )
 
     assert response.status_code == 200
     assert history(leased)[-1][2] == "handed back, attempt not spent: released by its runner"
@@ -615,7 +621,9 @@ def test_release__blank_reason_means_the_default(
     # Found by schemathesis: "\r" is a schema-valid string that trimming made blank, and a
     # blank reason was refused with a 400.
     response = runner_client.post(
-        f"/api/tasks/{leased.id}/release/", {"attempt": 1, "reason": reason}, format="json"
+        f"/api/tasks/{leased.id}/release/",
+        {"attempt": 1, "reason": reason, "lease_token": leased.lease_token},
+        format="json",
     )
 
     assert response.status_code == 200, response.json()
@@ -663,7 +671,11 @@ def test_release__not_leased_is_409(runner_client: APIClient, leased: Task) -> N
 def test_release__cancel_requested_is_cancelled(runner_client: APIClient, leased: Task) -> None:
     services.task_cancel(task_id=leased.id, actor="operator")
 
-    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {"attempt": 1}, format="json")
+    response = runner_client.post(
+        f"/api/tasks/{leased.id}/release/",
+        {"attempt": 1, "lease_token": leased.lease_token},
+        format="json",
+    )
 
     assert response.status_code == 200
     assert response.json()["status"] == S.CANCELLED
@@ -702,6 +714,8 @@ def test_reaper__lost_celery_task_retries_by_its_handlers_policy(
             assert task.not_before == timezone.now() + timedelta(seconds=1)
             frozen.shift(timedelta(seconds=1))
             assert dispatch.dispatch_scheduler("sleepy") == 1
+            # A worker claims it, then dies (an unclaimed one is handed back, not spent).
+            services.task_start(task_id=task.id, attempt=attempt + 1, mint_token=True)
 
     assert (task.status, task.attempts) == (S.DEAD, 3)  # the handler dead-letters; the queue not
     assert task.error == "lease expired (lost)"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from time_machine import TimeMachineFixture
 
-from tasks import housekeeping, services
+from tasks import housekeeping, services, transitions
 from tasks.exceptions import (
     DuplicateTask,
     InvalidRequest,
@@ -155,7 +155,7 @@ def test_task_push__runs_on_queued_hooks_after_commit(
     push: Push, monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any
 ) -> None:
     seen: list[Scheduler] = []
-    monkeypatch.setattr(services, "on_queued_hooks", [seen.append])
+    monkeypatch.setattr(transitions, "on_queued_hooks", [seen.append])
     with django_capture_on_commit_callbacks(execute=True):
         push()
         assert seen == []

@@ -1,0 +1,99 @@
+"""The one writer of task status: every change is a compare-and-swap from the status the task
+was read in, checked against ALLOWED_TRANSITIONS, with its TaskEvent in the same transaction
+(`transition`), or one of the queue's one-statement paths (`tasks.queue`). Also the hooks that
+run on commit after tasks are queued or completed."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from tasks import queue
+from tasks.exceptions import SchedulerNotFound, TaskNotFound, TransitionRefused
+from tasks.metrics import TRANSITION_SECONDS
+from tasks.models import LEASED_STATUSES, Scheduler, Task, is_allowed_transition
+
+logger = logging.getLogger(__name__)
+
+DISPATCHER = "dispatcher"
+
+# Hooks run on commit: after tasks of a scheduler become QUEUED (the Celery dispatch fast path),
+# and after a task completes (adaptive schedule intervals). Apps register them in ready().
+on_queued_hooks: list[Callable[[Scheduler], None]] = []
+on_completed_hooks: list[Callable[[Task], None]] = []
+
+
+def get_scheduler(scheduler_id: str, *, for_update: bool = False) -> Scheduler:
+    queryset = Scheduler.objects.all()
+    if for_update:
+        # NO KEY UPDATE: serialises bounded pushes without blocking the FK checks of inserts.
+        queryset = queryset.select_for_update(no_key=True)
+    try:
+        return queryset.get(id=scheduler_id)
+    except Scheduler.DoesNotExist:
+        raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.") from None
+
+
+def get_task(task_id: uuid.UUID) -> Task:
+    try:
+        return Task.objects.select_related("scheduler").get(id=task_id)
+    except Task.DoesNotExist:
+        raise TaskNotFound(f"Task {task_id} does not exist.") from None
+
+
+def notify_queued(scheduler: Scheduler) -> None:
+    """After commit, tell the hooks that `scheduler` has new QUEUED tasks. They get the row the
+    caller already holds, so a hook that only cares about some queues needs no query."""
+    for hook in on_queued_hooks:
+        transaction.on_commit(lambda hook=hook: hook(scheduler))
+
+
+def transition(
+    task: Task,
+    *,
+    to_status: str,
+    actor: str,
+    note: str = "",
+    values: Mapping[str, Any] | None = None,
+    fence_attempts: bool = False,
+    fence_token: str | None = None,
+) -> Task:
+    """Compare-and-swap `task` from the status it was read in to `to_status`, with its event.
+    `fence_attempts` also requires the attempt it was read on, `fence_token` the lease token
+    of its holder. Leaving the leased statuses clears the lease token: it never works again."""
+    from_status = task.status
+    if not is_allowed_transition(from_status, to_status):
+        raise TransitionRefused(
+            f"Cannot move task {task.id} from {from_status} to {to_status}.",
+            current_status=from_status,
+        )
+    now = timezone.now()
+    assignments = {"status": to_status, "modified_at": now, **(values or {})}
+    if to_status not in LEASED_STATUSES:
+        assignments["lease_token"] = ""
+    with TRANSITION_SECONDS.labels(to_status).time(), transaction.atomic():
+        rows = queue.cas_update(
+            task_ids=[task.id],
+            expected=from_status,
+            values=assignments,
+            expected_attempts=task.attempts if fence_attempts else None,
+            expected_token=fence_token,
+        )
+        if not rows:
+            current = Task.objects.filter(id=task.id).values_list("status", flat=True).first()
+            raise TransitionRefused(
+                f"Task {task.id} changed while moving it from {from_status} to {to_status}; "
+                f"it is {current or 'gone'} now.",
+                current_status=current or "",
+            )
+        queue.record_events(rows, from_status=from_status, actor=actor, note=note, at=now)
+    logger.info("task %s %s -> %s by %s %s", task.id, from_status, to_status, actor, note)
+    updated = rows[0]
+    if Task.scheduler.is_cached(task):
+        updated.scheduler = task.scheduler  # spare the caller a second read
+    return updated
