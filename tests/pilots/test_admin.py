@@ -79,6 +79,29 @@ def test_admin_ce_add__refuses_backend_settings_the_backend_cannot_use(
     assert ComputeElement.objects.get().backend_settings == {"run_seconds": 30}
 
 
+@pytest.mark.parametrize("command", ["id", '["id"]'])
+def test_admin_ce_add__refuses_a_command_line_in_backend_settings(
+    admin_client: Client, command: str
+) -> None:
+    value = command if command.startswith("[") else f'"{command}"'
+    form = {
+        "name": "ce-new",
+        "capacity": "2",
+        "reliability": "0.5",
+        "backend": "local",
+        "backend_settings": f'{{"command": {value}}}',
+    }
+
+    refused = admin_client.post(f"{CE_LIST}add/", form)
+    form["backend_settings"] = '{"command": "sleep"}'
+    accepted = admin_client.post(f"{CE_LIST}add/", form)
+
+    assert refused.status_code == 200
+    assert "PILOT_LOCAL_COMMANDS" in refused.content.decode()
+    assert accepted.status_code == 302
+    assert ComputeElement.objects.get().backend_settings == {"command": "sleep"}
+
+
 def test_admin_ce_actions__drain_ban_activate(admin_client: Client) -> None:
     a = make_ce("ce-a", capacity=3)
     b = make_ce("ce-b", capacity=3)
