@@ -41,8 +41,15 @@ class SchedulerAdmin(admin.ModelAdmin):
     ]
     list_filter = ["kind", "paused", "retry_policy", "dead_letter"]
     search_fields = ["id", "description", "handler"]
-    readonly_fields = ["created_at", "modified_at"]
+    readonly_fields = ["system", "created_at", "modified_at"]
     actions = ["pause_queues", "resume_queues"]
+
+    def has_delete_permission(self, request: HttpRequest, obj: Scheduler | None = None) -> bool:
+        # The system's own queues (the pilot cycles) are never deleted: its periodic work
+        # would fail every cycle. The bulk action checks this per selected queue too.
+        if obj is not None and obj.system:
+            return False
+        return super().has_delete_permission(request, obj)
 
     @admin.display(description="queued")
     def queued(self, scheduler: Scheduler) -> int:

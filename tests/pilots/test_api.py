@@ -12,7 +12,9 @@ import pytest
 from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
 
+from pilots import queues
 from pilots.models import ComputeElement, PilotStatus, PilotSubmission, VirtualOrganisation
+from tasks.models import Scheduler
 from tests.pilots.helpers import T0, make_ce, make_pilot, make_vo
 from tests.tasks.helpers import forbid_server_errors
 
@@ -552,3 +554,27 @@ def _wait_for_pilot_exit(var_dir: Any, pilot_id: str) -> None:
     while not exit_file.exists():
         assert time.monotonic() < deadline, "the pilot process did not end in 20 s"
         time.sleep(0.05)
+
+
+# --- the system queues (DESIGN §9.2) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_id", [queue for queue, _ in queues.QUEUES])
+def test_system_queues__delete_is_409_naming_the_rule(
+    operator_client: APIClient, queue_id: str
+) -> None:
+    response = operator_client.delete(f"/api/schedulers/{queue_id}/")
+
+    assert response.status_code == 409, response.content
+    assert "system queues cannot be deleted" in response.json()["detail"]
+    assert Scheduler.objects.filter(id=queue_id, system=True).exists()
+
+
+def test_system_queues__other_queues_are_still_deleted(operator_client: APIClient) -> None:
+    body = {"id": "mine", "kind": "celery", "handler": "pilots.submit_pilot"}
+    created = _post(operator_client, "/api/schedulers/", body)
+
+    deleted = operator_client.delete("/api/schedulers/mine/")
+
+    assert (created.status_code, deleted.status_code) == (201, 204)
+    assert not Scheduler.objects.filter(id="mine").exists()

@@ -560,6 +560,17 @@ def test_ensure_queues__the_four_system_queues_exist_after_migrate() -> None:
         assert HANDLERS[handler].retry.dead_letter is False
 
 
+def test_ensure_queues__marks_the_system_queues_also_those_made_before_the_flag() -> None:
+    Scheduler.objects.filter(id="pilots-pilot-report").update(system=False)  # an older install
+    Scheduler.objects.filter(id="pilots-check-pilots").delete()  # deleted before it was refused
+    task_services.scheduler_create(id="mine", kind="celery", handler="pilots.submit_pilot")
+
+    queues.ensure_queues()
+
+    system = Scheduler.objects.filter(system=True).values_list("id", flat=True)
+    assert sorted(system) == sorted(queue for queue, _ in queues.QUEUES)
+
+
 def test_ensure_queues__idempotent_and_keeps_operator_changes() -> None:
     Scheduler.objects.filter(id="pilots-submit-pilot").update(dispatch_threshold=3)
 

@@ -187,3 +187,27 @@ def test_admin_dead_letters_filter(admin_client: Client, push: Push) -> None:
     assert str(failed.id) not in page and str(queued.id) not in page
     everything = admin_client.get("/admin/tasks/task/")
     assert len(everything.context["cl"].result_list) == 3
+
+
+@pytest.mark.django_db
+def test_admin_scheduler__a_system_queue_has_no_delete(
+    admin_client: Client, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    make_scheduler("system-queue", system=True)
+    make_scheduler("ordinary")
+
+    change = admin_client.get("/admin/tasks/scheduler/system-queue/change/")
+    delete_page = admin_client.get("/admin/tasks/scheduler/system-queue/delete/")
+    delete_post = admin_client.post("/admin/tasks/scheduler/system-queue/delete/", {"post": "yes"})
+    bulk = admin_client.post(
+        "/admin/tasks/scheduler/",
+        {"action": "delete_selected", "_selected_action": ["system-queue"], "post": "yes"},
+    )
+    ordinary = admin_client.post("/admin/tasks/scheduler/ordinary/delete/", {"post": "yes"})
+
+    assert change.status_code == 200
+    assert "/delete/" not in change.content.decode()
+    assert (delete_page.status_code, delete_post.status_code, bulk.status_code) == (403, 403, 403)
+    assert ordinary.status_code == 302
+    remaining = Scheduler.objects.filter(id__in=["system-queue", "ordinary"])
+    assert list(remaining.values_list("id", flat=True)) == ["system-queue"]
