@@ -44,6 +44,12 @@ class SchedulerAdmin(admin.ModelAdmin):
     readonly_fields = ["system", "created_at", "modified_at"]
     actions = ["pause_queues", "resume_queues"]
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Scheduler | None = None) -> list[str]:
+        # The id is the primary key: "changing" it saved a second, empty queue beside the
+        # first (its tasks and schedules stayed behind). It is chosen once, on add.
+        fields = list(self.readonly_fields)
+        return ["id", *fields] if obj else fields
+
     def has_delete_permission(self, request: HttpRequest, obj: Scheduler | None = None) -> bool:
         # The system's own queues (the pilot cycles) are never deleted: its periodic work
         # would fail every cycle. The bulk action checks this per selected queue too.

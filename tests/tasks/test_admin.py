@@ -211,3 +211,34 @@ def test_admin_scheduler__a_system_queue_has_no_delete(
     assert ordinary.status_code == 302
     remaining = Scheduler.objects.filter(id__in=["system-queue", "ordinary"])
     assert list(remaining.values_list("id", flat=True)) == ["system-queue"]
+
+
+def _change_form(client: Client, url: str) -> dict[str, object]:
+    """The change page's form as the browser would post it back, unchanged."""
+    form = client.get(url).context["adminform"].form
+    data: dict[str, object] = {}
+    for name in form.fields:
+        value = form[name].value()  # already prepared for the widget (JSON as text)
+        if isinstance(value, bool):
+            if value:
+                data[name] = "on"
+        elif value is not None:
+            data[name] = value
+    return data
+
+
+@pytest.mark.django_db
+def test_admin_scheduler_change__the_id_is_read_only(
+    admin_client: Client, make_scheduler: Callable[..., Scheduler], push: Push
+) -> None:
+    push()  # boefje has a task: a second, empty "boefje-renamed" would strand it
+    url = "/admin/tasks/scheduler/boefje/change/"
+    form = _change_form(admin_client, url)
+    form.update({"id": "boefje-renamed", "description": "edited"})
+
+    response = admin_client.post(url, form)
+
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    assert not Scheduler.objects.filter(id="boefje-renamed").exists()
+    assert Scheduler.objects.get(id="boefje").description == "edited"
+    assert 'name="id"' in admin_client.get("/admin/tasks/scheduler/add/").content.decode()
