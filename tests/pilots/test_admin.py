@@ -3,6 +3,7 @@ actions go through the services."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from django.test import Client
 
 from pilots import services
 from pilots.models import CEStatus, ComputeElement, PilotStatus, PilotSubmission
-from tests.pilots.helpers import active_on, make_ce, make_pilot, make_vo
+from tests.pilots.helpers import T0, active_on, make_ce, make_pilot, make_vo
 
 C, P = CEStatus, PilotStatus
 CE_LIST = "/admin/pilots/computeelement/"
@@ -156,6 +157,19 @@ def test_admin_pilot_and_report_changelists_render(admin_client: Client) -> None
         response = admin_client.get(url)
         assert response.status_code == 200, url
         assert needle in response.content.decode(), url
+
+
+def test_admin_pilot_changelist__newest_first_to_the_second(admin_client: Client) -> None:
+    ce = make_ce("ce-a", capacity=3)
+    older = make_pilot(ce, submitted_at=T0 + timedelta(seconds=3))
+    newer = make_pilot(ce, submitted_at=T0 + timedelta(seconds=7))
+
+    response = admin_client.get("/admin/pilots/pilotsubmission/")
+
+    assert [p.id for p in response.context["cl"].result_list] == [newer.id, older.id]
+    page = response.content.decode()
+    assert f'<td class="field-submitted">{T0 + timedelta(seconds=7):%Y-%m-%d %H:%M:%S}</td>' in page
+    assert '<td class="field-finished">-</td>' in page
 
 
 def test_admin_pilots_cannot_be_added_or_edited(admin_client: Client) -> None:

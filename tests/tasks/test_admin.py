@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth.models import User
@@ -242,3 +244,27 @@ def test_admin_scheduler_change__the_id_is_read_only(
     assert not Scheduler.objects.filter(id="boefje-renamed").exists()
     assert Scheduler.objects.get(id="boefje").description == "edited"
     assert 'name="id"' in admin_client.get("/admin/tasks/scheduler/add/").content.decode()
+
+
+@pytest.mark.django_db
+def test_admin_task_changelist__newest_first_to_the_second(
+    admin_client: Client, scheduler: Scheduler
+) -> None:
+    # Ids in the opposite order to creation: a list in id (UUID) order would be oldest first.
+    t0 = datetime(2030, 1, 1, 10, 0, tzinfo=UTC)
+    made = {
+        n: Task.objects.create(
+            id=uuid.UUID(int=n), scheduler=scheduler, created_at=t0 + timedelta(seconds=s)
+        )
+        for n, s in [(1, 7), (2, 3), (3, 3), (4, 0)]
+    }
+
+    response = admin_client.get("/admin/tasks/task/")
+
+    assert [t.id for t in response.context["cl"].result_list] == [
+        made[n].id for n in (1, 3, 2, 4)  # equal created_at: the higher id first
+    ]
+    page = response.content.decode()
+    assert '<td class="field-created">2030-01-01 10:00:07</td>' in page
+    assert '<td class="field-created">2030-01-01 10:00:03</td>' in page
+    assert '<td class="field-lease_expires">-</td>' in page  # none was ever leased
