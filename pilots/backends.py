@@ -90,7 +90,10 @@ def local_command(name: object) -> list[str] | None:
     if not isinstance(name, str):
         return None
     argv = settings.PILOT_LOCAL_COMMANDS.get(name)
-    return list(argv) if argv else None
+    # The environment variable is checked at start; this also guards a settings module's own.
+    if not (isinstance(argv, list | tuple) and argv and all(isinstance(a, str) for a in argv)):
+        return None
+    return list(argv)
 
 
 class LocalBackend:

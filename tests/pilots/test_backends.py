@@ -291,6 +291,19 @@ def test_local__a_name_the_settings_no_longer_have_is_a_submit_error(
     assert not (var_dir / "pilots").exists()
 
 
+def test_local_command__only_a_name_the_settings_map_to_an_argv(settings: Settings) -> None:
+    settings.PILOT_LOCAL_COMMANDS = {
+        "ok": ["true"],
+        "text": "touch /tmp/x",  # a settings module's mistake: never run through a shell
+        "empty": [],
+        "mixed": ["true", 1],
+    }
+
+    assert local_command("ok") == ["true"]
+    for name in ["text", "empty", "mixed", "missing", ["true"], None, {"ok": 1}]:
+        assert local_command(name) is None, name
+
+
 # --- PILOT_LOCAL_COMMANDS from the environment ------------------------------------------------
 
 
