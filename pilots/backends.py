@@ -178,10 +178,10 @@ def _command_problem(options: dict[str, Any]) -> str | None:
     if local_command(name) is not None:
         return None
     known = ", ".join(sorted(settings.PILOT_LOCAL_COMMANDS)) or "none are configured"
-    given = f"{name!r} is" if isinstance(name, str) else "must be"
+    given = f"{name!r} is not" if isinstance(name, str) else "must be"
     return (
-        f"command: {given} not the name of one of the server's PILOT_LOCAL_COMMANDS "
-        f"({known}); a command line or argv is never accepted."
+        f"command: {given} the name of one of the server's PILOT_LOCAL_COMMANDS ({known}); "
+        "a command line or argv is never accepted."
     )
 
 
