@@ -13,7 +13,7 @@ from pilots.models import (
     PilotSubmission,
     VirtualOrganisation,
 )
-from tasks.admin import run_each
+from tasks.admin import run_each, to_the_second
 
 
 @admin.register(VirtualOrganisation)
@@ -107,11 +107,15 @@ class PilotAdmin(admin.ModelAdmin):
         "vo",
         "status",
         "external_id",
-        "submitted_at",
-        "started_at",
-        "finished_at",
+        "submitted",
+        "started",
+        "finished",
         "failure_reason",
     ]
+    ordering = ["-submitted_at", "-id"]  # newest first; equal times in a stable order
+    submitted = to_the_second("submitted_at", "submitted (UTC)")
+    started = to_the_second("started_at", "started (UTC)")
+    finished = to_the_second("finished_at", "finished (UTC)")
     list_filter = ["status", "ce", "vo"]
     search_fields = ["=id", "external_id", "failure_reason"]
     date_hierarchy = "submitted_at"
@@ -130,7 +134,8 @@ class PilotAdmin(admin.ModelAdmin):
 
 @admin.register(PilotReport)
 class PilotReportAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "by_status"]
+    list_display = ["created", "by_status"]
+    created = to_the_second("created_at", "created (UTC)")
     date_hierarchy = "created_at"
     readonly_fields = ["created_at", "by_status", "by_ce", "by_vo"]
 

@@ -3,7 +3,9 @@
 `simulated` (default): reliability is the chance that a submission succeeds and that a
 running pilot ends DONE. Outcomes are drawn per (seed, pilot, step), so a seeded run is
 reproducible and the backend keeps no state. `local`: each pilot is a real local process (the
-pull runner is the natural pilot), tracked by pid and by an exit-code file its shell writes.
+pull runner is the natural pilot), tracked by pid and by an exit-code file its shell writes. It
+runs only commands of the server's PILOT_LOCAL_COMMANDS, by name: an API or admin user picks
+one, never supplies one (DESIGN §9.2).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,29 +73,52 @@ class SimulatedBackend:
         return news
 
 
+# A CE's backend_settings names a command of the server's PILOT_LOCAL_COMMANDS; without a name
+# it runs this one (the built-in default is a short sleep).
+DEFAULT_LOCAL_COMMAND = "sleep"
+
+# Runs the argv given as its positional parameters, never parsed as shell text, then records
+# its exit code, which any process can read later (only the parent could wait() for it).
+_EXIT_CODE_WRAPPER = (
+    'exit_file=$1; shift; "$@"; echo $? > "$exit_file.tmp" && mv "$exit_file.tmp" "$exit_file"'
+)
+
+
+def local_command(name: object) -> list[str] | None:
+    """The argv the server's settings give this name, or None: commands come only from
+    PILOT_LOCAL_COMMANDS, never from a CE's settings (DESIGN §9.2)."""
+    if not isinstance(name, str):
+        return None
+    argv = settings.PILOT_LOCAL_COMMANDS.get(name)
+    # The environment variable is checked at start; this also guards a settings module's own.
+    if not (isinstance(argv, list | tuple) and argv and all(isinstance(a, str) for a in argv)):
+        return None
+    return list(argv)
+
+
 class LocalBackend:
-    """Pilots as local processes. `backend_settings.command` is the pilot's command line
-    (default: a short sleep); the pilot id is in its environment as PILOT_ID."""
+    """Pilots as local processes running one of the server's PILOT_LOCAL_COMMANDS, the one
+    `backend_settings.command` names (default: `sleep`); the pilot id is in its environment as
+    PILOT_ID."""
 
     def __init__(self, ce: ComputeElement) -> None:
         options = ce.backend_settings or {}
-        self.command = str(options.get("command", "python3 -c 'import time; time.sleep(5)'"))
+        self.command = options.get("command", DEFAULT_LOCAL_COMMAND)
         self.folder = Path(settings.VAR_DIR) / "pilots"
 
     def _exit_file(self, external_id: str) -> Path:
         return self.folder / f"{external_id}.exit"
 
     def submit(self, pilot: PilotSubmission) -> str:
+        argv = local_command(self.command)
+        if argv is None:  # the setting changed since the CE was saved
+            raise SubmitError(f"no command {self.command!r} in the server's PILOT_LOCAL_COMMANDS")
         self.folder.mkdir(parents=True, exist_ok=True)
         token = pilot.id.hex
-        exit_file = self._exit_file(token)
-        # The shell records the exit code, which any process can read later (only the parent
-        # could wait() for it); a new session keeps the pilot alive past its submitter.
-        target = shlex.quote(str(exit_file))
-        script = f"{self.command}; echo $? > {target}.tmp && mv {target}.tmp {target}"
         try:
+            # A new session keeps the pilot alive past its submitter.
             process = subprocess.Popen(
-                ["/bin/sh", "-c", script],
+                ["/bin/sh", "-c", _EXIT_CODE_WRAPPER, "pilot", str(self._exit_file(token)), *argv],
                 env={**os.environ, "PILOT_ID": str(pilot.id)},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -133,9 +157,10 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has exited
 
 
-# The options each backend reads from backend_settings, and what each must be.
+# The options each backend reads from backend_settings: any other key is refused, so a
+# misspelt option (or a command line smuggled in under another name) is never silently ignored.
 NUMBER_OPTIONS = {"simulated": ("start_after_seconds", "run_seconds"), "local": ()}
-TEXT_OPTIONS = {"simulated": (), "local": ("command",)}
+OPTIONS = {"simulated": {"seed", *NUMBER_OPTIONS["simulated"]}, "local": {"command"}}
 
 
 def _seconds(value: Any) -> bool:
@@ -147,20 +172,34 @@ def _seconds(value: Any) -> bool:
         return False
 
 
+def _command_problem(options: dict[str, Any]) -> str | None:
+    """A local CE names one of the server's commands; a command line or argv is refused."""
+    name = options.get("command", DEFAULT_LOCAL_COMMAND)
+    if local_command(name) is not None:
+        return None
+    known = ", ".join(sorted(settings.PILOT_LOCAL_COMMANDS)) or "none are configured"
+    given = f"{name!r} is not" if isinstance(name, str) else "must be"
+    return (
+        f"command: {given} the name of one of the server's PILOT_LOCAL_COMMANDS ({known}); "
+        "a command line or argv is never accepted."
+    )
+
+
 def check_settings(backend: str, options: Any) -> None:
     """Refuse backend_settings the backend could not use (at input, not at the first submit)."""
     if not isinstance(options, dict):
         raise ValidationError({"backend_settings": ["Must be a JSON object."]})
     errors = [
+        f"{key}: unknown option; the {backend} backend reads {sorted(OPTIONS[backend])}."
+        for key in sorted(set(options) - OPTIONS.get(backend, set(options)))
+    ]
+    errors += [
         f"{key}: must be a number of seconds, 0 or more."
         for key in NUMBER_OPTIONS.get(backend, ())
         if key in options and not _seconds(options[key])
     ]
-    errors += [
-        f"{key}: must be a non-empty string."
-        for key in TEXT_OPTIONS.get(backend, ())
-        if key in options and not (isinstance(options[key], str) and options[key].strip())
-    ]
+    if backend == "local" and (problem := _command_problem(options)):
+        errors.append(problem)
     if errors:
         raise ValidationError({"backend_settings": errors})
 

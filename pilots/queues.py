@@ -28,6 +28,8 @@ QUEUES = [
 
 
 def ensure_queues(**_: Any) -> None:
+    """Create the cycles' queues, marked `system` so that no one can delete them (the cycles
+    would fail every 30-60 s); queues made before the flag existed are marked here too."""
     for queue_id, handler in QUEUES:
         if not Scheduler.objects.filter(id=queue_id).exists():
             task_services.scheduler_create(
@@ -37,7 +39,11 @@ def ensure_queues(**_: Any) -> None:
                 description=f"Pilots: {handler} (system queue)",
                 dispatch_threshold=20,
                 lease_seconds=120,
+                system=True,
             )
+    Scheduler.objects.filter(id__in=[queue_id for queue_id, _ in QUEUES], system=False).update(
+        system=True
+    )
 
 
 def start_cycle(cycle: str) -> list[str]:

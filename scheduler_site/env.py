@@ -6,6 +6,7 @@ start with a message an operator can act on instead of a traceback deep inside D
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -64,3 +65,32 @@ def env_rate(name: str, default: str) -> str:
             f"{name}={value!r} is not a rate; use <number>/<s|min|hour|day>, e.g. 60/min."
         )
     return value
+
+
+def env_commands(name: str, default: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A JSON object of command name -> argv (a non-empty list of strings), e.g.
+    `{"sleep": ["sleep", "5"]}`: the only commands the server will run (no shell)."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ImproperlyConfigured(f"{name} is not valid JSON ({exc.msg}).") from None
+    if not isinstance(value, dict) or not all(
+        key.strip() and _is_argv(argv) for key, argv in value.items()
+    ):
+        raise ImproperlyConfigured(
+            f"{name} must be a JSON object of name -> argv, a non-empty list of strings, "
+            'e.g. {"sleep": ["sleep", "5"]}.'
+        )
+    return value
+
+
+def _is_argv(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(part, str) and "\x00" not in part for part in value)
+        and bool(value[0].strip())
+    )

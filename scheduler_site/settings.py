@@ -7,7 +7,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from scheduler_site.databases import database_from_url
-from scheduler_site.env import env_bool, env_int, env_list, env_rate, env_str
+from scheduler_site.env import env_bool, env_commands, env_int, env_list, env_rate, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("SCHEDULER_VAR_DIR") or BASE_DIR / "var")
@@ -185,6 +185,9 @@ LOCK_WAIT_MAX_SECONDS = env_int("LOCK_WAIT_MAX_SECONDS", 10, minimum=1)
 # Pilots: a pilot with no news from its CE for this long is FAILED ("lost").
 PILOT_LOST_AFTER_SECONDS = env_int("PILOT_LOST_AFTER_SECONDS", 900, minimum=1)
 PILOT_SIMULATION_SEED = env_str("PILOT_SIMULATION_SEED", "scheduler")
+# The only commands the `local` backend runs, by name: a CE's backend_settings names one and
+# never carries a command itself, so an API token never means running code here (DESIGN §9.2).
+PILOT_LOCAL_COMMANDS = env_commands("PILOT_LOCAL_COMMANDS", {"sleep": ["sleep", "5"]})
 
 # Celery: the embedded default is kombu's filesystem transport, one folder for in and out.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"

@@ -10,7 +10,7 @@ from django.utils.html import format_html, format_html_join
 
 from schedules import services, timing
 from schedules.models import Schedule
-from tasks.admin import run_each
+from tasks.admin import run_each, to_the_second
 
 EDITABLE = [
     "hash",
@@ -34,11 +34,16 @@ class ScheduleAdmin(admin.ModelAdmin):
         "__str__",
         "status",
         "when",
-        "deadline_at",
-        "last_run_at",
+        "deadline",
+        "last_run",
         "run_count",
         "priority",
+        "created",
     ]
+    ordering = ["-created_at", "-id"]  # newest first, not in random UUID order
+    deadline = to_the_second("deadline_at", "deadline (UTC)")
+    last_run = to_the_second("last_run_at", "last run (UTC)")
+    created = to_the_second("created_at", "created (UTC)")
     list_filter = ["status", "scheduler"]
     search_fields = ["=id", "hash", "cron"]
     date_hierarchy = "deadline_at"

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any
+
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 
 from tasks import services
@@ -27,6 +31,18 @@ def run_each(modeladmin: admin.ModelAdmin, request: HttpRequest, items, action, 
         )
 
 
+def to_the_second(field: str, description: str) -> Callable[[Any, Model], str | None]:
+    """A sortable list column showing a timestamp to the second, in UTC: Django's default
+    format stops at the minute, so tasks of one minute looked alike."""
+
+    @admin.display(description=description, ordering=field, empty_value="-")
+    def column(modeladmin: Any, obj: Model) -> str | None:
+        value = getattr(obj, field)
+        return None if value is None else f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
+
+    return column
+
+
 @admin.register(Scheduler)
 class SchedulerAdmin(admin.ModelAdmin):
     list_display = [
@@ -41,8 +57,21 @@ class SchedulerAdmin(admin.ModelAdmin):
     ]
     list_filter = ["kind", "paused", "retry_policy", "dead_letter"]
     search_fields = ["id", "description", "handler"]
-    readonly_fields = ["created_at", "modified_at"]
+    readonly_fields = ["system", "created_at", "modified_at"]
     actions = ["pause_queues", "resume_queues"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Scheduler | None = None) -> list[str]:
+        # The id is the primary key: "changing" it saved a second, empty queue beside the
+        # first (its tasks and schedules stayed behind). It is chosen once, on add.
+        fields = list(self.readonly_fields)
+        return ["id", *fields] if obj else fields
+
+    def has_delete_permission(self, request: HttpRequest, obj: Scheduler | None = None) -> bool:
+        # The system's own queues (the pilot cycles) are never deleted: its periodic work
+        # would fail every cycle. The bulk action checks this per selected queue too.
+        if obj is not None and obj.system:
+            return False
+        return super().has_delete_permission(request, obj)
 
     @admin.display(description="queued")
     def queued(self, scheduler: Scheduler) -> int:
@@ -107,10 +136,17 @@ class TaskAdmin(admin.ModelAdmin):
         "priority",
         "attempts",
         "hash",
-        "not_before",
-        "lease_expires_at",
-        "modified_at",
+        "created",
+        "not_before_",
+        "lease_expires",
+        "modified",
     ]
+    # Newest first (the task_created_idx index, read backwards), not in random UUID order.
+    ordering = ["-created_at", "-id"]
+    created = to_the_second("created_at", "created (UTC)")
+    not_before_ = to_the_second("not_before", "not before (UTC)")
+    lease_expires = to_the_second("lease_expires_at", "lease expires (UTC)")
+    modified = to_the_second("modified_at", "modified (UTC)")
     list_filter = [DeadLetterFilter, "status", "scheduler"]
     search_fields = ["=id", "=hash", "worker"]
     date_hierarchy = "created_at"
@@ -157,7 +193,8 @@ class TaskAdmin(admin.ModelAdmin):
 
 @admin.register(TaskEvent)
 class TaskEventAdmin(admin.ModelAdmin):
-    list_display = ["at", "task", "from_status", "to_status", "actor", "note"]
+    list_display = ["at_", "task", "from_status", "to_status", "actor", "note"]
+    at_ = to_the_second("at", "at (UTC)")
     list_filter = ["to_status"]
     search_fields = ["=task__id", "actor"]
     date_hierarchy = "at"

@@ -140,6 +140,9 @@ class Scheduler(models.Model):
         help_text="Orchestrator: share of the free room per policy, e.g. "
         '{"most_overdue_first": 49, "never_run_first": 49, "least_recently_run_first": 2}.',
     )
+    system = models.BooleanField(
+        default=False, editable=False, help_text="Made by the system for itself: not deletable."
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     modified_at = models.DateTimeField(default=timezone.now)
 

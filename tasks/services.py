@@ -89,6 +89,12 @@ def scheduler_set_paused(*, scheduler_id: str, paused: bool, actor: str = "") ->
 def scheduler_delete(*, scheduler_id: str) -> None:
     with transaction.atomic():
         scheduler = get_scheduler(scheduler_id, for_update=True)
+        if scheduler.system:  # the system's own periodic work runs on it (DESIGN §9.2)
+            raise TransitionRefused(
+                f"Scheduler {scheduler_id!r} is a system queue (the system's own periodic work "
+                "runs on it); system queues cannot be deleted.",
+                current_status="SYSTEM",
+            )
         active = scheduler.tasks.filter(status__in=[*LEASED_STATUSES, TaskStatus.QUEUED]).count()
         if active:
             raise TransitionRefused(

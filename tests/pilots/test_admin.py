@@ -3,6 +3,7 @@ actions go through the services."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from django.test import Client
 
 from pilots import services
 from pilots.models import CEStatus, ComputeElement, PilotStatus, PilotSubmission
-from tests.pilots.helpers import active_on, make_ce, make_pilot, make_vo
+from tests.pilots.helpers import T0, active_on, make_ce, make_pilot, make_vo
 
 C, P = CEStatus, PilotStatus
 CE_LIST = "/admin/pilots/computeelement/"
@@ -79,6 +80,29 @@ def test_admin_ce_add__refuses_backend_settings_the_backend_cannot_use(
     assert ComputeElement.objects.get().backend_settings == {"run_seconds": 30}
 
 
+@pytest.mark.parametrize("command", ["id", '["id"]'])
+def test_admin_ce_add__refuses_a_command_line_in_backend_settings(
+    admin_client: Client, command: str
+) -> None:
+    value = command if command.startswith("[") else f'"{command}"'
+    form = {
+        "name": "ce-new",
+        "capacity": "2",
+        "reliability": "0.5",
+        "backend": "local",
+        "backend_settings": f'{{"command": {value}}}',
+    }
+
+    refused = admin_client.post(f"{CE_LIST}add/", form)
+    form["backend_settings"] = '{"command": "sleep"}'
+    accepted = admin_client.post(f"{CE_LIST}add/", form)
+
+    assert refused.status_code == 200
+    assert "PILOT_LOCAL_COMMANDS" in refused.content.decode()
+    assert accepted.status_code == 302
+    assert ComputeElement.objects.get().backend_settings == {"command": "sleep"}
+
+
 def test_admin_ce_actions__drain_ban_activate(admin_client: Client) -> None:
     a = make_ce("ce-a", capacity=3)
     b = make_ce("ce-b", capacity=3)
@@ -133,6 +157,19 @@ def test_admin_pilot_and_report_changelists_render(admin_client: Client) -> None
         response = admin_client.get(url)
         assert response.status_code == 200, url
         assert needle in response.content.decode(), url
+
+
+def test_admin_pilot_changelist__newest_first_to_the_second(admin_client: Client) -> None:
+    ce = make_ce("ce-a", capacity=3)
+    older = make_pilot(ce, submitted_at=T0 + timedelta(seconds=3))
+    newer = make_pilot(ce, submitted_at=T0 + timedelta(seconds=7))
+
+    response = admin_client.get("/admin/pilots/pilotsubmission/")
+
+    assert [p.id for p in response.context["cl"].result_list] == [newer.id, older.id]
+    page = response.content.decode()
+    assert f'<td class="field-submitted">{T0 + timedelta(seconds=7):%Y-%m-%d %H:%M:%S}</td>' in page
+    assert '<td class="field-finished">-</td>' in page
 
 
 def test_admin_pilots_cannot_be_added_or_edited(admin_client: Client) -> None:

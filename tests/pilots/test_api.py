@@ -3,6 +3,8 @@ codes, field errors, filters and permissions. No request may answer 5xx (autouse
 
 from __future__ import annotations
 
+import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -10,7 +12,9 @@ import pytest
 from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
 
+from pilots import queues
 from pilots.models import ComputeElement, PilotStatus, PilotSubmission, VirtualOrganisation
+from tasks.models import Scheduler
 from tests.pilots.helpers import T0, make_ce, make_pilot, make_vo
 from tests.tasks.helpers import forbid_server_errors
 
@@ -152,8 +156,12 @@ def test_ces__bad_field_is_400_naming_it(
         ("simulated", {"run_seconds": True}),
         ("simulated", {"run_seconds": 10**400}),
         ("simulated", {"start_after_seconds": None}),
+        ("simulated", {"bogus": 1}),
         ("local", {"command": 5}),
         ("local", {"command": "  "}),
+        ("local", {"command": "id"}),
+        ("local", {"command": ["id"]}),
+        ("local", {"shell": "id"}),
     ],
 )
 def test_ces__backend_settings_the_backend_cannot_use_are_400(
@@ -470,3 +478,103 @@ def test_permissions__operator_reads_and_writes(operator_client: APIClient) -> N
     make_ce("ce-a")
     for method, url, body in WRITES[5:]:
         assert _call(operator_client, method, url, body).status_code in {200, 201}, url
+
+
+# --- no code execution through the API (DESIGN §9.2) ------------------------------------------
+
+
+def _touch(marker: Any) -> list[str]:
+    return ["touch", str(marker)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "touch {marker}",  # a shell string
+        "sh -c 'touch {marker}'",
+        ["touch", "{marker}"],  # an argv
+        {"argv": ["touch", "{marker}"]},
+    ],
+)
+def test_ces__a_command_in_backend_settings_is_400_and_nothing_runs(
+    operator_client: APIClient, settings: Any, var_dir: Any, tmp_path: Any, command: Any
+) -> None:
+    marker = tmp_path / "ran"
+    settings.PILOT_LOCAL_COMMANDS = {"sleep": ["true"]}  # the server's default, made quick
+    command = _fill(command, str(marker))
+    body = {"name": "ce-a", "vos": ["lhcb"], "backend": "local"}
+    make_vo("lhcb")
+    make_ce("ce-b", backend="local")
+
+    created = _post(operator_client, CES, {**body, "backend_settings": {"command": command}})
+    patched = _patch(operator_client, f"{CES}ce-b/", {"backend_settings": {"command": command}})
+    submitted = _post(operator_client, f"{CES}ce-b/submit/", {"vo": "lhcb"})
+
+    assert (created.status_code, set(created.json())) == (400, {"backend_settings"})
+    assert "PILOT_LOCAL_COMMANDS" in str(created.json()["backend_settings"])
+    assert (patched.status_code, set(patched.json())) == (400, {"backend_settings"})
+    assert list(ComputeElement.objects.values_list("name", "backend_settings")) == [("ce-b", {})]
+    assert submitted.status_code == 201  # ce-b runs the server's default command, not the body's
+    _wait_for_pilot_exit(var_dir, submitted.json()["id"])
+    assert not marker.exists()
+
+
+def test_ces__backend_settings_name_one_of_the_servers_local_commands(
+    operator_client: APIClient, settings: Any, var_dir: Any, tmp_path: Any
+) -> None:
+    marker = tmp_path / "ran"
+    settings.PILOT_LOCAL_COMMANDS = {"touch-marker": _touch(marker)}
+    make_vo("lhcb")
+    body = {"name": "ce-a", "vos": ["lhcb"], "backend": "local"}
+
+    unknown = _post(operator_client, CES, {**body, "backend_settings": {"command": "sleep"}})
+    created = _post(operator_client, CES, {**body, "backend_settings": {"command": "touch-marker"}})
+    submitted = _post(operator_client, f"{CES}ce-a/submit/", {"vo": "lhcb"})
+
+    assert (unknown.status_code, set(unknown.json())) == (400, {"backend_settings"})
+    assert "touch-marker" in str(unknown.json()["backend_settings"])
+    assert created.status_code == 201, created.json()
+    assert submitted.status_code == 201
+    _wait_for_pilot_exit(var_dir, submitted.json()["id"])
+    assert marker.exists()
+
+
+def _fill(command: Any, marker: str) -> Any:
+    if isinstance(command, str):
+        return command.format(marker=marker)
+    if isinstance(command, list):
+        return [_fill(part, marker) for part in command]
+    return {key: _fill(value, marker) for key, value in command.items()}
+
+
+def _wait_for_pilot_exit(var_dir: Any, pilot_id: str) -> None:
+    """A local pilot's shell writes its exit file when its command has ended."""
+    exit_file = var_dir / "pilots" / f"{uuid.UUID(pilot_id).hex}.exit"
+    deadline = time.monotonic() + 20
+    while not exit_file.exists():
+        assert time.monotonic() < deadline, "the pilot process did not end in 20 s"
+        time.sleep(0.05)
+
+
+# --- the system queues (DESIGN §9.2) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_id", [queue for queue, _ in queues.QUEUES])
+def test_system_queues__delete_is_409_naming_the_rule(
+    operator_client: APIClient, queue_id: str
+) -> None:
+    response = operator_client.delete(f"/api/schedulers/{queue_id}/")
+
+    assert response.status_code == 409, response.content
+    assert "system queues cannot be deleted" in response.json()["detail"]
+    assert Scheduler.objects.filter(id=queue_id, system=True).exists()
+
+
+def test_system_queues__other_queues_are_still_deleted(operator_client: APIClient) -> None:
+    body = {"id": "mine", "kind": "celery", "handler": "pilots.submit_pilot"}
+    created = _post(operator_client, "/api/schedulers/", body)
+
+    deleted = operator_client.delete("/api/schedulers/mine/")
+
+    assert (created.status_code, deleted.status_code) == (201, 204)
+    assert not Scheduler.objects.filter(id="mine").exists()

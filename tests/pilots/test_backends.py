@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import sys
 import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from pytest_django.fixtures import Settings
 from time_machine import TimeMachineFixture
 
@@ -21,8 +24,10 @@ from pilots.backends import (
     SimulatedBackend,
     SubmitError,
     backend_for,
+    local_command,
 )
 from pilots.models import ComputeElement, PilotStatus, PilotSubmission
+from scheduler_site.env import env_commands
 from tests.pilots.helpers import T0
 
 P = PilotStatus
@@ -150,8 +155,10 @@ def test_simulated_status__default_timing_is_5s_queue_then_20s_run(
 # --- local -----------------------------------------------------------------------------------
 
 
-def _local(command: str) -> tuple[LocalBackend, PilotSubmission]:
-    ce = _ce(backend="local", command=command)
+def _local(settings: Settings, argv: list[str]) -> tuple[LocalBackend, PilotSubmission]:
+    """A local backend whose CE names a command the server's settings define as `argv`."""
+    settings.PILOT_LOCAL_COMMANDS = {"under-test": argv}
+    ce = _ce(backend="local", command="under-test")
     return LocalBackend(ce), _pilot()
 
 
@@ -188,8 +195,9 @@ def _pid(pilot: PilotSubmission) -> int:
     return int(pid)
 
 
-# Each pilot sleeps half a second first, so the test sees it RUNNING before it ends.
-SLEEP_THEN = "python3 -c 'import sys, time; time.sleep(0.5); sys.exit({code})'"
+def _sleep_then(code: int, seconds: float = 0.5) -> list[str]:
+    """Each pilot sleeps half a second first, so the test sees it RUNNING before it ends."""
+    return [sys.executable, "-c", f"import sys, time; time.sleep({seconds}); sys.exit({code})"]
 
 
 @pytest.mark.parametrize(
@@ -197,9 +205,9 @@ SLEEP_THEN = "python3 -c 'import sys, time; time.sleep(0.5); sys.exit({code})'"
     [(0, PilotNews(P.DONE)), (3, PilotNews(P.FAILED, "pilot process exited with 3"))],
 )
 def test_local__real_process_runs_then_reports_its_exit_code(
-    var_dir: Path, code: int, expected: PilotNews
+    var_dir: Path, settings: Settings, code: int, expected: PilotNews
 ) -> None:
-    backend, pilot = _local(SLEEP_THEN.format(code=code))
+    backend, pilot = _local(settings, _sleep_then(code))
 
     pilot.external_id = backend.submit(pilot)
     pid = _pid(pilot)
@@ -213,8 +221,8 @@ def test_local__real_process_runs_then_reports_its_exit_code(
     _reap(pid)
 
 
-def test_local__immediate_exit_is_seen_done(var_dir: Path) -> None:
-    backend, pilot = _local("python3 -c 'import sys; sys.exit(0)'")
+def test_local__immediate_exit_is_seen_done(var_dir: Path, settings: Settings) -> None:
+    backend, pilot = _local(settings, [sys.executable, "-c", "import sys; sys.exit(0)"])
 
     pilot.external_id = backend.submit(pilot)
 
@@ -222,8 +230,8 @@ def test_local__immediate_exit_is_seen_done(var_dir: Path) -> None:
     _reap(_pid(pilot))
 
 
-def test_local__killed_process_gives_no_news(var_dir: Path) -> None:
-    backend, pilot = _local(SLEEP_THEN.replace("0.5", "60").format(code=0))
+def test_local__killed_process_gives_no_news(var_dir: Path, settings: Settings) -> None:
+    backend, pilot = _local(settings, _sleep_then(0, seconds=60))
     pilot.external_id = backend.submit(pilot)
     pid = _pid(pilot)
     assert backend.status([pilot]) == {pilot.external_id: PilotNews(P.RUNNING)}
@@ -238,16 +246,100 @@ def test_local__killed_process_gives_no_news(var_dir: Path) -> None:
     assert backend.status([pilot]) == {}
 
 
-def test_local__unknown_pid_and_no_exit_file_give_no_news(var_dir: Path) -> None:
-    backend, pilot = _local("true")
+def test_local__unknown_pid_and_no_exit_file_give_no_news(
+    var_dir: Path, settings: Settings
+) -> None:
+    backend, pilot = _local(settings, ["true"])
     pilot.external_id = f"{pilot.id.hex}:999999999"
     bad = _pilot(external_id="garbage")
 
     assert backend.status([pilot, bad]) == {}
 
 
-def test_local__default_command_is_a_short_sleep(var_dir: Path) -> None:
+def test_local__default_command_is_the_servers_short_sleep(var_dir: Path) -> None:
     backend = LocalBackend(_ce(backend="local"))
 
-    assert "sleep(5)" in backend.command
+    assert backend.command == "sleep"
+    assert local_command(backend.command) == ["sleep", "5"]
     assert backend.folder == var_dir / "pilots"
+
+
+def test_local__argv_is_passed_as_is_never_through_a_shell(
+    var_dir: Path, settings: Settings
+) -> None:
+    out, marker = var_dir / "argv.json", var_dir / "ran"
+    tricky = f"$(touch {marker}); `touch {marker}` && touch {marker} '\""
+    write_argv = "import json, sys; open(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))"
+    backend, pilot = _local(settings, [sys.executable, "-c", write_argv, str(out), tricky, ""])
+
+    pilot.external_id = backend.submit(pilot)
+
+    assert _poll_until_final(backend, pilot) == PilotNews(P.DONE)
+    _reap(_pid(pilot))
+    assert json.loads(out.read_text()) == [tricky, ""]
+    assert not marker.exists()
+
+
+def test_local__a_name_the_settings_no_longer_have_is_a_submit_error(
+    var_dir: Path, settings: Settings
+) -> None:
+    backend, pilot = _local(settings, ["true"])
+    settings.PILOT_LOCAL_COMMANDS = {}
+
+    with pytest.raises(SubmitError, match="no command 'under-test' in the server's"):
+        backend.submit(pilot)
+    assert not (var_dir / "pilots").exists()
+
+
+def test_local_command__only_a_name_the_settings_map_to_an_argv(settings: Settings) -> None:
+    settings.PILOT_LOCAL_COMMANDS = {
+        "ok": ["true"],
+        "text": "touch /tmp/x",  # a settings module's mistake: never run through a shell
+        "empty": [],
+        "mixed": ["true", 1],
+    }
+
+    assert local_command("ok") == ["true"]
+    for name in ["text", "empty", "mixed", "missing", ["true"], None, {"ok": 1}]:
+        assert local_command(name) is None, name
+
+
+# --- PILOT_LOCAL_COMMANDS from the environment ------------------------------------------------
+
+
+def test_env_commands__a_json_object_of_name_to_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = {"sleep": ["sleep", "5"]}
+    monkeypatch.delenv("PILOT_LOCAL_COMMANDS", raising=False)
+    assert env_commands("PILOT_LOCAL_COMMANDS", default) == default
+
+    monkeypatch.setenv("PILOT_LOCAL_COMMANDS", "  ")
+    assert env_commands("PILOT_LOCAL_COMMANDS", default) == default
+
+    monkeypatch.setenv("PILOT_LOCAL_COMMANDS", "{}")
+    assert env_commands("PILOT_LOCAL_COMMANDS", default) == {}
+
+    runner = {"runner": ["/srv/bin/runner", "--scheduler", "demo-pull"], "noop": ["true"]}
+    monkeypatch.setenv("PILOT_LOCAL_COMMANDS", json.dumps(runner))
+    assert env_commands("PILOT_LOCAL_COMMANDS", default) == runner
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "sleep 5",  # a command line, not JSON
+        '["sleep", "5"]',
+        '{"sleep": "sleep 5"}',  # a shell string, not an argv
+        '{"sleep": []}',
+        '{"sleep": [""]}',
+        '{"sleep": ["sleep", 5]}',
+        '{"": ["true"]}',
+        '{"nul": ["true", "a\\u0000b"]}',
+    ],
+)
+def test_env_commands__anything_else_stops_the_start_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv("PILOT_LOCAL_COMMANDS", raw)
+
+    with pytest.raises(ImproperlyConfigured, match="PILOT_LOCAL_COMMANDS"):
+        env_commands("PILOT_LOCAL_COMMANDS", {})

@@ -11,6 +11,7 @@ from django.core.management import CommandError, call_command
 from time_machine import TimeMachineFixture
 
 from pilots.models import CEStatus, ComputeElement, PilotReport, PilotStatus, PilotSubmission
+from tasks.models import Scheduler
 from tests.pilots.helpers import T0, make_ce, make_pilot
 
 C, P = CEStatus, PilotStatus
@@ -126,3 +127,10 @@ def test_pilots_report__prints_counts_and_stores_only_with_store() -> None:
     assert json.loads(run("report", "--store")) == expected
     report = PilotReport.objects.get()
     assert (report.by_status, report.by_ce, report.by_vo) == tuple(expected.values())
+
+
+def test_scheduler_delete__a_system_queue_is_refused_naming_the_rule() -> None:
+    with pytest.raises(CommandError, match="system queues cannot be deleted"):
+        call_command("scheduler", "delete", "pilots-check-pilots", stdout=StringIO())
+
+    assert Scheduler.objects.filter(id="pilots-check-pilots").exists()

@@ -171,9 +171,14 @@ def test_defaults__new_ce_and_pilot() -> None:
         ("simulated", {"start_after_seconds": "5"}, False),
         ("simulated", {"run_seconds": -0.5}, False),
         ("simulated", [], False),
-        ("local", {"command": "python3 -c 'pass'"}, True),
+        ("simulated", {"bogus": 1}, False),
+        ("simulated", {"command": "sleep"}, False),
+        ("local", {}, True),  # the server's default command, `sleep`
+        ("local", {"command": "sleep"}, True),
+        ("local", {"command": "python3 -c 'pass'"}, False),  # a command line, not a name
         ("local", {"command": ["python3"]}, False),
         ("local", {"command": ""}, False),
+        ("local", {"command": "sleep", "argv": ["id"]}, False),
     ],
 )
 def test_ce_full_clean__backend_settings_checked_for_the_backend(

@@ -133,6 +133,28 @@ def test_pilot_submit__failed_submission_fails_the_pilot_and_frees_the_slot(
     assert services.pilot_submit(ce_name="ce-a", vo_name="lhcb").status == P.SUBMITTED
 
 
+@pytest.mark.parametrize("command", ["touch {marker}", ["touch", "{marker}"]])
+def test_pilot_submit__a_stored_command_line_is_never_run(
+    var_dir: Path, command: str | list[str]
+) -> None:
+    """A CE saved before commands came only from PILOT_LOCAL_COMMANDS (or written to the
+    table directly): its pilot fails at submission and nothing runs."""
+    marker = var_dir / "ran"
+    filled = (
+        command.format(marker=marker)
+        if isinstance(command, str)
+        else [part.format(marker=marker) for part in command]
+    )
+    make_ce("ce-a", backend="local", backend_settings={"command": filled})
+
+    pilot = services.pilot_submit(ce_name="ce-a", vo_name="lhcb")
+
+    assert pilot.status == P.FAILED
+    assert "PILOT_LOCAL_COMMANDS" in pilot.failure_reason
+    assert not (var_dir / "pilots").exists() or not any((var_dir / "pilots").iterdir())
+    assert not marker.exists()
+
+
 # --- ce_set_status ---------------------------------------------------------------------------
 
 
@@ -536,6 +558,17 @@ def test_ensure_queues__the_four_system_queues_exist_after_migrate() -> None:
     for handler in expected.values():
         assert HANDLERS[handler].retry.policy == "none"
         assert HANDLERS[handler].retry.dead_letter is False
+
+
+def test_ensure_queues__marks_the_system_queues_also_those_made_before_the_flag() -> None:
+    Scheduler.objects.filter(id="pilots-pilot-report").update(system=False)  # an older install
+    Scheduler.objects.filter(id="pilots-check-pilots").delete()  # deleted before it was refused
+    task_services.scheduler_create(id="mine", kind="celery", handler="pilots.submit_pilot")
+
+    queues.ensure_queues()
+
+    system = Scheduler.objects.filter(system=True).values_list("id", flat=True)
+    assert sorted(system) == sorted(queue for queue, _ in queues.QUEUES)
 
 
 def test_ensure_queues__idempotent_and_keeps_operator_changes() -> None:

@@ -3,6 +3,7 @@ computed), and the pause/resume/trigger actions go through the services."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -199,3 +200,24 @@ def test_admin_actions__trigger_makes_one_task_each_and_reports_refusals(
     _act(admin_client, "trigger_schedules", [first])
     assert Task.objects.filter(schedule=first).count() == 2
     assert Schedule.objects.get(id=first.id).run_count == 2
+
+
+def test_admin_changelist__newest_first_to_the_second(
+    clock: TimeMachineFixture, admin_client: Client, make_schedule: Make
+) -> None:
+    # Ids in the opposite order to creation: a list in id (UUID) order would be oldest first.
+    made = {}
+    for n, seconds in [(4, 0), (2, 3), (3, 3), (1, 7)]:
+        clock.move_to(T0 + timedelta(seconds=seconds), tick=False)
+        made[n] = make_schedule(id=uuid.UUID(int=n), interval_seconds=3600)
+
+    response = admin_client.get(CHANGELIST)
+
+    assert [s.id for s in response.context["cl"].result_list] == [
+        made[n].id
+        for n in (1, 3, 2, 4)  # equal created_at: the higher id first
+    ]
+    page = response.content.decode()
+    assert '<td class="field-created">2030-01-01 10:05:07</td>' in page
+    assert '<td class="field-deadline">2030-01-01 10:05:07</td>' in page  # due at once
+    assert '<td class="field-last_run">-</td>' in page

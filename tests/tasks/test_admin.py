@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth.models import User
@@ -187,3 +189,83 @@ def test_admin_dead_letters_filter(admin_client: Client, push: Push) -> None:
     assert str(failed.id) not in page and str(queued.id) not in page
     everything = admin_client.get("/admin/tasks/task/")
     assert len(everything.context["cl"].result_list) == 3
+
+
+@pytest.mark.django_db
+def test_admin_scheduler__a_system_queue_has_no_delete(
+    admin_client: Client, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    make_scheduler("system-queue", system=True)
+    make_scheduler("ordinary")
+
+    change = admin_client.get("/admin/tasks/scheduler/system-queue/change/")
+    delete_page = admin_client.get("/admin/tasks/scheduler/system-queue/delete/")
+    delete_post = admin_client.post("/admin/tasks/scheduler/system-queue/delete/", {"post": "yes"})
+    bulk = admin_client.post(
+        "/admin/tasks/scheduler/",
+        {"action": "delete_selected", "_selected_action": ["system-queue"], "post": "yes"},
+    )
+    ordinary = admin_client.post("/admin/tasks/scheduler/ordinary/delete/", {"post": "yes"})
+
+    assert change.status_code == 200
+    assert "/delete/" not in change.content.decode()
+    assert (delete_page.status_code, delete_post.status_code, bulk.status_code) == (403, 403, 403)
+    assert ordinary.status_code == 302
+    remaining = Scheduler.objects.filter(id__in=["system-queue", "ordinary"])
+    assert list(remaining.values_list("id", flat=True)) == ["system-queue"]
+
+
+def _change_form(client: Client, url: str) -> dict[str, object]:
+    """The change page's form as the browser would post it back, unchanged."""
+    form = client.get(url).context["adminform"].form
+    data: dict[str, object] = {}
+    for name in form.fields:
+        value = form[name].value()  # already prepared for the widget (JSON as text)
+        if isinstance(value, bool):
+            if value:
+                data[name] = "on"
+        elif value is not None:
+            data[name] = value
+    return data
+
+
+@pytest.mark.django_db
+def test_admin_scheduler_change__the_id_is_read_only(
+    admin_client: Client, make_scheduler: Callable[..., Scheduler], push: Push
+) -> None:
+    push()  # boefje has a task: a second, empty "boefje-renamed" would strand it
+    url = "/admin/tasks/scheduler/boefje/change/"
+    form = _change_form(admin_client, url)
+    form.update({"id": "boefje-renamed", "description": "edited"})
+
+    response = admin_client.post(url, form)
+
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    assert not Scheduler.objects.filter(id="boefje-renamed").exists()
+    assert Scheduler.objects.get(id="boefje").description == "edited"
+    assert 'name="id"' in admin_client.get("/admin/tasks/scheduler/add/").content.decode()
+
+
+@pytest.mark.django_db
+def test_admin_task_changelist__newest_first_to_the_second(
+    admin_client: Client, scheduler: Scheduler
+) -> None:
+    # Ids in the opposite order to creation: a list in id (UUID) order would be oldest first.
+    t0 = datetime(2030, 1, 1, 10, 0, tzinfo=UTC)
+    made = {
+        n: Task.objects.create(
+            id=uuid.UUID(int=n), scheduler=scheduler, created_at=t0 + timedelta(seconds=s)
+        )
+        for n, s in [(1, 7), (2, 3), (3, 3), (4, 0)]
+    }
+
+    response = admin_client.get("/admin/tasks/task/")
+
+    assert [t.id for t in response.context["cl"].result_list] == [
+        made[n].id
+        for n in (1, 3, 2, 4)  # equal created_at: the higher id first
+    ]
+    page = response.content.decode()
+    assert '<td class="field-created">2030-01-01 10:00:07</td>' in page
+    assert '<td class="field-created">2030-01-01 10:00:03</td>' in page
+    assert '<td class="field-lease_expires">-</td>' in page  # none was ever leased

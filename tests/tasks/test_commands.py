@@ -190,6 +190,33 @@ def test_task_requeue__refusals(push: Push) -> None:
 
 
 @pytest.mark.django_db
+def test_task_requeue__all_dead_of_an_unknown_scheduler_says_so(push: Push) -> None:
+    dead = _dead(push, data={"n": 1})
+
+    with pytest.raises(CommandError, match=r"^Scheduler 'nope' does not exist\.$"):
+        run("task", "requeue", "--all-dead", "nope")
+    with pytest.raises(CommandError, match="Scheduler 'nope' does not exist"):
+        run("task", "requeue", str(dead.id), "--all-dead", "nope")
+
+    assert Task.objects.get(id=dead.id).status == S.DEAD  # refused before anything is done
+
+
+@pytest.mark.django_db
+def test_task_requeue__all_dead_with_none_dead_says_so_and_succeeds(push: Push) -> None:
+    queued = push(data={"n": 0})
+    failed = push(data={"n": 1})
+    services.task_pop(scheduler_id="boefje", filters={"n": 1})
+    services.task_fail(task_id=failed.id, retry=RetrySpec(policy="none", dead_letter=False))
+
+    out = run("task", "requeue", "--all-dead", "boefje")
+    with_ids = run("task", "requeue", str(failed.id), "--all-dead", "boefje")
+
+    assert out.strip() == "no DEAD tasks in boefje"
+    assert with_ids.splitlines() == ["no DEAD tasks in boefje", f"{failed.id}: QUEUED"]
+    assert Task.objects.get(id=queued.id).status == S.QUEUED
+
+
+@pytest.mark.django_db
 def test_task_reap_and_prune(push: Push, time_machine: TimeMachineFixture) -> None:
     time_machine.move_to("2030-01-01T10:00:00Z", tick=False)
     lost = push(data={"n": 1})

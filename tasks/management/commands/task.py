@@ -10,7 +10,7 @@ from django.core.management.base import CommandError, CommandParser
 from tasks import housekeeping, selectors, services
 from tasks.exceptions import QueueError
 from tasks.management.commands._base import SubcommandCommand, dumps, parse_json_object
-from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tasks.serializers import PopSerializer, TaskEventSerializer, TaskSerializer
 
 
@@ -117,14 +117,22 @@ class Command(SubcommandCommand):
         state = "cancel requested (running)" if task.status == TaskStatus.RUNNING else task.status
         self.stdout.write(f"{task.id}: {state}")
 
-    def _requeue(self, *, task_ids: list[uuid.UUID], all_dead: str | None, **_: Any) -> None:
-        ids = list(task_ids)
-        if all_dead:
-            ids += Task.objects.filter(scheduler_id=all_dead, status=TaskStatus.DEAD).values_list(
-                "id", flat=True
-            )
+    def _dead_of(self, scheduler_id: str) -> list[uuid.UUID]:
+        """The DEAD tasks of a queue. An unknown queue is an error (likely a typo); a queue
+        with none is not: replaying its dead letters has nothing to do, which is success."""
+        if not Scheduler.objects.filter(id=scheduler_id).exists():
+            raise CommandError(f"Scheduler {scheduler_id!r} does not exist.")
+        dead = Task.objects.filter(scheduler_id=scheduler_id, status=TaskStatus.DEAD)
+        ids = list(dead.values_list("id", flat=True))
         if not ids:
+            self.stdout.write(f"no DEAD tasks in {scheduler_id}")
+        return ids
+
+    def _requeue(self, *, task_ids: list[uuid.UUID], all_dead: str | None, **_: Any) -> None:
+        if not task_ids and not all_dead:
             raise CommandError("Name task ids or --all-dead SCHEDULER.")
+        dead = self._dead_of(all_dead) if all_dead else []  # checked before anything is done
+        ids = [*task_ids, *dead]
         failures = 0
         for task_id in ids:
             try:
