@@ -289,8 +289,9 @@ def _completions(task: Task) -> int:
     return task.events.filter(to_status=S.COMPLETED).count()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_runner__survives_a_server_restart_mid_task(
-    start_runner: Callable[..., Runner], start_server: Callable[[], ServerProcess]
+    start_runner: Callable[..., Runner], start_server: Callable[[], ServerProcess], signum: int
 ) -> None:
     _pull()
     server = start_server()
@@ -298,7 +299,7 @@ def test_runner__survives_a_server_restart_mid_task(
     runner = start_runner("pull", "--handler", "demo.sleep", max_tasks=None, api_url=server.url)
     _wait_for(lambda: _status(task) == S.RUNNING, runner)
 
-    server.kill()  # SIGKILL, mid-task: heartbeats and then the report find nobody there
+    server.kill(signum)  # mid-task: heartbeats and then the report find nobody there
     time.sleep(5)
     assert runner.process.poll() is None, runner.output()
     server.start()

@@ -90,6 +90,16 @@ def test_api_client__a_refused_token_is_final(proxy: FaultProxy, db: None) -> No
     assert len(proxy.seen) == 1
 
 
+def test_api_client__403_is_final_too(proxy: FaultProxy, token: str) -> None:
+    proxy.plan = _first_answered(Answer(403, body={"detail": "not your queue"}))
+
+    with ApiClient(proxy.url, token) as client, pytest.raises(AuthRefused) as refused:
+        client.call("POST", "/api/schedulers/other/pop/", {"limit": 1})
+
+    assert (refused.value.status, refused.value.body) == (403, {"detail": "not your queue"})
+    assert len(proxy.seen) == 1
+
+
 def test_api_client__500_is_not_retried(proxy: FaultProxy, token: str) -> None:
     proxy.plan = _first_answered(Answer(500, body={"detail": "boom"}))
 
