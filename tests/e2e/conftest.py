@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -151,3 +154,85 @@ def wait_for(
         time.sleep(0.2)
     statuses = list(Task.objects.values_list("status", "attempts", "error"))
     raise AssertionError(f"timed out waiting for {message}; tasks: {statuses[:20]}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """The API served by a real gunicorn (gthread workers keep connections alive, as in
+    production) in its own process group, on a fixed loopback port so that it can be killed
+    and started again where its clients expect it."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log = env, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        command = [str(Path(sys.executable).with_name("gunicorn")), "scheduler_site.wsgi"]
+        command += ["-b", f"127.0.0.1:{self.port}", "-w", "1", "--threads", "4"]
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        self._wait_until_up(timeout)
+
+    def _wait_until_up(self, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"gunicorn exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=5):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answers (a 503 only says the broker is not reachable)
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"gunicorn did not answer:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the whole group: with SIGKILL no worker outlives its master to keep serving."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
+        self.process.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # a worker left behind by SIGTERM
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture
+def start_server(transactional_db: None, tmp_path: Path) -> Iterator[Callable[[], ServerProcess]]:
+    """Start the API as a real server process against the test database (stopped after)."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "scheduler_site.settings_test",
+        "DATABASE_URL": _database_url(),
+        "SCHEDULER_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
+    }
+    started: list[ServerProcess] = []
+
+    def start() -> ServerProcess:
+        server = ServerProcess(env, tmp_path / f"gunicorn-{len(started)}.log")
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.running():
+            server.kill(signal.SIGTERM)

@@ -21,7 +21,8 @@ from rest_framework.authtoken.models import Token
 
 from tasks import services
 from tasks.models import Task, TaskStatus
-from tests.e2e.conftest import ROOT
+from tests.e2e.conftest import ROOT, ServerProcess
+from tests.e2e.fault_proxy import DROP_ANSWER, Answer, FaultProxy, Seen
 
 pytestmark = pytest.mark.e2e
 
@@ -67,13 +68,18 @@ def start_runner(live_server: Any, token: str, tmp_path: Path) -> Iterator[Calla
     started: list[Runner] = []
 
     def start(
-        scheduler_id: str, *work: str, max_tasks: int | None = 1, grace: float = 30
+        scheduler_id: str,
+        *work: str,
+        max_tasks: int | None = 1,
+        grace: float = 30,
+        api_url: str | None = None,
+        key: str | None = None,
     ) -> Runner:
         args = [
             "--api-url",
-            live_server.url,
+            api_url or live_server.url,
             "--token",
-            token,
+            key or token,
             "--scheduler",
             scheduler_id,
             *work,
@@ -274,3 +280,148 @@ def test_runner__sigterm_stops_a_running_command(
     if alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "the command outlived its runner"
+
+
+# --- the API going away (issue 10, item 4) ----------------------------------------------------
+
+
+def _completions(task: Task) -> int:
+    return task.events.filter(to_status=S.COMPLETED).count()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_runner__survives_a_server_restart_mid_task(
+    start_runner: Callable[..., Runner], start_server: Callable[[], ServerProcess], signum: int
+) -> None:
+    _pull()
+    server = start_server()
+    task = services.task_push(scheduler_id="pull", data={"seconds": 3})
+    runner = start_runner("pull", "--handler", "demo.sleep", max_tasks=None, api_url=server.url)
+    _wait_for(lambda: _status(task) == S.RUNNING, runner)
+
+    server.kill(signum)  # mid-task: heartbeats and then the report find nobody there
+    time.sleep(5)
+    assert runner.process.poll() is None, runner.output()
+    server.start()
+    later = services.task_push(scheduler_id="pull", data={"seconds": 0.1})
+
+    _wait_for(lambda: _status(task) == _status(later) == S.COMPLETED, runner, timeout=90)
+    assert runner.process.poll() is None, runner.output()
+    task.refresh_from_db()
+    assert (task.attempts, task.result) == (1, {"slept": 3, "attempt": 1})
+    assert _completions(task) == 1
+    assert "retrying" in runner.output()
+
+
+def test_runner__a_report_whose_answer_was_lost_is_not_made_twice(
+    start_runner: Callable[..., Runner], live_server: Any
+) -> None:
+    """The COMPLETED report reaches the server, the connection drops before its answer: the
+    retry is answered 409 (already COMPLETED, by this very report). The runner says so and
+    goes on to the next task."""
+
+    def lose_first_completion(seen: Seen, history: list[Seen]) -> str | None:
+        reported = [s for s in history if (s.body or {}).get("status") == "COMPLETED"]
+        if (seen.body or {}).get("status") == "COMPLETED" and not reported:
+            return DROP_ANSWER
+        return None
+
+    proxy = FaultProxy(live_server.url, lose_first_completion)
+    _pull()
+    first = services.task_push(scheduler_id="pull", data={"n": 1})
+    second = services.task_push(scheduler_id="pull", data={"n": 2})
+    try:
+        runner = start_runner("pull", "--handler", "demo.echo", max_tasks=2, api_url=proxy.url)
+        assert runner.wait() == 0, runner.output()
+    finally:
+        proxy.close()
+
+    assert _status(first) == _status(second) == S.COMPLETED
+    assert _completions(Task.objects.get(id=first.id)) == 1
+    completions = [s for s in proxy.seen if (s.body or {}).get("status") == "COMPLETED"]
+    assert [s.status for s in completions] == [200, 409, 200]
+    assert f"task {first.id} was already COMPLETED" in runner.output()
+    assert "stopped after 2 tasks" in runner.output()
+
+
+def _with_lease_token(seen: Seen) -> Any:
+    """Until the server hands out lease tokens, give the popped tasks one, so the test sees
+    the runner carry it (a server that has them keeps its own)."""
+    if seen.path.endswith("/pop/") and seen.status == 200:
+        for task in seen.answer["results"]:
+            task.setdefault("lease_token", f"proxy-{task['id']}")
+    return seen.answer
+
+
+def _unavailable_once_each(seen: Seen, history: list[Seen]) -> Answer | None:
+    """One 503 for the first pop, a 429 (Retry-After: 1) for the start, a 502 for the first
+    heartbeat, a 504 for the report: each retried."""
+    kind = (seen.method, seen.path.rsplit("/", 2)[-2], (seen.body or {}).get("status"))
+    if any(
+        (s.method, s.path.rsplit("/", 2)[-2], (s.body or {}).get("status")) == kind for s in history
+    ):
+        return None
+    return {
+        ("POST", "pop", None): Answer(503, body={"detail": "restarting"}),
+        ("PATCH", str(kind[1]), "RUNNING"): Answer(429, {"Retry-After": "1"}, {"detail": "slow"}),
+        ("POST", "heartbeat", None): Answer(502, body={"detail": "bad gateway"}),
+        ("PATCH", str(kind[1]), "COMPLETED"): Answer(504, body={"detail": "timeout"}),
+    }.get(kind)
+
+
+def test_runner__retries_unavailable_answers_on_one_connection_with_its_lease(
+    start_runner: Callable[..., Runner], live_server: Any
+) -> None:
+    proxy = FaultProxy(live_server.url, _unavailable_once_each, _with_lease_token)
+    _pull()
+    task = services.task_push(scheduler_id="pull", data={"seconds": 3})
+    try:
+        runner = start_runner("pull", "--handler", "demo.sleep", api_url=proxy.url)
+        assert runner.wait() == 0, runner.output()
+    finally:
+        proxy.close()
+
+    task.refresh_from_db()
+    assert (task.status, task.attempts, _completions(task)) == (S.COMPLETED, 1, 1)
+    statuses = [(s.method, s.path.rsplit("/", 2)[-2], s.status) for s in proxy.seen]
+    assert statuses[:2] == [("POST", "pop", None), ("POST", "pop", 200)]
+    assert {None, 200} <= {s.status for s in proxy.seen if s.path.endswith("/heartbeat/")}
+    token = proxy.seen[1].answer["results"][0]["lease_token"]
+    after_pop = [s for s in proxy.seen[2:] if s.method in ("PATCH", "POST")]
+    assert after_pop and all(s.body["lease_token"] == token for s in after_pop)
+    assert all(s.body["attempt"] == 1 for s in after_pop)
+    # One kept-alive connection for the calls of the main loop, one for the heartbeats.
+    assert len(proxy.seen) >= 8 and proxy.connections <= 2, (len(proxy.seen), proxy.connections)
+
+
+def test_runner__a_refused_token_stops_it_with_a_clear_message(
+    start_runner: Callable[..., Runner],
+) -> None:
+    _pull()
+
+    runner = start_runner("pull", "--handler", "demo.echo", key="not-a-token")
+
+    assert runner.wait(30) == 1, runner.output()
+    assert "the API refused the runner's token (HTTP 401" in runner.output()
+
+
+def test_runner__sigterm_while_the_api_is_down_gives_up_after_the_grace(
+    start_runner: Callable[..., Runner], start_server: Callable[[], ServerProcess]
+) -> None:
+    _pull()
+    server = start_server()
+    task = services.task_push(scheduler_id="pull", data={"seconds": 60})
+    runner = start_runner(
+        "pull", "--handler", "demo.sleep", max_tasks=None, grace=1, api_url=server.url
+    )
+    _wait_for(lambda: _status(task) == S.RUNNING, runner)
+    server.kill()
+    _wait_for(lambda: "retrying" in runner.output(), runner, timeout=20)
+
+    sent = time.monotonic()
+    runner.process.send_signal(signal.SIGTERM)
+
+    assert runner.wait(30) == 0, runner.output()
+    assert time.monotonic() - sent < 15, runner.output()
+    assert f"could not hand task {task.id} back" in runner.output()
+    assert _status(task) == S.RUNNING  # its lease runs out and the reaper takes it back

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import signal
@@ -8,7 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tasks.exceptions import QueueError
-from tasks.pull_runner import ApiClient, PullRunner, Work
+from tasks.pull_runner import ApiClient, AuthRefused, PullRunner, Work
 from tasks.registry import get_handler
 
 
@@ -19,7 +20,13 @@ class Command(BaseCommand):
         "its stdin as JSON, TASK_ID/TASK_ATTEMPT in its environment, JSON on stdout is the "
         "result, a non-zero exit a failure), and reports COMPLETED or FAILED. A cancelled "
         "task is stopped. On SIGTERM/SIGINT it stops popping, lets the current task finish "
-        "within --grace seconds, else hands it back to the queue (attempt not spent)."
+        "within --grace seconds, else hands it back to the queue (attempt not spent). "
+        "All calls share one kept-alive HTTP session. A call that gets no answer (connection "
+        "refused or dropped, --timeout) or 502/503/504/429 is retried with exponential backoff "
+        "and jitter (429: after its Retry-After) for up to --max-retry-seconds, with the same "
+        "task, attempt and lease token, so the runner rides out a restart of the API; a report "
+        "whose earlier try landed unanswered is not made twice. After SIGTERM, retries stop "
+        "with the grace period. 401/403 stop the runner at once with exit code 1."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -42,31 +49,81 @@ class Command(BaseCommand):
         parser.add_argument(
             "--grace", type=float, default=30.0, help="Seconds to finish on SIGTERM."
         )
+        parser.add_argument(
+            "--max-retry-seconds",
+            type=_positive,
+            default=300.0,
+            help="How long one call is retried while the API is unreachable or unavailable "
+            "(default 300). A pop is then tried again after --poll-interval; a report given "
+            "up leaves the task to its lease expiry.",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=_positive,
+            default=30.0,
+            help="Seconds to wait for one answer before retrying (default 30).",
+        )
         parser.add_argument("--max-tasks", type=int, help="Exit after this many tasks.")
         parser.add_argument("--name", default=f"runner-{os.getpid()}")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["token"]:
             raise CommandError("--token (or SCHEDULER_API_TOKEN) is required.")
-        try:
-            handler = get_handler(options["handler"]) if options["handler"] else None
-        except QueueError as exc:
-            raise CommandError(exc.message) from None
-        command = shlex.split(options["command"]) if options["command"] else None
-        runner = PullRunner(
-            client=ApiClient(options["api_url"], options["token"]),
-            scheduler_id=options["scheduler"],
-            work=Work(handler=handler, command=command),
-            name=options["name"],
-            poll_interval=options["poll_interval"],
-            heartbeat_seconds=options["heartbeat"],
-            grace_seconds=options["grace"],
-            max_tasks=options["max_tasks"],
+        work = _work(options)
+        client = ApiClient(
+            options["api_url"],
+            options["token"],
+            timeout=options["timeout"],
+            max_retry_seconds=options["max_retry_seconds"],
         )
+        with client:
+            runner = PullRunner(
+                client=client,
+                scheduler_id=options["scheduler"],
+                work=work,
+                name=options["name"],
+                poll_interval=options["poll_interval"],
+                heartbeat_seconds=options["heartbeat"],
+                grace_seconds=options["grace"],
+                max_tasks=options["max_tasks"],
+            )
+            self._run(runner, options)
+
+    def _run(self, runner: PullRunner, options: dict[str, Any]) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: runner.stop())
         self.stdout.write(
             f"{runner.name}: pulling from {options['scheduler']} at {options['api_url']}"
         )
-        done = runner.run()
+        try:
+            done = runner.run()
+        except AuthRefused as exc:
+            raise CommandError(
+                f"{runner.name}: the API refused the runner's token (HTTP {exc.status}: "
+                f"{_detail(exc.body)}); not retrying. Check --token (or SCHEDULER_API_TOKEN) "
+                f"and that its account is a runner allowed on {options['scheduler']}."
+            ) from None
         self.stdout.write(f"{runner.name}: stopped after {done} tasks")
+
+
+def _work(options: dict[str, Any]) -> Work:
+    try:
+        handler = get_handler(options["handler"]) if options["handler"] else None
+    except QueueError as exc:
+        raise CommandError(exc.message) from None
+    command = shlex.split(options["command"]) if options["command"] else None
+    return Work(handler=handler, command=command)
+
+
+def _detail(body: Any) -> str:
+    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds above 0")
+    return number
