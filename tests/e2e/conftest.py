@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -236,3 +237,29 @@ def start_server(transactional_db: None, tmp_path: Path) -> Iterator[Callable[[]
     for server in started:
         if server.running():
             server.kill(signal.SIGTERM)
+
+
+def restart_redis(url: str, *, down_seconds: float = 2.0) -> None:
+    """Stop the throwaway Redis at `url` (scripts/with-redis.sh's: no persistence, so every
+    message in it is lost) and start a new one on the same port, as a crashed and restarted
+    broker. with-redis.sh's cleanup stops the new one by port."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    subprocess.run(["redis-cli", "-p", port, "shutdown", "nosave"], check=False, timeout=10)
+    time.sleep(down_seconds)
+    workdir = Path(tempfile.mkdtemp(prefix="scheduler-redis-restarted."))
+    subprocess.run(
+        [
+            "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), "--daemonize", "yes",
+            "--logfile", str(workdir / "redis.log"),
+        ],
+        check=True,
+        timeout=10,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ping = subprocess.run(["redis-cli", "-p", port, "ping"], capture_output=True, text=True)
+        if ping.stdout.strip() == "PONG":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"Redis did not come back on port {port}")

@@ -4,8 +4,11 @@ not marked `postgres` (there IMMEDIATE transactions serialise the writers)."""
 
 from __future__ import annotations
 
+import contextlib
+import random
 import threading
 import time
+import uuid
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -17,7 +20,15 @@ from django.utils import timezone
 
 from tasks import housekeeping, services
 from tasks.exceptions import DuplicateTask, QueueFull, TransitionRefused
-from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks.leases import LeaseProof
+from tasks.models import (
+    LEASED_STATUSES,
+    REQUEUEABLE_STATUSES,
+    Scheduler,
+    Task,
+    TaskEvent,
+    TaskStatus,
+)
 from tests.processes import run_in_processes
 
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
@@ -346,3 +357,80 @@ def _wait_until_blocked_on_a_lock(cursor: Any, outcome: dict[str, Any]) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("the completion never waited for the claim's row lock")
+
+
+def _hold_report_requeue_reap(index: int, scheduler_id: str, rounds: int) -> Counter[str]:
+    """One process of the lease-token proof: pops tasks (each under a worker name of its own),
+    reports on them with their tokens, sometimes late (after the 1 s lease ran out and the
+    task may have been reaped and popped by another), cancels, requeues finished ones (which
+    starts their attempts again at 0), and reaps."""
+    rng = random.Random(index)
+    outcome: Counter[str] = Counter()
+    held: list[tuple[uuid.UUID, str, str]] = []
+    for seq in range(rounds):
+        action = rng.random()
+        if action < 0.35:
+            name = f"p{index}-{seq}"
+            held += [(t.id, t.lease_token, name) for t in services.task_pop(
+                scheduler_id=scheduler_id, worker=name
+            )]  # fmt: skip
+        elif action < 0.75 and held:
+            task_id, token, name = held.pop(rng.randrange(len(held)))
+            if rng.random() < 0.3:
+                time.sleep(1.1)  # late: the lease has run out
+            report = services.task_complete if rng.random() < 0.3 else services.task_fail
+            try:
+                report(task_id=task_id, actor=name, proof=LeaseProof.holder(token))
+                outcome["accepted"] += 1
+            except TransitionRefused:
+                outcome["refused"] += 1
+        elif action < 0.8:
+            active = Task.objects.filter(scheduler_id=scheduler_id, status=TaskStatus.DISPATCHED)
+            for task_id in active.values_list("id", flat=True)[:1]:
+                with contextlib.suppress(TransitionRefused):
+                    services.task_cancel(task_id=task_id, actor="operator")
+                    outcome["cancelled"] += 1
+        elif action < 0.92:
+            finished = list(
+                Task.objects.filter(
+                    scheduler_id=scheduler_id, status__in=REQUEUEABLE_STATUSES
+                ).values_list("id", flat=True)[:3]
+            )
+            for task_id in finished:
+                with contextlib.suppress(TransitionRefused, DuplicateTask):
+                    services.task_requeue(task_id=task_id, actor="operator")
+                    outcome["requeued"] += 1
+        else:
+            outcome["reaped"] += housekeeping.tasks_reap_expired(actor="reaper")
+        time.sleep(rng.random() * 0.01)
+    return outcome
+
+
+@pytest.mark.postgres
+def test_lease_token__a_stale_holder_never_reports_over_a_newer_one() -> None:
+    """Whatever mix of pops, late reports, requeues and reaps runs at once, every report that
+    is accepted comes from the task's latest hand-out: the holder named by the newest
+    DISPATCHED event before it. (The attempt alone could not prove it: a requeue resets it.)"""
+    services.scheduler_create(
+        id="fence", lease_seconds=1, retry_policy="fixed", retry_delay_seconds=0,
+        retry_jitter=False, max_attempts=2, dead_letter=False,
+    )  # fmt: skip
+    for n in range(12):
+        services.task_push(scheduler_id="fence", data={"n": n})
+
+    results = run_in_processes(PROCESSES, _hold_report_requeue_reap, "fence", 120)
+
+    totals = sum(results, Counter())
+    assert totals["accepted"] > 20 and totals["refused"] > 0, totals
+    assert totals["requeued"] > 5 and totals["cancelled"] > 0, totals
+    holder: dict[uuid.UUID, str] = {}
+    checked = 0
+    for event in TaskEvent.objects.filter(task__scheduler_id="fence").order_by("id"):
+        if event.to_status == TaskStatus.DISPATCHED:
+            holder[event.task_id] = event.actor
+        elif event.from_status in LEASED_STATUSES and event.actor.startswith("p"):
+            assert event.actor == holder[event.task_id], (
+                f"task {event.task_id}: {event.actor} reported over {holder[event.task_id]}"
+            )
+            checked += 1
+    assert checked == totals["accepted"]
