@@ -269,7 +269,8 @@ def test_schedule_patch__cannot_move_it_to_another_scheduler(
 
     response = operator_client.patch(f"{URL}{schedule.id}/", {"scheduler": "other"}, format="json")
 
-    assert response.status_code == 200
+    # Refused, not dropped: a 200 let the client believe the schedule had moved.
+    assert response.status_code == 400 and list(response.json()) == ["scheduler"]
     assert Schedule.objects.get(id=schedule.id).scheduler_id == "boefje"
 
 

@@ -499,10 +499,22 @@ def test_scheduler__create_retrieve_list_with_counts(
 @pytest.mark.django_db
 def test_scheduler__patch(operator_client: APIClient, scheduler: Scheduler) -> None:
     response = operator_client.patch(
-        "/api/schedulers/boefje/", {"max_queue_size": 7, "id": "renamed"}, format="json"
+        "/api/schedulers/boefje/", {"max_queue_size": 7}, format="json"
     )
     assert response.status_code == 200 and response.json()["id"] == "boefje"
     assert Scheduler.objects.get(id="boefje").max_queue_size == 7
+
+
+@pytest.mark.django_db
+def test_scheduler__patch_refuses_a_new_id_and_changes_nothing(
+    operator_client: APIClient, scheduler: Scheduler
+) -> None:
+    # The id was dropped silently (200): a client believed the queue renamed.
+    response = operator_client.patch(
+        "/api/schedulers/boefje/", {"max_queue_size": 7, "id": "renamed"}, format="json"
+    )
+    assert response.status_code == 400 and list(response.json()) == ["id"]
+    assert Scheduler.objects.get(id="boefje").max_queue_size == 0
     assert not Scheduler.objects.filter(id="renamed").exists()
 
 
