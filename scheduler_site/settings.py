@@ -126,7 +126,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["scheduler_site.permissions.ModelActionPermissions"],
     # The API takes JSON only: a JSON field (a task's data) cannot be sent as a form field.
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # Nested at most 64 deep: deeper, Python's decoder ran out of stack (a 500).
+    "DEFAULT_PARSER_CLASSES": ["scheduler_site.api_input.JSONParser"],
     # Strict query parameters: a bad or empty filter, limit or offset is a 400, not ignored.
     "DEFAULT_FILTER_BACKENDS": ["scheduler_site.api_input.FilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "scheduler_site.schema.AutoSchema",
