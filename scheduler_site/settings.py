@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
 from scheduler_site.databases import database_from_url
-from scheduler_site.env import env_bool, env_int, env_list, env_rate, env_str
+from scheduler_site.env import (
+    check_secret_key,
+    env_bool,
+    env_file_path,
+    env_int,
+    env_list,
+    env_rate,
+    env_str,
+    load_env_file,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# The local env file `make run` writes (DEBUG=1, a generated SECRET_KEY); the real environment
+# takes precedence. A production host has no such file.
+ENV_FILE = env_file_path(BASE_DIR / ".env")
+load_env_file(ENV_FILE)
 VAR_DIR = Path(env_str("SCHEDULER_VAR_DIR") or BASE_DIR / "var")
 
 DEBUG = env_bool("DEBUG", default=False)
@@ -17,11 +31,14 @@ DEBUG = env_bool("DEBUG", default=False)
 SECRET_KEY = env_str("SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
-    # Only for DEBUG runs on a developer machine; never used in production.
-    SECRET_KEY = "insecure-development-key-only-used-with-DEBUG"
-elif len(SECRET_KEY) < 32 and not DEBUG:
-    raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long.")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (`make run` writes one to .env)."
+        )
+    # DEBUG without a key (no .env): a key of this process only, so nothing signed with a
+    # known key; sessions then do not survive a restart.
+    SECRET_KEY = secrets.token_urlsafe(50)
+elif not DEBUG:
+    check_secret_key(SECRET_KEY)
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] if DEBUG else [])
 if not DEBUG and not ALLOWED_HOSTS:
