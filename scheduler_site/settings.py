@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -53,7 +54,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    # Hashed API tokens, shown once, revocable, optional expiry (`manage.py api_token`).
+    "knox",
+    # Locks out repeated failed admin logins.
+    "axes",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -73,6 +77,15 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429 page.
+    "axes.middleware.AxesMiddleware",
+]
+
+# django-axes first: it refuses a locked-out login before any password is checked. It needs
+# the request, which every login path here passes (the admin's login form).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "scheduler_site.urls"
@@ -123,6 +136,23 @@ STORAGES = {
     },
 }
 LOGIN_URL = "admin:login"
+
+# Admin login lockout: this many failures for one username from one address lock that pair
+# out for the cool-off (a success before then resets the count). Per pair, so nobody can lock
+# an operator out from elsewhere; behind a proxy every login comes from the proxy's address
+# and the lockout is then per username. `manage.py axes_reset` lifts every lockout.
+AXES_FAILURE_LIMIT = env_int("ADMIN_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("ADMIN_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+
+# API tokens (django-rest-knox): stored as SHA-512 digests; no expiry unless one is given at
+# creation (knox's own default is 10 hours, which would stop every runner overnight).
+REST_KNOX = {
+    "TOKEN_TTL": None,
+    "AUTH_HEADER_PREFIX": "Token",
+    "AUTO_REFRESH": False,
+}
 
 # Production hardening: on unless DEBUG, overridable for a TLS-terminating proxy setup.
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=not DEBUG)

@@ -80,7 +80,9 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_commands__the_readme_names_the_commands_checked_here() -> None:
-    assert {"scheduler", "task", "changepassword", "create_api_user"} <= set(readme_commands())
+    assert {"scheduler", "task", "changepassword", "create_api_user", "api_token"} <= set(
+        readme_commands()
+    )
 
 
 def test_env_file__written_once_owner_only_with_a_long_key(checkout: Path) -> None:
@@ -106,6 +108,7 @@ def test_readme_commands__help_of_each_runs_without_environment(
         ("scheduler", "list"),
         ("task", "list"),
         ("task", "requeue", "--help"),
+        ("api_token", "list"),
         ("check",),
     ],
 )
