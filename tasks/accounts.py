@@ -1,4 +1,5 @@
-"""API accounts and their credentials: the two roles and API tokens.
+"""API accounts and their credentials: the two roles, the queues a runner account is limited
+to (DESIGN 9.1), and API tokens.
 
 Tokens are django-rest-knox's: the database keeps a SHA-512 digest, never the key, so a key is
 shown once, when it is made. A token is named by its id, the first characters of its digest:
@@ -22,6 +23,7 @@ from knox.crypto import hash_token
 from knox.models import AuthToken
 
 from tasks.exceptions import InvalidRequest
+from tasks.models import RunnerGrant, Scheduler
 from tasks.roles import OPERATORS, RUNNERS
 
 TOKEN_ID_LENGTH = 12
@@ -84,18 +86,37 @@ def token_revoke(*, token_ids: Sequence[str] = (), username: str | None = None) 
     return revoked
 
 
+def runner_grants_set(*, user: AbstractUser, scheduler_ids: Sequence[str]) -> None:
+    """Limit a runner account to exactly these queues; an empty list lifts every limit."""
+    unknown = sorted(set(scheduler_ids) - set(Scheduler.objects.values_list("id", flat=True)))
+    if unknown:
+        raise InvalidRequest("scheduler", f"no such scheduler: {', '.join(unknown)}.")
+    with transaction.atomic():
+        RunnerGrant.objects.filter(user=user).exclude(scheduler_id__in=scheduler_ids).delete()
+        for scheduler_id in scheduler_ids:
+            RunnerGrant.objects.get_or_create(user=user, scheduler_id=scheduler_id)
+
+
 @transaction.atomic
 def account_set_up(
     *,
     username: str,
     role: str,
+    scheduler_ids: Sequence[str] = (),
     operator_login: bool = False,
     expires_in: timedelta | None = None,
 ) -> Account:
     """Create or update an account in a role. A new account gets a token (and, with
-    `operator_login`, an admin password), both returned here only."""
+    `operator_login`, an admin password), both returned here only. The queues of a runner are
+    set to `scheduler_ids` each time (none: every queue); operators are never limited."""
+    if role == "operator" and scheduler_ids:
+        raise InvalidRequest("scheduler", "operators are never limited to queues.")
     user, created = get_user_model().objects.get_or_create(username=username)
+    if scheduler_ids and (user.is_superuser or user.groups.filter(name=OPERATORS).exists()):
+        # Grants would be silently ignored (selectors.runner_queues): say so instead.
+        raise InvalidRequest("scheduler", f"{username!r} is an operator: never limited to queues.")
     user.groups.add(Group.objects.get(name=OPERATORS if role == "operator" else RUNNERS))
+    runner_grants_set(user=user, scheduler_ids=list(scheduler_ids))
     if not created:
         return Account(user=user, created=False, password=None, token=None)
     password = secrets.token_urlsafe(15) if operator_login else None

@@ -11,7 +11,7 @@ from django.contrib.auth.models import User
 from django.core.management import call_command
 from knox.models import AuthToken
 
-from tasks import accounts
+from tasks import accounts, selectors
 
 pytestmark = pytest.mark.django_db
 
@@ -43,3 +43,9 @@ def test_setup_demo__an_invalid_token_file_is_replaced(tmp_path: Path) -> None:
     assert new != old and accounts.token_matches(user=runner, key=new)
     assert not accounts.token_matches(user=runner, key=old), "the lost key is revoked"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+
+def test_setup_demo__the_runner_is_limited_to_the_pull_queue(tmp_path: Path) -> None:
+    setup_demo(tmp_path / "token")
+    runner = User.objects.get(username="demo-runner")
+    assert selectors.runner_queues(runner) == frozenset({"demo-pull"})

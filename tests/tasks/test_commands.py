@@ -21,7 +21,7 @@ from knox.models import AuthToken
 from time_machine import TimeMachineFixture
 
 from tasks import accounts, services
-from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import RunnerGrant, Scheduler, Task, TaskEvent, TaskStatus
 from tasks.retry import RetrySpec
 from tests.tasks.helpers import SYSTEM_QUEUES, T0, user_schedulers
 
@@ -333,9 +333,40 @@ def test_create_api_user__runner_has_no_password() -> None:
 
 
 @pytest.mark.django_db
+def test_create_api_user__scheduler_limits_a_runner_each_run_anew(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    make_scheduler("a")
+    make_scheduler("b")
+    out = run("create_api_user", "bot", "--scheduler", "a", "--scheduler", "b")
+    assert "a, b only" in out
+
+    def grants() -> list[str]:
+        return sorted(
+            RunnerGrant.objects.filter(user__username="bot").values_list("scheduler_id", flat=True)
+        )
+
+    assert grants() == ["a", "b"]
+    run("create_api_user", "bot", "--scheduler", "b")
+    assert grants() == ["b"]
+    run("create_api_user", "bot")
+    assert grants() == [], "without --scheduler: every queue"
+
+
+@pytest.mark.django_db
+def test_create_api_user__an_operator_is_never_limited(scheduler: Scheduler) -> None:
+    run("create_api_user", "alice", "--role", "operator")
+    with pytest.raises(CommandError, match="'alice' is an operator"):
+        run("create_api_user", "alice", "--role", "runner", "--scheduler", "boefje")
+    assert not RunnerGrant.objects.exists()
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--scheduler", "nope"], "no such scheduler: nope"),
+        (["--role", "operator", "--scheduler", "boefje"], "operators are never limited"),
         (["--expires-in", "soon"], "not a duration"),
     ],
 )

@@ -53,8 +53,8 @@ class Command(BaseCommand):
     help = (
         "Create, idempotently, the demo that `make run` shows: a celery queue whose flaky "
         "handler runs, retries and dead-letters, a pull queue served by the demo pull runner, "
-        "schedules feeding both, the runner's account (its token in var/demo-runner.token, "
-        "mode 0600, kept while it is valid), "
+        "schedules feeding both, the runner's account, limited to demo-pull (its token in "
+        "var/demo-runner.token, mode 0600, kept while it is valid), "
         "and two VOs with four simulated Compute Elements for the pilot cycles."
     )
 
@@ -79,6 +79,7 @@ class Command(BaseCommand):
             user.set_unusable_password()
             user.save(update_fields=["password"])
         user.groups.add(Group.objects.get(name=RUNNERS))
+        accounts.runner_grants_set(user=user, scheduler_ids=["demo-pull"])
         self._runner_token(user, Path(token_file))
         self.stdout.write(f"demo ready (runner token in {token_file})")
 

@@ -15,12 +15,20 @@ class Command(BaseCommand):
         "token is printed once (only its digest is stored; `manage.py api_token` issues, lists "
         "and revokes tokens). With --operator-login the account may also log in to the admin, "
         "with a generated password printed once; re-running never prints a password or token "
-        "again."
+        "again. --scheduler limits a runner to those queues: it then sees, pops and reports "
+        "only them; re-running sets the list anew (without --scheduler: every queue)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username")
         parser.add_argument("--role", choices=["operator", "runner"], default="runner")
+        parser.add_argument(
+            "--scheduler",
+            action="append",
+            default=[],
+            metavar="ID",
+            help="Limit a runner to this queue; repeat for several.",
+        )
         parser.add_argument(
             "--operator-login",
             action="store_true",
@@ -39,26 +47,29 @@ class Command(BaseCommand):
             account = accounts.account_set_up(
                 username=username,
                 role=options["role"],
+                scheduler_ids=options["scheduler"],
                 operator_login=options["operator_login"],
                 expires_in=expires_in or None,
             )
         except QueueError as exc:
             raise as_command_error(exc) from None
         if account.created:
-            self._created(account, role=options["role"])
+            self._created(account, role=options["role"], scopes=options["scheduler"])
         elif options["quiet_if_exists"]:
             self.stdout.write(f"Account {username!r} exists (password and token not shown again).")
         else:
-            self.stdout.write(f"Account {username!r} exists; updated its role.")
+            self.stdout.write(f"Account {username!r} exists; updated its role and queues.")
             self.stdout.write(
                 "  Its token and password are not shown again: `manage.py api_token create "
                 f"{username}` issues a new token, `manage.py changepassword {username}` sets a "
                 "new password."
             )
 
-    def _created(self, account: accounts.Account, *, role: str) -> None:
+    def _created(self, account: accounts.Account, *, role: str, scopes: list[str]) -> None:
         name = account.user.get_username()
         self.stdout.write(self.style.SUCCESS(f"Created {role} account {name!r}."))
+        if scopes:
+            self.stdout.write(f"  queues:      {', '.join(sorted(scopes))} only")
         if account.password:
             self.stdout.write(f"  admin login: {name} / {account.password}   (shown once)")
         self.stdout.write(f"  API token:   {account.token}   (shown once)")
