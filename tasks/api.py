@@ -16,6 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
 from scheduler_site.api_input import CursorPagination, StrictBodyMixin
 from scheduler_site.permissions import (
     ModelActionPermissions,
@@ -42,17 +43,9 @@ from tasks.serializers import (
     TaskSerializer,
 )
 
-# Only strings uuid.UUID() accepts (32 hex digits, dashes optional): anything else is a 404
-# from the router, never a ValueError in the view.
-UUID_PATTERN = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
-ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
 POP_RESPONSE = inline_serializer("PopResponse", {"results": PoppedTaskSerializer(many=True)})
 RUNNER_PERMS = ["tasks.report_task"]
 OPERATOR_PERM = "tasks.change_task"
-
-
-def _actor(request: Request) -> str:
-    return getattr(request.user, "username", "") or "anonymous"
 
 
 def _is_operator(request: Request) -> bool:
@@ -114,7 +107,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     @action(detail=True, methods=["post"], takes_body=False)
     def pause(self, request: Request, pk: str) -> Response:
         scheduler = services.scheduler_set_paused(
-            scheduler_id=pk, paused=True, actor=_actor(request)
+            scheduler_id=pk, paused=True, actor=actor(request)
         )
         return Response(self.get_serializer(scheduler).data)
 
@@ -122,7 +115,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     @action(detail=True, methods=["post"], takes_body=False)
     def resume(self, request: Request, pk: str) -> Response:
         scheduler = services.scheduler_set_paused(
-            scheduler_id=pk, paused=False, actor=_actor(request)
+            scheduler_id=pk, paused=False, actor=actor(request)
         )
         return Response(self.get_serializer(scheduler).data)
 
@@ -134,7 +127,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def push(self, request: Request, pk: str) -> Response:
         body = TaskPushSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        task = services.task_push(scheduler_id=pk, actor=_actor(request), **body.validated_data)
+        task = services.task_push(scheduler_id=pk, actor=actor(request), **body.validated_data)
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -150,7 +143,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def pop(self, request: Request, pk: str) -> Response:
         body = PopSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        tasks = services.task_pop(scheduler_id=pk, worker=_actor(request), **body.validated_data)
+        tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body.validated_data)
         # The pop's answer is the one place a runner learns its lease tokens.
         return Response({"results": PoppedTaskSerializer(tasks, many=True).data})
 
@@ -200,7 +193,7 @@ class TaskViewSet(
         body.is_valid(raise_exception=True)
         data = dict(body.validated_data)
         task = services.task_report(
-            task_id=self._task_id(), actor=_actor(request), proof=_proof(request, data), **data
+            task_id=self._task_id(), actor=actor(request), proof=_proof(request, data), **data
         )
         return self._render(task)
 
@@ -226,20 +219,20 @@ class TaskViewSet(
         body.is_valid(raise_exception=True)
         data = dict(body.validated_data)
         task = services.task_hand_back(
-            task_id=self._task_id(), actor=_actor(request), proof=_proof(request, data), **data
+            task_id=self._task_id(), actor=actor(request), proof=_proof(request, data), **data
         )
         return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def cancel(self, request: Request, pk: str) -> Response:
-        task = services.task_cancel(task_id=self._task_id(), actor=_actor(request))
+        task = services.task_cancel(task_id=self._task_id(), actor=actor(request))
         return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def requeue(self, request: Request, pk: str) -> Response:
-        task = services.task_requeue(task_id=self._task_id(), actor=_actor(request))
+        task = services.task_requeue(task_id=self._task_id(), actor=actor(request))
         return self._render(task)
 
     @extend_schema(responses={200: TaskEventSerializer(many=True), 404: ERROR})
