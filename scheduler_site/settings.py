@@ -221,6 +221,9 @@ TASK_DEFAULT_LEASE_SECONDS = env_int("TASK_DEFAULT_LEASE_SECONDS", 300, minimum=
 # sent again (its message was lost, e.g. by a broker restart); a duplicate is harmless.
 TASK_CLAIM_TIMEOUT_SECONDS = env_int("TASK_CLAIM_TIMEOUT_SECONDS", 15, minimum=1)
 TASK_POP_MAX_LIMIT = 1000
+# The longest a pop may wait for work (`wait`): a waiting request holds a web thread and a
+# database connection meanwhile.
+TASK_POP_MAX_WAIT_SECONDS = 30
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 7, minimum=1)
 TASK_DEAD_RETENTION_DAYS = env_int("TASK_DEAD_RETENTION_DAYS", 30, minimum=1)
 ORCHESTRATOR_TICK_SECONDS = env_int("ORCHESTRATOR_TICK_SECONDS", 5, minimum=1)

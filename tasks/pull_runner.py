@@ -293,6 +293,9 @@ class PullRunner:
     work: Work
     name: str = "runner"
     poll_interval: float = 1.0
+    # Long poll: each pop waits this long for work on the server (0: pop, then sleep
+    # poll_interval). Woken by the push itself, so a task reaches a waiting runner at once.
+    wait: float = 20.0
     heartbeat_seconds: float = 10.0
     grace_seconds: float = 30.0
     max_tasks: int | None = None
@@ -302,6 +305,7 @@ class PullRunner:
     done: int = 0
     stopped_at: float | None = None
     refused: AuthRefused | None = None  # the heartbeat thread's, raised by the main loop
+    _last_pop_answered: bool = False
 
     def stop(self) -> None:
         if self.stopped_at is None:
@@ -322,7 +326,8 @@ class PullRunner:
                 break
             task = self._pop()
             if task is None:
-                self.stopping.wait(self.poll_interval)
+                if not (self.wait and self._last_pop_answered):
+                    self.stopping.wait(self.poll_interval)
                 continue
             self.process(task)
             self.done += 1
@@ -332,8 +337,10 @@ class PullRunner:
 
     def _pop(self) -> dict[str, Any] | None:
         path = f"/api/schedulers/{self.scheduler_id}/pop/"
+        body: dict[str, Any] = {"limit": 1, "wait": self.wait} if self.wait else {"limit": 1}
+        self._last_pop_answered = False
         try:
-            popped = self.client.call("POST", path, {"limit": 1}, give_up=self.stopping.is_set)
+            popped = self.client.call("POST", path, body, give_up=self.stopping.is_set)
         except AuthRefused:
             raise
         except (ApiError, ApiUnreachable) as exc:
@@ -341,6 +348,7 @@ class PullRunner:
             # out and the reaper hands it out again.
             logger.warning("pop failed: %s", exc)
             return None
+        self._last_pop_answered = True  # an empty long poll may be sent again at once
         return popped["results"][0] if popped["results"] else None
 
     def process(self, task: dict[str, Any]) -> str:

@@ -181,6 +181,14 @@ class PopSerializer(StrictTypes):
     limit = serializers.IntegerField(
         required=False, default=1, min_value=1, max_value=settings.TASK_POP_MAX_LIMIT
     )
+    wait = serializers.FloatField(
+        required=False,
+        default=0,
+        min_value=0,
+        max_value=settings.TASK_POP_MAX_WAIT_SECONDS,
+        help_text="Seconds to wait for work when nothing is due: the answer comes as soon as a "
+        "task is due, or empty after `wait` (long poll).",
+    )
     filters = PopFiltersField(
         required=False,
         default=dict,

@@ -7,6 +7,7 @@ are importable from here too."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -16,7 +17,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from tasks import queue
+from tasks import queue, wakeups
 from tasks.exceptions import DuplicateTask, InvalidRequest, QueueFull, TransitionRefused
 from tasks.metrics import POP_SECONDS
 from tasks.models import (
@@ -183,13 +184,29 @@ def task_pop(
     limit: int = 1,
     filters: Mapping[str, Any] | None = None,
     worker: str = "",
+    wait: float = 0,
 ) -> list[Task]:
     """Lease up to `limit` due tasks of a pull queue in queue order; an empty list when none is
-    due or the scheduler is paused. Each popped task spends one attempt."""
+    due or the scheduler is paused. Each popped task spends one attempt. With `wait` seconds,
+    an empty queue is waited on: the answer comes as soon as a task is due (woken by
+    LISTEN/NOTIFY on PostgreSQL, by polling on SQLite), or empty after `wait`."""
     if not 1 <= limit <= settings.TASK_POP_MAX_LIMIT:
         raise InvalidRequest("limit", f"must be between 1 and {settings.TASK_POP_MAX_LIMIT}.")
-    with POP_SECONDS.labels(scheduler_id).time():
-        return _pop(scheduler_id=scheduler_id, limit=limit, filters=filters, worker=worker)
+    if not 0 <= wait <= settings.TASK_POP_MAX_WAIT_SECONDS:
+        raise InvalidRequest("wait", f"must be 0 to {settings.TASK_POP_MAX_WAIT_SECONDS} seconds.")
+    pop = {"scheduler_id": scheduler_id, "limit": limit, "filters": filters, "worker": worker}
+    if not wait:
+        with POP_SECONDS.labels(scheduler_id).time():
+            return _pop(**pop)
+    deadline = time.monotonic() + wait
+    with wakeups.listening():
+        while True:
+            with POP_SECONDS.labels(scheduler_id).time():
+                tasks = _pop(**pop)
+            remaining = deadline - time.monotonic()
+            if tasks or remaining <= 0:
+                return tasks
+            wakeups.wait_for_work(scheduler_id, timeout=remaining)
 
 
 def _pop(

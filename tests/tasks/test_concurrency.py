@@ -206,7 +206,9 @@ def test_task_heartbeat__racing_the_reaper_never_leaves_a_task_both_leased_and_r
     run_in_processes(4, _heartbeat_or_reap, ids, later)
 
     for task in Task.objects.filter(scheduler_id="hb"):
-        requeued = TaskEvent.objects.filter(task=task, to_status=TaskStatus.QUEUED).count()
+        requeued = TaskEvent.objects.filter(
+            task=task, from_status=TaskStatus.DISPATCHED, to_status=TaskStatus.QUEUED
+        ).count()
         if task.status == TaskStatus.DISPATCHED:
             assert requeued == 0 and task.attempts == 1
         else:
