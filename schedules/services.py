@@ -212,13 +212,10 @@ def orchestrate(*, scheduler_id: str | None = None, batch_size: int = 500) -> di
     by compare-and-swap, so one occurrence yields at most one task.
     """
     now = timezone.now()
-    schedulers = Scheduler.objects.filter(paused=False)
-    if scheduler_id:
-        schedulers = schedulers.filter(id=scheduler_id)
+    due = queries.schedulers_with_due(now=now, scheduler_id=scheduler_id)
     created: dict[str, int] = {}
-    for sid in schedulers.values_list("id", flat=True):
-        if queries.any_due(scheduler_id=sid, now=now):
-            created[sid] = _orchestrate_scheduler(sid, now=now, batch_size=batch_size)
+    for sid in due.values_list("id", flat=True):
+        created[sid] = _orchestrate_scheduler(sid, now=now, batch_size=batch_size)
     return created
 
 
