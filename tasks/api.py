@@ -82,7 +82,10 @@ def _report_result(outcome: batches.ReportOutcome) -> dict[str, Any]:
 
 PUSH_REQUEST = PolymorphicProxySerializer(
     component_name="PushOneOrMany",
-    serializers=[TaskPushSerializer, TaskPushSerializer(many=True, max_length=batches.BATCH_MAX)],
+    serializers=[
+        TaskPushSerializer,
+        TaskPushSerializer(many=True, min_length=1, max_length=batches.BATCH_MAX),
+    ],
     resource_type_field_name=None,
     many=False,
 )
@@ -177,7 +180,8 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def _push_many(self, request: Request, pk: str) -> Response:
         items = request.data
         if not 1 <= len(items) <= batches.BATCH_MAX:
-            raise ValidationError([f"A batch push takes 1 to {batches.BATCH_MAX} task objects."])
+            message = f"A batch push takes 1 to {batches.BATCH_MAX} task objects."
+            raise ValidationError({"non_field_errors": [message]})
         bodies = [TaskPushSerializer(data=item) for item in items]
         valid = [body.validated_data for body in bodies if body.is_valid()]
         outcomes = iter(batches.task_push_many(scheduler_id=pk, pushes=valid, actor=actor(request)))

@@ -245,7 +245,9 @@ class BatchReportItemSerializer(TaskReportSerializer):
 
 
 class BatchReportSerializer(StrictTypes):
-    reports = BatchReportItemSerializer(many=True, min_length=1, max_length=BATCH_MAX)
+    reports = serializers.ListField(
+        child=BatchReportItemSerializer(), min_length=1, max_length=BATCH_MAX
+    )
 
 
 class PushOutcomeSerializer(serializers.Serializer):

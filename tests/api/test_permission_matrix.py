@@ -32,6 +32,15 @@ MATRIX: list[tuple[str, str, str, Any, int, int, int]] = [
         200,
         200,
     ),
+    (
+        "task-report",
+        "post",
+        "/api/tasks/report/",
+        {"reports": [{"id": "{dispatched}", "lease_token": "{token}", "status": "RUNNING"}]},
+        401,
+        200,
+        200,
+    ),
     # PUT is not part of the API (PATCH is): refused by permission first, then 405.
     ("scheduler-put", "put", "/api/schedulers/boefje/", {"id": "boefje"}, 401, 403, 405),
     # schedules
@@ -145,7 +154,7 @@ def test_dashboard__any_logged_in_user_sees_it(
 
 # --- completeness -------------------------------------------------------------------------------
 
-_ACTIONS = {"stats", "summary"}
+_ACTIONS = {"stats", "summary", "report"}
 
 
 def _template(url: str) -> str:
