@@ -41,9 +41,13 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "django_tasks",
     "tasks",
     "schedules",
     "pilots",
+    # An ordinary app with plain Celery tasks and Django Tasks functions: the demo's and the
+    # end-to-end tests' "bring your own work" (README, docs/migration.md).
+    "demo_app",
 ]
 
 MIDDLEWARE = [

@@ -18,8 +18,9 @@ class TasksConfig(AppConfig):
 
         from django.utils.module_loading import autodiscover_modules
 
-        from tasks import dispatch
+        from tasks import celery_handlers, dispatch  # noqa: F401 (celery_handlers: its resolver)
 
-        # Every app's `handlers` module registers its handlers by name.
+        # Every app's `handlers` module registers its handlers by name; `celery:<task name>`
+        # names resolve to the Celery app's tasks (tasks.celery_handlers).
         autodiscover_modules("handlers")
         dispatch.connect()
