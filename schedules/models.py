@@ -13,7 +13,9 @@ from django.db.models import Q
 from django.utils.timezone import now as utc_now
 
 from schedules import timing
+from tasks.exceptions import InvalidRequest
 from tasks.models import Scheduler
+from tasks.registry import check_task_data
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,12 @@ class Schedule(models.Model):
                 check()
             except timing.TimingError as exc:
                 errors.setdefault(exc.field, exc.message)
+        scheduler = Scheduler.objects.filter(id=self.scheduler_id).first()
+        if scheduler is not None and "data" not in errors:
+            try:  # what its queue's handler could never run (a celery: task's arguments)
+                check_task_data(scheduler, self.data)
+            except InvalidRequest as exc:
+                errors["data"] = exc.message.removeprefix("data: ")
         if errors:
             raise ValidationError(errors)
 

@@ -75,6 +75,8 @@ def resolve(name: str) -> Handler:
 def call_arguments(task: CeleryTask, data: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """The task's positional and keyword arguments from a task's data, checked against its
     signature as Celery's own apply_async checks them; InvalidRequest (400 on `data`) if not."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("data", f"must be an object: a Celery task's data is {DATA_SHAPE}.")
     unknown = sorted(set(data) - {"args", "kwargs"})
     if unknown:
         raise InvalidRequest(

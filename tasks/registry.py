@@ -22,6 +22,7 @@ from typing import Any
 
 from tasks.exceptions import QueueError
 from tasks.locks import MutexLock
+from tasks.models import Scheduler, SchedulerKind
 from tasks.retry import RetrySpec
 
 
@@ -152,6 +153,17 @@ def register(
         return func
 
     return decorate
+
+
+def check_task_data(scheduler: Scheduler, data: dict[str, Any]) -> None:
+    """Refuse (InvalidRequest, 400 on `data`) what the queue's handler says it could never run,
+    e.g. arguments that do not fit a `celery:` handler's Celery task: at push, and when a
+    schedule is saved, rather than as a failed attempt later."""
+    if scheduler.kind != SchedulerKind.CELERY or not scheduler.handler:
+        return
+    handler = HANDLERS.get(scheduler.handler)
+    if handler is not None and handler.validate is not None:
+        handler.validate(data)
 
 
 def get_handler(name: str) -> Handler:

@@ -27,7 +27,7 @@ from tasks.models import (
     Task,
     TaskStatus,
 )
-from tasks.registry import HANDLERS
+from tasks.registry import check_task_data
 
 # The report services and the writer's hooks, under the names callers have always used.
 from tasks.reports import (  # noqa: F401
@@ -123,7 +123,7 @@ def task_push(
     now = timezone.now()
     with transaction.atomic():
         scheduler = get_scheduler(scheduler_id)
-        validate_task_data(scheduler, data or {})
+        check_task_data(scheduler, data or {})
         if scheduler.max_queue_size:
             # Bounded queues serialise their pushes so two cannot both take the last slot;
             # unbounded ones need no lock (dedup is the unique index's job).
@@ -147,16 +147,6 @@ def task_push(
         queue.record_events([task], from_status="", actor=actor, note="pushed", at=now)
         notify_queued(scheduler)
     return task
-
-
-def validate_task_data(scheduler: Scheduler, data: dict[str, Any]) -> None:
-    """Refuse (400 on `data`) data the queue's handler says it could never run, e.g. a
-    `celery:` handler's arguments that do not fit the Celery task's signature."""
-    if scheduler.kind != SchedulerKind.CELERY or not scheduler.handler:
-        return
-    handler = HANDLERS.get(scheduler.handler)
-    if handler is not None and handler.validate is not None:
-        handler.validate(data)
 
 
 def _check_room(scheduler: Scheduler) -> None:

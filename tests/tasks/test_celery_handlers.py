@@ -295,3 +295,23 @@ def test_call_arguments__refuses_data_that_is_not_the_shape() -> None:
     assert raised.value.payload() == {
         "data": ['args must be a list: a Celery task\'s data is {"args": [...], "kwargs": {...}}.']
     }
+
+
+def test_schedule_api__data_that_does_not_fit_the_task_is_a_400_on_data(
+    operator_client: APIClient,
+) -> None:
+    _celery("adder", "demo_app.tasks.add")
+    body = {"scheduler": "adder", "interval_seconds": 60, "data": {"args": ["1"]}}
+
+    response = operator_client.post("/api/schedules/", body, format="json")
+
+    assert response.status_code == 400
+    assert "missing 1 required positional argument: 'y'" in response.json()["data"][0]
+
+    body["data"] = {"args": [1, 2]}
+    created = operator_client.post("/api/schedules/", body, format="json")
+    assert created.status_code == 201, created.json()
+    edit = {"data": {"kwargs": {"x": 1}}}
+    response = operator_client.patch(f"/api/schedules/{created.json()['id']}/", edit, format="json")
+    assert response.status_code == 400
+    assert "missing 1 required positional argument: 'y'" in response.json()["data"][0]
