@@ -220,6 +220,16 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # task_prerun hook in scheduler_site.celery still drops old or failed ones.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
 
+# Django Tasks (the django-tasks backport on Django 5.2, django.tasks on 6): `.enqueue()` of a
+# @task function queues it here, on the scheduler named by its queue_name (made on first use).
+TASKS = {
+    "default": {
+        "BACKEND": "tasks.django_tasks.SchedulerBackend",
+        "QUEUES": [],  # any queue name
+        "OPTIONS": {"CREATE_SCHEDULERS": True, "ENQUEUE_ON_COMMIT": True},
+    }
+}
+
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
     raise ImproperlyConfigured(f"LOG_LEVEL={LOG_LEVEL!r} is not a logging level.")

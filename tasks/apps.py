@@ -18,9 +18,11 @@ class TasksConfig(AppConfig):
 
         from django.utils.module_loading import autodiscover_modules
 
-        from tasks import celery_handlers, dispatch  # noqa: F401 (celery_handlers: its resolver)
+        # Imported for what they register: the `celery:` resolver, the Django Tasks handler.
+        from tasks import celery_handlers, dispatch, django_tasks  # noqa: F401
 
         # Every app's `handlers` module registers its handlers by name; `celery:<task name>`
-        # names resolve to the Celery app's tasks (tasks.celery_handlers).
+        # names resolve to the Celery app's tasks (tasks.celery_handlers); `django_tasks.call`
+        # runs Django Tasks functions (tasks.django_tasks).
         autodiscover_modules("handlers")
         dispatch.connect()
