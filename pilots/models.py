@@ -11,6 +11,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from scheduler_site import writers
+
 name_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
     "Use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit.",
@@ -86,6 +88,20 @@ class ComputeElement(models.Model):
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in CE_TRANSITIONS.get(self.status, frozenset())
 
+    # The state machine: each delegates to pilots.services.ce_set_status (compare-and-swap
+    # plus a ComputeElementEvent) and returns the refreshed CE, or raises the 409 refusal.
+    def drain(self, *, actor: str = "") -> ComputeElement:
+        return self._set_status(CEStatus.DRAINING, actor=actor)
+
+    def ban(self, *, actor: str = "") -> ComputeElement:
+        return self._set_status(CEStatus.BANNED, actor=actor)
+
+    def activate(self, *, actor: str = "") -> ComputeElement:
+        return self._set_status(CEStatus.ACTIVE, actor=actor)
+
+    def _set_status(self, to_status: str, *, actor: str) -> ComputeElement:
+        return writers.call("ce_set_status", name=self.name, to_status=to_status, actor=actor)
+
 
 class PilotStatus(models.TextChoices):
     SUBMITTED = "SUBMITTED"
@@ -136,6 +152,20 @@ class PilotSubmission(models.Model):
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in PILOT_TRANSITIONS.get(self.status, frozenset())
 
+    # The state machine: each delegates to pilots.services.pilot_mark (compare-and-swap plus a
+    # PilotEvent) and returns the refreshed pilot, or raises the 409 refusal.
+    def mark_running(self, *, actor: str = "") -> PilotSubmission:
+        return self._mark(PilotStatus.RUNNING, actor=actor)
+
+    def mark_done(self, *, actor: str = "") -> PilotSubmission:
+        return self._mark(PilotStatus.DONE, actor=actor)
+
+    def mark_failed(self, reason: str, *, actor: str = "") -> PilotSubmission:
+        return self._mark(PilotStatus.FAILED, reason=reason, actor=actor)
+
+    def _mark(self, to_status: str, **kwargs: Any) -> PilotSubmission:
+        return writers.call("pilot_mark", pilot_id=self.id, to_status=to_status, **kwargs)
+
 
 class PilotReport(models.Model):
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -148,3 +178,39 @@ class PilotReport(models.Model):
 
     def __str__(self) -> str:
         return f"pilot report {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class _StatusEvent(models.Model):
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    at = models.DateTimeField(default=timezone.now)
+    actor = models.CharField(max_length=200, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["at", "id"]
+
+
+class ComputeElementEvent(_StatusEvent):
+    """One change of a CE's status (drain, ban, activate): who, when, from, to."""
+
+    ce = models.ForeignKey(ComputeElement, on_delete=models.CASCADE, related_name="events")
+
+    class Meta(_StatusEvent.Meta):
+        indexes = [models.Index(fields=["ce", "at"], name="ce_event_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.ce_id}: {self.from_status or '-'} -> {self.to_status}"
+
+
+class PilotEvent(_StatusEvent):
+    """One change of a pilot's status: who, when, from, to, why."""
+
+    pilot = models.ForeignKey(PilotSubmission, on_delete=models.CASCADE, related_name="events")
+
+    class Meta(_StatusEvent.Meta):
+        indexes = [models.Index(fields=["pilot", "at"], name="pilot_event_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.pilot_id}: {self.from_status or '-'} -> {self.to_status}"

@@ -10,7 +10,7 @@ from django.utils.html import format_html, format_html_join
 
 from schedules import services, timing
 from schedules.models import Schedule
-from tasks.admin import run_each, to_the_second
+from tasks.admin import run_each, status_history, to_the_second
 
 EDITABLE = [
     "name",
@@ -57,9 +57,14 @@ class ScheduleAdmin(admin.ModelAdmin):
         "created_at",
         "modified_at",
         "recent_tasks",
+        "history",
     ]
     fields = ["scheduler", *EDITABLE, *readonly_fields]
     actions = ["resume_schedules", "pause_schedules", "trigger_schedules"]
+
+    @admin.display(description="status history")
+    def history(self, schedule: Schedule) -> str:
+        return status_history(schedule.events)
 
     @admin.display(description="when")
     def when(self, schedule: Schedule) -> str:

@@ -17,6 +17,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from scheduler_site.api_input import CursorPagination, StrictBodyMixin
+from scheduler_site.permissions import (
+    ModelActionPermissions,
+    QueueScopePermission,
+    TaskScopePermission,
+    queue_scope,
+)
 from tasks import selectors, services
 from tasks.filters import TaskFilter
 from tasks.leases import LeaseProof
@@ -75,12 +81,16 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     # an update cannot change.
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     lookup_value_regex = r"[a-z0-9][a-z0-9_-]{0,63}"
+    permission_classes = [ModelActionPermissions, QueueScopePermission]
     action_permissions = {
         "pause": ["tasks.change_scheduler"],
         "resume": ["tasks.change_scheduler"],
         "push": ["tasks.add_task"],
         "pop": ["tasks.pop_task"],
     }
+
+    def get_queryset(self) -> Any:
+        return selectors.scheduler_list(queues=queue_scope(self.request))
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = super().get_serializer_context()
@@ -156,6 +166,7 @@ class TaskViewSet(
     filterset_class = TaskFilter
     pagination_class = TaskCursorPagination
     lookup_value_regex = UUID_PATTERN
+    permission_classes = [ModelActionPermissions, TaskScopePermission]
     action_permissions = {
         "partial_update": RUNNER_PERMS,
         "heartbeat": RUNNER_PERMS,
@@ -167,7 +178,7 @@ class TaskViewSet(
     }
 
     def get_queryset(self) -> Any:
-        return selectors.task_list()
+        return selectors.task_list(queues=queue_scope(self.request))
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = super().get_serializer_context()
@@ -248,5 +259,5 @@ class TaskViewSet(
     def stats(self, request: Request) -> Response:
         query = StatsQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        rows = selectors.hourly_stats(**query.validated_data)
+        rows = selectors.hourly_stats(queues=queue_scope(request), **query.validated_data)
         return Response({"results": StatsRowSerializer(rows, many=True).data})

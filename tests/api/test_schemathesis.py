@@ -24,11 +24,11 @@ from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.renderers import OpenApiJsonRenderer
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from scheduler_site.wsgi import application
+from tasks import accounts
 
 MAX_EXAMPLES = 20
 
@@ -120,7 +120,7 @@ def seeded(world: dict[str, str]) -> Iterator[None]:
 
 @pytest.fixture
 def operator_token(operator: User) -> str:
-    return Token.objects.get_or_create(user=operator)[0].key
+    return accounts.token_create(user=operator)[1]
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from tasks.models import (
     TaskStatus,
 )
 from tests.processes import run_in_processes
+from tests.support.seed import force_status, seed_queued
 
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 
@@ -37,16 +38,7 @@ PROCESSES = 8
 
 
 def _bulk_queue(scheduler_id: str, count: int, **fields: Any) -> None:
-    now = timezone.now()
-    Task.objects.bulk_create(
-        [
-            Task(
-                scheduler_id=scheduler_id, priority=i % 7, created_at=now, modified_at=now, **fields
-            )
-            for i in range(count)
-        ],
-        batch_size=1000,
-    )
+    seed_queued(scheduler_id, count, **fields)
 
 
 def _pop_until_empty(index: int, scheduler_id: str, limit: int) -> list[str]:
@@ -230,8 +222,11 @@ def _dispatched_celery_tasks(scheduler_id: str, count: int) -> list[tuple[str, i
         id=scheduler_id, kind="celery", handler="demo.echo", dispatch_threshold=count
     )
     _bulk_queue(scheduler_id, count)
-    Task.objects.filter(scheduler_id=scheduler_id).update(
-        status=TaskStatus.DISPATCHED, attempts=1, lease_expires_at=timezone.now()
+    force_status(
+        Task.objects.filter(scheduler_id=scheduler_id).values_list("id", flat=True),
+        TaskStatus.DISPATCHED,
+        attempts=1,
+        lease_expires_at=timezone.now(),
     )
     return [(str(i), 1) for i in Task.objects.values_list("id", flat=True)]
 

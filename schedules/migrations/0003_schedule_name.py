@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('schedules', '0001_initial'),
+        ('schedules', '0002_status_events'),
         ('tasks', '0005_scheduler_system'),
     ]
 
