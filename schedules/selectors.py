@@ -35,6 +35,9 @@ def find_schedule(
 
 
 def _by_name(schedules: QuerySet[Schedule], name: str, *, where: str) -> Schedule:
+    if len(name) > 200 or any(ord(char) < 32 for char in name):
+        # No name is like that (and PostgreSQL refuses a NUL in a query): none, without asking.
+        raise ScheduleNotFound(f"No schedule is named {name!r}{where}.")
     matches = list(schedules.filter(name=name).order_by("scheduler_id")[:10])
     if not matches:
         raise ScheduleNotFound(f"No schedule is named {name!r}{where}.")

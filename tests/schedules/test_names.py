@@ -145,7 +145,12 @@ def test_api__a_name_in_several_schedulers_needs_scheduler(
 def test_api__unknown_name_or_id_is_404(operator_client: APIClient, make_schedule: Make) -> None:
     make_schedule(name=NAME)
 
-    for ref in ("no-such-schedule", "6f1c2a4e-0d5b-4a51-9a8e-3c1f0e2d9b7a"):
+    for ref in (
+        "no-such-schedule",
+        "6f1c2a4e-0d5b-4a51-9a8e-3c1f0e2d9b7a",
+        "nul%00here",
+        "x" * 201,
+    ):
         response = operator_client.get(f"/api/schedules/{ref}/")
         assert response.status_code == 404, ref
         assert "detail" in response.json()
