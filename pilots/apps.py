@@ -14,7 +14,8 @@ class PilotsConfig(AppConfig):
 
         post_migrate.connect(ensure_queues, sender=self, dispatch_uid="pilots.ensure_queues")
 
-        from pilots import services
+        # Importing pilots.backends registers the CE backends (the model's choices).
+        from pilots import backends, services  # noqa: F401
         from scheduler_site import writers
 
         # What the models' state-machine methods (ComputeElement.drain(), …) call.

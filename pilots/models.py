@@ -11,6 +11,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from pilots import backend_registry
 from scheduler_site import writers
 
 name_validator = RegexValidator(
@@ -45,11 +46,6 @@ CE_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
-class Backend(models.TextChoices):
-    SIMULATED = "simulated", "simulated (reliability drives outcomes; seedable)"
-    LOCAL = "local", "local (pilots are real local processes)"
-
-
 class ComputeElement(models.Model):
     name = models.CharField(max_length=100, unique=True, validators=[name_validator])
     capacity = models.PositiveIntegerField(default=1, help_text="Pilot slots.")
@@ -59,7 +55,10 @@ class ComputeElement(models.Model):
         help_text="0..1: chance that a submission succeeds and that a pilot ends DONE.",
     )
     vos = models.ManyToManyField(VirtualOrganisation, related_name="compute_elements", blank=True)
-    backend = models.CharField(max_length=20, choices=Backend.choices, default=Backend.SIMULATED)
+    # The registered backends (pilots.backends registers them; the registry imports no model).
+    backend = models.CharField(
+        max_length=20, choices=backend_registry.choices, default=backend_registry.DEFAULT_BACKEND
+    )
     backend_settings = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=CEStatus.choices, default=CEStatus.ACTIVE)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -81,9 +80,7 @@ class ComputeElement(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
-        from pilots.backends import check_settings
-
-        check_settings(self.backend, self.backend_settings)
+        backend_registry.check_settings(self.backend, self.backend_settings)
 
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in CE_TRANSITIONS.get(self.status, frozenset())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -102,6 +103,62 @@ def _fail_submitted(ce: ComputeElement, *, reason: str, at: datetime) -> None:
         for pilot_id in pilots
     )
     logger.info("CE %s banned: %d submitted pilots failed", ce.name, len(pilots))
+
+
+# --- inventory: VOs and Compute Elements ---------------------------------------------------
+
+
+def vo_create(*, name: str, enabled: bool = True) -> VirtualOrganisation:
+    vo = VirtualOrganisation(name=name, enabled=enabled)
+    vo.full_clean()
+    vo.save(force_insert=True)
+    return vo
+
+
+def vo_update(*, vo: VirtualOrganisation, **fields: Any) -> VirtualOrganisation:
+    for field, value in fields.items():
+        setattr(vo, field, value)
+    vo.full_clean()
+    vo.save(update_fields=list(fields))
+    return vo
+
+
+def ce_create(
+    *, name: str, vos: Sequence[VirtualOrganisation] = (), **fields: Any
+) -> ComputeElement:
+    with transaction.atomic():
+        ce = ComputeElement(name=name, **fields)
+        ce.full_clean()
+        ce.save(force_insert=True)
+        ce.vos.set(vos)
+        ComputeElementEvent.objects.create(ce=ce, to_status=ce.status, note="created")
+    return ce
+
+
+def ce_update(
+    *, ce: ComputeElement, vos: Sequence[VirtualOrganisation] | None = None, **fields: Any
+) -> ComputeElement:
+    """Capacity, reliability, backend and its settings, VOs; status moves by ce_set_status."""
+    with transaction.atomic():
+        for field, value in fields.items():
+            setattr(ce, field, value)
+        ce.modified_at = timezone.now()
+        ce.full_clean()
+        ce.save(update_fields=[*fields, "modified_at"])
+        if vos is not None:
+            ce.vos.set(vos)
+    return ce
+
+
+def ce_delete(*, name: str) -> None:
+    """Only a CE with no pilots on record: their history must not go with it (409)."""
+    with transaction.atomic():
+        ce = _get_ce(name, for_update=True)
+        if ce.pilots.exists():
+            raise NoFreeSlot(
+                f"Compute element {name} has pilots on record; ban or drain it instead."
+            )
+        ce.delete()
 
 
 def pilot_submit(*, ce_name: str, vo_name: str, actor: str = "") -> PilotSubmission:

@@ -167,6 +167,30 @@ def insert_queued(tasks: Sequence[Task], *, actor: str, note: str, at: datetime)
     return created
 
 
+def insert_queued_new(
+    tasks: Sequence[Task], *, actor: str, note: str, at: datetime
+) -> set[uuid.UUID]:
+    """Insert new QUEUED tasks in one statement, skipping any whose hash an active task of its
+    scheduler already holds (the partial unique index: ON CONFLICT DO NOTHING), with events
+    for those inserted; the ids inserted."""
+    if not tasks:
+        return set()
+    if any(task.status != TaskStatus.QUEUED for task in tasks):
+        raise ValueError("insert_queued_new inserts QUEUED tasks only")
+    with status_writer():
+        Task.objects.bulk_create(tasks, ignore_conflicts=True)
+    ids = [task.id for task in tasks]
+    created = set(Task.objects.filter(id__in=ids).values_list("id", flat=True))
+    record_events(
+        [task for task in tasks if task.id in created],
+        from_status="",
+        actor=actor,
+        note=note,
+        at=at,
+    )
+    return created
+
+
 def new_lease_token() -> Sql:
     """A fresh lease token for each row an UPDATE hands out: 64 hex digits from the database's
     strong random source (PostgreSQL: two gen_random_uuid(), 244 random bits; SQLite:
