@@ -10,7 +10,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
+from scheduler_site.api_helpers import ERROR, actor
 from scheduler_site.api_input import CursorPagination, StrictBodyMixin
 from schedules import selectors, services
 from schedules.filters import ScheduleFilter

@@ -315,3 +315,23 @@ def test_schedule_api__data_that_does_not_fit_the_task_is_a_400_on_data(
     response = operator_client.patch(f"/api/schedules/{created.json()['id']}/", edit, format="json")
     assert response.status_code == 400
     assert "missing 1 required positional argument: 'y'" in response.json()["data"][0]
+
+
+def test_batch_push__an_item_that_does_not_fit_the_task_is_its_own_400(
+    operator_client: APIClient,
+) -> None:
+    _celery("adder", "demo_app.tasks.add")
+    items = [
+        {"data": {"args": [1, 2]}},
+        {"data": {"args": [1]}},
+        {"data": {"kwargs": {"x": 1, "y": 1}}},
+    ]
+
+    response = operator_client.post("/api/schedulers/adder/push/", items, format="json")
+
+    assert response.status_code == 200
+    statuses = [result["status"] for result in response.json()["results"]]
+    assert statuses == [201, 400, 201]
+    errors = response.json()["results"][1]["errors"]
+    assert "missing 1 required positional argument: 'y'" in errors["data"][0]
+    assert Task.objects.filter(scheduler_id="adder").count() == 2
