@@ -63,9 +63,13 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "django_tasks",
     "tasks",
     "schedules",
     "pilots",
+    # An ordinary app with plain Celery tasks and Django Tasks functions: the demo's and the
+    # end-to-end tests' "bring your own work" (README, docs/migration.md).
+    "demo_app",
 ]
 
 MIDDLEWARE = [
@@ -266,6 +270,16 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # a new PostgreSQL backend per task, half the CPU of a no-op task. Keep connections; the
 # task_prerun hook in scheduler_site.celery still drops old or failed ones.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
+
+# Django Tasks (the django-tasks backport on Django 5.2, django.tasks on 6): `.enqueue()` of a
+# @task function queues it here, on the scheduler named by its queue_name (made on first use).
+TASKS = {
+    "default": {
+        "BACKEND": "tasks.django_tasks.SchedulerBackend",
+        "QUEUES": [],  # any queue name
+        "OPTIONS": {"CREATE_SCHEDULERS": True, "ENQUEUE_ON_COMMIT": True},
+    }
+}
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

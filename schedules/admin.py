@@ -13,6 +13,7 @@ from schedules.models import Schedule
 from tasks.admin import run_each, status_history, to_the_second
 
 EDITABLE = [
+    "name",
     "hash",
     "data",
     "priority",
@@ -45,7 +46,7 @@ class ScheduleAdmin(admin.ModelAdmin):
     last_run = to_the_second("last_run_at", "last run (UTC)")
     created = to_the_second("created_at", "created (UTC)")
     list_filter = ["status", "scheduler"]
-    search_fields = ["=id", "hash", "cron"]
+    search_fields = ["=id", "name", "hash", "cron"]
     date_hierarchy = "deadline_at"
     show_full_result_count = False
     readonly_fields = [

@@ -10,9 +10,9 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
+from scheduler_site.api_helpers import ERROR, actor
 from scheduler_site.api_input import CursorPagination, StrictBodyMixin
-from schedules import services
+from schedules import selectors, services
 from schedules.filters import ScheduleFilter
 from schedules.models import Schedule
 from schedules.serializers import ScheduleSerializer, ScheduleUpdateSerializer
@@ -25,6 +25,9 @@ class ScheduleCursorPagination(CursorPagination):
 
 @extend_schema_view(partial_update=extend_schema(request=ScheduleUpdateSerializer))
 class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
+    """Schedules. `{id}` is a schedule's id or its name; a name in several schedulers needs
+    `?scheduler=` (400 on `scheduler` without it)."""
+
     queryset = Schedule.objects.all()
     serializer_class = ScheduleSerializer
     # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
@@ -32,15 +35,26 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     filterset_class = ScheduleFilter
     pagination_class = ScheduleCursorPagination
-    lookup_value_regex = UUID_PATTERN  # anything uuid.UUID() refuses is a 404, not a 500
+    # An id, or a name (any text but "/"): find_schedule tells them apart, a name being never
+    # shaped like a UUID. Dots are allowed (names like "proj.tasks.report"), so a format
+    # suffix needs ?format= here.
+    lookup_value_regex = r"[^/]+"
     action_permissions = {
         "pause": ["schedules.change_schedule"],
         "resume": ["schedules.change_schedule"],
         "trigger": ["schedules.change_schedule", "tasks.add_task"],
     }
 
+    def get_object(self) -> Schedule:
+        """By id or by name; `?scheduler=` (a filter, like every other) says which scheduler's
+        when a name is in several."""
+        queryset = self.filter_queryset(self.get_queryset())
+        schedule = selectors.find_schedule(self.kwargs["pk"], queryset=queryset)
+        self.check_object_permissions(self.request, schedule)
+        return schedule
+
     def _schedule_id(self) -> uuid.UUID:
-        return uuid.UUID(self.kwargs["pk"])
+        return self.get_object().id
 
     def perform_create(self, serializer: ScheduleSerializer) -> None:
         data = dict(serializer.validated_data)

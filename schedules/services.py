@@ -89,10 +89,12 @@ def _save(schedule: Schedule, **kwargs: Any) -> None:
     try:
         with transaction.atomic():
             schedule.save(**kwargs)
-    except IntegrityError:
-        # full_clean checked the hash, but a concurrent create may have taken it since.
+    except IntegrityError as exc:
+        # full_clean checked the hash and name, but a concurrent write may have taken one since.
+        text = str(exc)
+        field = "name" if "schedule_name_uniq" in text or "schedule.name" in text else "hash"
         raise ValidationError(
-            {"hash": f"Scheduler {schedule.scheduler_id!r} has a schedule with this hash."}
+            {field: f"Scheduler {schedule.scheduler_id!r} has a schedule with this {field}."}
         ) from None
 
 

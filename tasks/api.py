@@ -68,6 +68,8 @@ def _push_result(outcome: batches.PushOutcome) -> dict[str, Any]:
         return {"status": outcome.status, "task": TaskSerializer(outcome.task).data}
     if outcome.existing_id is not None:
         return {"status": outcome.status, "existing_id": str(outcome.existing_id)}
+    if outcome.errors is not None:
+        return {"status": outcome.status, "errors": outcome.errors}
     return {"status": outcome.status}
 
 

@@ -19,9 +19,13 @@ class TasksConfig(AppConfig):
         from django.utils.module_loading import autodiscover_modules
 
         from scheduler_site import writers
-        from tasks import dispatch, services
 
-        # Every app's `handlers` module registers its handlers by name.
+        # Imported for what they register: the `celery:` resolver, the Django Tasks handler.
+        from tasks import celery_handlers, dispatch, django_tasks, services  # noqa: F401
+
+        # Every app's `handlers` module registers its handlers by name; `celery:<task name>`
+        # names resolve to the Celery app's tasks (tasks.celery_handlers); `django_tasks.call`
+        # runs Django Tasks functions (tasks.django_tasks).
         autodiscover_modules("handlers")
         dispatch.connect()
         # What the models' state-machine methods (Task.complete(), …) call.

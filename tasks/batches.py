@@ -14,9 +14,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from tasks import queue
-from tasks.exceptions import QueueError, TaskNotFound
+from tasks.exceptions import InvalidRequest, QueueError, TaskNotFound
 from tasks.leases import LeaseProof
 from tasks.models import LEASED_STATUSES, Scheduler, Task, TaskStatus
+from tasks.registry import check_task_data
 from tasks.reports import task_report
 from tasks.transitions import get_scheduler, notify_queued
 
@@ -26,9 +27,10 @@ _ACTIVE = [TaskStatus.QUEUED, *LEASED_STATUSES]
 
 @dataclass
 class PushOutcome:
-    status: int  # 201 created, 409 an active task has the hash, 429 the queue is full
+    status: int  # 201 created, 409 an active task has the hash, 429 full, 400 bad data
     task: Task | None = None
     existing_id: uuid.UUID | None = None
+    errors: dict[str, Any] | None = None
 
 
 def task_push_many(
@@ -65,7 +67,9 @@ def _plan(
     outcomes: list[PushOutcome] = []
     for push in pushes:
         task_hash = push.get("hash") or None
-        if task_hash in held:
+        if problem := _data_problem(scheduler, push.get("data") or {}):
+            outcomes.append(PushOutcome(400, errors=problem))
+        elif task_hash in held:
             outcomes.append(PushOutcome(409, existing_id=held[task_hash]))
         elif room is not None and room <= 0:
             outcomes.append(PushOutcome(429))
@@ -76,6 +80,16 @@ def _plan(
             room = None if room is None else room - 1
             outcomes.append(PushOutcome(201, task=task))
     return outcomes
+
+
+def _data_problem(scheduler: Scheduler, data: dict[str, Any]) -> dict[str, Any] | None:
+    """What the queue's handler says of the data (a `celery:` task's arguments), as a single
+    push would refuse it; None when it can run."""
+    try:
+        check_task_data(scheduler, data)
+    except InvalidRequest as exc:
+        return exc.payload()
+    return None
 
 
 def _room(scheduler: Scheduler) -> int | None:

@@ -33,7 +33,7 @@ from tasks.exceptions import QueueError, TransitionRefused
 from tasks.leases import LeaseProof
 from tasks.metrics import QUEUE_WAIT_SECONDS
 from tasks.models import Task
-from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler
+from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler, running
 
 logger = logging.getLogger(__name__)
 
@@ -222,26 +222,31 @@ def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) ->
         data=task.data,
         attempt=task.attempts,
         is_cancelled=lambda: heartbeat.cancelled.is_set() or _cancel_requested(task.id),
+        worker=worker,
     )
     heartbeat.start()
     error = None
     try:
-        result = handler.func(context)
+        with running(context):
+            result = handler.func(context)
     except TaskCancelled as exc:
         error = f"cancelled: {exc}"
     except SoftTimeLimitExceeded:
         error = "soft time limit exceeded"
     except Exception as exc:
-        logger.info(
-            "task %s attempt %s failed: %s: %s", task.id, task.attempts, type(exc).__name__, exc
-        )
+        describe = handler.describe_error or _describe
+        error = describe(exc)
+        logger.info("task %s attempt %s failed: %s", task.id, task.attempts, error)
         logger.debug("task %s: traceback", task.id, exc_info=True)
-        error = f"{type(exc).__name__}: {exc}"
     finally:
         heartbeat.stop()  # before the report: no beat races it
     if error is not None:
         return _report_failure(task, handler, error, worker=worker)
     return _report_success(task, result, worker=worker)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _cancel_requested(task_id: uuid.UUID) -> bool:

@@ -178,11 +178,12 @@ class Scheduler(models.Model):
         if self.kind == SchedulerKind.CELERY and not self.handler:
             errors["handler"] = "A celery scheduler needs a handler."
         elif self.handler:
-            from tasks.registry import HANDLERS
+            from tasks.registry import UnknownHandler, get_handler
 
-            if self.handler not in HANDLERS:
-                known = ", ".join(sorted(HANDLERS)) or "none"
-                errors["handler"] = f"{self.handler!r} is not registered (known: {known})."
+            try:  # a registered name, or one its prefix resolves (`celery:<task name>`)
+                get_handler(self.handler)
+            except UnknownHandler as exc:
+                errors["handler"] = exc.message.removeprefix("handler: ")
         if self.retry_max_delay_seconds < self.retry_delay_seconds:
             errors["retry_max_delay_seconds"] = "Must not be less than retry_delay_seconds."
         if errors:

@@ -156,13 +156,14 @@ def task_fail(
 
 
 def retry_spec_for(task: Task) -> RetrySpec:
-    """A celery queue's tasks follow their handler's policy; a pull queue's, the queue's."""
+    """A celery queue's tasks follow their handler's policy, unless it has none of its own
+    (`celery:` handlers); a pull queue's, the queue's."""
     scheduler = task.scheduler
     if scheduler.kind == SchedulerKind.CELERY and scheduler.handler:
         from tasks.registry import HANDLERS
 
         handler = HANDLERS.get(scheduler.handler)
-        if handler is not None:
+        if handler is not None and handler.retry is not None:
             return handler.retry
     return RetrySpec.for_scheduler(scheduler)
 

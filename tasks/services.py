@@ -28,6 +28,7 @@ from tasks.models import (
     Task,
     TaskStatus,
 )
+from tasks.registry import check_task_data
 
 # The report services and the writer's hooks, under the names callers have always used.
 from tasks.reports import (  # noqa: F401
@@ -123,6 +124,7 @@ def task_push(
     now = timezone.now()
     with transaction.atomic():
         scheduler = get_scheduler(scheduler_id)
+        check_task_data(scheduler, data or {})
         if scheduler.max_queue_size:
             # Bounded queues serialise their pushes so two cannot both take the last slot;
             # unbounded ones need no lock (dedup is the unique index's job).
