@@ -13,6 +13,7 @@ from django.utils import timezone
 from pilots.models import PilotReport, PilotStatus
 from pilots.services import pilot_counts
 from scheduler_site import charts
+from scheduler_site.health import system_health
 from schedules.models import Schedule, ScheduleStatus
 from tasks import selectors
 from tasks.models import Scheduler, Task, TaskStatus
@@ -53,6 +54,12 @@ def _throughput() -> dict[str, Any]:
     }
 
 
+def _workers() -> dict[str, Any]:
+    now = timezone.now()
+    rows = [(w, selectors.worker_state(w, now=now)) for w in selectors.worker_list()]
+    return {"workers": rows, "live_workers": sum(state == "live" for _, state in rows)}
+
+
 def _schedules() -> dict[str, Any]:
     now = timezone.now()
     due = Schedule.objects.filter(status=ScheduleStatus.ACTIVE, deadline_at__lte=now)
@@ -84,6 +91,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "dead_letters": list(
             Task.objects.filter(status=TaskStatus.DEAD).order_by("-modified_at")[:10]
         ),
+        "health": system_health(),
+        **_workers(),
         **_queues(),
         **_throughput(),
         **_schedules(),

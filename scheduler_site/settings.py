@@ -212,6 +212,9 @@ SPECTACULAR_SETTINGS = {
         "ScheduleStatusEnum": "schedules.models.ScheduleStatus",
         "ComputeElementStatusEnum": "pilots.models.CEStatus",
         "PilotStatusEnum": "pilots.models.PilotStatus",
+        "SchedulerKindEnum": "tasks.models.SchedulerKind",
+        "WorkerKindEnum": "tasks.models.WorkerKind",
+        "HealthStatusEnum": ["ok", "degraded", "down"],
     },
 }
 
@@ -229,6 +232,10 @@ DISPATCH_INTERVAL_SECONDS = env_int("DISPATCH_INTERVAL_SECONDS", 2, minimum=1)
 # A worker extends a running task's lease (and its locks) by 3x this, every this many seconds:
 # a killed worker's task is reaped within about 3x this plus the reaper's interval.
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
+# A pull runner counts as live this long after its last call (it idles in long-poll pops and
+# between polls); its calls are recorded at most once per RUNNER_SEEN_WRITE_SECONDS each.
+RUNNER_LOST_AFTER_SECONDS = env_int("RUNNER_LOST_AFTER_SECONDS", 90, minimum=1)
+RUNNER_SEEN_WRITE_SECONDS = 5
 # A task whose lock is held waits 0.5 s, then twice as long each time, up to this.
 LOCK_WAIT_MAX_SECONDS = env_int("LOCK_WAIT_MAX_SECONDS", 10, minimum=1)
 # Pilots: a pilot with no news from its CE for this long is FAILED ("lost").

@@ -7,10 +7,10 @@ from rest_framework.routers import DefaultRouter
 
 from pilots.api import ComputeElementViewSet, PilotViewSet, VOViewSet
 from scheduler_site.dashboard import dashboard
-from scheduler_site.health import healthz
+from scheduler_site.health import health_view, healthz
 from scheduler_site.metrics import metrics_view
 from schedules.api import ScheduleViewSet
-from tasks.api import SchedulerViewSet, TaskViewSet
+from tasks.api import SchedulerViewSet, TaskViewSet, WorkerViewSet
 
 router = DefaultRouter()
 router.register("schedulers", SchedulerViewSet, basename="scheduler")
@@ -19,6 +19,7 @@ router.register("schedules", ScheduleViewSet, basename="schedule")
 router.register("vos", VOViewSet, basename="vo")
 router.register("compute-elements", ComputeElementViewSet, basename="compute-element")
 router.register("pilots", PilotViewSet, basename="pilot")
+router.register("workers", WorkerViewSet, basename="worker")
 
 handler404 = "scheduler_site.api_errors.not_found"
 
@@ -27,6 +28,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/health/", health_view, name="health"),
     path("api/", include(router.urls)),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),

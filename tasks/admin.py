@@ -8,9 +8,9 @@ from django.contrib import admin, messages
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 
-from tasks import services
+from tasks import selectors, services
 from tasks.exceptions import QueueError
-from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus, Worker
 
 
 def run_each(modeladmin: admin.ModelAdmin, request: HttpRequest, items, action, verb: str) -> None:
@@ -208,4 +208,41 @@ class TaskEventAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: TaskEvent | None = None) -> bool:
+        return False
+
+
+@admin.register(Worker)
+class WorkerAdmin(admin.ModelAdmin):
+    """Celery workers, pull runners and beat as they last reported themselves: read-only,
+    written by their own heartbeats."""
+
+    list_display = [
+        "name",
+        "kind",
+        "state",
+        "host",
+        "pid",
+        "queue_names",
+        "last_seen",
+        "tasks_held",
+        "started",
+    ]
+    list_filter = ["kind"]
+    search_fields = ["name", "host", "account"]
+    last_seen = to_the_second("last_seen_at", "last seen (UTC)")
+    started = to_the_second("started_at", "started (UTC)")
+    readonly_fields = [f.name for f in Worker._meta.fields]
+
+    @admin.display(description="state")
+    def state(self, worker: Worker) -> str:
+        return selectors.worker_state(worker)
+
+    @admin.display(description="queues")
+    def queue_names(self, worker: Worker) -> str:
+        return ", ".join(worker.queues) or "-"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Worker | None = None) -> bool:
         return False

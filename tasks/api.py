@@ -23,10 +23,10 @@ from scheduler_site.permissions import (
     TaskScopePermission,
     queue_scope,
 )
-from tasks import selectors, services
-from tasks.filters import TaskFilter
+from tasks import selectors, services, workers
+from tasks.filters import TaskFilter, WorkerFilter
 from tasks.leases import LeaseProof
-from tasks.models import Scheduler, Task
+from tasks.models import Scheduler, Task, Worker
 from tasks.serializers import (
     HeartbeatSerializer,
     PoppedTaskSerializer,
@@ -40,6 +40,7 @@ from tasks.serializers import (
     TaskPushSerializer,
     TaskReportSerializer,
     TaskSerializer,
+    WorkerSerializer,
 )
 
 # Only strings uuid.UUID() accepts (32 hex digits, dashes optional): anything else is a 404
@@ -61,8 +62,12 @@ def _is_operator(request: Request) -> bool:
 
 def _proof(request: Request, body: dict[str, Any]) -> LeaseProof:
     """The caller's claim to a task's lease: the token in the body (taken out of it), or, for
-    an operator, none at all (an override the event records)."""
-    return LeaseProof(token=body.pop("lease_token", None), operator=_is_operator(request))
+    an operator, none at all (an override the event records). A holder's call is also how its
+    runner is seen alive (GET /api/workers/)."""
+    token = body.pop("lease_token", None)
+    if token:
+        workers.runner_seen(request)
+    return LeaseProof(token=token, operator=_is_operator(request))
 
 
 class TaskCursorPagination(CursorPagination):
@@ -150,7 +155,9 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def pop(self, request: Request, pk: str) -> Response:
         body = PopSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        tasks = services.task_pop(scheduler_id=pk, worker=_actor(request), **body.validated_data)
+        holder, _host, _pid = workers.runner_identity(request)
+        tasks = services.task_pop(scheduler_id=pk, worker=holder, **body.validated_data)
+        workers.runner_seen(request, scheduler_id=pk)
         # The pop's answer is the one place a runner learns its lease tokens.
         return Response({"results": PoppedTaskSerializer(tasks, many=True).data})
 
@@ -261,3 +268,15 @@ class TaskViewSet(
         query.is_valid(raise_exception=True)
         rows = selectors.hourly_stats(queues=queue_scope(request), **query.validated_data)
         return Response({"results": StatsRowSerializer(rows, many=True).data})
+
+
+class WorkerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Celery workers, pull runners and beat as they last reported themselves (live, stopped
+    or lost), with the queues they serve and the tasks they hold."""
+
+    queryset = Worker.objects.all()
+    serializer_class = WorkerSerializer
+    filterset_class = WorkerFilter
+
+    def get_queryset(self) -> Any:
+        return selectors.worker_list()

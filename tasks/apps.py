@@ -18,7 +18,7 @@ class TasksConfig(AppConfig):
 
         from django.utils.module_loading import autodiscover_modules
 
-        from tasks import dispatch
+        from tasks import dispatch, workers  # noqa: F401  (workers: its Celery signals)
 
         # Every app's `handlers` module registers its handlers by name.
         autodiscover_modules("handlers")

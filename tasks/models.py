@@ -325,3 +325,38 @@ class RunnerGrant(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} may use {self.scheduler_id}"
+
+
+class WorkerKind(models.TextChoices):
+    CELERY = "celery", "Celery worker"
+    RUNNER = "runner", "pull runner"
+    BEAT = "beat", "Celery beat"
+
+
+class Worker(models.Model):
+    """A process that does the queue's work, as it last reported itself (DESIGN 9.6): a Celery
+    worker node (its timer beats every WORKER_HEARTBEAT_SECONDS), a pull runner (seen when its
+    calls reach the API) or beat (seen when it sends a periodic job). Live when seen lately and
+    not stopped; rows long unseen are forgotten."""
+
+    kind = models.CharField(max_length=16, choices=WorkerKind.choices)
+    name = models.CharField(max_length=200, help_text="Celery's node name, or the runner's.")
+    host = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    # Celery workers: the Celery queues they consume; runners: the schedulers they pop from.
+    queues = models.JSONField(default=list, blank=True)
+    account = models.CharField(max_length=150, blank=True, help_text="A runner's API account.")
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="Shut down cleanly.")
+    tasks_held = models.PositiveIntegerField(
+        default=0, help_text="Leased tasks it held when last seen."
+    )
+
+    class Meta:
+        ordering = ["kind", "name"]
+        constraints = [models.UniqueConstraint(fields=["kind", "name"], name="worker_kind_name")]
+        indexes = [models.Index(fields=["kind", "last_seen_at"], name="worker_seen_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"

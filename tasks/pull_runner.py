@@ -13,6 +13,7 @@ import email.utils
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -118,13 +119,23 @@ class ApiClient:
     timeout: float = 30.0
     max_retry_seconds: float = 300.0
     max_backoff: float = 10.0
+    # Who this runner is, sent with every call: the API's list of workers shows it by name,
+    # host and pid (GET /api/workers/), and tasks it pops are held in that name.
+    runner_name: str = ""
     http: httpx.Client = field(init=False, repr=False)
     _backoff: tenacity.wait.wait_base = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json"}
+        if self.runner_name:
+            headers |= {
+                "X-Runner-Name": self.runner_name,
+                "X-Runner-Host": socket.gethostname(),
+                "X-Runner-Pid": str(os.getpid()),
+            }
         self.http = httpx.Client(
             base_url=self.base_url.rstrip("/"),
-            headers={"Authorization": f"Token {self.token}", "Accept": "application/json"},
+            headers=headers,
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
         )
         # 0.5 s doubling up to max_backoff, plus up to 1 s at random so that runners cut off

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from tasks.models import RunnerGrant, Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import (
+    LEASED_STATUSES,
+    RunnerGrant,
+    Scheduler,
+    Task,
+    TaskEvent,
+    TaskStatus,
+    Worker,
+    WorkerKind,
+)
 from tasks.roles import OPERATORS
 
 # The queues an account may use: None means every queue.
@@ -87,3 +97,57 @@ def hourly_stats(
         }
         for row in rows
     ]
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def worker_lost_after(kind: str) -> timedelta:
+    """How long a worker of `kind` may stay unseen and still count as live. A runner idles in
+    long-poll pops and between polls (RUNNER_LOST_AFTER_SECONDS); a Celery node's timer beats
+    every WORKER_HEARTBEAT_SECONDS. Beat is judged by its jobs' intervals (health)."""
+    if kind == WorkerKind.RUNNER:
+        return timedelta(seconds=settings.RUNNER_LOST_AFTER_SECONDS)
+    return timedelta(seconds=3 * settings.WORKER_HEARTBEAT_SECONDS)
+
+
+def worker_is_live(worker: Worker, *, now: datetime | None = None) -> bool:
+    now = now or timezone.now()
+    return worker.stopped_at is None and worker.last_seen_at >= now - worker_lost_after(worker.kind)
+
+
+def worker_state(worker: Worker, *, now: datetime | None = None) -> str:
+    """live, stopped (shut down cleanly) or lost (not seen lately: killed, hung, cut off)."""
+    if worker.stopped_at is not None:
+        return "stopped"
+    return "live" if worker_is_live(worker, now=now) else "lost"
+
+
+def worker_list(*, kind: str | None = None) -> QuerySet[Worker]:
+    workers = Worker.objects.order_by("kind", "name")
+    return workers if kind is None else workers.filter(kind=kind)
+
+
+def tasks_held_by(name: str) -> int:
+    """Leased tasks whose holder is `name`: a scan of the leased rows only (task_lease_idx)."""
+    return Task.objects.filter(status__in=LEASED_STATUSES, worker=name).count()
+
+
+def active_work(*, now: datetime) -> dict[str, tuple[int, int]]:
+    """{scheduler_id: (tasks due, tasks leased)} for the queues with any: QUEUED tasks whose
+    not_before has come, and DISPATCHED or RUNNING ones. Reads the active rows only."""
+    due = Q(status=TaskStatus.QUEUED, not_before__lte=now)
+    rows = (
+        # Two arms, so that PostgreSQL can read each one's partial index (queue and lease).
+        Task.objects.filter(Q(status=TaskStatus.QUEUED) | Q(status__in=LEASED_STATUSES))
+        .order_by()
+        .values("scheduler_id")
+        .annotate(
+            due=Count("id", filter=due), leased=Count("id", filter=Q(status__in=LEASED_STATUSES))
+        )
+    )
+    return {
+        row["scheduler_id"]: (row["due"], row["leased"])
+        for row in rows
+        if row["due"] or row["leased"]
+    }

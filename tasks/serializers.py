@@ -8,7 +8,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduler_site.api_input import QuerySerializer, StrictTypes
-from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus
+from tasks import selectors
+from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus, Worker
 
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
 _SCALAR = (str, int, float, bool)
@@ -287,3 +288,29 @@ class StatsRowSerializer(serializers.Serializer):
     scheduler = serializers.CharField()
     status = serializers.CharField()
     count = serializers.IntegerField()
+
+
+class WorkerSerializer(serializers.ModelSerializer):
+    state = serializers.SerializerMethodField(
+        help_text="live, stopped (shut down cleanly) or lost (not seen lately)."
+    )
+
+    class Meta:
+        model = Worker
+        fields = [
+            "name",
+            "kind",
+            "host",
+            "pid",
+            "queues",
+            "account",
+            "state",
+            "started_at",
+            "last_seen_at",
+            "stopped_at",
+            "tasks_held",
+        ]
+        read_only_fields = fields
+
+    def get_state(self, worker: Worker) -> str:
+        return selectors.worker_state(worker)

@@ -64,7 +64,12 @@ class Command(BaseCommand):
             help="Seconds to wait for one answer before retrying (default 30).",
         )
         parser.add_argument("--max-tasks", type=int, help="Exit after this many tasks.")
-        parser.add_argument("--name", default=f"runner-{os.getpid()}")
+        parser.add_argument(
+            "--name",
+            default=f"runner-{os.getpid()}",
+            help="This runner's name: it holds the tasks it pops under it, and GET "
+            "/api/workers/ lists it by it (default runner-<pid>).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["token"]:
@@ -75,6 +80,7 @@ class Command(BaseCommand):
             options["token"],
             timeout=options["timeout"],
             max_retry_seconds=options["max_retry_seconds"],
+            runner_name=options["name"],
         )
         with client:
             runner = PullRunner(
