@@ -21,6 +21,7 @@ from tasks.models import Scheduler, Task, TaskStatus
 REFRESH_SECONDS = 15
 QUEUE_KEYS = [TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING]
 OUTCOMES = [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD]
+FAILED_ATTEMPTS = "failed attempts"
 
 
 def _queues() -> dict[str, Any]:
@@ -45,12 +46,22 @@ def _throughput() -> dict[str, Any]:
     for row in selectors.hourly_stats(hours=24):
         if row["status"] in per_hour and row["hour"] in index:
             per_hour[row["status"]][index[row["hour"]]] += row["count"]
+    failed = selectors.hourly_failed_attempts(hours=24)
+    series = {
+        TaskStatus.COMPLETED: per_hour[TaskStatus.COMPLETED],
+        FAILED_ATTEMPTS: [failed.get(hour, 0) for hour in hours],
+        TaskStatus.FAILED: per_hour[TaskStatus.FAILED],
+        TaskStatus.DEAD: per_hour[TaskStatus.DEAD],
+    }
     labels = [f"{hour:%H}h" for hour in hours]
     return {
         "throughput_chart": charts.hourly_columns(
-            labels, per_hour, title="Completed, failed and dead per hour (UTC), last 24 h"
+            labels,
+            series,
+            title="Completed, failed attempts (retried or final), failed and dead per hour "
+            "(UTC), last 24 h",
         ),
-        "throughput_total": {status: sum(values) for status, values in per_hour.items()},
+        "throughput_total": {name: sum(values) for name, values in series.items()},
     }
 
 

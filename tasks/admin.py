@@ -5,8 +5,14 @@ from datetime import UTC
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Model, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
+from django.utils.html import format_html
+from django.utils.text import Truncator
 
 from tasks import selectors, services
 from tasks.exceptions import QueueError
@@ -129,6 +135,7 @@ class DeadLetterFilter(admin.SimpleListFilter):
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
+    change_list_template = "admin/tasks/task/change_list.html"
     list_display = [
         "id",
         "scheduler",
@@ -136,6 +143,7 @@ class TaskAdmin(admin.ModelAdmin):
         "priority",
         "attempts",
         "hash",
+        "error_summary",
         "created",
         "not_before_",
         "lease_expires",
@@ -148,14 +156,66 @@ class TaskAdmin(admin.ModelAdmin):
     lease_expires = to_the_second("lease_expires_at", "lease expires (UTC)")
     modified = to_the_second("modified_at", "modified (UTC)")
     list_filter = [DeadLetterFilter, "status", "scheduler"]
-    search_fields = ["=id", "=hash", "worker"]
+    # Error text is searched as a substring: with show_full_result_count off, a page of
+    # matches is read, not every row counted.
+    search_fields = ["=id", "=hash", "worker", "error"]
     date_hierarchy = "created_at"
     # The table holds millions of rows: no full COUNT(*) on every page.
     show_full_result_count = False
     list_select_related = False
     inlines = [TaskEventInline]
     actions = ["cancel_tasks", "requeue_tasks"]
-    readonly_fields = [f.name for f in Task._meta.fields]
+    fields = [
+        *(f.name for f in Task._meta.fields if f.name != "traceback"),
+        "traceback_",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="error")
+    def error_summary(self, task: Task) -> str:
+        return Truncator(task.error).chars(80) or "-"
+
+    @admin.display(description="traceback")
+    def traceback_(self, task: Task) -> str:
+        if not task.traceback:
+            return "-"
+        return format_html('<pre class="traceback">{}</pre>', task.traceback)
+
+    def get_urls(self) -> list[URLPattern]:
+        dead = path(
+            "dead-letters/",
+            self.admin_site.admin_view(self.dead_letters_view),
+            name="tasks_task_dead_letters",
+        )
+        return [dead, *super().get_urls()]
+
+    def dead_letters_view(self, request: HttpRequest) -> HttpResponse:
+        """DEAD tasks grouped by queue and error, with "requeue these" per group."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            if not self.has_cancel_permission(request):
+                raise PermissionDenied
+            self._requeue_group(request)
+            return redirect("admin:tasks_task_dead_letters")
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Dead letters by error",
+            "opts": self.model._meta,
+            "groups": selectors.dead_letter_groups(),
+            "can_requeue": self.has_cancel_permission(request),
+        }
+        return TemplateResponse(request, "admin/tasks/task/dead_letters.html", context)
+
+    def _requeue_group(self, request: HttpRequest) -> None:
+        scheduler_id = request.POST.get("scheduler", "")
+        error = request.POST.get("error", "")
+        done, refused = services.tasks_requeue_dead(
+            scheduler_id=scheduler_id, error=error, actor=request.user.username
+        )
+        self.message_user(request, f"Requeued {done} of {scheduler_id}.", messages.SUCCESS)
+        for message in refused[:10]:
+            self.message_user(request, message, messages.WARNING)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # tasks are pushed through the queue services, not typed in

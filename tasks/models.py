@@ -202,7 +202,10 @@ class Task(models.Model):
     hash = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     data = models.JSONField(default=dict, blank=True)
     result = models.JSONField(null=True, blank=True)
-    error = models.TextField(blank=True)
+    error = models.TextField(blank=True, help_text="The last failure, in one line.")
+    traceback = models.TextField(
+        blank=True, help_text="The last failed attempt's full traceback (handler failures)."
+    )
     attempts = models.PositiveIntegerField(default=0)
     not_before = models.DateTimeField(default=timezone.now)
     lease_expires_at = models.DateTimeField(null=True, blank=True)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -407,6 +408,7 @@ class PullRunner:
             outcome["result"] = self.work.run(task, cancelled.is_set)
         except Exception as exc:
             outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["traceback"] = traceback.format_exc()
 
     def _heartbeat(self, lease: Lease, cancelled: threading.Event) -> None:
         while not cancelled.wait(self.heartbeat_seconds):
@@ -428,7 +430,11 @@ class PullRunner:
 
     def _report(self, lease: Lease, outcome: dict[str, Any]) -> str:
         if "error" in outcome:
-            body = lease.body(status="FAILED", error=outcome["error"][:10000])
+            body = lease.body(
+                status="FAILED",
+                error=outcome["error"][:10000],
+                traceback=outcome.get("traceback", "")[-64000:],
+            )
         else:
             body = lease.body(status="COMPLETED", result=outcome.get("result"))
         try:

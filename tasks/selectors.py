@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import Count, F, Max, Min, Q, QuerySet
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -97,6 +97,41 @@ def hourly_stats(
         }
         for row in rows
     ]
+
+
+def failed_attempts_q() -> Q:
+    """Events that end a failed attempt: retried (leased -> QUEUED with fail_attempt's note,
+    "attempt n/m failed: ..."; a hand-back's note differs) or final (-> FAILED or DEAD)."""
+    retried = Q(to_status=TaskStatus.QUEUED, note__startswith="attempt ")
+    final = Q(to_status__in=[TaskStatus.FAILED, TaskStatus.DEAD])
+    return Q(from_status__in=LEASED_STATUSES) & (retried | final)
+
+
+def hourly_failed_attempts(*, hours: int = 24) -> dict[datetime, int]:
+    """{hour: failed attempts} over the last `hours`: every attempt that failed, retried or
+    not, so that a queue failing 40 % of its attempts shows it even when retries succeed."""
+    since = timezone.now() - timedelta(hours=hours)
+    rows = (
+        TaskEvent.objects.filter(failed_attempts_q(), at__gte=since)
+        .annotate(hour=TruncHour("at"))
+        .values("hour")
+        .annotate(count=Count("id"))
+        .order_by("hour")
+    )
+    return {row["hour"]: row["count"] for row in rows}
+
+
+def dead_letter_groups(*, limit: int = 100) -> list[dict[str, Any]]:
+    """DEAD tasks grouped by queue and exact error, largest group first: 500 dead tasks of
+    one cause read as one line."""
+    rows = (
+        Task.objects.filter(status=TaskStatus.DEAD)
+        .order_by()
+        .values("scheduler_id", "error")
+        .annotate(count=Count("id"), first=Min("modified_at"), last=Max("modified_at"))
+        .order_by("-count", "scheduler_id", "error")
+    )
+    return list(rows[:limit])
 
 
 # --- workers ---------------------------------------------------------------------------------

@@ -123,6 +123,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "data",
             "result",
             "error",
+            "traceback",
             "attempts",
             "not_before",
             "lease_expires_at",
@@ -217,6 +218,16 @@ class TaskReportSerializer(StrictTypes):
     )
     error = serializers.CharField(
         required=False, allow_blank=True, default="", max_length=10000, validators=[reject_nul]
+    )
+    traceback = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=64000,
+        trim_whitespace=False,
+        validators=[reject_nul],
+        help_text="With FAILED: the failure's full traceback or log tail (error is its one-line "
+        "summary).",
     )
     attempt = serializers.IntegerField(
         required=False,
