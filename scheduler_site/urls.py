@@ -6,7 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from pilots.api import ComputeElementViewSet, PilotViewSet, VOViewSet
-from scheduler_site.dashboard import dashboard
+from scheduler_site.dashboard import dashboard, queue_page
 from scheduler_site.health import health_view, healthz
 from scheduler_site.metrics import metrics_view
 from schedules.api import ScheduleViewSet
@@ -25,6 +25,7 @@ handler404 = "scheduler_site.api_errors.not_found"
 
 urlpatterns = [
     path("", dashboard, name="dashboard"),
+    path("queues/<str:scheduler_id>/", queue_page, name="queue-page"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -34,6 +34,8 @@ from tasks.serializers import (
     ReleaseSerializer,
     SchedulerSerializer,
     SchedulerUpdateSerializer,
+    SeriesQuerySerializer,
+    SeriesSerializer,
     StatsQuerySerializer,
     StatsRowSerializer,
     TaskEventSerializer,
@@ -182,6 +184,7 @@ class TaskViewSet(
         "requeue": ["tasks.change_task"],
         "events": ["tasks.view_task"],
         "stats": ["tasks.view_task"],
+        "series": ["tasks.view_task"],
     }
 
     def get_queryset(self) -> Any:
@@ -268,6 +271,18 @@ class TaskViewSet(
         query.is_valid(raise_exception=True)
         rows = selectors.hourly_stats(queues=queue_scope(request), **query.validated_data)
         return Response({"results": StatsRowSerializer(rows, many=True).data})
+
+    @extend_schema(
+        parameters=[SeriesQuerySerializer], responses={200: SeriesSerializer, 400: ERROR}
+    )
+    @action(detail=False, methods=["get"], pagination_class=None, filterset_class=None)
+    def series(self, request: Request) -> Response:
+        """Throughput and queue wait (p50/p95) over a range, per point, for one queue or all:
+        what the dashboard charts. Read from the per-minute rollup (a minute or so behind)."""
+        query = SeriesQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        data = selectors.queue_series(queues=queue_scope(request), **query.validated_data)
+        return Response(SeriesSerializer(data).data)
 
 
 class WorkerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):

@@ -363,3 +363,40 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name}"
+
+
+# Upper bounds (seconds) of the queue-wait histogram buckets of QueueMinute; one more bucket
+# holds everything above the last.
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class QueueMinute(models.Model):
+    """One queue's work in one minute, rolled up from the event history by a periodic job,
+    so that charts over a day or a week read at most a row per queue and minute instead of
+    every event. Queue wait (due -> handed to its holder) is a histogram: percentiles of any
+    range are read from the summed buckets."""
+
+    scheduler_id = models.CharField(max_length=64)
+    minute = models.BigIntegerField(help_text="Minutes since the Unix epoch (UTC).")
+    started = models.PositiveIntegerField(default=0)
+    completed = models.PositiveIntegerField(default=0)
+    failed_attempts = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    dead = models.PositiveIntegerField(default=0)
+    wait_sum = models.FloatField(default=0.0)
+    # wait_0 .. wait_13 (added below): counts per WAIT_BUCKETS bucket, the last one above
+    # 3600 s. Columns, not a JSON list, so that a range's buckets are summed in SQL.
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["scheduler_id", "minute"], name="queue_minute_uniq")
+        ]
+        indexes = [models.Index(fields=["minute"], name="queue_minute_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.scheduler_id} @ {self.minute}"
+
+
+WAIT_COLUMNS = [f"wait_{index}" for index in range(len(WAIT_BUCKETS) + 1)]
+for _column in WAIT_COLUMNS:
+    QueueMinute.add_to_class(_column, models.PositiveIntegerField(default=0))

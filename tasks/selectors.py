@@ -10,12 +10,15 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, Max, Min, Q, QuerySet
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from tasks.models import (
     LEASED_STATUSES,
+    WAIT_BUCKETS,
+    WAIT_COLUMNS,
+    QueueMinute,
     RunnerGrant,
     Scheduler,
     Task,
@@ -107,18 +110,12 @@ def failed_attempts_q() -> Q:
     return Q(from_status__in=LEASED_STATUSES) & (retried | final)
 
 
-def hourly_failed_attempts(*, hours: int = 24) -> dict[datetime, int]:
-    """{hour: failed attempts} over the last `hours`: every attempt that failed, retried or
-    not, so that a queue failing 40 % of its attempts shows it even when retries succeed."""
-    since = timezone.now() - timedelta(hours=hours)
-    rows = (
-        TaskEvent.objects.filter(failed_attempts_q(), at__gte=since)
-        .annotate(hour=TruncHour("at"))
-        .values("hour")
-        .annotate(count=Count("id"))
-        .order_by("hour")
-    )
-    return {row["hour"]: row["count"] for row in rows}
+def recent_failures(*, scheduler_id: str, limit: int = 20) -> list[TaskEvent]:
+    """A queue's latest failed attempts of the last 24 hours (event, with its task)."""
+    since = timezone.now() - timedelta(hours=24)
+    events = TaskEvent.objects.filter(failed_attempts_q(), at__gte=since)
+    events = events.filter(task__scheduler_id=scheduler_id).select_related("task")
+    return list(events.order_by("-at", "-id")[:limit])
 
 
 def dead_letter_groups(*, limit: int = 100) -> list[dict[str, Any]]:
@@ -186,3 +183,58 @@ def active_work(*, now: datetime) -> dict[str, tuple[int, int]]:
         for row in rows
         if row["due"] or row["leased"]
     }
+
+
+# --- charts: series over a range, from the per-minute rollup (tasks.stats) --------------------
+
+# range -> (length in minutes, minutes per point): 60 points, 96 points, 168 points.
+RANGES = {"1h": (60, 1), "24h": (24 * 60, 15), "7d": (7 * 24 * 60, 60)}
+SERIES_COUNTS = ("started", "completed", "failed_attempts", "failed", "dead")
+
+
+def queue_series(
+    *, range_name: str, scheduler_id: str | None = None, queues: QueueScope = None
+) -> dict[str, Any]:
+    """Throughput (per point: started, completed, failed attempts, FAILED, DEAD) and queue
+    wait p50/p95 (seconds, None where nothing started) over `range_name`, for one queue or all
+    (a limited runner's: its own). One indexed range of the rollup, summed in SQL."""
+    length, step = RANGES[range_name]
+    # Points of `step` minutes, aligned to the step, the last one the current (partial) one.
+    end = (int(timezone.now().timestamp() // 60) // step + 1) * step
+    start = end - length
+    rows = QueueMinute.objects.filter(minute__gte=start, minute__lt=end)
+    if scheduler_id:
+        rows = rows.filter(scheduler_id=scheduler_id)
+    if queues is not None:
+        rows = rows.filter(scheduler_id__in=queues)
+    sums = {name: Sum(name) for name in (*SERIES_COUNTS, *WAIT_COLUMNS)}
+    grouped = rows.annotate(point=F("minute") / step).values("point").annotate(**sums)
+    points = list(range(start // step, end // step))
+    by_point = {row["point"]: row for row in grouped.order_by("point")}
+    series: dict[str, Any] = {
+        "range": range_name,
+        "step_seconds": step * 60,
+        "t": [point * step * 60 for point in points],
+    }
+    for name in SERIES_COUNTS:
+        series[name] = [(by_point.get(p) or {}).get(name) or 0 for p in points]
+    for label, q in (("wait_p50", 0.5), ("wait_p95", 0.95)):
+        series[label] = [_quantile(by_point.get(p), q) for p in points]
+    return series
+
+
+def _quantile(row: dict[str, Any] | None, q: float) -> float | None:
+    """The q-quantile of a summed histogram, interpolated within its bucket (as Prometheus'
+    histogram_quantile); None for no observation."""
+    counts = [(row or {}).get(name) or 0 for name in WAIT_COLUMNS]
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            low = WAIT_BUCKETS[index - 1] if index else 0.0
+            high = WAIT_BUCKETS[index] if index < len(WAIT_BUCKETS) else WAIT_BUCKETS[-1]
+            return round(low + (high - low) * (rank - seen) / count, 3)
+        seen += count
+    return float(WAIT_BUCKETS[-1])

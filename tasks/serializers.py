@@ -294,6 +294,32 @@ class StatsQuerySerializer(QuerySerializer):
     hours = serializers.IntegerField(required=False, default=24, min_value=1, max_value=24 * 31)
 
 
+class SeriesQuerySerializer(QuerySerializer):
+    range = serializers.ChoiceField(
+        choices=list(selectors.RANGES),
+        required=False,
+        default="1h",
+        source="range_name",
+        help_text="1h (a point per minute), 24h (per 15 minutes) or 7d (per hour).",
+    )
+    scheduler = serializers.CharField(
+        required=False, max_length=64, source="scheduler_id", trim_whitespace=False
+    )
+
+
+class SeriesSerializer(serializers.Serializer):
+    range = serializers.CharField()
+    step_seconds = serializers.IntegerField()
+    t = serializers.ListField(child=serializers.IntegerField(), help_text="Unix seconds.")
+    started = serializers.ListField(child=serializers.IntegerField())
+    completed = serializers.ListField(child=serializers.IntegerField())
+    failed_attempts = serializers.ListField(child=serializers.IntegerField())
+    failed = serializers.ListField(child=serializers.IntegerField())
+    dead = serializers.ListField(child=serializers.IntegerField())
+    wait_p50 = serializers.ListField(child=serializers.FloatField(allow_null=True))
+    wait_p95 = serializers.ListField(child=serializers.FloatField(allow_null=True))
+
+
 class StatsRowSerializer(serializers.Serializer):
     hour = serializers.DateTimeField()
     scheduler = serializers.CharField()

@@ -148,7 +148,7 @@ def test_dashboard__any_logged_in_user_sees_it(
 
 # --- completeness -------------------------------------------------------------------------------
 
-_ACTIONS = {"stats", "summary"}
+_ACTIONS = {"stats", "summary", "series"}
 
 
 def _template(url: str) -> str:

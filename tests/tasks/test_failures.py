@@ -13,8 +13,8 @@ from django.test import Client
 from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
 
-from tasks import dispatch, execution, housekeeping, selectors, services
-from tasks.models import Scheduler, Task, TaskStatus, Worker
+from tasks import dispatch, execution, housekeeping, selectors, services, stats
+from tasks.models import QueueMinute, Scheduler, Task, TaskStatus, Worker
 from tasks.pull_runner import ApiClient, PullRunner, Work
 from tasks.registry import get_handler
 from tests.tasks.helpers import T0, fresh, pop_one
@@ -111,7 +111,7 @@ def test_pull_runner__reports_the_handlers_traceback_and_is_seen_by_its_name(
 
 
 @pytest.mark.django_db
-def test_hourly_failed_attempts__counts_retried_lost_and_final_not_hand_backs(
+def test_failed_attempts__counts_retried_lost_and_final_not_hand_backs(
     make_scheduler: Any, time_machine: TimeMachineFixture
 ) -> None:
     time_machine.move_to(T0, tick=False)
@@ -129,9 +129,13 @@ def test_hourly_failed_attempts__counts_retried_lost_and_final_not_hand_backs(
     services.task_fail(task_id=task.id, error="three")  # final: DEAD
     assert fresh(task).status == S.DEAD
 
-    counts = selectors.hourly_failed_attempts(hours=3)
-    hour = T0.replace(minute=0)
-    assert counts == {hour: 1, hour + timedelta(hours=1): 2}
+    time_machine.move_to(T0 + timedelta(hours=2), tick=False)
+    stats.queue_stats_rollup(backfill=timedelta(hours=3))
+    per_hour: dict[int, int] = {}
+    for row in QueueMinute.objects.filter(scheduler_id="retry"):
+        hour = (row.minute - stats.epoch_minute(T0.replace(minute=0))) // 60
+        per_hour[hour] = per_hour.get(hour, 0) + row.failed_attempts
+    assert per_hour == {0: 1, 1: 2}
 
 
 @pytest.mark.django_db
@@ -207,13 +211,15 @@ def test_dead_letters__requeue_needs_the_change_permission(make_scheduler: Any) 
 
 
 @pytest.mark.django_db
-def test_dashboard__charts_failed_attempts_beside_failed_and_dead(
-    admin_client: Client, make_scheduler: Any
+def test_series__charts_failed_attempts_beside_failed_and_dead(
+    operator_client: APIClient, make_scheduler: Any, time_machine: TimeMachineFixture
 ) -> None:
+    time_machine.move_to(T0, tick=False)
     make_scheduler("retry", retry_policy="fixed", retry_delay_seconds=0, max_attempts=2)
     task = services.task_push(scheduler_id="retry")
     pop_one("retry")
     services.task_fail(task_id=task.id, error="one")
-    page = admin_client.get("/").content.decode()
-    assert "failed attempts (24 h)<b>1</b>" in page
-    assert " failed attempts: 1</title>" in page
+    time_machine.move_to(T0 + timedelta(minutes=2), tick=False)
+    stats.queue_stats_rollup()
+    body = operator_client.get("/api/tasks/series/?range=24h").json()
+    assert (sum(body["failed_attempts"]), sum(body["failed"]), sum(body["dead"])) == (1, 0, 0)
