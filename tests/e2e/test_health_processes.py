@@ -4,21 +4,16 @@ GET /api/health/ goes from ok to down when the worker stops."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from scheduler_site.health import system_health
 from tasks import selectors
 from tasks.models import Worker, WorkerKind
-from tests.e2e.conftest import CELERY, ROOT, WorkerProcess, _database_url, wait_for
+from tests.e2e.conftest import BeatProcess, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -52,46 +47,6 @@ def test_worker__killed_turns_lost(start_worker: Callable[..., WorkerProcess]) -
     )
     assert lost
     assert _node(worker).stopped_at is None
-
-
-class BeatProcess:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.out = log.open("w")
-        command = [CELERY, "-A", "scheduler_site", "beat", "-l", "INFO", "--pidfile="]
-        command += ["--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"]
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self.out, stderr=subprocess.STDOUT
-        )
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.out.close()
-
-
-@pytest.fixture
-def start_beat(start_worker: Any, tmp_path: Path) -> Iterator[Callable[[], BeatProcess]]:
-    # After start_worker: the same database and broker for both.
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "scheduler_site.settings_test",
-        "DATABASE_URL": _database_url(),
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-        "SCHEDULER_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
-    }
-    started: list[BeatProcess] = []
-
-    def start() -> BeatProcess:
-        started.append(BeatProcess(env, tmp_path / "beat.log"))
-        return started[-1]
-
-    yield start
-    for beat in started:
-        beat.stop()
 
 
 def test_health__ok_with_worker_and_beat_then_down_when_the_worker_stops(
