@@ -12,7 +12,7 @@ from django.utils.html import format_html, format_html_join
 
 from schedules import services, timing
 from schedules.models import Schedule, ScheduleStatus
-from tasks.admin import DataKeySearch, ObjectButtons, run_each, to_the_second
+from tasks.admin import DataKeySearch, ObjectButtons, run_each, status_history, to_the_second
 
 EDITABLE = [
     "hash",
@@ -60,9 +60,14 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
         "created_at",
         "modified_at",
         "recent_tasks",
+        "history",
     ]
     fields = ["scheduler", *EDITABLE, *readonly_fields]
     actions = ["resume_schedules", "pause_schedules", "trigger_schedules"]
+
+    @admin.display(description="status history")
+    def history(self, schedule: Schedule) -> str:
+        return status_history(schedule.events)
 
     class Media:
         # Django's own select2 (the admin's autocomplete widgets use it) makes the time zone

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import uuid
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
 from scheduler_site.api_input import CursorPagination, StrictBodyMixin
 from schedules import services
 from schedules.filters import ScheduleFilter
 from schedules.models import Schedule
 from schedules.serializers import ScheduleSerializer, ScheduleUpdateSerializer
-from tasks.api import UUID_PATTERN
 from tasks.serializers import TaskSerializer
-
-ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
-
-
-def _actor(request: Request) -> str:
-    return getattr(request.user, "username", "") or "anonymous"
 
 
 class ScheduleCursorPagination(CursorPagination):
@@ -52,13 +46,13 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
         data = dict(serializer.validated_data)
         scheduler = data.pop("scheduler")
         serializer.instance = services.schedule_create(
-            scheduler_id=scheduler.id, actor=_actor(self.request), **data
+            scheduler_id=scheduler.id, actor=actor(self.request), **data
         )
 
     def perform_update(self, serializer: ScheduleSerializer) -> None:
         serializer.instance = services.schedule_update(
             schedule_id=serializer.instance.id,
-            actor=_actor(self.request),
+            actor=actor(self.request),
             **serializer.validated_data,
         )
 
@@ -68,13 +62,13 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def pause(self, request: Request, pk: str) -> Response:
-        schedule = services.schedule_pause(schedule_id=self._schedule_id(), actor=_actor(request))
+        schedule = services.schedule_pause(schedule_id=self._schedule_id(), actor=actor(request))
         return Response(ScheduleSerializer(schedule).data)
 
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def resume(self, request: Request, pk: str) -> Response:
-        schedule = services.schedule_resume(schedule_id=self._schedule_id(), actor=_actor(request))
+        schedule = services.schedule_resume(schedule_id=self._schedule_id(), actor=actor(request))
         return Response(ScheduleSerializer(schedule).data)
 
     @extend_schema(
@@ -82,5 +76,5 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     )
     @action(detail=True, methods=["post"], takes_body=False)
     def trigger(self, request: Request, pk: str) -> Response:
-        task = services.schedule_trigger(schedule_id=self._schedule_id(), actor=_actor(request))
+        task = services.schedule_trigger(schedule_id=self._schedule_id(), actor=actor(request))
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)

@@ -12,6 +12,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils.timezone import now as utc_now
 
+from scheduler_site import writers
 from schedules import timing
 from tasks.models import Scheduler
 
@@ -104,6 +105,18 @@ class Schedule(models.Model):
 
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in SCHEDULE_TRANSITIONS.get(self.status, frozenset())
+
+    # The state machine, as Django users reach for it: each delegates to the schedules
+    # services (compare-and-swap plus a ScheduleEvent) and returns the refreshed schedule, or
+    # raises the refusal the API answers with 409.
+    def pause(self, *, actor: str = "") -> Schedule:
+        return writers.call("schedule_pause", schedule_id=self.id, actor=actor)
+
+    def resume(self, *, actor: str = "") -> Schedule:
+        return writers.call("schedule_resume", schedule_id=self.id, actor=actor)
+
+    def finish(self, *, actor: str = "") -> Schedule:
+        return writers.call("schedule_finish", schedule_id=self.id, actor=actor)
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
@@ -199,3 +212,21 @@ class Schedule(models.Model):
             return None if self.end_at and candidate > self.end_at else candidate
         # A cron occurrence exactly at `now` is due now.
         return self.next_occurrence(after=now - timedelta(microseconds=1))
+
+
+class ScheduleEvent(models.Model):
+    """One change of a schedule's status: who, when, from, to, why."""
+
+    schedule = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    at = models.DateTimeField(default=utc_now)
+    actor = models.CharField(max_length=200, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["schedule", "at"], name="schedule_event_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id}: {self.from_status or '-'} -> {self.to_status}"

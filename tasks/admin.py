@@ -12,7 +12,8 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from tasks import selectors, services
@@ -195,16 +196,37 @@ class SchedulerAdmin(admin.ModelAdmin):
         )
 
 
-class TaskEventInline(admin.TabularInline):
-    model = TaskEvent
+class StatusEventInline(admin.TabularInline):
+    """A state machine's history under its object (tasks, pilots: objects the admin only
+    views): read-only, oldest first."""
+
     extra = 0
     can_delete = False
     fields = ["at", "from_status", "to_status", "actor", "note"]
     readonly_fields = fields
     ordering = ["at", "id"]
 
-    def has_add_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+def status_history(events: Any) -> str:
+    """The same history as a read-only field, for objects the admin edits (schedules, CEs):
+    an inline there would add a formset that every save must carry."""
+    rows = format_html_join(
+        "",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (f"{e.at:%Y-%m-%d %H:%M:%S}", e.from_status or "-", e.to_status, e.actor, e.note)
+            for e in events.order_by("-at", "-id")[:50]
+        ),
+    )
+    head = "<tr><th>at (UTC)</th><th>from</th><th>to</th><th>by</th><th>note</th></tr>"
+    return format_html("<table>{}{}</table>", mark_safe(head), rows) if rows else "none yet"
+
+
+class TaskEventInline(StatusEventInline):
+    model = TaskEvent
 
 
 class DeadLetterFilter(admin.SimpleListFilter):

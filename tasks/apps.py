@@ -18,8 +18,17 @@ class TasksConfig(AppConfig):
 
         from django.utils.module_loading import autodiscover_modules
 
-        from tasks import dispatch, workers  # noqa: F401  (workers: its Celery signals)
+        from scheduler_site import writers
+        from tasks import dispatch, services, workers  # noqa: F401  (workers: its Celery signals)
 
         # Every app's `handlers` module registers its handlers by name.
         autodiscover_modules("handlers")
         dispatch.connect()
+        # What the models' state-machine methods (Task.complete(), …) call.
+        writers.register(
+            task_start=services.task_start,
+            task_complete=services.task_complete,
+            task_fail=services.task_fail,
+            task_cancel=services.task_cancel,
+            task_requeue=services.task_requeue,
+        )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -10,6 +14,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+from scheduler_site import writers
 
 POLICIES = (
     "most_overdue_first",
@@ -183,6 +189,56 @@ class Scheduler(models.Model):
             raise ValidationError(errors)
 
 
+# --- one writer of task status -----------------------------------------------------------------
+#
+# Every change of a task's status is a compare-and-swap with its event row, made by the tasks
+# app's writer (tasks.queue, called by tasks.transitions and tasks.reports). An ORM shortcut
+# that writes `status` (`Task.objects.update(status=…)`, `bulk_create`, `bulk_update`) would
+# skip both the transition table and the event: it is refused unless the writer runs it.
+
+_IN_WRITER: contextvars.ContextVar[bool] = contextvars.ContextVar("in_writer", default=False)
+
+
+class StatusWriteRefused(RuntimeError):
+    """A task status written outside the tasks app's writer (a programming error)."""
+
+
+@contextmanager
+def status_writer() -> Iterator[None]:
+    """Marks the writer's own ORM writes of task status (tasks.queue only; and test seeding)."""
+    token = _IN_WRITER.set(True)
+    try:
+        yield
+    finally:
+        _IN_WRITER.reset(token)
+
+
+def _refuse_outside_writer(what: str) -> None:
+    if not _IN_WRITER.get():
+        raise StatusWriteRefused(
+            f"{what} writes task status outside the writer; use tasks.transitions.transition, "
+            "tasks.reports or tasks.queue, which check ALLOWED_TRANSITIONS and write the event."
+        )
+
+
+class TaskQuerySet(models.QuerySet["Task"]):
+    def update(self, **kwargs: Any) -> int:
+        if "status" in kwargs:
+            _refuse_outside_writer("QuerySet.update(status=...)")
+        return super().update(**kwargs)
+
+    def bulk_create(self, objs: Iterable[Task], *args: Any, **kwargs: Any) -> list[Task]:
+        _refuse_outside_writer("bulk_create")
+        return super().bulk_create(objs, *args, **kwargs)
+
+    def bulk_update(
+        self, objs: Iterable[Task], fields: Sequence[str], *args: Any, **kwargs: Any
+    ) -> int:
+        if "status" in fields:
+            _refuse_outside_writer("bulk_update(status)")
+        return super().bulk_update(objs, fields, *args, **kwargs)
+
+
 class Task(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     scheduler = models.ForeignKey(
@@ -220,6 +276,8 @@ class Task(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     modified_at = models.DateTimeField(default=timezone.now)
+
+    objects = TaskQuerySet.as_manager()
 
     class Meta:
         permissions = [
@@ -269,6 +327,32 @@ class Task(models.Model):
 
     def can_transition_to(self, to_status: str) -> bool:
         return is_allowed_transition(self.status, to_status)
+
+    # The state machine, as Django users reach for it. Each method delegates to the one
+    # writer (tasks.reports / tasks.services: compare-and-swap plus a TaskEvent) and returns
+    # the refreshed task, or raises TransitionRefused (the API's 409). A holder passes its
+    # `proof` (tasks.leases.LeaseProof); without one the call is a trusted in-process caller.
+    def start(self, *, actor: str = "", proof: Any = None) -> Task:
+        return self._write("task_start", actor=actor, attempt=self.attempts, proof=proof)
+
+    def complete(self, result: Any = None, *, actor: str = "", proof: Any = None) -> Task:
+        return self._write(
+            "task_complete", result=result, actor=actor, attempt=self.attempts, proof=proof
+        )
+
+    def fail(self, error: str = "", *, actor: str = "", proof: Any = None) -> Task:
+        return self._write(
+            "task_fail", error=error, actor=actor, attempt=self.attempts, proof=proof
+        )
+
+    def cancel(self, *, actor: str = "") -> Task:
+        return self._write("task_cancel", actor=actor)
+
+    def requeue(self, *, actor: str = "") -> Task:
+        return self._write("task_requeue", actor=actor)
+
+    def _write(self, name: str, **kwargs: Any) -> Task:
+        return writers.call(name, task_id=self.id, **kwargs)
 
 
 class TaskEvent(models.Model):

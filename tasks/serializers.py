@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from scheduler_site.api_input import QuerySerializer, StrictTypes
 from tasks import selectors
+from tasks.batches import BATCH_MAX
 from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus, Worker
 
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
@@ -241,6 +242,31 @@ class TaskReportSerializer(StrictTypes):
         help_text="The lease token your pop returned; required from runners (409 if it is not "
         "the task's current one). Operators may omit it: an override, noted in the event.",
     )
+
+
+class BatchReportItemSerializer(TaskReportSerializer):
+    id = serializers.UUIDField()
+
+
+class BatchReportSerializer(StrictTypes):
+    reports = BatchReportItemSerializer(many=True, min_length=1, max_length=BATCH_MAX)
+
+
+class PushOutcomeSerializer(serializers.Serializer):
+    """One item of a batch push's answer: 201 with the task, 409 with the id of the active
+    task that holds the hash, 429 (queue full) or 400 with the item's field errors."""
+
+    status = serializers.IntegerField()
+    task = TaskSerializer(required=False)
+    existing_id = serializers.UUIDField(required=False)
+    errors = serializers.DictField(required=False)
+
+
+class ReportOutcomeSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.IntegerField()
+    task = TaskSerializer(required=False)
+    detail = serializers.CharField(required=False)
 
 
 class HeartbeatSerializer(StrictTypes):
