@@ -209,8 +209,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def pop(self, request: Request, pk: str) -> Response:
         body = PopSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        holder, _host, _pid = workers.runner_identity(request)
-        tasks = services.task_pop(scheduler_id=pk, worker=holder, **body.validated_data)
+        tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body.validated_data)
         workers.runner_seen(request, scheduler_id=pk)
         # The pop's answer is the one place a runner learns its lease tokens.
         return Response({"results": PoppedTaskSerializer(tasks, many=True).data})

@@ -121,7 +121,7 @@ class ApiClient:
     max_retry_seconds: float = 300.0
     max_backoff: float = 10.0
     # Who this runner is, sent with every call: the API's list of workers shows it by name,
-    # host and pid (GET /api/workers/), and tasks it pops are held in that name.
+    # host and pid (GET /api/workers/).
     runner_name: str = ""
     http: httpx.Client = field(init=False, repr=False)
     _backoff: tenacity.wait.wait_base = field(init=False, repr=False)

@@ -132,7 +132,9 @@ def runner_seen(request: Any, *, scheduler_id: str | None = None) -> None:
             host=host,
             pid=pid,
             queues=sorted(queues),
-            tasks_held=selectors.tasks_held_by(name),
+            # A pop holds its tasks in the account's name (the events' actor): runners that
+            # share an account share this count.
+            tasks_held=selectors.tasks_held_by(getattr(request.user, "username", "") or name),
             account=getattr(request.user, "username", ""),
         )
     except Exception:  # the runner's call matters more than its registration

@@ -67,8 +67,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--name",
             default=f"runner-{os.getpid()}",
-            help="This runner's name: it holds the tasks it pops under it, and GET "
-            "/api/workers/ lists it by it (default runner-<pid>).",
+            help="This runner's name, sent with every call: GET /api/workers/ and the "
+            "dashboard list it by it (default runner-<pid>).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
