@@ -40,6 +40,13 @@ def system_jobs() -> list[PeriodicJob]:
             description="Expired leases become failed attempts (retry policy decides).",
         ),
         PeriodicJob(
+            name="scheduler: queue statistics",
+            task="tasks.queue_stats_rollup",
+            every_seconds=60,
+            description="Rolls the last minutes' events up into per-queue, per-minute counts "
+            "and queue-wait histograms (the dashboard's charts).",
+        ),
+        PeriodicJob(
             name="pilots: submit_pilots",
             task="pilots.start_cycle",
             every_seconds=60,

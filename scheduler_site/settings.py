@@ -48,7 +48,7 @@ if not DEBUG and not ALLOWED_HOSTS:
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "scheduler_site.apps.SchedulerAdminConfig",  # django.contrib.admin, our section order
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -132,6 +132,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# The dashboard's own script and style, and uPlot vendored from the npm registry (no CDN).
+STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -203,6 +205,19 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Schedules, prioritised task queues, pilots. See the README for concepts.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Operations tagged by resource (the path's first part after /api/), so Swagger groups
+    # them: schedulers, tasks, schedules, vos, compute-elements, pilots, workers, health.
+    "SCHEMA_PATH_PREFIX": r"/api/",
+    "TAGS": [
+        {"name": "schedulers", "description": "Queues: create, pause, push, pop."},
+        {"name": "tasks", "description": "Tasks: reports, heartbeats, cancel, requeue, charts."},
+        {"name": "schedules", "description": "Schedules: cron, interval or one-off templates."},
+        {"name": "vos", "description": "Virtual organisations (pilots)."},
+        {"name": "compute-elements", "description": "Compute Elements: drain, ban, submit."},
+        {"name": "pilots", "description": "Pilot submissions and their summary."},
+        {"name": "workers", "description": "Celery workers, pull runners and beat."},
+        {"name": "health", "description": "Each component ok, degraded or down."},
+    ],
     "COMPONENT_SPLIT_REQUEST": True,
     "SERVE_PERMISSIONS": ["scheduler_site.permissions.Authenticated"],
     # Served from the installed sidecar package: the docs work with no internet.
@@ -216,6 +231,9 @@ SPECTACULAR_SETTINGS = {
         "ScheduleStatusEnum": "schedules.models.ScheduleStatus",
         "ComputeElementStatusEnum": "pilots.models.CEStatus",
         "PilotStatusEnum": "pilots.models.PilotStatus",
+        "SchedulerKindEnum": "tasks.models.SchedulerKind",
+        "WorkerKindEnum": "tasks.models.WorkerKind",
+        "HealthStatusEnum": ["ok", "degraded", "down"],
     },
 }
 
@@ -236,6 +254,10 @@ DISPATCH_INTERVAL_SECONDS = env_int("DISPATCH_INTERVAL_SECONDS", 2, minimum=1)
 # A worker extends a running task's lease (and its locks) by 3x this, every this many seconds:
 # a killed worker's task is reaped within about 3x this plus the reaper's interval.
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
+# A pull runner counts as live this long after its last call (it idles in long-poll pops and
+# between polls); its calls are recorded at most once per RUNNER_SEEN_WRITE_SECONDS each.
+RUNNER_LOST_AFTER_SECONDS = env_int("RUNNER_LOST_AFTER_SECONDS", 90, minimum=1)
+RUNNER_SEEN_WRITE_SECONDS = 5
 # A task whose lock is held waits 0.5 s, then twice as long each time, up to this.
 LOCK_WAIT_MAX_SECONDS = env_int("LOCK_WAIT_MAX_SECONDS", 10, minimum=1)
 # Pilots: a pilot with no news from its CE for this long is FAILED ("lost").

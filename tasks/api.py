@@ -26,10 +26,10 @@ from scheduler_site.permissions import (
     TaskScopePermission,
     queue_scope,
 )
-from tasks import batches, selectors, services
-from tasks.filters import TaskFilter
+from tasks import batches, selectors, services, workers
+from tasks.filters import TaskFilter, WorkerFilter
 from tasks.leases import LeaseProof
-from tasks.models import Scheduler, Task
+from tasks.models import Scheduler, Task, Worker
 from tasks.serializers import (
     BatchReportSerializer,
     HeartbeatSerializer,
@@ -40,12 +40,15 @@ from tasks.serializers import (
     ReportOutcomeSerializer,
     SchedulerSerializer,
     SchedulerUpdateSerializer,
+    SeriesQuerySerializer,
+    SeriesSerializer,
     StatsQuerySerializer,
     StatsRowSerializer,
     TaskEventSerializer,
     TaskPushSerializer,
     TaskReportSerializer,
     TaskSerializer,
+    WorkerSerializer,
 )
 
 POP_RESPONSE = inline_serializer("PopResponse", {"results": PoppedTaskSerializer(many=True)})
@@ -59,8 +62,12 @@ def _is_operator(request: Request) -> bool:
 
 def _proof(request: Request, body: dict[str, Any]) -> LeaseProof:
     """The caller's claim to a task's lease: the token in the body (taken out of it), or, for
-    an operator, none at all (an override the event records)."""
-    return LeaseProof(token=body.pop("lease_token", None), operator=_is_operator(request))
+    an operator, none at all (an override the event records). A holder's call is also how its
+    runner is seen alive (GET /api/workers/)."""
+    token = body.pop("lease_token", None)
+    if token:
+        workers.runner_seen(request)
+    return LeaseProof(token=token, operator=_is_operator(request))
 
 
 def _push_result(outcome: batches.PushOutcome) -> dict[str, Any]:
@@ -209,6 +216,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
         body = PopSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body.validated_data)
+        workers.runner_seen(request, scheduler_id=pk)
         # The pop's answer is the one place a runner learns its lease tokens.
         return Response({"results": PoppedTaskSerializer(tasks, many=True).data})
 
@@ -234,6 +242,7 @@ class TaskViewSet(
         "requeue": ["tasks.change_task"],
         "events": ["tasks.view_task"],
         "stats": ["tasks.view_task"],
+        "series": ["tasks.view_task"],
     }
 
     def get_queryset(self) -> Any:
@@ -278,6 +287,7 @@ class TaskViewSet(
     def report(self, request: Request) -> Response:
         body = BatchReportSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        workers.runner_seen(request)
         outcomes = batches.tasks_report_many(
             reports=body.validated_data["reports"],
             actor=actor(request),
@@ -343,3 +353,27 @@ class TaskViewSet(
         query.is_valid(raise_exception=True)
         rows = selectors.hourly_stats(queues=queue_scope(request), **query.validated_data)
         return Response({"results": StatsRowSerializer(rows, many=True).data})
+
+    @extend_schema(
+        parameters=[SeriesQuerySerializer], responses={200: SeriesSerializer, 400: ERROR}
+    )
+    @action(detail=False, methods=["get"], pagination_class=None, filterset_class=None)
+    def series(self, request: Request) -> Response:
+        """Throughput and queue wait (p50/p95) over a range, per point, for one queue or all:
+        what the dashboard charts. Read from the per-minute rollup (a minute or so behind)."""
+        query = SeriesQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        data = selectors.queue_series(queues=queue_scope(request), **query.validated_data)
+        return Response(SeriesSerializer(data).data)
+
+
+class WorkerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Celery workers, pull runners and beat as they last reported themselves (live, stopped
+    or lost), with the queues they serve and the tasks they hold."""
+
+    queryset = Worker.objects.all()
+    serializer_class = WorkerSerializer
+    filterset_class = WorkerFilter
+
+    def get_queryset(self) -> Any:
+        return selectors.worker_list()

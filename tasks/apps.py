@@ -20,8 +20,9 @@ class TasksConfig(AppConfig):
 
         from scheduler_site import writers
 
-        # Imported for what they register: the `celery:` resolver, the Django Tasks handler.
-        from tasks import celery_handlers, dispatch, django_tasks, services  # noqa: F401
+        # Imported for what they register: the `celery:` resolver, the Django Tasks handler,
+        # the worker registry's Celery signals.
+        from tasks import celery_handlers, dispatch, django_tasks, services, workers  # noqa: F401
 
         # Every app's `handlers` module registers its handlers by name; `celery:<task name>`
         # names resolve to the Celery app's tasks (tasks.celery_handlers); `django_tasks.call`

@@ -176,6 +176,7 @@ def _report_one(
             status=report["status"],
             result=report.get("result"),
             error=report.get("error", ""),
+            traceback=report.get("traceback", ""),
             actor=actor,
             attempt=report.get("attempt"),
             proof=proof,

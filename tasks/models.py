@@ -259,7 +259,10 @@ class Task(models.Model):
     hash = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     data = models.JSONField(default=dict, blank=True)
     result = models.JSONField(null=True, blank=True)
-    error = models.TextField(blank=True)
+    error = models.TextField(blank=True, help_text="The last failure, in one line.")
+    traceback = models.TextField(
+        blank=True, help_text="The last failed attempt's full traceback (handler failures)."
+    )
     attempts = models.PositiveIntegerField(default=0)
     not_before = models.DateTimeField(default=timezone.now)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
@@ -410,3 +413,75 @@ class RunnerGrant(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} may use {self.scheduler_id}"
+
+
+class WorkerKind(models.TextChoices):
+    CELERY = "celery", "Celery worker"
+    RUNNER = "runner", "pull runner"
+    BEAT = "beat", "Celery beat"
+
+
+class Worker(models.Model):
+    """A process that does the queue's work, as it last reported itself (DESIGN 9.6): a Celery
+    worker node (its timer beats every WORKER_HEARTBEAT_SECONDS), a pull runner (seen when its
+    calls reach the API) or beat (seen when it sends a periodic job). Live when seen lately and
+    not stopped; rows long unseen are forgotten."""
+
+    kind = models.CharField(max_length=16, choices=WorkerKind.choices)
+    name = models.CharField(max_length=200, help_text="Celery's node name, or the runner's.")
+    host = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    # Celery workers: the Celery queues they consume; runners: the schedulers they pop from.
+    queues = models.JSONField(default=list, blank=True)
+    account = models.CharField(max_length=150, blank=True, help_text="A runner's API account.")
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="Shut down cleanly.")
+    tasks_held = models.PositiveIntegerField(
+        default=0, help_text="Leased tasks it held when last seen."
+    )
+
+    class Meta:
+        ordering = ["kind", "name"]
+        constraints = [models.UniqueConstraint(fields=["kind", "name"], name="worker_kind_name")]
+        indexes = [models.Index(fields=["kind", "last_seen_at"], name="worker_seen_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+# Upper bounds (seconds) of the queue-wait histogram buckets of QueueMinute; one more bucket
+# holds everything above the last.
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class QueueMinute(models.Model):
+    """One queue's work in one minute, rolled up from the event history by a periodic job,
+    so that charts over a day or a week read at most a row per queue and minute instead of
+    every event. Queue wait (due -> handed to its holder) is a histogram: percentiles of any
+    range are read from the summed buckets."""
+
+    scheduler_id = models.CharField(max_length=64)
+    minute = models.BigIntegerField(help_text="Minutes since the Unix epoch (UTC).")
+    started = models.PositiveIntegerField(default=0)
+    completed = models.PositiveIntegerField(default=0)
+    failed_attempts = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    dead = models.PositiveIntegerField(default=0)
+    wait_sum = models.FloatField(default=0.0)
+    # wait_0 .. wait_13 (added below): counts per WAIT_BUCKETS bucket, the last one above
+    # 3600 s. Columns, not a JSON list, so that a range's buckets are summed in SQL.
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["scheduler_id", "minute"], name="queue_minute_uniq")
+        ]
+        indexes = [models.Index(fields=["minute"], name="queue_minute_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.scheduler_id} @ {self.minute}"
+
+
+WAIT_COLUMNS = [f"wait_{index}" for index in range(len(WAIT_BUCKETS) + 1)]
+for _column in WAIT_COLUMNS:
+    QueueMinute.add_to_class(_column, models.PositiveIntegerField(default=0))

@@ -13,9 +13,11 @@ import email.utils
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,13 +120,23 @@ class ApiClient:
     timeout: float = 30.0
     max_retry_seconds: float = 300.0
     max_backoff: float = 10.0
+    # Who this runner is, sent with every call: the API's list of workers shows it by name,
+    # host and pid (GET /api/workers/).
+    runner_name: str = ""
     http: httpx.Client = field(init=False, repr=False)
     _backoff: tenacity.wait.wait_base = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json"}
+        if self.runner_name:
+            headers |= {
+                "X-Runner-Name": self.runner_name,
+                "X-Runner-Host": socket.gethostname(),
+                "X-Runner-Pid": str(os.getpid()),
+            }
         self.http = httpx.Client(
             base_url=self.base_url.rstrip("/"),
-            headers={"Authorization": f"Token {self.token}", "Accept": "application/json"},
+            headers=headers,
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
         )
         # 0.5 s doubling up to max_backoff, plus up to 1 s at random so that runners cut off
@@ -404,6 +416,7 @@ class PullRunner:
             outcome["result"] = self.work.run(task, cancelled.is_set)
         except Exception as exc:
             outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["traceback"] = traceback.format_exc()
 
     def _heartbeat(self, lease: Lease, cancelled: threading.Event) -> None:
         while not cancelled.wait(self.heartbeat_seconds):
@@ -425,7 +438,11 @@ class PullRunner:
 
     def _report(self, lease: Lease, outcome: dict[str, Any]) -> str:
         if "error" in outcome:
-            body = lease.body(status="FAILED", error=outcome["error"][:10000])
+            body = lease.body(
+                status="FAILED",
+                error=outcome["error"][:10000],
+                traceback=outcome.get("traceback", "")[-64000:],
+            )
         else:
             body = lease.body(status="COMPLETED", result=outcome.get("result"))
         try:

@@ -8,8 +8,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduler_site.api_input import QuerySerializer, StrictTypes
+from tasks import selectors
 from tasks.batches import BATCH_MAX
-from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus, Worker
 
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
 _SCALAR = (str, int, float, bool)
@@ -123,6 +124,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "data",
             "result",
             "error",
+            "traceback",
             "attempts",
             "not_before",
             "lease_expires_at",
@@ -226,6 +228,16 @@ class TaskReportSerializer(StrictTypes):
     error = serializers.CharField(
         required=False, allow_blank=True, default="", max_length=10000, validators=[reject_nul]
     )
+    traceback = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=64000,
+        trim_whitespace=False,
+        validators=[reject_nul],
+        help_text="With FAILED: the failure's full traceback or log tail (error is its one-line "
+        "summary).",
+    )
     attempt = serializers.IntegerField(
         required=False,
         min_value=1,
@@ -318,8 +330,60 @@ class StatsQuerySerializer(QuerySerializer):
     hours = serializers.IntegerField(required=False, default=24, min_value=1, max_value=24 * 31)
 
 
+class SeriesQuerySerializer(QuerySerializer):
+    range = serializers.ChoiceField(
+        choices=list(selectors.RANGES),
+        required=False,
+        default="1h",
+        source="range_name",
+        help_text="1h (a point per minute), 24h (per 15 minutes) or 7d (per hour).",
+    )
+    scheduler = serializers.CharField(
+        required=False, max_length=64, source="scheduler_id", trim_whitespace=False
+    )
+
+
+class SeriesSerializer(serializers.Serializer):
+    range = serializers.CharField()
+    step_seconds = serializers.IntegerField()
+    t = serializers.ListField(child=serializers.IntegerField(), help_text="Unix seconds.")
+    started = serializers.ListField(child=serializers.IntegerField())
+    completed = serializers.ListField(child=serializers.IntegerField())
+    failed_attempts = serializers.ListField(child=serializers.IntegerField())
+    failed = serializers.ListField(child=serializers.IntegerField())
+    dead = serializers.ListField(child=serializers.IntegerField())
+    wait_p50 = serializers.ListField(child=serializers.FloatField(allow_null=True))
+    wait_p95 = serializers.ListField(child=serializers.FloatField(allow_null=True))
+
+
 class StatsRowSerializer(serializers.Serializer):
     hour = serializers.DateTimeField()
     scheduler = serializers.CharField()
     status = serializers.CharField()
     count = serializers.IntegerField()
+
+
+class WorkerSerializer(serializers.ModelSerializer):
+    state = serializers.SerializerMethodField(
+        help_text="live, stopped (shut down cleanly) or lost (not seen lately)."
+    )
+
+    class Meta:
+        model = Worker
+        fields = [
+            "name",
+            "kind",
+            "host",
+            "pid",
+            "queues",
+            "account",
+            "state",
+            "started_at",
+            "last_seen_at",
+            "stopped_at",
+            "tasks_held",
+        ]
+        read_only_fields = fields
+
+    def get_state(self, worker: Worker) -> str:
+        return selectors.worker_state(worker)

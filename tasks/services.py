@@ -18,7 +18,13 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from tasks import queue, wakeups
-from tasks.exceptions import DuplicateTask, InvalidRequest, QueueFull, TransitionRefused
+from tasks.exceptions import (
+    DuplicateTask,
+    InvalidRequest,
+    QueueError,
+    QueueFull,
+    TransitionRefused,
+)
 from tasks.metrics import POP_SECONDS
 from tasks.models import (
     LEASED_STATUSES,
@@ -308,6 +314,7 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
         "cancel_requested_at": None,
         "worker": "",
         "error": "",
+        "traceback": "",
         "result": None,
     }
     try:
@@ -319,3 +326,22 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
         raise _duplicate_of(task.scheduler_id, task.hash) from None
     notify_queued(task.scheduler)
     return updated
+
+
+def tasks_requeue_dead(
+    *, scheduler_id: str, error: str | None = None, actor: str = "", limit: int = 1000
+) -> tuple[int, list[str]]:
+    """Requeue up to `limit` DEAD tasks of a queue (oldest first), only those whose `error` is
+    exactly `error` when given: the dead-letter page's "requeue these". Returns how many were
+    requeued and why the others were refused (a duplicate hash already active, …)."""
+    dead = Task.objects.filter(scheduler_id=scheduler_id, status=TaskStatus.DEAD)
+    if error is not None:
+        dead = dead.filter(error=error)
+    done, refused = 0, []
+    for task_id in dead.order_by("modified_at", "id").values_list("id", flat=True)[:limit]:
+        try:
+            task_requeue(task_id=task_id, actor=actor, note="requeued from the dead letters")
+            done += 1
+        except QueueError as exc:
+            refused.append(exc.message)
+    return done, refused

@@ -128,6 +128,52 @@ def start_worker(transactional_db: None, broker_url: str) -> Iterator[Callable[.
     _purge(broker_url)
 
 
+class BeatProcess:
+    """A real `celery beat` process, its output in a log file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.out = log.open("w")
+        command = [CELERY, "-A", "scheduler_site", "beat", "-l", "INFO", "--pidfile="]
+        command += ["--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self.out, stderr=subprocess.STDOUT
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.out.close()
+
+
+@pytest.fixture
+def start_beat(
+    start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> Iterator[Callable[[], BeatProcess]]:
+    """Start a real `celery beat` (django-celery-beat's DatabaseScheduler) on the test
+    database and broker; stopped after."""
+    # After start_worker: the same database and broker for both.
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "scheduler_site.settings_test",
+        "DATABASE_URL": _database_url(),
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+        "SCHEDULER_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
+    }
+    started: list[BeatProcess] = []
+
+    def start() -> BeatProcess:
+        started.append(BeatProcess(env, tmp_path / "beat.log"))
+        return started[-1]
+
+    yield start
+    for beat in started:
+        beat.stop()
+
+
 def _purge(broker_url: str) -> None:
     from scheduler_site.celery import app
 

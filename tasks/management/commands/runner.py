@@ -77,7 +77,12 @@ class Command(BaseCommand):
             help="Seconds to wait for one answer before retrying (default 30).",
         )
         parser.add_argument("--max-tasks", type=int, help="Exit after this many tasks.")
-        parser.add_argument("--name", default=f"runner-{os.getpid()}")
+        parser.add_argument(
+            "--name",
+            default=f"runner-{os.getpid()}",
+            help="This runner's name, sent with every call: GET /api/workers/ and the "
+            "dashboard list it by it (default runner-<pid>).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["token"]:
@@ -90,6 +95,7 @@ class Command(BaseCommand):
             options["token"],
             timeout=options["timeout"],
             max_retry_seconds=options["max_retry_seconds"],
+            runner_name=options["name"],
         )
         with client:
             runner = PullRunner(
