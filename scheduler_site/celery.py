@@ -9,6 +9,8 @@ from celery import Celery
 from celery.signals import task_prerun
 from kombu.transport import TRANSPORT_ALIASES
 
+from scheduler_site import worker_queues
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
 
 # `filesystem://` means our atomic-put variant of kombu's transport (see kombu_filesystem).
@@ -17,6 +19,7 @@ TRANSPORT_ALIASES["filesystem"] = "scheduler_site.kombu_filesystem:Transport"
 app = Celery("scheduler_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(related_name="jobs")
+worker_queues.install(app)
 
 
 @app.on_after_configure.connect

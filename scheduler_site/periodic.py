@@ -1,5 +1,6 @@
 """The system's own periodic jobs. `manage.py setup_periodic_tasks` writes them as
-django-celery-beat PeriodicTask rows; beat's DatabaseScheduler reads them from the database."""
+django-celery-beat PeriodicTask rows; beat's DatabaseScheduler reads them from the database.
+They run on the system queue (CELERY_SYSTEM_QUEUE), away from the handlers' queues."""
 
 from __future__ import annotations
 
@@ -17,6 +18,27 @@ class PeriodicJob:
     crontab: str | None = None  # 5 fields, UTC
     kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+
+
+# The Celery task names of the system's jobs: routed to the system queue however they are sent
+# (by beat, whose rows also name the queue, or by hand).
+SYSTEM_TASKS = frozenset(
+    {
+        "schedules.orchestrate",
+        "tasks.dispatch",
+        "tasks.reap_expired_leases",
+        "tasks.prune_finished_tasks",
+        "pilots.start_cycle",
+    }
+)
+
+
+def route_system_jobs(name: str, *_: Any, **__: Any) -> dict[str, str] | None:
+    """A Celery router (CELERY_TASK_ROUTES): the system's jobs go to the system queue; all
+    else keeps its explicit queue (a scheduler's `celery_queue`) or Celery's default."""
+    if name in SYSTEM_TASKS:
+        return {"queue": settings.CELERY_SYSTEM_QUEUE}
+    return None
 
 
 def system_jobs() -> list[PeriodicJob]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Exchange, Queue
 
 from scheduler_site.databases import database_from_url
 from scheduler_site.env import env_bool, env_commands, env_int, env_list, env_rate, env_str
@@ -210,6 +212,23 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Queues. Celery's default queue ("celery", tasks.models.DEFAULT_CELERY_QUEUE) is where every
+# celery-kind scheduler sends unless its `celery_queue` says otherwise; the system's own
+# periodic jobs (tick, dispatcher, reaper, pruning, pilot cycles) have a queue of their own, so
+# a backlog of handlers never delays them. A worker started without -Q consumes both.
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_SYSTEM_QUEUE = env_str("CELERY_SYSTEM_QUEUE", "system")
+if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", CELERY_SYSTEM_QUEUE):
+    raise ImproperlyConfigured(
+        "CELERY_SYSTEM_QUEUE must be 1-100 letters, digits, '-', '_', '.' or ':'."
+    )
+# Each queue with a direct exchange of its own name: what Celery declares for a queue it
+# creates on demand (a scheduler's celery_queue, a worker's -Q), so all declarations agree.
+CELERY_TASK_QUEUES = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name)
+    for name in dict.fromkeys([CELERY_TASK_DEFAULT_QUEUE, CELERY_SYSTEM_QUEUE])
+)
+CELERY_TASK_ROUTES = ("scheduler_site.periodic.route_system_jobs",)
 # Celery's Django fixup closes the database connection around every task unless this is set:
 # a new PostgreSQL backend per task, half the CPU of a no-op task. Keep connections; the
 # task_prerun hook in scheduler_site.celery still drops old or failed ones.

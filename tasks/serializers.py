@@ -54,6 +54,7 @@ class SchedulerSerializer(StrictTypes, serializers.ModelSerializer):
             "kind",
             "description",
             "handler",
+            "celery_queue",
             "paused",
             "max_queue_size",
             "dispatch_threshold",

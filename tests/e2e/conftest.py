@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,28 +50,28 @@ def broker_url() -> str:
 
 
 class WorkerProcess:
-    def __init__(self, name: str, env: dict[str, str], pool: str, concurrency: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        pool: str,
+        concurrency: int,
+        *,
+        queues: Sequence[str] = (),
+        options: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.lines: list[str] = []
         self.ready = threading.Event()
+        command = [
+            CELERY, "-A", "scheduler_site", "worker", "-l", "INFO", "-n", f"{name}@%h",
+            "--pool", pool, "--concurrency", str(concurrency),
+            "--without-gossip", "--without-mingle", "--without-heartbeat", *options,
+        ]  # fmt: skip
+        if queues:  # a dedicated pool: only these Celery queues (without -Q: default + system)
+            command += ["-Q", ",".join(queues)]
         self.process = subprocess.Popen(
-            [
-                CELERY,
-                "-A",
-                "scheduler_site",
-                "worker",
-                "-l",
-                "INFO",
-                "-n",
-                f"{name}@%h",
-                "--pool",
-                pool,
-                "--concurrency",
-                str(concurrency),
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+            command,
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -116,8 +116,17 @@ def start_worker(transactional_db: None, broker_url: str) -> Iterator[Callable[.
     }
     started: list[WorkerProcess] = []
 
-    def start(name: str = "w1", *, pool: str = "solo", concurrency: int = 1) -> WorkerProcess:
-        worker = WorkerProcess(f"{name}-{os.getpid()}", env, pool, concurrency)
+    def start(
+        name: str = "w1",
+        *,
+        pool: str = "solo",
+        concurrency: int = 1,
+        queues: Sequence[str] = (),
+        options: Sequence[str] = (),
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            f"{name}-{os.getpid()}", env, pool, concurrency, queues=queues, options=options
+        )
         started.append(worker)
         return worker
 

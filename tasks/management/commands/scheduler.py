@@ -12,6 +12,7 @@ SETTABLE = {
     "kind": str,
     "description": str,
     "handler": str,
+    "celery_queue": str,
     "max_queue_size": int,
     "dispatch_threshold": int,
     "lease_seconds": int,
