@@ -9,7 +9,7 @@ MANAGE := $(BIN)/python manage.py
 RUN_ENV := DEBUG=$${DEBUG:-1}
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
-.PHONY: run test lint test-sqlite test-postgres bench bench-pop bench-tick bench-worker install migrate clean
+.PHONY: run test lint test-sqlite test-postgres test-rabbitmq bench bench-pop bench-tick bench-worker install migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,14 @@ test-postgres: install
 	scripts/with-postgres.sh $(PG_FLAGS) --tuned -- \
 	  scripts/with-redis.sh $(PG_FLAGS) -- $(BIN)/pytest -q -p no:cacheprovider
 
-test: lint test-sqlite test-postgres
+# The third leg: only the end-to-end worker tests, on PostgreSQL + RabbitMQ (the rest of the
+# suite does not touch the broker, and runs in the two legs above).
+test-rabbitmq: install
+	scripts/with-postgres.sh $(PG_FLAGS) --tuned -- \
+	  scripts/with-rabbitmq.sh $(PG_FLAGS) -- \
+	  $(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_worker.py tests/e2e/test_queues.py
+
+test: lint test-sqlite test-postgres test-rabbitmq
 
 bench: bench-pop bench-tick bench-worker
 

@@ -39,9 +39,10 @@ def _database_url() -> str:
 @pytest.fixture
 def broker_url() -> str:
     url = settings.CELERY_BROKER_URL
-    if connection.vendor == "postgresql" and not url.startswith("redis"):
+    if connection.vendor == "postgresql" and not url.startswith(("redis", "amqp")):
         message = (
-            "the PostgreSQL leg runs its workers on Redis: start it with scripts/with-redis.sh"
+            "the PostgreSQL legs run their workers on Redis or RabbitMQ: start one with "
+            "scripts/with-redis.sh or scripts/with-rabbitmq.sh"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
@@ -246,6 +247,23 @@ def start_server(transactional_db: None, tmp_path: Path) -> Iterator[Callable[[]
     for server in started:
         if server.running():
             server.kill(signal.SIGTERM)
+
+
+def restart_broker(url: str, *, down_seconds: float = 2.0) -> None:
+    """Crash the test run's broker and start it again on the same port: Redis (no
+    persistence: every message in it is lost) or RabbitMQ (its Erlang VM SIGKILLed; durable
+    messages may survive, duplicates are harmless)."""
+    if url.startswith("redis"):
+        restart_redis(url, down_seconds=down_seconds)
+        return
+    if not url.startswith("amqp"):
+        raise AssertionError(f"no server to restart behind {url.split(':')[0]}://")
+    subprocess.run(
+        [str(ROOT / "scripts" / "with-rabbitmq.sh"), "--restart", os.environ["TEST_RABBITMQ_DIR"],
+         str(down_seconds)],
+        check=True,
+        timeout=120,
+    )  # fmt: skip
 
 
 def restart_redis(url: str, *, down_seconds: float = 2.0) -> None:
