@@ -211,7 +211,10 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler behind a database lease: beat may run on every host,
+# one sends at a time, another takes over within about 1.3 leases when it dies.
+CELERY_BEAT_SCHEDULER = "scheduler_site.beat:LeasedDatabaseScheduler"
+BEAT_LEASE_SECONDS = env_int("BEAT_LEASE_SECONDS", 15, minimum=3)
 # Queues. Celery's default queue ("celery", tasks.models.DEFAULT_CELERY_QUEUE) is where every
 # celery-kind scheduler sends unless its `celery_queue` says otherwise; the system's own
 # periodic jobs (tick, dispatcher, reaper, pruning, pilot cycles) have a queue of their own, so

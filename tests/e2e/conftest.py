@@ -138,6 +138,73 @@ def start_worker(transactional_db: None, broker_url: str) -> Iterator[Callable[.
     _purge(broker_url)
 
 
+class BeatProcess:
+    """A real `celery beat` with the leased scheduler; each output line kept with the
+    monotonic time it arrived."""
+
+    def __init__(self, name: str, env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.lines: list[tuple[float, str]] = []
+        command = [
+            CELERY, "-A", "scheduler_site", "beat", "-l", "INFO", "--pidfile=",
+            "-s", str(workdir / f"{name}-schedule"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip()))
+
+    def times(self, text: str) -> list[float]:
+        return [at for at, line in list(self.lines) if text in line]
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture
+def start_beat(
+    transactional_db: None, broker_url: str, tmp_path: Path
+) -> Iterator[Callable[..., BeatProcess]]:
+    """Start real beat processes against the test database and broker (stopped after)."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "scheduler_site.settings_test",
+        "DATABASE_URL": _database_url(),
+        "CELERY_BROKER_URL": broker_url,
+        "SCHEDULER_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
+    }
+    started: list[BeatProcess] = []
+
+    def start(name: str, **environ: str) -> BeatProcess:
+        beat = BeatProcess(name, {**env, **environ}, tmp_path)
+        started.append(beat)
+        return beat
+
+    yield start
+    for beat in started:
+        beat.stop()
+
+
 def _purge(broker_url: str) -> None:
     from scheduler_site.celery import app
 
