@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MANAGE := $(BIN)/python manage.py
-# make run is a local demo: DEBUG on (so no SECRET_KEY is needed) unless the caller set it.
-RUN_ENV := DEBUG=$${DEBUG:-1}
+# make run is a local demo: its settings come from .env (DEBUG=1 and a SECRET_KEY generated
+# once, git-ignored, mode 0600), which the settings read for every manage.py command and
+# process; variables set in the real environment win.
+ENV_FILE := .env
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
 .PHONY: run test lint test-sqlite test-postgres test-rabbitmq bench bench-pop bench-tick bench-worker install migrate clean
@@ -19,18 +21,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-migrate: install
+# Order-only on the install: a reinstall must not replace the key (it would end every session).
+$(ENV_FILE): | $(STAMP)
+	$(BIN)/python -m scheduler_site.env $(ENV_FILE)
+
+migrate: install $(ENV_FILE)
 	mkdir -p var
-	$(RUN_ENV) $(MANAGE) migrate --no-input
-	$(RUN_ENV) $(MANAGE) create_api_user operator --role operator --operator-login --quiet-if-exists
-	$(RUN_ENV) $(MANAGE) setup_periodic_tasks
-	$(RUN_ENV) $(MANAGE) setup_demo
+	$(MANAGE) migrate --no-input
+	$(MANAGE) create_api_user operator --role operator --operator-login --quiet-if-exists
+	$(MANAGE) setup_periodic_tasks
+	$(MANAGE) setup_demo
 
 # Web, a Celery worker, beat (the clock) and a demo pull runner, on SQLite and the filesystem
 # broker: no server to install.
 run: migrate
 	@echo "Web: http://127.0.0.1:8000/  (admin at /admin/, API at /api/, docs at /api/docs/)"
-	$(RUN_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	@# -e /dev/null: the processes read .env through the settings, where the real environment
+	@# wins; honcho's own loading of .env would put the file over it.
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -e /dev/null -f Procfile
 
 lint: install
 	$(BIN)/ruff check .

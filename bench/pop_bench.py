@@ -238,14 +238,13 @@ def server_version() -> str:
 
 def create_runner_token() -> str:
     from django.contrib.auth.models import Group, User
-    from rest_framework.authtoken.models import Token
 
+    from tasks import accounts
     from tasks.roles import RUNNERS
 
     user, _created = User.objects.get_or_create(username=RUNNER)
     user.groups.add(Group.objects.get(name=RUNNERS))
-    token, _created = Token.objects.get_or_create(user=user)
-    return str(token.key)
+    return accounts.token_create(user=user)[1]
 
 
 # --- one cell: N processes popping -----------------------------------------------------------

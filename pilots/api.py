@@ -29,6 +29,7 @@ from pilots.serializers import (
     SummarySerializer,
     VOSerializer,
 )
+from scheduler_site.api_input import StrictBodyMixin
 
 ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
@@ -56,7 +57,7 @@ class VOViewSet(
     partial_update=extend_schema(request=ComputeElementUpdateSerializer),
     destroy=extend_schema(responses={204: None, 409: ERROR}),  # pilots on record
 )
-class ComputeElementViewSet(viewsets.ModelViewSet):
+class ComputeElementViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     queryset = ComputeElement.objects.prefetch_related("vos")
     serializer_class = ComputeElementSerializer
     # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
@@ -91,17 +92,17 @@ class ComputeElementViewSet(viewsets.ModelViewSet):
         return Response(self.get_serializer(ce).data)
 
     @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def drain(self, request: Request, name: str) -> Response:
         return self._set_status(request, name, CEStatus.DRAINING)
 
     @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def ban(self, request: Request, name: str) -> Response:
         return self._set_status(request, name, CEStatus.BANNED)
 
     @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def activate(self, request: Request, name: str) -> Response:
         return self._set_status(request, name, CEStatus.ACTIVE)
 

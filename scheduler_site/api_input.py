@@ -21,13 +21,51 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
 from django_filters import utils as filter_utils
 from django_filters.rest_framework import DjangoFilterBackend
-from rest_framework import pagination, serializers
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework import pagination, parsers, serializers
+from rest_framework.exceptions import NotFound, ParseError, ValidationError
 from rest_framework.request import Request
+from rest_framework.settings import api_settings
 
 _DIGITS = re.compile(r"[0-9]{1,10}")
 MAX_OFFSET = 2**31 - 1
 EMPTY_MESSAGE = "Must not be empty; leave the parameter out instead."
+MAX_JSON_DEPTH = 64
+TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels."
+
+
+def json_depth(value: Any, *, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply objects and lists nest in `value` (a scalar 0, `{}` 1, `{"a": []}` 2),
+    counted without recursion; stops counting once past `limit`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > limit:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+class JSONParser(parsers.JSONParser):
+    """DRF's JSON parser, refusing a body nested deeper than MAX_JSON_DEPTH. Python's decoder
+    recurses: about 950 levels raised RecursionError, a 500. Deep but decodable bodies are
+    refused too, so that no serializer, JSON field or database ever sees one."""
+
+    def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError(TOO_DEEP) from None
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise ParseError(TOO_DEEP)
+        return data
 
 
 def query_int(
@@ -114,12 +152,37 @@ def refuse_empty(query: Any, names: Any) -> None:
         raise ValidationError({name: [EMPTY_MESSAGE] for name in empty})
 
 
+def refuse_unknown(query: Any, known: Any) -> None:
+    """400 naming each parameter of the query string that is not in `known`: ignored, it
+    would silently widen the answer (`/api/tasks/?scheduler_id=x` listed every task)."""
+    # `format` is DRF's content negotiation's (URL_FORMAT_OVERRIDE), known on every endpoint.
+    unknown = sorted(set(query) - set(known) - {api_settings.URL_FORMAT_OVERRIDE})
+    if unknown:
+        listed = ", ".join(sorted(known)) or "none but format"
+        message = f"Unknown parameter; known here: {listed}."
+        raise ValidationError({name: [message] for name in unknown})
+
+
+def paging_parameters(paginator: Any) -> set[str]:
+    """The query parameters of a paginator, whichever scheme it pages with."""
+    names = ("limit_query_param", "offset_query_param", "cursor_query_param")
+    names += ("page_size_query_param", "page_query_param")
+    return {getattr(paginator, name) for name in names if getattr(paginator, name, None)}
+
+
 class FilterBackend(DjangoFilterBackend):
-    """django-filter's backend; a filter given empty is refused rather than ignored, and a
-    time is compared in UTC (PostgreSQL refuses offsets beyond ±15:59, which ISO 8601 allows)."""
+    """django-filter's backend; a parameter that is neither a filter nor the view's paging is
+    refused, a filter given empty is refused rather than ignored, and a time is compared in
+    UTC (PostgreSQL refuses offsets beyond ±15:59, which ISO 8601 allows).
+
+    Every list, and every detail through get_object(), passes here, even without a filterset.
+    """
 
     def filter_queryset(self, request: Request, queryset: QuerySet, view: Any) -> QuerySet:
         filterset = self.get_filterset(request, queryset, view)
+        filters = filterset.filters if filterset is not None else {}
+        paging = paging_parameters(view.paginator) if view.paginator is not None else set()
+        refuse_unknown(request.query_params, {*filters, *paging})
         if filterset is None:
             return queryset
         refuse_empty(request.query_params, filterset.filters)
@@ -136,10 +199,12 @@ class FilterBackend(DjangoFilterBackend):
 
 
 class QuerySerializer(serializers.Serializer):
-    """A serializer of query parameters; a parameter given empty is refused, not ignored."""
+    """A serializer of query parameters; a parameter given empty or unknown is refused, not
+    ignored."""
 
     def to_internal_value(self, data: Any) -> Any:
         if hasattr(data, "getlist"):
+            refuse_unknown(data, self.fields)
             refuse_empty(data, self.fields)
         return super().to_internal_value(data)
 
@@ -175,11 +240,31 @@ def _wrong_type(field: serializers.Field, value: Any) -> str | None:
     return None
 
 
+UNKNOWN_FIELD = "Unknown field."
+READ_ONLY_FIELD = "Read-only: it cannot be set here."
+
+
+def _field_problems(serializer: serializers.Serializer, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a body that are not fields it may set. DRF drops them silently, so that
+    `PATCH {"enabled": false}` on a schedule answered 200 and changed nothing."""
+    problems: dict[str, Any] = {}
+    for name in data:
+        field = serializer.fields.get(name)
+        if field is None:
+            problems[name] = [UNKNOWN_FIELD]
+        elif field.read_only:
+            problems[name] = [READ_ONLY_FIELD]
+    return problems
+
+
 class StrictTypes(serializers.Serializer):
-    """Refuses a JSON value whose type is not the field's, before DRF would coerce it."""
+    """The base of every request serializer: refuses a field it does not know or may not set,
+    and a JSON value whose type is not the field's, before DRF would coerce it."""
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, Mapping):
+            if problems := _field_problems(self, data):
+                raise ValidationError(problems)
             errors = {
                 name: [message]
                 for name, field in self.fields.items()
@@ -190,3 +275,24 @@ class StrictTypes(serializers.Serializer):
             if errors:
                 raise ValidationError(errors)
         return super().to_internal_value(data)
+
+
+NO_BODY = "Unknown field: this action takes no body."
+
+
+class StrictBodyMixin:
+    """For viewsets: an action declared `@action(..., takes_body=False)` refuses a body, as
+    an unknown field would be elsewhere, rather than ignore it (a `{"reason": ...}` sent to
+    cancel/ was never recorded). DRF hands an action's kwargs to the view as attributes."""
+
+    takes_body = True
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        if self.takes_body:
+            return
+        data = request.data  # parsed: not JSON is 415, too deep 400, as everywhere
+        if isinstance(data, Mapping) and data:
+            raise ValidationError({name: [NO_BODY] for name in data})
+        if not isinstance(data, Mapping) and data is not None:
+            raise ParseError("This action takes no body.")

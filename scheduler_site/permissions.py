@@ -1,4 +1,5 @@
-"""Who may call the API, and the throttling of those who may not.
+"""Who may call the API, which queues a runner account may use, and the throttling of those
+who may not call it at all.
 
 DRF checks throttles after authentication and permissions, so a request with no or a bad token
 would get its 401 before the anonymous rate could apply: token guessing would never be slowed.
@@ -9,11 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from rest_framework import authentication
-from rest_framework.exceptions import AuthenticationFailed, Throttled
-from rest_framework.permissions import DjangoModelPermissions, IsAuthenticated
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.plumbing import build_bearer_security_scheme_object
+from knox.auth import TokenAuthentication as KnoxTokenAuthentication
+from rest_framework.exceptions import AuthenticationFailed, PermissionDenied, Throttled
+from rest_framework.permissions import BasePermission, DjangoModelPermissions, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.throttling import AnonRateThrottle
+
+from tasks import selectors
+from tasks.exceptions import TaskNotFound
 
 
 def throttle_anonymous(request: Request) -> None:
@@ -25,8 +31,10 @@ def throttle_anonymous(request: Request) -> None:
         raise Throttled(wait=throttle.wait())
 
 
-class TokenAuthentication(authentication.TokenAuthentication):
-    """DRF's token authentication; an unknown or inactive token is throttled as anonymous."""
+class TokenAuthentication(KnoxTokenAuthentication):
+    """knox's hashed, revocable, optionally expiring tokens under the header runners have
+    always sent (`Authorization: Token <key>`). An unknown, revoked or expired token, or an
+    inactive account, is throttled as anonymous."""
 
     def authenticate(self, request: Request) -> Any:
         try:
@@ -34,6 +42,26 @@ class TokenAuthentication(authentication.TokenAuthentication):
         except AuthenticationFailed:
             throttle_anonymous(request)
             raise
+
+    def authenticate_credentials(self, token: bytes) -> Any:
+        # knox decodes the key as UTF-8 unguarded: a header byte that is not would be a 500.
+        try:
+            token.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AuthenticationFailed("Invalid token.") from None
+        return super().authenticate_credentials(token)
+
+
+class TokenAuthenticationScheme(OpenApiAuthenticationExtension):
+    """The OpenAPI security scheme of the token header (the name it had before knox)."""
+
+    target_class = TokenAuthentication
+    name = "tokenAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+        return build_bearer_security_scheme_object(
+            header_name="Authorization", token_prefix=self.target.authenticate_header(None)
+        )
 
 
 class Authenticated(IsAuthenticated):
@@ -68,3 +96,37 @@ class ModelActionPermissions(DjangoModelPermissions):
         if required is not None:
             return request.user.has_perms(required)
         return super().has_permission(request, view)
+
+
+def queue_scope(request: Request) -> selectors.QueueScope:
+    """The queues the caller may use (None: every queue), read once per request."""
+    if not hasattr(request, "_queue_scope"):
+        request._queue_scope = selectors.runner_queues(request.user)
+    return request._queue_scope
+
+
+class QueueScopePermission(BasePermission):
+    """After the model permissions, on the schedulers API: a limited runner (DESIGN 9.1) may
+    pop from and push to its own queues only (403 elsewhere). Single queues and lists are
+    filtered by the view's queryset (404 / left out)."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        scope = queue_scope(request)
+        if scope is not None and view.action in {"pop", "push"}:
+            scheduler_id = view.kwargs["pk"]
+            if scheduler_id not in scope:
+                raise PermissionDenied(f"This account may not use queue {scheduler_id!r}.")
+        return True
+
+
+class TaskScopePermission(BasePermission):
+    """After the model permissions, on the tasks API: a task of a queue outside a limited
+    runner's answers as one that does not exist (404), before its body is even read, so its
+    reports, heartbeats and hand-backs cannot learn that it does."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        scope = queue_scope(request)
+        task_id = view.kwargs.get("pk")
+        if scope is None or task_id is None or selectors.task_in_queues(task_id, scope):
+            return True
+        raise TaskNotFound(f"Task {task_id} does not exist.")

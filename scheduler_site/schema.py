@@ -14,6 +14,8 @@ from drf_spectacular import openapi
 from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 
+from scheduler_site.api_input import StrictTypes
+
 
 class ErrorSerializer(serializers.Serializer):
     """An error: `{"detail": "..."}` (plus `existing_id` on a duplicate, `status` on a refused
@@ -59,6 +61,8 @@ class AutoSchema(openapi.AutoSchema):
             extra["415"] = "Unsupported media type: the API takes JSON only"
         elif any(parameter["in"] == "query" for parameter in parameters):
             extra["400"] = "Bad query parameter, each named"
+        elif getattr(self.view, "takes_body", True) is False:
+            extra["400"] = "A body was sent: this action takes none"
         if any(parameter["in"] == "path" for parameter in parameters):
             extra["404"] = "Not found"
         elif self._is_list_view() and isinstance(self._get_paginator(), CursorPagination):
@@ -89,6 +93,13 @@ class AutoSchema(openapi.AutoSchema):
             # refused. Say so: at least one character that is not whitespace. (A field with
             # a RegexValidator gets that pattern later, from drf-spectacular.)
             schema["pattern"] = NOT_ONLY_WHITESPACE
+        return schema
+
+    def _map_basic_serializer(self, serializer: Any, direction: str) -> dict[str, Any]:
+        schema = super()._map_basic_serializer(serializer, direction)
+        if direction == "request" and isinstance(serializer, StrictTypes):
+            # A request serializer refuses a field it does not know (api_input.StrictTypes).
+            schema["additionalProperties"] = False
         return schema
 
     def _get_filter_parameters(self) -> list[dict[str, Any]]:

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import re
+import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
 from scheduler_site.databases import database_from_url
-from scheduler_site.env import env_bool, env_commands, env_int, env_list, env_rate, env_str
+from scheduler_site.env import (
+    check_secret_key,
+    env_bool,
+    env_commands,
+    env_file_path,
+    env_int,
+    env_list,
+    env_rate,
+    env_str,
+    load_env_file,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# The local env file `make run` writes (DEBUG=1, a generated SECRET_KEY); the real environment
+# takes precedence. A production host has no such file.
+ENV_FILE = env_file_path(BASE_DIR / ".env")
+load_env_file(ENV_FILE)
 VAR_DIR = Path(env_str("SCHEDULER_VAR_DIR") or BASE_DIR / "var")
 
 DEBUG = env_bool("DEBUG", default=False)
@@ -19,11 +35,14 @@ DEBUG = env_bool("DEBUG", default=False)
 SECRET_KEY = env_str("SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
-    # Only for DEBUG runs on a developer machine; never used in production.
-    SECRET_KEY = "insecure-development-key-only-used-with-DEBUG"
-elif len(SECRET_KEY) < 32 and not DEBUG:
-    raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long.")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (`make run` writes one to .env)."
+        )
+    # DEBUG without a key (no .env): a key of this process only, so nothing signed with a
+    # known key; sessions then do not survive a restart.
+    SECRET_KEY = secrets.token_urlsafe(50)
+elif not DEBUG:
+    check_secret_key(SECRET_KEY)
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] if DEBUG else [])
 if not DEBUG and not ALLOWED_HOSTS:
@@ -38,7 +57,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    # Hashed API tokens, shown once, revocable, optional expiry (`manage.py api_token`).
+    "knox",
+    # Locks out repeated failed admin logins.
+    "axes",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -58,6 +80,15 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429 page.
+    "axes.middleware.AxesMiddleware",
+]
+
+# django-axes first: it refuses a locked-out login before any password is checked. It needs
+# the request, which every login path here passes (the admin's login form).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "scheduler_site.urls"
@@ -109,6 +140,23 @@ STORAGES = {
 }
 LOGIN_URL = "admin:login"
 
+# Admin login lockout: this many failures for one username from one address lock that pair
+# out for the cool-off (a success before then resets the count). Per pair, so nobody can lock
+# an operator out from elsewhere; behind a proxy every login comes from the proxy's address
+# and the lockout is then per username. `manage.py axes_reset` lifts every lockout.
+AXES_FAILURE_LIMIT = env_int("ADMIN_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("ADMIN_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+
+# API tokens (django-rest-knox): stored as SHA-512 digests; no expiry unless one is given at
+# creation (knox's own default is 10 hours, which would stop every runner overnight).
+REST_KNOX = {
+    "TOKEN_TTL": None,
+    "AUTH_HEADER_PREFIX": "Token",
+    "AUTO_REFRESH": False,
+}
+
 # Production hardening: on unless DEBUG, overridable for a TLS-terminating proxy setup.
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=not DEBUG)
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", default=not DEBUG)
@@ -128,7 +176,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["scheduler_site.permissions.ModelActionPermissions"],
     # The API takes JSON only: a JSON field (a task's data) cannot be sent as a form field.
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # Nested at most 64 deep: deeper, Python's decoder ran out of stack (a 500).
+    "DEFAULT_PARSER_CLASSES": ["scheduler_site.api_input.JSONParser"],
     # Strict query parameters: a bad or empty filter, limit or offset is a 400, not ignored.
     "DEFAULT_FILTER_BACKENDS": ["scheduler_site.api_input.FilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "scheduler_site.schema.AutoSchema",

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 
+# Never the checkout's .env (`make run`'s DEBUG=1 and key): a test run is the production
+# configuration with the changes below, whoever ran `make run` here before.
+os.environ["SCHEDULER_ENV_FILE"] = ""
 os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
 for name in ("SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE"):

@@ -10,7 +10,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from scheduler_site.api_input import CursorPagination
+from scheduler_site.api_input import CursorPagination, StrictBodyMixin
 from schedules import services
 from schedules.filters import ScheduleFilter
 from schedules.models import Schedule
@@ -30,7 +30,7 @@ class ScheduleCursorPagination(CursorPagination):
 
 
 @extend_schema_view(partial_update=extend_schema(request=ScheduleUpdateSerializer))
-class ScheduleViewSet(viewsets.ModelViewSet):
+class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     queryset = Schedule.objects.all()
     serializer_class = ScheduleSerializer
     # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
@@ -66,13 +66,13 @@ class ScheduleViewSet(viewsets.ModelViewSet):
         services.schedule_delete(schedule_id=instance.id)
 
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def pause(self, request: Request, pk: str) -> Response:
         schedule = services.schedule_pause(schedule_id=self._schedule_id(), actor=_actor(request))
         return Response(ScheduleSerializer(schedule).data)
 
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def resume(self, request: Request, pk: str) -> Response:
         schedule = services.schedule_resume(schedule_id=self._schedule_id(), actor=_actor(request))
         return Response(ScheduleSerializer(schedule).data)
@@ -80,7 +80,7 @@ class ScheduleViewSet(viewsets.ModelViewSet):
     @extend_schema(
         request=None, responses={201: TaskSerializer, 404: ERROR, 409: ERROR, 429: ERROR}
     )
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def trigger(self, request: Request, pk: str) -> Response:
         task = services.schedule_trigger(schedule_id=self._schedule_id(), actor=_actor(request))
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime, timedelta
 
@@ -13,6 +14,8 @@ from django.utils.timezone import now as utc_now
 
 from schedules import timing
 from tasks.models import Scheduler
+
+logger = logging.getLogger(__name__)
 
 
 class ScheduleStatus(models.TextChoices):
@@ -159,6 +162,15 @@ class Schedule(models.Model):
                 max(after, self.start_at - timedelta(microseconds=1)) if self.start_at else after
             )
             candidate = timing.next_cron(self.cron, self.timezone, after=start)
+            if candidate is None:
+                # Refused on create and edit (validate_cron), but a row from before that, or
+                # one starting near the year 9999, finishes here instead of failing each tick.
+                logger.warning(
+                    "schedule %s: cron %r has no occurrence in 50 years after %s; finishing it",
+                    self.id,
+                    self.cron,
+                    start,
+                )
         else:
             anchor = self.start_at or self.deadline_at or self.created_at
             candidate = timing.next_interval(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from itertools import islice
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from cronsim import CronSim, CronSimError
@@ -38,6 +39,16 @@ def _zone_names() -> frozenset[str]:
     return frozenset(available_timezones())
 
 
+# cronsim gives up when 50 years pass without a match: a valid expression may never match
+# (`1 1 */100 * MON#4`: the 1st of a month that is its fourth Monday).
+NEVER_MATCHES = (
+    "never matches: no occurrence in the next 50 years (day of month and day of week must "
+    "both match when either starts with '*')."
+)
+# More steps than minutes in a repeated hour (see next_cron); reached only by a bug.
+_MAX_STEPS = 1000
+
+
 def validate_cron(expression: str) -> None:
     if len(expression.split()) != 5:
         raise TimingError("cron", "needs exactly 5 fields: minute hour day month weekday.")
@@ -45,6 +56,8 @@ def validate_cron(expression: str) -> None:
         CronSim(expression, datetime.now(UTC))
     except CronSimError as exc:
         raise TimingError("cron", f"{expression!r} is not valid: {exc}.") from None
+    if next_cron(expression, "UTC", after=datetime.now(UTC)) is None:
+        raise TimingError("cron", f"{expression!r} {NEVER_MATCHES}")
 
 
 def explain_cron(expression: str) -> str:
@@ -54,11 +67,23 @@ def explain_cron(expression: str) -> str:
         return ""
 
 
-def next_cron(expression: str, tz_name: str, *, after: datetime) -> datetime:
-    """The first occurrence strictly after `after` (aware), in UTC."""
-    local_after = after.astimezone(zone(tz_name))
-    occurrence = next(CronSim(expression, local_after))
-    return occurrence.astimezone(UTC)
+def next_cron(expression: str, tz_name: str, *, after: datetime) -> datetime | None:
+    """The first occurrence strictly after `after` (aware), in UTC; None when there is none
+    in the next 50 years or before the end of the calendar.
+
+    Inside a repeated hour (`after` is 02:10, the second time, fold=1) cronsim drops the fold
+    and answers the first pass's 02:30, which is before `after`: a schedule would be due again
+    at every tick until the hour had passed. So step on to the first answer after it.
+    """
+    try:
+        occurrences = CronSim(expression, after.astimezone(zone(tz_name)))
+        for occurrence in islice(occurrences, _MAX_STEPS):
+            at = occurrence.astimezone(UTC)
+            if at > after:
+                return at
+    except OverflowError:
+        return None  # past the year 9999
+    return None  # cronsim gave up (50 years without a match)
 
 
 def next_interval(*, anchor: datetime, interval_seconds: int, after: datetime) -> datetime:

@@ -16,7 +16,13 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from scheduler_site.api_input import CursorPagination
+from scheduler_site.api_input import CursorPagination, StrictBodyMixin
+from scheduler_site.permissions import (
+    ModelActionPermissions,
+    QueueScopePermission,
+    TaskScopePermission,
+    queue_scope,
+)
 from tasks import selectors, services
 from tasks.filters import TaskFilter
 from tasks.leases import LeaseProof
@@ -68,19 +74,23 @@ class TaskCursorPagination(CursorPagination):
     partial_update=extend_schema(request=SchedulerUpdateSerializer),
     destroy=extend_schema(responses={204: None, 409: ERROR}),  # while tasks are active
 )
-class SchedulerViewSet(viewsets.ModelViewSet):
+class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     queryset = Scheduler.objects.all()
     serializer_class = SchedulerSerializer
     # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
     # an update cannot change.
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     lookup_value_regex = r"[a-z0-9][a-z0-9_-]{0,63}"
+    permission_classes = [ModelActionPermissions, QueueScopePermission]
     action_permissions = {
         "pause": ["tasks.change_scheduler"],
         "resume": ["tasks.change_scheduler"],
         "push": ["tasks.add_task"],
         "pop": ["tasks.pop_task"],
     }
+
+    def get_queryset(self) -> Any:
+        return selectors.scheduler_list(queues=queue_scope(self.request))
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = super().get_serializer_context()
@@ -101,7 +111,7 @@ class SchedulerViewSet(viewsets.ModelViewSet):
         services.scheduler_delete(scheduler_id=instance.id)
 
     @extend_schema(request=None, responses={200: SchedulerSerializer, 404: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def pause(self, request: Request, pk: str) -> Response:
         scheduler = services.scheduler_set_paused(
             scheduler_id=pk, paused=True, actor=_actor(request)
@@ -109,7 +119,7 @@ class SchedulerViewSet(viewsets.ModelViewSet):
         return Response(self.get_serializer(scheduler).data)
 
     @extend_schema(request=None, responses={200: SchedulerSerializer, 404: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def resume(self, request: Request, pk: str) -> Response:
         scheduler = services.scheduler_set_paused(
             scheduler_id=pk, paused=False, actor=_actor(request)
@@ -127,7 +137,15 @@ class SchedulerViewSet(viewsets.ModelViewSet):
         task = services.task_push(scheduler_id=pk, actor=_actor(request), **body.validated_data)
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=PopSerializer, responses={200: POP_RESPONSE, 400: ERROR, 404: ERROR})
+    @extend_schema(
+        request=PopSerializer,
+        responses={
+            200: POP_RESPONSE,
+            400: ERROR,
+            404: ERROR,
+            409: OpenApiResponse(description="A celery queue: its tasks are not popped."),
+        },
+    )
     @action(detail=True, methods=["post"])
     def pop(self, request: Request, pk: str) -> Response:
         body = PopSerializer(data=request.data)
@@ -138,6 +156,7 @@ class SchedulerViewSet(viewsets.ModelViewSet):
 
 
 class TaskViewSet(
+    StrictBodyMixin,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     viewsets.GenericViewSet,
@@ -147,6 +166,7 @@ class TaskViewSet(
     filterset_class = TaskFilter
     pagination_class = TaskCursorPagination
     lookup_value_regex = UUID_PATTERN
+    permission_classes = [ModelActionPermissions, TaskScopePermission]
     action_permissions = {
         "partial_update": RUNNER_PERMS,
         "heartbeat": RUNNER_PERMS,
@@ -158,7 +178,7 @@ class TaskViewSet(
     }
 
     def get_queryset(self) -> Any:
-        return selectors.task_list()
+        return selectors.task_list(queues=queue_scope(self.request))
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = super().get_serializer_context()
@@ -211,13 +231,13 @@ class TaskViewSet(
         return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def cancel(self, request: Request, pk: str) -> Response:
         task = services.task_cancel(task_id=self._task_id(), actor=_actor(request))
         return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], takes_body=False)
     def requeue(self, request: Request, pk: str) -> Response:
         task = services.task_requeue(task_id=self._task_id(), actor=_actor(request))
         return self._render(task)
@@ -239,5 +259,5 @@ class TaskViewSet(
     def stats(self, request: Request) -> Response:
         query = StatsQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        rows = selectors.hourly_stats(**query.validated_data)
+        rows = selectors.hourly_stats(queues=queue_scope(request), **query.validated_data)
         return Response({"results": StatsRowSerializer(rows, many=True).data})

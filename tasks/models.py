@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
@@ -311,3 +312,31 @@ class Lock(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.owner} until {self.expires_at:%H:%M:%S}"
+
+
+class RunnerGrant(models.Model):
+    """One queue a runner account is limited to (DESIGN 9.1). An account with no grant reaches
+    every queue; one with grants sees, pops and reports only those. Operators are never
+    limited. Written by `manage.py create_api_user --scheduler`.
+
+    No foreign-key constraint to the scheduler and no cascade: deleting a queue must not
+    delete its grants, or a runner limited to that one queue would then reach every queue."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="runner_grants"
+    )
+    scheduler = models.ForeignKey(
+        Scheduler,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "scheduler"], name="runner_grant_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} may use {self.scheduler_id}"

@@ -8,7 +8,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduler_site.api_input import QuerySerializer, StrictTypes
-from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus
 
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
 _SCALAR = (str, int, float, bool)
@@ -44,31 +44,47 @@ class JSONObjectField(serializers.JSONField):
         return reject_nul(value)
 
 
+# What an operator sets on a queue (besides its id, on creation), through the API and the CLI
+# alike (tasks/management/commands/scheduler.py): one list, so that they cannot disagree.
+SCHEDULER_SETTABLE = (
+    "kind",
+    "description",
+    "handler",
+    "celery_queue",
+    "max_queue_size",
+    "dispatch_threshold",
+    "lease_seconds",
+    "retry_policy",
+    "max_attempts",
+    "retry_delay_seconds",
+    "retry_max_delay_seconds",
+    "retry_jitter",
+    "dead_letter",
+    "policy_weights",
+)
+
+
+# The schema of what Scheduler.clean() accepts (which the services run on every write).
+@extend_schema_field(
+    {
+        "type": "object",
+        "minProperties": 1,
+        "properties": {name: {"type": "integer", "minimum": 0} for name in POLICIES},
+        "additionalProperties": False,
+        "description": "Share of the orchestrator's room per policy; at least one above 0.",
+    }
+)
+class PolicyWeightsField(serializers.JSONField):
+    """A JSON object of policy name to weight; the rules are Scheduler.clean()'s."""
+
+
 class SchedulerSerializer(StrictTypes, serializers.ModelSerializer):
     counts = serializers.SerializerMethodField(help_text="Tasks per status.")
+    policy_weights = PolicyWeightsField(required=False)
 
     class Meta:
         model = Scheduler
-        fields = [
-            "id",
-            "kind",
-            "description",
-            "handler",
-            "celery_queue",
-            "paused",
-            "max_queue_size",
-            "dispatch_threshold",
-            "lease_seconds",
-            "retry_policy",
-            "max_attempts",
-            "retry_delay_seconds",
-            "retry_max_delay_seconds",
-            "retry_jitter",
-            "dead_letter",
-            "counts",
-            "created_at",
-            "modified_at",
-        ]
+        fields = ["id", *SCHEDULER_SETTABLE, "paused", "counts", "created_at", "modified_at"]
         read_only_fields = ["paused", "created_at", "modified_at"]
 
     def get_counts(self, scheduler: Scheduler) -> dict[str, int]:

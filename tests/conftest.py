@@ -7,10 +7,9 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import Group, User
 from django.db import connection
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tasks import services
+from tasks import accounts, services
 from tasks.models import Scheduler, Task
 from tasks.roles import OPERATORS, RUNNERS
 
@@ -48,8 +47,8 @@ def _user_in(role: str, username: str) -> User:
 
 def _token_client(user: User) -> APIClient:
     client = APIClient()
-    token, _ = Token.objects.get_or_create(user=user)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    _token, key = accounts.token_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
     return client
 
 

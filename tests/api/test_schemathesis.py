@@ -24,11 +24,11 @@ from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.renderers import OpenApiJsonRenderer
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from scheduler_site.wsgi import application
+from tasks import accounts
 
 MAX_EXAMPLES = 20
 
@@ -66,12 +66,15 @@ schema.config.generation.update(allow_x00=False)
 # syntaxes. Only that check is left out, only for these operations; the rules themselves are
 # tested in tests/tasks, tests/schedules and tests/pilots.
 VALID_BEYOND_SCHEMA = {
-    "POST /api/schedulers/": "a registered handler for celery; retry cap ≥ delay; a new id",
-    "PATCH /api/schedulers/{id}/": "a registered handler for celery; retry cap ≥ delay",
+    "POST /api/schedulers/": "a registered handler for celery; retry cap ≥ delay; a new id; "
+    "a policy weight above 0",
+    "PATCH /api/schedulers/{id}/": "a registered handler for celery; retry cap ≥ delay; a policy "
+    "weight above 0",
     "POST /api/schedulers/{id}/pop/": "filter keys' pattern (needs OpenAPI 3.1 propertyNames)",
-    "POST /api/schedules/": "an existing scheduler; cron syntax; IANA zone; one of cron/interval/"
-    "run_at; start < end; min ≤ max interval",
-    "PATCH /api/schedules/{id}/": "cron syntax; IANA zone; one of cron/interval/run_at; windows",
+    "POST /api/schedules/": "an existing scheduler; cron syntax, matching some day; IANA zone; one "
+    "of cron/interval/run_at; start < end; min ≤ max interval",
+    "PATCH /api/schedules/{id}/": "cron syntax, matching some day; IANA zone; one of cron/interval/"
+    "run_at; windows",
     "POST /api/compute-elements/": "existing VOs; a new name",
     "PATCH /api/compute-elements/{name}/": "existing VOs",
     "POST /api/vos/": "a new name",
@@ -117,7 +120,7 @@ def seeded(world: dict[str, str]) -> Iterator[None]:
 
 @pytest.fixture
 def operator_token(operator: User) -> str:
-    return Token.objects.get_or_create(user=operator)[0].key
+    return accounts.token_create(user=operator)[1]
 
 
 @pytest.fixture

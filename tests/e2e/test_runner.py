@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
 
-from tasks import services
+from tasks import accounts, services
 from tasks.models import Task, TaskStatus
 from tests.e2e.conftest import ROOT, ServerProcess
 from tests.e2e.fault_proxy import DROP_ANSWER, Answer, FaultProxy, Seen
@@ -60,7 +59,7 @@ class Runner:
 
 @pytest.fixture
 def token(runner: User) -> str:
-    return Token.objects.get_or_create(user=runner)[0].key
+    return accounts.token_create(user=runner)[1]
 
 
 @pytest.fixture

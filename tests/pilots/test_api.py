@@ -206,8 +206,11 @@ def test_ces__patch_fields_but_not_name_or_status(operator_client: APIClient) ->
     make_vo("atlas")
     body = {"capacity": 7, "vos": ["atlas"], "name": "ce-renamed", "status": "BANNED"}
 
-    response = _patch(operator_client, f"{CES}ce-a/", body)
+    # The name and status are refused, not dropped: a 200 let the client believe them set.
+    refused = _patch(operator_client, f"{CES}ce-a/", body)
+    response = _patch(operator_client, f"{CES}ce-a/", {"capacity": 7, "vos": ["atlas"]})
 
+    assert refused.status_code == 400 and set(refused.json()) == {"name", "status"}
     assert response.status_code == 200
     ce = ComputeElement.objects.get()
     assert (ce.name, ce.status, ce.capacity) == ("ce-a", "ACTIVE", 7)

@@ -99,6 +99,7 @@ def test_schedule_create__cron_is_described_and_normalised(
     [
         ({"cron": "61 * * * *"}, "cron"),
         ({"cron": "* * * *"}, "cron"),
+        ({"cron": "1 1 */100 * MON#4"}, "cron"),  # valid but never matches: was a 500
         ({"interval_seconds": 60, "timezone": "Mars/Olympus_Mons"}, "timezone"),
         ({"cron": "* * * * *", "interval_seconds": 60}, "cron"),
         ({"interval_seconds": 60, "run_at": "2030-01-02T00:00:00Z"}, "interval_seconds"),
@@ -250,7 +251,10 @@ def test_schedule_patch__switching_kind_and_bad_edits(
     refused = operator_client.patch(url, {"interval_seconds": 60}, format="json")
     assert refused.status_code == 400 and "cron" in refused.json()
     assert operator_client.patch(url, {"timezone": "Nowhere"}, format="json").status_code == 400
+    never = operator_client.patch(url, {"cron": "1 1 */100 * MON#4"}, format="json")
+    assert never.status_code == 400 and "never matches" in never.json()["cron"][0]
     assert Schedule.objects.get(id=schedule.id).interval_seconds is None
+    assert Schedule.objects.get(id=schedule.id).cron == "0 * * * *"
 
     switched = operator_client.patch(url, {"cron": "", "interval_seconds": 60}, format="json")
     assert switched.status_code == 200, switched.json()
@@ -265,7 +269,8 @@ def test_schedule_patch__cannot_move_it_to_another_scheduler(
 
     response = operator_client.patch(f"{URL}{schedule.id}/", {"scheduler": "other"}, format="json")
 
-    assert response.status_code == 200
+    # Refused, not dropped: a 200 let the client believe the schedule had moved.
+    assert response.status_code == 400 and list(response.json()) == ["scheduler"]
     assert Schedule.objects.get(id=schedule.id).scheduler_id == "boefje"
 
 

@@ -531,11 +531,68 @@ def test_scheduler__celery_queue_created_shown_and_patched(operator_client: APIC
 @pytest.mark.django_db
 def test_scheduler__patch(operator_client: APIClient, scheduler: Scheduler) -> None:
     response = operator_client.patch(
-        "/api/schedulers/boefje/", {"max_queue_size": 7, "id": "renamed"}, format="json"
+        "/api/schedulers/boefje/", {"max_queue_size": 7}, format="json"
     )
     assert response.status_code == 200 and response.json()["id"] == "boefje"
     assert Scheduler.objects.get(id="boefje").max_queue_size == 7
+
+
+@pytest.mark.django_db
+def test_scheduler__patch_refuses_a_new_id_and_changes_nothing(
+    operator_client: APIClient, scheduler: Scheduler
+) -> None:
+    # The id was dropped silently (200): a client believed the queue renamed.
+    response = operator_client.patch(
+        "/api/schedulers/boefje/", {"max_queue_size": 7, "id": "renamed"}, format="json"
+    )
+    assert response.status_code == 400 and list(response.json()) == ["id"]
+    assert Scheduler.objects.get(id="boefje").max_queue_size == 0
     assert not Scheduler.objects.filter(id="renamed").exists()
+
+
+@pytest.mark.django_db
+def test_scheduler__policy_weights_are_set_on_create_and_patch(operator_client: APIClient) -> None:
+    # They could be set in the admin only: the API dropped them.
+    body = {"id": "q", "policy_weights": {"highest_priority_first": 3, "never_run_first": 1}}
+    created = operator_client.post("/api/schedulers/", body, format="json")
+    assert created.status_code == 201
+    assert created.json()["policy_weights"] == body["policy_weights"]
+
+    patched = operator_client.patch(
+        "/api/schedulers/q/", {"policy_weights": {"most_overdue_first": 1}}, format="json"
+    )
+    assert patched.status_code == 200
+    assert Scheduler.objects.get(id="q").policy_weights == {"most_overdue_first": 1}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"fastest_first": 1},
+        {"never_run_first": 0},
+        {"never_run_first": -1},
+        {"never_run_first": 1.5},
+        {"never_run_first": True},
+        {},
+        [1],
+        None,
+        "most_overdue_first",
+    ],
+)
+def test_scheduler__bad_policy_weights_are_400_and_change_nothing(
+    operator_client: APIClient, scheduler: Scheduler, weights: Any
+) -> None:
+    before = snapshot()
+    created = operator_client.post(
+        "/api/schedulers/", {"id": "q", "policy_weights": weights}, format="json"
+    )
+    patched = operator_client.patch(
+        "/api/schedulers/boefje/", {"policy_weights": weights}, format="json"
+    )
+    assert (created.status_code, list(created.json())) == (400, ["policy_weights"])
+    assert (patched.status_code, list(patched.json())) == (400, ["policy_weights"])
+    assert snapshot() == before
 
 
 @pytest.mark.django_db

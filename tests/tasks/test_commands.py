@@ -16,13 +16,14 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
-from rest_framework.authtoken.models import Token
+from knox.crypto import hash_token
+from knox.models import AuthToken
 from time_machine import TimeMachineFixture
 
-from tasks import services
-from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks import accounts, services
+from tasks.models import RunnerGrant, Scheduler, Task, TaskEvent, TaskStatus
 from tasks.retry import RetrySpec
-from tests.tasks.helpers import SYSTEM_QUEUES, user_schedulers
+from tests.tasks.helpers import SYSTEM_QUEUES, T0, user_schedulers
 
 S = TaskStatus
 Push = Callable[..., Task]
@@ -323,32 +324,148 @@ def test_scheduler_delete(push: Push) -> None:
 # --- create_api_user -------------------------------------------------------------------------
 
 
+def printed_token(out: str) -> str:
+    [key] = [line.split()[2] for line in out.splitlines() if "API token:" in line]
+    return key
+
+
 @pytest.mark.django_db
-def test_create_api_user__password_once_then_token_only() -> None:
+def test_create_api_user__password_and_token_once() -> None:
     first = run("create_api_user", "alice", "--role", "operator", "--operator-login")
 
     user = User.objects.get(username="alice")
-    token = Token.objects.get(user=user).key
-    assert token in first
+    key = printed_token(first)
+    assert list(AuthToken.objects.filter(user=user).values_list("digest", flat=True)) == [
+        hash_token(key)
+    ], "only the digest of the printed key is stored"
     [login] = [line for line in first.splitlines() if "admin login" in line]
     password = login.split("/")[1].split()[0]
     assert user.check_password(password) and user.is_staff and user.is_superuser
     assert list(user.groups.values_list("name", flat=True)) == ["operators"]
 
     second = run("create_api_user", "alice", "--role", "operator", "--operator-login")
-    assert token in second and password not in second and "admin login" not in second
+    assert "API token:" not in second and "admin login" not in second
+    assert "api_token create alice" in second, "says how to get a new token"
     quiet = run("create_api_user", "alice", "--quiet-if-exists")
-    assert token not in quiet and password not in quiet
+    assert "API token:" not in quiet and password not in quiet
     assert User.objects.get(username="alice").check_password(password), "password unchanged"
+    assert AuthToken.objects.filter(user=user).count() == 1, "re-running issues no token"
 
 
 @pytest.mark.django_db
 def test_create_api_user__runner_has_no_password() -> None:
     out = run("create_api_user", "bot")
     user = User.objects.get(username="bot")
-    assert "admin login" not in out and Token.objects.get(user=user).key in out
+    assert "admin login" not in out and accounts.token_matches(user=user, key=printed_token(out))
     assert not user.has_usable_password() and not user.is_staff
     assert user.has_perm("tasks.pop_task") and not user.has_perm("tasks.add_task")
+
+
+@pytest.mark.django_db
+def test_create_api_user__scheduler_limits_a_runner_each_run_anew(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    make_scheduler("a")
+    make_scheduler("b")
+    out = run("create_api_user", "bot", "--scheduler", "a", "--scheduler", "b")
+    assert "a, b only" in out
+
+    def grants() -> list[str]:
+        return sorted(
+            RunnerGrant.objects.filter(user__username="bot").values_list("scheduler_id", flat=True)
+        )
+
+    assert grants() == ["a", "b"]
+    run("create_api_user", "bot", "--scheduler", "b")
+    assert grants() == ["b"]
+    run("create_api_user", "bot")
+    assert grants() == [], "without --scheduler: every queue"
+
+
+@pytest.mark.django_db
+def test_create_api_user__an_operator_is_never_limited(scheduler: Scheduler) -> None:
+    run("create_api_user", "alice", "--role", "operator")
+    with pytest.raises(CommandError, match="'alice' is an operator"):
+        run("create_api_user", "alice", "--role", "runner", "--scheduler", "boefje")
+    assert not RunnerGrant.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scheduler", "nope"], "no such scheduler: nope"),
+        (["--role", "operator", "--scheduler", "boefje"], "operators are never limited"),
+        (["--expires-in", "soon"], "not a duration"),
+    ],
+)
+def test_create_api_user__refusals_change_nothing(
+    scheduler: Scheduler, args: list[str], message: str
+) -> None:
+    with pytest.raises(CommandError, match=message):
+        run("create_api_user", "bot", *args)
+    assert not User.objects.filter(username="bot").exists()
+
+
+@pytest.mark.django_db
+def test_create_api_user__expires_in(time_machine: TimeMachineFixture) -> None:
+    time_machine.move_to(T0, tick=False)
+    run("create_api_user", "bot", "--expires-in", "12h")
+    assert AuthToken.objects.get(user__username="bot").expiry == T0 + timedelta(hours=12)
+
+
+# --- api_token -------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_api_token__create_list_revoke(time_machine: TimeMachineFixture) -> None:
+    time_machine.move_to(T0, tick=False)
+    run("create_api_user", "bot")
+    user = User.objects.get(username="bot")
+
+    created = run("api_token", "create", "bot", "--expires-in", "30d")
+    key = printed_token(created)
+    token = AuthToken.objects.get(digest=hash_token(key))
+    assert token.expiry == T0 + timedelta(days=30) and "expires 2030-01-31 10:05:00Z" in created
+    assert accounts.token_id(token) in created
+
+    listing = run("api_token", "list", "--user", "bot")
+    assert accounts.token_id(token) in listing and key not in listing
+    assert key[:15] not in listing and token.digest not in listing, "no secret, no digest"
+    assert len(listing.splitlines()) == 3  # header, the first token, this one
+
+    assert run("api_token", "revoke", accounts.token_id(token)).strip() == "revoked 1 token"
+    assert not accounts.token_matches(user=user, key=key)
+    assert AuthToken.objects.filter(user=user).count() == 1
+    assert run("api_token", "revoke", "--user", "bot").strip() == "revoked 1 token"
+    assert not AuthToken.objects.filter(user=user).exists()
+
+
+@pytest.mark.django_db
+def test_api_token__list_marks_expired(time_machine: TimeMachineFixture) -> None:
+    time_machine.move_to(T0, tick=False)
+    run("create_api_user", "bot", "--expires-in", "1h")
+    time_machine.shift(timedelta(hours=2))
+    [row] = run("api_token", "list").splitlines()[1:]
+    assert row.split()[1] == "bot" and row.endswith("expired")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["create", "ghost"], "No account 'ghost'"),
+        (["create", "bot", "--expires-in", "0d"], "not a duration"),
+        (["revoke"], "Name token ids"),
+        (["revoke", "0123456789ab"], "names no single token"),
+        (["revoke", "abc"], "names no single token"),
+    ],
+)
+def test_api_token__refusals(args: list[str], message: str) -> None:
+    run("create_api_user", "bot")
+    with pytest.raises(CommandError, match=message):
+        run("api_token", *args)
+    assert AuthToken.objects.count() == 1
 
 
 # --- help ------------------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import AbstractUser, Group
 from django.core.management.base import BaseCommand, CommandParser
-from rest_framework.authtoken.models import Token
 
 from pilots.models import ComputeElement, VirtualOrganisation
 from schedules import services as schedule_services
 from schedules.models import Schedule
+from tasks import accounts
 from tasks import services as task_services
 from tasks.models import Scheduler
 from tasks.roles import RUNNERS
@@ -51,7 +53,8 @@ class Command(BaseCommand):
     help = (
         "Create, idempotently, the demo that `make run` shows: a celery queue whose flaky "
         "handler runs, retries and dead-letters, a pull queue served by the demo pull runner, "
-        "schedules feeding both, the runner's account (its token in var/demo-runner.token), "
+        "schedules feeding both, the runner's account, limited to demo-pull (its token in "
+        "var/demo-runner.token, mode 0600, kept while it is valid), "
         "and two VOs with four simulated Compute Elements for the pilot cycles."
     )
 
@@ -76,10 +79,23 @@ class Command(BaseCommand):
             user.set_unusable_password()
             user.save(update_fields=["password"])
         user.groups.add(Group.objects.get(name=RUNNERS))
-        token, _ = Token.objects.get_or_create(user=user)
-        with open(token_file, "w", encoding="utf-8") as handle:
-            handle.write(token.key)
+        accounts.runner_grants_set(user=user, scheduler_ids=["demo-pull"])
+        self._runner_token(user, Path(token_file))
         self.stdout.write(f"demo ready (runner token in {token_file})")
+
+    def _runner_token(self, user: AbstractUser, token_file: Path) -> None:
+        """Keep the token file while its key is valid; else revoke the account's tokens (only
+        the file ever held them) and write a new one. The key exists only in that file."""
+        if token_file.is_file():
+            key = token_file.read_text(encoding="utf-8").strip()
+            if key and accounts.token_matches(user=user, key=key):
+                return
+        accounts.token_revoke(username=user.get_username())
+        _token, key = accounts.token_create(user=user)
+        token_file.unlink(missing_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(key)
 
     def _pilots_demo(self) -> None:
         vos = {

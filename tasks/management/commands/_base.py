@@ -6,6 +6,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from scheduler_site.api_input import MAX_JSON_DEPTH, TOO_DEEP, json_depth
 from tasks.exceptions import QueueError
 
 
@@ -16,6 +17,10 @@ def parse_json_object(raw: str | None, *, option: str) -> dict[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CommandError(f"{option}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+    except RecursionError:
+        raise CommandError(f"{option}: {TOO_DEEP}") from None  # as the API refuses it
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise CommandError(f"{option}: {TOO_DEEP}")
     if not isinstance(value, dict):
         raise CommandError(f"{option}: must be a JSON object.")
     return value

@@ -1,62 +1,75 @@
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand, CommandParser
-from rest_framework.authtoken.models import Token
 
-from tasks.roles import OPERATORS, RUNNERS
+from tasks import accounts
+from tasks.exceptions import QueueError
+from tasks.management.commands._base import as_command_error
 
 
 class Command(BaseCommand):
     help = (
-        "Create (or update) an account in the operators or runners role and print its API token. "
-        "With --operator-login the account may also log in to the admin, with a generated "
-        "password printed once; re-running never prints an existing password again."
+        "Create (or update) an account in the operators or runners role. A new account's API "
+        "token is printed once (only its digest is stored; `manage.py api_token` issues, lists "
+        "and revokes tokens). With --operator-login the account may also log in to the admin, "
+        "with a generated password printed once; re-running never prints a password or token "
+        "again. --scheduler limits a runner to those queues: it then sees, pops and reports "
+        "only them; re-running sets the list anew (without --scheduler: every queue)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username")
         parser.add_argument("--role", choices=["operator", "runner"], default="runner")
         parser.add_argument(
+            "--scheduler",
+            action="append",
+            default=[],
+            metavar="ID",
+            help="Limit a runner to this queue; repeat for several.",
+        )
+        parser.add_argument(
             "--operator-login",
             action="store_true",
             help="Staff + superuser access to the admin with a generated password.",
         )
+        parser.add_argument(
+            "--expires-in",
+            metavar="DURATION",
+            help="The new account's token expires after this (90d, 12h, 30m); default: never.",
+        )
         parser.add_argument("--quiet-if-exists", action="store_true")
 
-    def handle(
-        self,
-        *args: Any,
-        username: str,
-        role: str,
-        operator_login: bool,
-        quiet_if_exists: bool,
-        **_: Any,
-    ) -> None:
-        user_model = get_user_model()
-        user, created = user_model.objects.get_or_create(username=username)
-        group = Group.objects.get(name=OPERATORS if role == "operator" else RUNNERS)
-        user.groups.add(group)
-        token, _ = Token.objects.get_or_create(user=user)
-        if created:
-            password = None
-            if operator_login:
-                password = secrets.token_urlsafe(15)
-                user.set_password(password)
-                user.is_staff = user.is_superuser = True
-            else:
-                user.set_unusable_password()
-            user.save()
-            self.stdout.write(self.style.SUCCESS(f"Created {role} account {username!r}."))
-            if password:
-                self.stdout.write(f"  admin login: {username} / {password}   (shown once)")
-            self.stdout.write(f"  API token:   {token.key}")
-        elif not quiet_if_exists:
-            self.stdout.write(f"Account {username!r} exists; its API token: {token.key}")
-            self.stdout.write("  (use `manage.py changepassword` to set a new admin password)")
+    def handle(self, *args: Any, username: str, **options: Any) -> None:
+        try:
+            expires_in = options["expires_in"] and accounts.parse_expires_in(options["expires_in"])
+            account = accounts.account_set_up(
+                username=username,
+                role=options["role"],
+                scheduler_ids=options["scheduler"],
+                operator_login=options["operator_login"],
+                expires_in=expires_in or None,
+            )
+        except QueueError as exc:
+            raise as_command_error(exc) from None
+        if account.created:
+            self._created(account, role=options["role"], scopes=options["scheduler"])
+        elif options["quiet_if_exists"]:
+            self.stdout.write(f"Account {username!r} exists (password and token not shown again).")
         else:
-            self.stdout.write(f"Account {username!r} exists (password not shown again).")
+            self.stdout.write(f"Account {username!r} exists; updated its role and queues.")
+            self.stdout.write(
+                "  Its token and password are not shown again: `manage.py api_token create "
+                f"{username}` issues a new token, `manage.py changepassword {username}` sets a "
+                "new password."
+            )
+
+    def _created(self, account: accounts.Account, *, role: str, scopes: list[str]) -> None:
+        name = account.user.get_username()
+        self.stdout.write(self.style.SUCCESS(f"Created {role} account {name!r}."))
+        if scopes:
+            self.stdout.write(f"  queues:      {', '.join(sorted(scopes))} only")
+        if account.password:
+            self.stdout.write(f"  admin login: {name} / {account.password}   (shown once)")
+        self.stdout.write(f"  API token:   {account.token}   (shown once)")

@@ -3,24 +3,40 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
+from django.db import models
 
 from tasks import selectors, services
-from tasks.management.commands._base import SubcommandCommand
-from tasks.models import RetryPolicy, Scheduler, SchedulerKind
+from tasks.management.commands._base import SubcommandCommand, parse_json_object
+from tasks.models import Scheduler
+from tasks.serializers import SCHEDULER_SETTABLE
 
-SETTABLE = {
-    "kind": str,
-    "description": str,
-    "handler": str,
-    "celery_queue": str,
-    "max_queue_size": int,
-    "dispatch_threshold": int,
-    "lease_seconds": int,
-    "retry_policy": str,
-    "max_attempts": int,
-    "retry_delay_seconds": int,
-    "retry_max_delay_seconds": int,
-}
+YES_NO = {"yes": True, "no": False}
+
+
+def _add_option(parser: CommandParser, name: str) -> None:
+    """An option for one settable field, typed after the model's field: the API's list."""
+    field = Scheduler._meta.get_field(name)
+    option = f"--{name.replace('_', '-')}"
+    text = str(field.help_text).replace("%", "%%") or None  # argparse formats help with %
+    if isinstance(field, models.BooleanField):
+        parser.add_argument(option, choices=list(YES_NO), help=text)
+    elif isinstance(field, models.JSONField):
+        parser.add_argument(option, metavar="JSON", help=text)
+    elif field.choices:
+        parser.add_argument(option, choices=[value for value, _ in field.choices], help=text)
+    elif isinstance(field, models.IntegerField):
+        parser.add_argument(option, type=int, help=text)
+    else:
+        parser.add_argument(option, help=text)
+
+
+def _value(name: str, raw: Any) -> Any:
+    field = Scheduler._meta.get_field(name)
+    if isinstance(field, models.BooleanField):
+        return YES_NO[raw]
+    if isinstance(field, models.JSONField):
+        return parse_json_object(raw, option=f"--{name.replace('_', '-')}")
+    return raw
 
 
 class Command(SubcommandCommand):
@@ -35,11 +51,8 @@ class Command(SubcommandCommand):
         for name, text in [("create", "Create a queue."), ("update", "Change a queue's settings.")]:
             cmd = sub.add_parser(name, help=text)
             cmd.add_argument("scheduler_id")
-            cmd.add_argument("--kind", choices=SchedulerKind.values)
-            cmd.add_argument("--retry-policy", choices=RetryPolicy.values)
-            for option in SETTABLE.keys() - {"kind", "retry_policy"}:
-                cmd.add_argument(f"--{option.replace('_', '-')}", type=SETTABLE[option])
-            cmd.add_argument("--dead-letter", choices=["yes", "no"])
+            for field in SCHEDULER_SETTABLE:
+                _add_option(cmd, field)
         for name, text in [
             ("pause", "Pause a queue: nothing is popped or dispatched from it."),
             ("resume", "Resume a paused queue."),
@@ -49,10 +62,8 @@ class Command(SubcommandCommand):
 
     @staticmethod
     def _fields(options: dict[str, Any]) -> dict[str, Any]:
-        fields = {name: options[name] for name in SETTABLE if options.get(name) is not None}
-        if options.get("dead_letter"):
-            fields["dead_letter"] = options["dead_letter"] == "yes"
-        return fields
+        given = [name for name in SCHEDULER_SETTABLE if options.get(name) is not None]
+        return {name: _value(name, options[name]) for name in given}
 
     def _list(self, **_: Any) -> None:
         counts = selectors.status_counts()

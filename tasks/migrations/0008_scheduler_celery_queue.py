@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('tasks', '0005_scheduler_system'),
+        ('tasks', '0007_runnergrant'),
     ]
 
     operations = [
