@@ -64,18 +64,21 @@ def dispatch_scheduler(scheduler_id: str) -> int:
             at=now,
         )
         handler_name, celery_queue = scheduler.handler, scheduler.celery_queue
-        transaction.on_commit(lambda: _send(tasks, handler_name, celery_queue))
+        transaction.on_commit(lambda: _send(tasks, handler_name, celery_queue, scheduler.id))
     return len(tasks)
 
 
-def _send(tasks: Sequence[Task], handler_name: str, celery_queue: str) -> None:
+def _send(
+    tasks: Sequence[Task], handler_name: str, celery_queue: str, scheduler_id: str = ""
+) -> None:
     from scheduler_site.celery import app
     from tasks.jobs import run_task
 
     handler = HANDLERS.get(handler_name)
     # The scheduler's own Celery queue: the workers started with `-Q` for it run its tasks,
     # so a queue of slow handlers has its own pool and delays nobody else's.
-    options: dict[str, object] = {"queue": celery_queue}
+    # The scheduler travels in a header, for the worker's log fields (LOG_FORMAT=json).
+    options: dict[str, object] = {"queue": celery_queue, "headers": {"scheduler": scheduler_id}}
     if handler is not None:
         options |= {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
     try:

@@ -124,9 +124,15 @@ def start_worker(transactional_db: None, broker_url: str) -> Iterator[Callable[.
         concurrency: int = 1,
         queues: Sequence[str] = (),
         options: Sequence[str] = (),
+        environ: dict[str, str] | None = None,
     ) -> WorkerProcess:
         worker = WorkerProcess(
-            f"{name}-{os.getpid()}", env, pool, concurrency, queues=queues, options=options
+            f"{name}-{os.getpid()}",
+            {**env, **(environ or {})},
+            pool,
+            concurrency,
+            queues=queues,
+            options=options,
         )
         started.append(worker)
         return worker

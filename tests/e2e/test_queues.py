@@ -4,6 +4,7 @@ with `--all-queues` (as `make run`'s) also serves a queue created after it start
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from typing import Any
@@ -68,3 +69,22 @@ def test_worker__all_queues_serves_a_queue_created_after_it_started(start_worker
 
     wait_for(lambda: Task.objects.get(id=task.id).status == S.COMPLETED, message="completed")
     assert any(f"now consuming Celery queue {late_queue}" in line for line in worker.lines)
+
+
+def test_worker__json_logs_name_the_task_its_scheduler_and_attempt(start_worker: Any) -> None:
+    services.scheduler_create(id="echo", kind="celery", handler="demo.echo")
+    worker = start_worker("json", environ={"LOG_FORMAT": "json"})
+
+    task = services.task_push(scheduler_id="echo", data={"n": 1})
+
+    wait_for(lambda: Task.objects.get(id=task.id).status == S.COMPLETED, message="completed")
+    records = [json.loads(line) for line in worker.lines if line.startswith("{")]
+    about = [r for r in records if r.get("task_id") == str(task.id)]
+    assert {r["message"].split(" by ")[0] for r in about} >= {
+        f"task {task.id} DISPATCHED -> RUNNING",
+        f"task {task.id} RUNNING -> COMPLETED",
+    }, about
+    assert {(r["scheduler"], r["attempt"], r["celery_task"]) for r in about} == {
+        ("echo", 1, "tasks.run_task")
+    }
+    assert any(r.get("logger", "").startswith("celery") for r in records), "Celery's own lines"
