@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tasks import services
-from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.models import ACTIVE_STATUSES, Task, TaskEvent, TaskStatus
 from tests.e2e.conftest import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -41,20 +41,20 @@ def test_worker_pools__a_queue_of_slow_tasks_does_not_delay_another_queue(
     services.scheduler_create(id="fast", kind="celery", handler="demo.echo")  # default queue
     start_worker("slowpool", queues=[slow_queue])
     start_worker("fastpool")  # no -Q: Celery's default queue and the system queue
-    for n in range(8):
-        services.task_push(scheduler_id="slow", data={"seconds": 2, "n": n})
+    for n in range(6):
+        services.task_push(scheduler_id="slow", data={"seconds": 5, "n": n})
     wait_for(lambda: _statuses("slow")[S.RUNNING] == 1, message="a slow task running")
 
     for n in range(10):
         services.task_push(scheduler_id="fast", data={"n": n})
-    wait_for(lambda: _statuses("fast") == {S.COMPLETED: 10}, timeout=30, message="fast done")
+    wait_for(lambda: _statuses("fast") == {S.COMPLETED: 10}, timeout=60, message="fast done")
 
-    # 8 slow tasks take 16 s on their one-process pool: most still wait behind each other
-    # when the other queue is already done, instead of the other way round.
+    # 6 slow tasks take 30 s on their one-process pool: when the other queue is done, most
+    # still wait behind each other (sharing one queue, the fast tasks waited for all of them).
     slow = _statuses("slow")
     assert slow[S.COMPLETED] <= 3, f"the fast queue waited for the slow one: {slow}"
     assert _workers("slow") == {"slowpool"} and _workers("fast") == {"fastpool"}
-    for task in Task.objects.filter(scheduler_id="slow", status__in=[S.QUEUED, S.DISPATCHED]):
+    for task in Task.objects.filter(scheduler_id="slow", status__in=ACTIVE_STATUSES):
         services.task_cancel(task_id=task.id, actor="test")  # no need to wait for them
 
 
