@@ -11,7 +11,7 @@ MANAGE := $(BIN)/python manage.py
 ENV_FILE := .env
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
-.PHONY: run test lint test-sqlite test-postgres test-rabbitmq bench bench-pop bench-tick bench-worker install migrate clean
+.PHONY: run test lint test-sqlite test-postgres test-rabbitmq test-cluster test-cluster-short bench bench-pop bench-tick bench-worker install migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,7 +58,18 @@ test-rabbitmq: install
 	  scripts/with-rabbitmq.sh $(PG_FLAGS) -- \
 	  $(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_worker.py tests/e2e/test_queues.py
 
-test: lint test-sqlite test-postgres test-rabbitmq
+# Three hosts in network namespaces (root): PostgreSQL + Redis on one, gunicorn, a worker, beat
+# and a pull runner on each of two others; one app host is SIGKILLed whole while work is pushed.
+# make test runs the short version (20 s of pushing), make test-cluster the longer one.
+test-cluster: install
+	CLUSTER_TEST_SECONDS=60 scripts/with-cluster.sh $(PG_FLAGS) -- \
+	  $(BIN)/pytest -q -p no:cacheprovider -s tests/cluster
+
+test-cluster-short: install
+	CLUSTER_TEST_SECONDS=20 scripts/with-cluster.sh $(PG_FLAGS) -- \
+	  $(BIN)/pytest -q -p no:cacheprovider -s tests/cluster
+
+test: lint test-sqlite test-postgres test-rabbitmq test-cluster-short
 
 bench: bench-pop bench-tick bench-worker
 
