@@ -292,18 +292,9 @@ def status_counts(scheduler_id: str) -> Counter[str]:
 
 
 def seed_queued(scheduler_id: str, count: int) -> None:
-    from django.utils import timezone
+    from tests.support import seed
 
-    from tasks.models import Task
-
-    now = timezone.now()
-    Task.objects.bulk_create(
-        [
-            Task(scheduler_id=scheduler_id, data={"n": n}, not_before=now, created_at=now)
-            for n in range(count)
-        ],
-        batch_size=1000,
-    )
+    seed.seed_queued(scheduler_id, count, priority=0)
 
 
 def events_of(scheduler_id: str) -> dict[str, dict[str, float]]:

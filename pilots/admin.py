@@ -9,11 +9,12 @@ from pilots.models import (
     ACTIVE_PILOT_STATUSES,
     CEStatus,
     ComputeElement,
+    PilotEvent,
     PilotReport,
     PilotSubmission,
     VirtualOrganisation,
 )
-from tasks.admin import run_each, to_the_second
+from tasks.admin import StatusEventInline, run_each, status_history, to_the_second
 
 
 @admin.register(VirtualOrganisation)
@@ -21,6 +22,10 @@ class VOAdmin(admin.ModelAdmin):
     list_display = ["name", "enabled", "created_at"]
     list_filter = ["enabled"]
     search_fields = ["name"]
+
+
+class PilotEventInline(StatusEventInline):
+    model = PilotEvent
 
 
 @admin.register(ComputeElement)
@@ -38,8 +43,12 @@ class ComputeElementAdmin(admin.ModelAdmin):
     list_filter = ["status", "backend", "vos"]
     search_fields = ["name"]
     filter_horizontal = ["vos"]
-    readonly_fields = ["status", "created_at", "modified_at"]
+    readonly_fields = ["status", "created_at", "modified_at", "history"]
     actions = ["drain", "ban", "activate", "submit_one"]
+
+    @admin.display(description="status history")
+    def history(self, ce: ComputeElement) -> str:
+        return status_history(ce.events)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ComputeElement]:
         active = Count("pilots", filter=Q(pilots__status__in=list(ACTIVE_PILOT_STATUSES)))
@@ -101,6 +110,7 @@ class ComputeElementAdmin(admin.ModelAdmin):
 
 @admin.register(PilotSubmission)
 class PilotAdmin(admin.ModelAdmin):
+    inlines = [PilotEventInline]
     list_display = [
         "id",
         "ce",

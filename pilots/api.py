@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django.db.models import Count, Q
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from pilots import services
+from pilots import selectors, services
 from pilots.models import (
-    ACTIVE_PILOT_STATUSES,
     CEStatus,
     ComputeElement,
     PilotStatus,
@@ -29,14 +27,10 @@ from pilots.serializers import (
     SummarySerializer,
     VOSerializer,
 )
+from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
 from scheduler_site.api_input import StrictBodyMixin
 
-ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-
-
-def _actor(request: Request) -> str:
-    return getattr(request.user, "username", "") or "anonymous"
 
 
 class VOViewSet(
@@ -51,6 +45,14 @@ class VOViewSet(
     lookup_field = "name"
     lookup_value_regex = NAME_PATTERN
     http_method_names = ["get", "post", "patch", "head", "options"]
+
+    def perform_create(self, serializer: VOSerializer) -> None:
+        serializer.instance = services.vo_create(**serializer.validated_data)
+
+    def perform_update(self, serializer: VOSerializer) -> None:
+        serializer.instance = services.vo_update(
+            vo=serializer.instance, **serializer.validated_data
+        )
 
 
 @extend_schema_view(
@@ -74,21 +76,22 @@ class ComputeElementViewSet(StrictBodyMixin, viewsets.ModelViewSet):
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = super().get_serializer_context()
-        active = ComputeElement.objects.annotate(
-            n=Count("pilots", filter=Q(pilots__status__in=list(ACTIVE_PILOT_STATUSES)))
-        ).values_list("id", "n")
-        context["active"] = dict(active)
+        context["active"] = selectors.active_pilots_by_ce()
         return context
 
+    def perform_create(self, serializer: ComputeElementSerializer) -> None:
+        serializer.instance = services.ce_create(**serializer.validated_data)
+
+    def perform_update(self, serializer: ComputeElementSerializer) -> None:
+        serializer.instance = services.ce_update(
+            ce=serializer.instance, **serializer.validated_data
+        )
+
     def perform_destroy(self, instance: ComputeElement) -> None:
-        if instance.pilots.exists():
-            raise services.NoFreeSlot(
-                f"Compute element {instance.name} has pilots on record; ban or drain it instead."
-            )
-        instance.delete()
+        services.ce_delete(name=instance.name)
 
     def _set_status(self, request: Request, name: str, to_status: str) -> Response:
-        ce = services.ce_set_status(name=name, to_status=to_status, actor=_actor(request))
+        ce = services.ce_set_status(name=name, to_status=to_status, actor=actor(request))
         return Response(self.get_serializer(ce).data)
 
     @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
@@ -115,7 +118,7 @@ class ComputeElementViewSet(StrictBodyMixin, viewsets.ModelViewSet):
         body = SubmitSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         pilot = services.pilot_submit(
-            ce_name=name, vo_name=body.validated_data["vo"], actor=_actor(request)
+            ce_name=name, vo_name=body.validated_data["vo"], actor=actor(request)
         )
         return Response(PilotSerializer(pilot).data, status=status.HTTP_201_CREATED)
 
@@ -136,9 +139,7 @@ class PilotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     queryset = PilotSubmission.objects.select_related("ce", "vo")
     serializer_class = PilotSerializer
     filterset_class = PilotFilter
-    lookup_value_regex = (
-        r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
-    )
+    lookup_value_regex = UUID_PATTERN
     action_permissions = {"summary": ["pilots.view_pilotsubmission"]}
 
     @extend_schema(responses={200: SummarySerializer})

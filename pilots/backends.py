@@ -10,7 +10,6 @@ one, never supplies one (DESIGN §9.2).
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import subprocess
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
 from django.utils import timezone
 
+from pilots.backend_registry import BACKENDS, BackendSpec, register
 from pilots.models import ComputeElement, PilotStatus, PilotSubmission
 
 
@@ -157,21 +156,6 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has exited
 
 
-# The options each backend reads from backend_settings: any other key is refused, so a
-# misspelt option (or a command line smuggled in under another name) is never silently ignored.
-NUMBER_OPTIONS = {"simulated": ("start_after_seconds", "run_seconds"), "local": ()}
-OPTIONS = {"simulated": {"seed", *NUMBER_OPTIONS["simulated"]}, "local": {"command"}}
-
-
-def _seconds(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(float(value)) and value >= 0
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def _command_problem(options: dict[str, Any]) -> str | None:
     """A local CE names one of the server's commands; a command line or argv is refused."""
     name = options.get("command", DEFAULT_LOCAL_COMMAND)
@@ -185,26 +169,30 @@ def _command_problem(options: dict[str, Any]) -> str | None:
     )
 
 
-def check_settings(backend: str, options: Any) -> None:
-    """Refuse backend_settings the backend could not use (at input, not at the first submit)."""
-    if not isinstance(options, dict):
-        raise ValidationError({"backend_settings": ["Must be a JSON object."]})
-    errors = [
-        f"{key}: unknown option; the {backend} backend reads {sorted(OPTIONS[backend])}."
-        for key in sorted(set(options) - OPTIONS.get(backend, set(options)))
-    ]
-    errors += [
-        f"{key}: must be a number of seconds, 0 or more."
-        for key in NUMBER_OPTIONS.get(backend, ())
-        if key in options and not _seconds(options[key])
-    ]
-    if backend == "local" and (problem := _command_problem(options)):
-        errors.append(problem)
-    if errors:
-        raise ValidationError({"backend_settings": errors})
+register(
+    BackendSpec(
+        name="simulated",
+        label="simulated (reliability drives outcomes; seedable)",
+        factory=SimulatedBackend,
+        options=frozenset({"seed", "start_after_seconds", "run_seconds"}),
+        number_options=frozenset({"start_after_seconds", "run_seconds"}),
+    )
+)
+register(
+    BackendSpec(
+        name="local",
+        label="local (pilots are real local processes)",
+        factory=LocalBackend,
+        options=frozenset({"command"}),
+        check=_command_problem,
+    )
+)
 
 
 def backend_for(ce: ComputeElement) -> PilotBackend:
-    if ce.backend == "local":
-        return LocalBackend(ce)
-    return SimulatedBackend(ce)
+    """The CE's backend; one that is not registered (a row from another version) cannot
+    submit, rather than running as some other backend."""
+    spec = BACKENDS.get(ce.backend)
+    if spec is None:
+        raise SubmitError(f"backend {ce.backend!r} is not registered")
+    return spec.factory(ce)

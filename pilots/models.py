@@ -11,6 +11,9 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from pilots import backend_registry
+from scheduler_site import writers
+
 name_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
     "Use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit.",
@@ -43,11 +46,6 @@ CE_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
-class Backend(models.TextChoices):
-    SIMULATED = "simulated", "simulated (reliability drives outcomes; seedable)"
-    LOCAL = "local", "local (pilots are real local processes)"
-
-
 class ComputeElement(models.Model):
     name = models.CharField(max_length=100, unique=True, validators=[name_validator])
     capacity = models.PositiveIntegerField(default=1, help_text="Pilot slots.")
@@ -57,7 +55,10 @@ class ComputeElement(models.Model):
         help_text="0..1: chance that a submission succeeds and that a pilot ends DONE.",
     )
     vos = models.ManyToManyField(VirtualOrganisation, related_name="compute_elements", blank=True)
-    backend = models.CharField(max_length=20, choices=Backend.choices, default=Backend.SIMULATED)
+    # The registered backends (pilots.backends registers them; the registry imports no model).
+    backend = models.CharField(
+        max_length=20, choices=backend_registry.choices, default=backend_registry.DEFAULT_BACKEND
+    )
     backend_settings = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=CEStatus.choices, default=CEStatus.ACTIVE)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -79,12 +80,24 @@ class ComputeElement(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
-        from pilots.backends import check_settings
-
-        check_settings(self.backend, self.backend_settings)
+        backend_registry.check_settings(self.backend, self.backend_settings)
 
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in CE_TRANSITIONS.get(self.status, frozenset())
+
+    # The state machine: each delegates to pilots.services.ce_set_status (compare-and-swap
+    # plus a ComputeElementEvent) and returns the refreshed CE, or raises the 409 refusal.
+    def drain(self, *, actor: str = "") -> ComputeElement:
+        return self._set_status(CEStatus.DRAINING, actor=actor)
+
+    def ban(self, *, actor: str = "") -> ComputeElement:
+        return self._set_status(CEStatus.BANNED, actor=actor)
+
+    def activate(self, *, actor: str = "") -> ComputeElement:
+        return self._set_status(CEStatus.ACTIVE, actor=actor)
+
+    def _set_status(self, to_status: str, *, actor: str) -> ComputeElement:
+        return writers.call("ce_set_status", name=self.name, to_status=to_status, actor=actor)
 
 
 class PilotStatus(models.TextChoices):
@@ -136,6 +149,20 @@ class PilotSubmission(models.Model):
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in PILOT_TRANSITIONS.get(self.status, frozenset())
 
+    # The state machine: each delegates to pilots.services.pilot_mark (compare-and-swap plus a
+    # PilotEvent) and returns the refreshed pilot, or raises the 409 refusal.
+    def mark_running(self, *, actor: str = "") -> PilotSubmission:
+        return self._mark(PilotStatus.RUNNING, actor=actor)
+
+    def mark_done(self, *, actor: str = "") -> PilotSubmission:
+        return self._mark(PilotStatus.DONE, actor=actor)
+
+    def mark_failed(self, reason: str, *, actor: str = "") -> PilotSubmission:
+        return self._mark(PilotStatus.FAILED, reason=reason, actor=actor)
+
+    def _mark(self, to_status: str, **kwargs: Any) -> PilotSubmission:
+        return writers.call("pilot_mark", pilot_id=self.id, to_status=to_status, **kwargs)
+
 
 class PilotReport(models.Model):
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -148,3 +175,39 @@ class PilotReport(models.Model):
 
     def __str__(self) -> str:
         return f"pilot report {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class _StatusEvent(models.Model):
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    at = models.DateTimeField(default=timezone.now)
+    actor = models.CharField(max_length=200, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["at", "id"]
+
+
+class ComputeElementEvent(_StatusEvent):
+    """One change of a CE's status (drain, ban, activate): who, when, from, to."""
+
+    ce = models.ForeignKey(ComputeElement, on_delete=models.CASCADE, related_name="events")
+
+    class Meta(_StatusEvent.Meta):
+        indexes = [models.Index(fields=["ce", "at"], name="ce_event_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.ce_id}: {self.from_status or '-'} -> {self.to_status}"
+
+
+class PilotEvent(_StatusEvent):
+    """One change of a pilot's status: who, when, from, to, why."""
+
+    pilot = models.ForeignKey(PilotSubmission, on_delete=models.CASCADE, related_name="events")
+
+    class Meta(_StatusEvent.Meta):
+        indexes = [models.Index(fields=["pilot", "at"], name="pilot_event_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.pilot_id}: {self.from_status or '-'} -> {self.to_status}"

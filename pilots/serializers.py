@@ -4,8 +4,8 @@ from typing import Any
 
 from rest_framework import serializers
 
-from pilots.backends import check_settings
-from pilots.models import Backend, ComputeElement, PilotReport, PilotSubmission, VirtualOrganisation
+from pilots.backend_registry import DEFAULT_BACKEND, check_settings
+from pilots.models import ComputeElement, PilotReport, PilotSubmission, VirtualOrganisation
 from scheduler_site.api_input import StrictTypes
 from tasks.serializers import JSONObjectField
 
@@ -58,7 +58,7 @@ class ComputeElementSerializer(StrictTypes, serializers.ModelSerializer):
         def current(field: str, default: Any) -> Any:
             return attrs.get(field, getattr(self.instance, field, default))
 
-        check_settings(current("backend", Backend.SIMULATED), current("backend_settings", {}))
+        check_settings(current("backend", DEFAULT_BACKEND), current("backend_settings", {}))
         return attrs
 
 

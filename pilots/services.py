@@ -5,8 +5,10 @@ SQLite: the IMMEDIATE transaction), after counting the CE's active pilots of eve
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import defaultdict
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -19,6 +21,8 @@ from pilots.models import (
     ACTIVE_PILOT_STATUSES,
     CEStatus,
     ComputeElement,
+    ComputeElementEvent,
+    PilotEvent,
     PilotReport,
     PilotStatus,
     PilotSubmission,
@@ -68,16 +72,93 @@ def ce_set_status(*, name: str, to_status: str, actor: str = "") -> ComputeEleme
         ComputeElement.objects.filter(id=ce.id, status=ce.status).update(
             status=to_status, modified_at=now
         )
+        ComputeElementEvent.objects.create(
+            ce=ce, from_status=ce.status, to_status=to_status, at=now, actor=actor[:200]
+        )
         if to_status == CEStatus.BANNED:
-            failed = PilotSubmission.objects.filter(ce=ce, status=PilotStatus.SUBMITTED).update(
-                status=PilotStatus.FAILED,
-                finished_at=now,
-                failure_reason=f"CE {name} banned by {actor or 'an operator'}",
-            )
-            logger.info("CE %s banned by %s: %d submitted pilots failed", name, actor, failed)
+            _fail_submitted(ce, reason=f"CE {name} banned by {actor or 'an operator'}", at=now)
     logger.info("CE %s %s -> %s by %s", name, ce.status, to_status, actor)
     ce.refresh_from_db()
     return ce
+
+
+def _fail_submitted(ce: ComputeElement, *, reason: str, at: datetime) -> None:
+    """A banned CE's SUBMITTED pilots will never start: FAILED, each with its event."""
+    pilots = list(
+        PilotSubmission.objects.select_for_update()
+        .filter(ce=ce, status=PilotStatus.SUBMITTED)
+        .values_list("id", flat=True)
+    )
+    PilotSubmission.objects.filter(id__in=pilots, status=PilotStatus.SUBMITTED).update(
+        status=PilotStatus.FAILED, finished_at=at, failure_reason=reason
+    )
+    PilotEvent.objects.bulk_create(
+        PilotEvent(
+            pilot_id=pilot_id,
+            from_status=PilotStatus.SUBMITTED,
+            to_status=PilotStatus.FAILED,
+            at=at,
+            note=reason,
+        )
+        for pilot_id in pilots
+    )
+    logger.info("CE %s banned: %d submitted pilots failed", ce.name, len(pilots))
+
+
+# --- inventory: VOs and Compute Elements ---------------------------------------------------
+
+
+def vo_create(*, name: str, enabled: bool = True) -> VirtualOrganisation:
+    vo = VirtualOrganisation(name=name, enabled=enabled)
+    vo.full_clean()
+    vo.save(force_insert=True)
+    return vo
+
+
+def vo_update(*, vo: VirtualOrganisation, **fields: Any) -> VirtualOrganisation:
+    for field, value in fields.items():
+        setattr(vo, field, value)
+    vo.full_clean()
+    vo.save(update_fields=list(fields))
+    return vo
+
+
+def ce_create(
+    *, name: str, vos: Sequence[VirtualOrganisation] = (), **fields: Any
+) -> ComputeElement:
+    with transaction.atomic():
+        ce = ComputeElement(name=name, **fields)
+        ce.full_clean()
+        ce.save(force_insert=True)
+        ce.vos.set(vos)
+        ComputeElementEvent.objects.create(ce=ce, to_status=ce.status, note="created")
+    return ce
+
+
+def ce_update(
+    *, ce: ComputeElement, vos: Sequence[VirtualOrganisation] | None = None, **fields: Any
+) -> ComputeElement:
+    """Capacity, reliability, backend and its settings, VOs; status moves by ce_set_status."""
+    with transaction.atomic():
+        for field, value in fields.items():
+            setattr(ce, field, value)
+        ce.modified_at = timezone.now()
+        ce.full_clean()
+        ce.save(update_fields=[*fields, "modified_at"])
+        if vos is not None:
+            ce.vos.set(vos)
+    return ce
+
+
+def ce_delete(*, name: str) -> None:
+    """Only a CE with no pilots on record: their history must not go with it (409)."""
+    with transaction.atomic():
+        ce = _get_ce(name, for_update=True)
+        if ce.pilots.exists():
+            raise NoFreeSlot(
+                f"Compute element {name} has pilots on record; ban or drain it instead."
+            )
+        ce.delete()
 
 
 def pilot_submit(*, ce_name: str, vo_name: str, actor: str = "") -> PilotSubmission:
@@ -96,6 +177,9 @@ def pilot_submit(*, ce_name: str, vo_name: str, actor: str = "") -> PilotSubmiss
                 f"Compute element {ce_name} is full: {active} of {ce.capacity} slots in use."
             )
         pilot = PilotSubmission.objects.create(ce=ce, vo=vo)
+        PilotEvent.objects.create(
+            pilot=pilot, to_status=PilotStatus.SUBMITTED, actor=actor[:200], note="submitted"
+        )
     # The slow call to the CE happens after the slot is committed, outside any lock of rows.
     try:
         external_id = backend_for(ce).submit(pilot)
@@ -111,8 +195,9 @@ def pilot_submit(*, ce_name: str, vo_name: str, actor: str = "") -> PilotSubmiss
     return pilot
 
 
-def _move(pilot: PilotSubmission, to_status: str, **values: Any) -> bool:
-    """Compare-and-swap a pilot's status; False when it changed meanwhile or may not move."""
+def _move(pilot: PilotSubmission, to_status: str, *, actor: str = "", **values: Any) -> bool:
+    """Compare-and-swap a pilot's status, with its event; False when it changed meanwhile or
+    may not move."""
     if not pilot.can_transition_to(to_status):
         return False
     now = timezone.now()
@@ -121,10 +206,40 @@ def _move(pilot: PilotSubmission, to_status: str, **values: Any) -> bool:
         stamps["started_at"] = now
     if to_status in {PilotStatus.DONE, PilotStatus.FAILED}:
         stamps["finished_at"] = now
-    moved = PilotSubmission.objects.filter(id=pilot.id, status=pilot.status).update(
-        status=to_status, **stamps, **values
-    )
+    with transaction.atomic():
+        moved = PilotSubmission.objects.filter(id=pilot.id, status=pilot.status).update(
+            status=to_status, **stamps, **values
+        )
+        if moved:
+            PilotEvent.objects.create(
+                pilot_id=pilot.id,
+                from_status=pilot.status,
+                to_status=to_status,
+                at=now,
+                actor=actor[:200],
+                note=values.get("failure_reason", ""),
+            )
     return bool(moved)
+
+
+def pilot_mark(
+    *, pilot_id: uuid.UUID, to_status: str, reason: str = "", actor: str = ""
+) -> PilotSubmission:
+    """Move a pilot along its state machine (RUNNING, DONE, FAILED with a reason): the
+    refreshed pilot, or TransitionRefused (409) when the move is not allowed from its status
+    or it changed meanwhile."""
+    pilot = PilotSubmission.objects.filter(id=pilot_id).first()
+    if pilot is None:
+        raise PilotNotFound(f"Pilot {pilot_id} does not exist.")
+    values = {"failure_reason": reason} if to_status == PilotStatus.FAILED else {}
+    if not _move(pilot, to_status, actor=actor, **values):
+        current = PilotSubmission.objects.filter(id=pilot_id).values_list("status", flat=True)
+        status = current.first() or ""
+        raise TransitionRefused(
+            f"Cannot move pilot {pilot_id} from {status} to {to_status}.", current_status=status
+        )
+    pilot.refresh_from_db()
+    return pilot
 
 
 def submit_pilots_for_vo(*, vo_name: str) -> dict[str, int]:

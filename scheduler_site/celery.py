@@ -1,5 +1,8 @@
-"""The Celery app. Celery task functions live in each app's `jobs` module (not `tasks`, which
-is the name of a Django app here), so autodiscovery looks for `jobs`."""
+"""The Celery app. The scheduler's own Celery task functions live in each of its apps' `jobs`
+module (not `tasks`, which is the name of a Django app here), so autodiscovery looks for
+`jobs`; it also looks for Celery's usual `tasks` module in every installed app, so that the
+`@shared_task`s of your own apps are registered and can run as `celery:<task name>` handlers
+(there is no `tasks.tasks`: the tasks app holds none)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ TRANSPORT_ALIASES["filesystem"] = "scheduler_site.kombu_filesystem:Transport"
 app = Celery("scheduler_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(related_name="jobs")
+app.autodiscover_tasks(related_name="tasks")
 worker_queues.install(app)
 
 

@@ -17,6 +17,7 @@ COLORS = {
     "CANCELLED": "#999999",
     "SUBMITTED": "#6c8ebf",
     "DONE": "#82b366",
+    "failed attempts": "#f0b27a",
 }
 
 

@@ -1,25 +1,49 @@
-"""The operator's dashboard at `/`: queues, throughput, dead letters, due schedules, pilots."""
+"""The operator's pages: the dashboard at `/` (health, workers, queues, throughput and queue
+wait over a chosen range, dead letters, due schedules, pilots) and a page per queue at
+`/queues/<id>/`. Each panel is a fragment of its own (`?panel=NAME`) that the page's script
+fetches again every REFRESH_SECONDS, and the charts read GET /api/tasks/series/: the page
+refreshes itself without reloading."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 
 from pilots.models import PilotReport, PilotStatus
 from pilots.services import pilot_counts
 from scheduler_site import charts
+from scheduler_site.health import celery_queue_of, system_health
 from schedules.models import Schedule, ScheduleStatus
 from tasks import selectors
-from tasks.models import Scheduler, Task, TaskStatus
+from tasks.models import Scheduler, SchedulerKind, Task, TaskStatus, WorkerKind
 
 REFRESH_SECONDS = 15
 QUEUE_KEYS = [TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING]
-OUTCOMES = [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD]
+RANGES = list(selectors.RANGES)
+
+
+def _health() -> dict[str, Any]:
+    return {"health": system_health()}
+
+
+def _workers(scheduler: Scheduler | None = None) -> dict[str, Any]:
+    now = timezone.now()
+    rows = [(w, selectors.worker_state(w, now=now)) for w in selectors.worker_list()]
+    if scheduler is not None:
+        rows = [(w, state) for w, state in rows if _serves(w, scheduler)]
+    return {"workers": rows, "live_workers": sum(state == "live" for _, state in rows)}
+
+
+def _serves(worker: Any, scheduler: Scheduler) -> bool:
+    if scheduler.kind == SchedulerKind.CELERY:
+        return worker.kind == WorkerKind.CELERY and celery_queue_of(scheduler) in worker.queues
+    return worker.kind == WorkerKind.RUNNER and scheduler.id in worker.queues
 
 
 def _queues() -> dict[str, Any]:
@@ -36,20 +60,11 @@ def _queues() -> dict[str, Any]:
     }
 
 
-def _throughput() -> dict[str, Any]:
-    now = timezone.now().replace(minute=0, second=0, microsecond=0)
-    hours = [now - timedelta(hours=h) for h in range(23, -1, -1)]
-    per_hour = {status: [0] * len(hours) for status in OUTCOMES}
-    index = {hour: i for i, hour in enumerate(hours)}
-    for row in selectors.hourly_stats(hours=24):
-        if row["status"] in per_hour and row["hour"] in index:
-            per_hour[row["status"]][index[row["hour"]]] += row["count"]
-    labels = [f"{hour:%H}h" for hour in hours]
+def _dead_letters() -> dict[str, Any]:
+    dead = Task.objects.filter(status=TaskStatus.DEAD)
     return {
-        "throughput_chart": charts.hourly_columns(
-            labels, per_hour, title="Completed, failed and dead per hour (UTC), last 24 h"
-        ),
-        "throughput_total": {status: sum(values) for status, values in per_hour.items()},
+        "dead_count": dead.count(),
+        "dead_letters": list(dead.order_by("-modified_at")[:10]),
     }
 
 
@@ -76,17 +91,56 @@ def _pilots() -> dict[str, Any]:
     }
 
 
+PANELS = {
+    "health": _health,
+    "workers": _workers,
+    "queues": _queues,
+    "dead-letters": _dead_letters,
+    "schedules": _schedules,
+    "pilots": _pilots,
+}
+
+
+Panels = dict[str, Callable[[], dict[str, Any]]]
+
+
+def _page(request: HttpRequest, template: str, panels: Panels, **context: Any) -> HttpResponse:
+    context |= {"refresh_seconds": REFRESH_SECONDS, "now": timezone.now(), "ranges": RANGES}
+    name = request.GET.get("panel")
+    if name is not None:
+        if name not in panels:
+            raise Http404(f"No panel {name!r}.")
+        return render(request, f"dashboard/{name}.html", context | panels[name]())
+    for build in panels.values():
+        context |= build()
+    return render(request, template, context)
+
+
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
-    context: dict[str, Any] = {
-        "refresh_seconds": REFRESH_SECONDS,
-        "now": timezone.now(),
-        "dead_letters": list(
-            Task.objects.filter(status=TaskStatus.DEAD).order_by("-modified_at")[:10]
+    return _page(request, "dashboard.html", PANELS)
+
+
+def _queue_summary(scheduler: Scheduler) -> dict[str, Any]:
+    counts = selectors.status_counts([scheduler.id]).get(scheduler.id, {})
+    hour = selectors.queue_series(range_name="1h", scheduler_id=scheduler.id)
+    return {
+        "counts": counts,
+        "depth_chart": charts.stacked_bars(
+            [(scheduler.id, counts)], QUEUE_KEYS, title=f"Depth of {scheduler.id}"
         ),
-        **_queues(),
-        **_throughput(),
-        **_schedules(),
-        **_pilots(),
+        "last_hour": {n.replace("_", " "): sum(hour[n]) for n in selectors.SERIES_COUNTS},
+        "recent_failures": selectors.recent_failures(scheduler_id=scheduler.id),
     }
-    return render(request, "dashboard.html", context)
+
+
+@login_required
+def queue_page(request: HttpRequest, scheduler_id: str) -> HttpResponse:
+    """One queue: depth, rates and wait over a range, the workers serving it, its recent
+    failures."""
+    scheduler = get_object_or_404(Scheduler, id=scheduler_id)
+    panels = {
+        "queue-summary": lambda: _queue_summary(scheduler),
+        "workers": lambda: _workers(scheduler),
+    }
+    return _page(request, "queue.html", panels, scheduler=scheduler)

@@ -27,7 +27,9 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.request import Request
 
+from scheduler_site.health import SEVERITY, system_health
 from scheduler_site.permissions import Authenticated, TokenAuthentication
+from tasks import selectors
 from tasks.metrics import DISPATCH_SECONDS, POP_SECONDS, QUEUE_WAIT_SECONDS, TRANSITION_SECONDS
 
 
@@ -81,7 +83,34 @@ class DatabaseCollector(Collector):
         yield from (tasks, depth, due, pilots)
 
 
+class HealthCollector(Collector):
+    """GET /api/health/ as gauges: each component's status (0 ok, 1 degraded, 2 down; the
+    component "overall" is the worst), and workers by kind and state."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = system_health()
+        status = GaugeMetricFamily(
+            "scheduler_health_status",
+            "Health per component: 0 ok, 1 degraded, 2 down (as GET /api/health/).",
+            labels=["component"],
+        )
+        status.add_metric(["overall"], SEVERITY[report.status])
+        for component in report.components:
+            status.add_metric([component.name], SEVERITY[component.status])
+        workers = GaugeMetricFamily(
+            "scheduler_workers", "Workers, runners and beat by state.", labels=["kind", "state"]
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for worker in selectors.worker_list():
+            key = (worker.kind, selectors.worker_state(worker))
+            counts[key] = counts.get(key, 0) + 1
+        for (kind, state), n in sorted(counts.items()):
+            workers.add_metric([kind, state], n)
+        yield from (status, workers)
+
+
 _database_collector = DatabaseCollector()
+_health_collector = HealthCollector()
 
 
 def _registry() -> CollectorRegistry:
@@ -92,6 +121,7 @@ def _registry() -> CollectorRegistry:
         for collector in (POP_SECONDS, DISPATCH_SECONDS, TRANSITION_SECONDS, QUEUE_WAIT_SECONDS):
             registry.register(collector)
     registry.register(_database_collector)
+    registry.register(_health_collector)
     return registry
 
 

@@ -4,6 +4,7 @@ They run on the system queue (CELERY_SYSTEM_QUEUE), away from the handlers' queu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,23 +21,17 @@ class PeriodicJob:
     description: str = ""
 
 
-# The Celery task names of the system's jobs: routed to the system queue however they are sent
-# (by beat, whose rows also name the queue, or by hand).
-SYSTEM_TASKS = frozenset(
-    {
-        "schedules.orchestrate",
-        "tasks.dispatch",
-        "tasks.reap_expired_leases",
-        "tasks.prune_finished_tasks",
-        "pilots.start_cycle",
-    }
-)
+@functools.cache
+def system_task_names() -> frozenset[str]:
+    """The Celery task names of the system's jobs: routed to the system queue however they
+    are sent (by beat, whose rows also name the queue, or by hand)."""
+    return frozenset(job.task for job in system_jobs())
 
 
 def route_system_jobs(name: str, *_: Any, **__: Any) -> dict[str, str] | None:
     """A Celery router (CELERY_TASK_ROUTES): the system's jobs go to the system queue; all
     else keeps its explicit queue (a scheduler's `celery_queue`) or Celery's default."""
-    if name in SYSTEM_TASKS:
+    if name in system_task_names():
         return {"queue": settings.CELERY_SYSTEM_QUEUE}
     return None
 
@@ -60,6 +55,13 @@ def system_jobs() -> list[PeriodicJob]:
             task="tasks.reap_expired_leases",
             every_seconds=settings.REAPER_INTERVAL_SECONDS,
             description="Expired leases become failed attempts (retry policy decides).",
+        ),
+        PeriodicJob(
+            name="scheduler: queue statistics",
+            task="tasks.queue_stats_rollup",
+            every_seconds=60,
+            description="Rolls the last minutes' events up into per-queue, per-minute counts "
+            "and queue-wait histograms (the dashboard's charts).",
         ),
         PeriodicJob(
             name="pilots: submit_pilots",

@@ -102,6 +102,16 @@ class AutoSchema(openapi.AutoSchema):
             schema["additionalProperties"] = False
         return schema
 
+    def _unwrap_list_serializer(self, serializer: Any, direction: str) -> Any:
+        schema = super()._unwrap_list_serializer(serializer, direction)
+        if isinstance(serializer, serializers.ListSerializer) and schema:
+            # A batch body says how many items it takes (push: 1 to 1,000 task objects).
+            if serializer.min_length is not None:
+                schema["minItems"] = serializer.min_length
+            if serializer.max_length is not None:
+                schema["maxItems"] = serializer.max_length
+        return schema
+
     def _get_filter_parameters(self) -> list[dict[str, Any]]:
         # The filter backend refuses a filter given empty (scheduler_site.api_input).
         parameters = super()._get_filter_parameters()

@@ -50,7 +50,7 @@ if not DEBUG and not ALLOWED_HOSTS:
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "scheduler_site.apps.SchedulerAdminConfig",  # django.contrib.admin, our section order
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -65,9 +65,13 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "django_tasks",
     "tasks",
     "schedules",
     "pilots",
+    # An ordinary app with plain Celery tasks and Django Tasks functions: the demo's and the
+    # end-to-end tests' "bring your own work" (README, docs/migration.md).
+    "demo_app",
 ]
 
 MIDDLEWARE = [
@@ -130,6 +134,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# The dashboard's own script and style, and uPlot vendored from the npm registry (no CDN).
+STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -201,6 +207,19 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Schedules, prioritised task queues, pilots. See the README for concepts.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Operations tagged by resource (the path's first part after /api/), so Swagger groups
+    # them: schedulers, tasks, schedules, vos, compute-elements, pilots, workers, health.
+    "SCHEMA_PATH_PREFIX": r"/api/",
+    "TAGS": [
+        {"name": "schedulers", "description": "Queues: create, pause, push, pop."},
+        {"name": "tasks", "description": "Tasks: reports, heartbeats, cancel, requeue, charts."},
+        {"name": "schedules", "description": "Schedules: cron, interval or one-off templates."},
+        {"name": "vos", "description": "Virtual organisations (pilots)."},
+        {"name": "compute-elements", "description": "Compute Elements: drain, ban, submit."},
+        {"name": "pilots", "description": "Pilot submissions and their summary."},
+        {"name": "workers", "description": "Celery workers, pull runners and beat."},
+        {"name": "health", "description": "Each component ok, degraded or down."},
+    ],
     "COMPONENT_SPLIT_REQUEST": True,
     "SERVE_PERMISSIONS": ["scheduler_site.permissions.Authenticated"],
     # Served from the installed sidecar package: the docs work with no internet.
@@ -214,6 +233,9 @@ SPECTACULAR_SETTINGS = {
         "ScheduleStatusEnum": "schedules.models.ScheduleStatus",
         "ComputeElementStatusEnum": "pilots.models.CEStatus",
         "PilotStatusEnum": "pilots.models.PilotStatus",
+        "SchedulerKindEnum": "tasks.models.SchedulerKind",
+        "WorkerKindEnum": "tasks.models.WorkerKind",
+        "HealthStatusEnum": ["ok", "degraded", "down"],
     },
 }
 
@@ -223,6 +245,9 @@ TASK_DEFAULT_LEASE_SECONDS = env_int("TASK_DEFAULT_LEASE_SECONDS", 300, minimum=
 # sent again (its message was lost, e.g. by a broker restart); a duplicate is harmless.
 TASK_CLAIM_TIMEOUT_SECONDS = env_int("TASK_CLAIM_TIMEOUT_SECONDS", 15, minimum=1)
 TASK_POP_MAX_LIMIT = 1000
+# The longest a pop may wait for work (`wait`): a waiting request holds a web thread and a
+# database connection meanwhile.
+TASK_POP_MAX_WAIT_SECONDS = 30
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 7, minimum=1)
 TASK_DEAD_RETENTION_DAYS = env_int("TASK_DEAD_RETENTION_DAYS", 30, minimum=1)
 ORCHESTRATOR_TICK_SECONDS = env_int("ORCHESTRATOR_TICK_SECONDS", 5, minimum=1)
@@ -231,6 +256,10 @@ DISPATCH_INTERVAL_SECONDS = env_int("DISPATCH_INTERVAL_SECONDS", 2, minimum=1)
 # A worker extends a running task's lease (and its locks) by 3x this, every this many seconds:
 # a killed worker's task is reaped within about 3x this plus the reaper's interval.
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
+# A pull runner counts as live this long after its last call (it idles in long-poll pops and
+# between polls); its calls are recorded at most once per RUNNER_SEEN_WRITE_SECONDS each.
+RUNNER_LOST_AFTER_SECONDS = env_int("RUNNER_LOST_AFTER_SECONDS", 90, minimum=1)
+RUNNER_SEEN_WRITE_SECONDS = 5
 # A task whose lock is held waits 0.5 s, then twice as long each time, up to this.
 LOCK_WAIT_MAX_SECONDS = env_int("LOCK_WAIT_MAX_SECONDS", 10, minimum=1)
 # Pilots: a pilot with no news from its CE for this long is FAILED ("lost").
@@ -285,6 +314,16 @@ CELERY_TASK_ROUTES = ("scheduler_site.periodic.route_system_jobs",)
 # a new PostgreSQL backend per task, half the CPU of a no-op task. Keep connections; the
 # task_prerun hook in scheduler_site.celery still drops old or failed ones.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
+
+# Django Tasks (the django-tasks backport on Django 5.2, django.tasks on 6): `.enqueue()` of a
+# @task function queues it here, on the scheduler named by its queue_name (made on first use).
+TASKS = {
+    "default": {
+        "BACKEND": "tasks.django_tasks.SchedulerBackend",
+        "QUEUES": [],  # any queue name
+        "OPTIONS": {"CREATE_SCHEDULERS": True, "ENQUEUE_ON_COMMIT": True},
+    }
+}
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

@@ -6,11 +6,11 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from pilots.api import ComputeElementViewSet, PilotViewSet, VOViewSet
-from scheduler_site.dashboard import dashboard
-from scheduler_site.health import healthz
+from scheduler_site.dashboard import dashboard, queue_page
+from scheduler_site.health import health_view, healthz
 from scheduler_site.metrics import metrics_view
 from schedules.api import ScheduleViewSet
-from tasks.api import SchedulerViewSet, TaskViewSet
+from tasks.api import SchedulerViewSet, TaskViewSet, WorkerViewSet
 
 router = DefaultRouter()
 router.register("schedulers", SchedulerViewSet, basename="scheduler")
@@ -19,14 +19,17 @@ router.register("schedules", ScheduleViewSet, basename="schedule")
 router.register("vos", VOViewSet, basename="vo")
 router.register("compute-elements", ComputeElementViewSet, basename="compute-element")
 router.register("pilots", PilotViewSet, basename="pilot")
+router.register("workers", WorkerViewSet, basename="worker")
 
 handler404 = "scheduler_site.api_errors.not_found"
 
 urlpatterns = [
     path("", dashboard, name="dashboard"),
+    path("queues/<str:scheduler_id>/", queue_page, name="queue-page"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/health/", health_view, name="health"),
     path("api/", include(router.urls)),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),

@@ -2,17 +2,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin
-from django.db.models import QuerySet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.db.models import Field, QuerySet
+from django.http import HttpRequest, JsonResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from schedules import services, timing
-from schedules.models import Schedule
-from tasks.admin import run_each, to_the_second
+from schedules.models import Schedule, ScheduleStatus
+from tasks.admin import DataKeySearch, ObjectButtons, run_each, status_history, to_the_second
 
 EDITABLE = [
+    "name",
     "hash",
     "data",
     "priority",
@@ -29,7 +32,8 @@ EDITABLE = [
 
 
 @admin.register(Schedule)
-class ScheduleAdmin(admin.ModelAdmin):
+class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
+    change_form_template = "admin/schedules/schedule/change_form.html"
     list_display = [
         "__str__",
         "status",
@@ -45,7 +49,10 @@ class ScheduleAdmin(admin.ModelAdmin):
     last_run = to_the_second("last_run_at", "last run (UTC)")
     created = to_the_second("created_at", "created (UTC)")
     list_filter = ["status", "scheduler"]
-    search_fields = ["=id", "hash", "cron"]
+    search_fields = ["=id", "name", "hash", "cron"]
+    search_help_text = (
+        "An id, a name, a hash, a cron expression, or key=value on the schedule's data."
+    )
     date_hierarchy = "deadline_at"
     show_full_result_count = False
     readonly_fields = [
@@ -56,9 +63,75 @@ class ScheduleAdmin(admin.ModelAdmin):
         "created_at",
         "modified_at",
         "recent_tasks",
+        "history",
     ]
     fields = ["scheduler", *EDITABLE, *readonly_fields]
     actions = ["resume_schedules", "pause_schedules", "trigger_schedules"]
+
+    @admin.display(description="status history")
+    def history(self, schedule: Schedule) -> str:
+        return status_history(schedule.events)
+
+    class Media:
+        # Django's own select2 (the admin's autocomplete widgets use it) makes the time zone
+        # a searchable select; schedule_form.js adds the cron preview as you type.
+        css = {"all": ["admin/css/vendor/select2/select2.min.css"]}
+        js = [
+            "admin/js/vendor/jquery/jquery.min.js",
+            "admin/js/vendor/select2/select2.full.min.js",
+            "admin/js/jquery.init.js",
+            "scheduler/schedule_form.js",
+        ]
+
+    def formfield_for_dbfield(self, db_field: Field, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "timezone":
+            zones = timing.zone_names()
+            return forms.ChoiceField(
+                choices=[(name, name) for name in zones],
+                initial="UTC",
+                help_text="The IANA zone cron is evaluated in (type to search).",
+                widget=forms.Select(attrs={"class": "tz-select"}),
+            )
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+    def get_urls(self) -> list[URLPattern]:
+        preview = path(
+            "cron-preview/",
+            self.admin_site.admin_view(self.cron_preview_view),
+            name="schedules_schedule_cron_preview",
+        )
+        return [preview, *self.button_urls(), *super().get_urls()]
+
+    def cron_preview_view(self, request: HttpRequest) -> JsonResponse:
+        """GET ?cron=...&timezone=...: the expression in words and its next 5 runs in that
+        zone, or the problem (the schedule form's helper)."""
+        cron = request.GET.get("cron", "").strip()
+        tz_name = request.GET.get("timezone", "UTC").strip()
+        return JsonResponse(timing.cron_preview(cron, tz_name, after=timezone.now()))
+
+    def buttons_for(self, request: HttpRequest, obj: Schedule) -> dict[str, str]:
+        if not self.has_change_permission(request, obj):
+            return {}
+        buttons = {}
+        if obj.status == ScheduleStatus.ACTIVE:
+            buttons["pause"] = "Pause"
+        if obj.status == ScheduleStatus.PAUSED:
+            buttons["resume"] = "Resume"
+        if obj.status != ScheduleStatus.FINISHED:
+            buttons["trigger"] = "Trigger now"
+        return buttons
+
+    def button_pause(self, request: HttpRequest, schedule: Schedule) -> str:
+        services.schedule_pause(schedule_id=schedule.id, actor=request.user.get_username())
+        return "Paused."
+
+    def button_resume(self, request: HttpRequest, schedule: Schedule) -> str:
+        done = services.schedule_resume(schedule_id=schedule.id, actor=request.user.get_username())
+        return f"Resumed: next run {done.deadline_at:%Y-%m-%d %H:%M:%S} UTC."
+
+    def button_trigger(self, request: HttpRequest, schedule: Schedule) -> str:
+        task = services.schedule_trigger(schedule_id=schedule.id, actor=request.user.get_username())
+        return f"Triggered: task {task.id} queued."
 
     @admin.display(description="when")
     def when(self, schedule: Schedule) -> str:
@@ -85,7 +158,9 @@ class ScheduleAdmin(admin.ModelAdmin):
                 for task in tasks
             ),
         )
-        return format_html("<ul>{}</ul>", rows) if tasks else "none yet"
+        history = reverse("admin:tasks_task_changelist") + f"?schedule__id__exact={schedule.pk}"
+        link = format_html('<a href="{}" class="run-history">Run history (every task)</a>', history)
+        return format_html("<ul>{}</ul>{}", rows, link) if tasks else "none yet"
 
     def get_readonly_fields(self, request: HttpRequest, obj: Schedule | None = None) -> list[str]:
         fields = list(self.readonly_fields)

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import uuid
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scheduler_site.api_helpers import ERROR, actor
 from scheduler_site.api_input import CursorPagination, StrictBodyMixin
-from schedules import services
+from schedules import selectors, services
 from schedules.filters import ScheduleFilter
 from schedules.models import Schedule
 from schedules.serializers import ScheduleSerializer, ScheduleUpdateSerializer
-from tasks.api import UUID_PATTERN
 from tasks.serializers import TaskSerializer
-
-ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
-
-
-def _actor(request: Request) -> str:
-    return getattr(request.user, "username", "") or "anonymous"
 
 
 class ScheduleCursorPagination(CursorPagination):
@@ -31,6 +25,9 @@ class ScheduleCursorPagination(CursorPagination):
 
 @extend_schema_view(partial_update=extend_schema(request=ScheduleUpdateSerializer))
 class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
+    """Schedules. `{id}` is a schedule's id or its name; a name in several schedulers needs
+    `?scheduler=` (400 on `scheduler` without it)."""
+
     queryset = Schedule.objects.all()
     serializer_class = ScheduleSerializer
     # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
@@ -38,27 +35,38 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     filterset_class = ScheduleFilter
     pagination_class = ScheduleCursorPagination
-    lookup_value_regex = UUID_PATTERN  # anything uuid.UUID() refuses is a 404, not a 500
+    # An id, or a name (any text but "/"): find_schedule tells them apart, a name being never
+    # shaped like a UUID. Dots are allowed (names like "proj.tasks.report"), so a format
+    # suffix needs ?format= here.
+    lookup_value_regex = r"[^/]+"
     action_permissions = {
         "pause": ["schedules.change_schedule"],
         "resume": ["schedules.change_schedule"],
         "trigger": ["schedules.change_schedule", "tasks.add_task"],
     }
 
+    def get_object(self) -> Schedule:
+        """By id or by name; `?scheduler=` (a filter, like every other) says which scheduler's
+        when a name is in several."""
+        queryset = self.filter_queryset(self.get_queryset())
+        schedule = selectors.find_schedule(self.kwargs["pk"], queryset=queryset)
+        self.check_object_permissions(self.request, schedule)
+        return schedule
+
     def _schedule_id(self) -> uuid.UUID:
-        return uuid.UUID(self.kwargs["pk"])
+        return self.get_object().id
 
     def perform_create(self, serializer: ScheduleSerializer) -> None:
         data = dict(serializer.validated_data)
         scheduler = data.pop("scheduler")
         serializer.instance = services.schedule_create(
-            scheduler_id=scheduler.id, actor=_actor(self.request), **data
+            scheduler_id=scheduler.id, actor=actor(self.request), **data
         )
 
     def perform_update(self, serializer: ScheduleSerializer) -> None:
         serializer.instance = services.schedule_update(
             schedule_id=serializer.instance.id,
-            actor=_actor(self.request),
+            actor=actor(self.request),
             **serializer.validated_data,
         )
 
@@ -68,13 +76,13 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def pause(self, request: Request, pk: str) -> Response:
-        schedule = services.schedule_pause(schedule_id=self._schedule_id(), actor=_actor(request))
+        schedule = services.schedule_pause(schedule_id=self._schedule_id(), actor=actor(request))
         return Response(ScheduleSerializer(schedule).data)
 
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def resume(self, request: Request, pk: str) -> Response:
-        schedule = services.schedule_resume(schedule_id=self._schedule_id(), actor=_actor(request))
+        schedule = services.schedule_resume(schedule_id=self._schedule_id(), actor=actor(request))
         return Response(ScheduleSerializer(schedule).data)
 
     @extend_schema(
@@ -82,5 +90,5 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     )
     @action(detail=True, methods=["post"], takes_body=False)
     def trigger(self, request: Request, pk: str) -> Response:
-        task = services.schedule_trigger(schedule_id=self._schedule_id(), actor=_actor(request))
+        task = services.schedule_trigger(schedule_id=self._schedule_id(), actor=actor(request))
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)

@@ -8,8 +8,14 @@ class SchedulesConfig(AppConfig):
     verbose_name = "Schedules"
 
     def ready(self) -> None:
-        from schedules.services import adapt_interval
+        from scheduler_site import writers
+        from schedules import services
         from tasks import services as task_services
 
-        if adapt_interval not in task_services.on_completed_hooks:
-            task_services.on_completed_hooks.append(adapt_interval)
+        if services.adapt_interval not in task_services.on_completed_hooks:
+            task_services.on_completed_hooks.append(services.adapt_interval)
+        writers.register(
+            schedule_pause=services.schedule_pause,
+            schedule_resume=services.schedule_resume,
+            schedule_finish=services.schedule_finish,
+        )

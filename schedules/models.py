@@ -12,8 +12,11 @@ from django.db import models
 from django.db.models import Q
 from django.utils.timezone import now as utc_now
 
+from scheduler_site import writers
 from schedules import timing
+from tasks.exceptions import InvalidRequest
 from tasks.models import Scheduler
+from tasks.registry import check_task_data
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +35,37 @@ SCHEDULE_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
+def validate_schedule_name(value: str) -> None:
+    """A name is a label people type (a beat PeriodicTask's name, "nightly report"): any text
+    but a "/" (it is a URL path segment), control characters and outer spaces; never shaped
+    like a UUID, so that one reference names either an id or a name, never both."""
+    problem = None
+    if "/" in value or any(ord(char) < 32 or ord(char) == 127 for char in value):
+        problem = "must not contain '/' or control characters."
+    elif value != value.strip():
+        problem = "must not start or end with spaces."
+    else:
+        try:
+            uuid.UUID(value)
+            problem = "must not look like a UUID (schedule ids are UUIDs)."
+        except ValueError:
+            pass
+    if problem:
+        raise ValidationError(problem)
+
+
 class Schedule(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     scheduler = models.ForeignKey(
         Scheduler, on_delete=models.CASCADE, related_name="schedules", db_index=False
+    )
+    # NULL for "no name" (the uniqueness per scheduler ignores nameless schedules).
+    name = models.CharField(  # noqa: DJ001
+        max_length=200,
+        null=True,
+        blank=True,
+        validators=[validate_schedule_name],
+        help_text="Optional, unique per scheduler: the API and CLI take it for the id.",
     )
     # NULL, not "", for "no hash": uniqueness per scheduler must ignore hash-less schedules.
     hash = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
@@ -86,10 +116,15 @@ class Schedule(models.Model):
                 condition=Q(hash__isnull=False),
                 name="schedule_hash_uniq",
             ),
+            models.UniqueConstraint(
+                fields=["scheduler", "name"],
+                condition=Q(name__isnull=False),
+                name="schedule_name_uniq",
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.scheduler_id}/{self.hash or self.id}"
+        return f"{self.scheduler_id}/{self.name or self.hash or self.id}"
 
     @property
     def kind(self) -> str:
@@ -105,6 +140,18 @@ class Schedule(models.Model):
     def can_transition_to(self, to_status: str) -> bool:
         return to_status in SCHEDULE_TRANSITIONS.get(self.status, frozenset())
 
+    # The state machine, as Django users reach for it: each delegates to the schedules
+    # services (compare-and-swap plus a ScheduleEvent) and returns the refreshed schedule, or
+    # raises the refusal the API answers with 409.
+    def pause(self, *, actor: str = "") -> Schedule:
+        return writers.call("schedule_pause", schedule_id=self.id, actor=actor)
+
+    def resume(self, *, actor: str = "") -> Schedule:
+        return writers.call("schedule_resume", schedule_id=self.id, actor=actor)
+
+    def finish(self, *, actor: str = "") -> Schedule:
+        return writers.call("schedule_finish", schedule_id=self.id, actor=actor)
+
     def clean(self) -> None:
         errors: dict[str, str] = {}
         given = [name for name in ("cron", "interval_seconds", "run_at") if getattr(self, name)]
@@ -112,19 +159,29 @@ class Schedule(models.Model):
             message = "Give exactly one of cron, interval_seconds, run_at"
             message += f" (got {', '.join(given)})." if given else " (got none)."
             errors["cron" if "cron" in given or not given else given[0]] = message
-        if self.hash and self._hash_taken():
+        if self.hash and self._taken(hash=self.hash):
             # The constraint is conditional, so Django would report it under __all__: name it.
             errors["hash"] = f"Scheduler {self.scheduler_id!r} has a schedule with this hash."
+        if self.name == "":
+            self.name = None  # blank is no name
+        if self.name and self._taken(name=self.name):
+            errors["name"] = f"Scheduler {self.scheduler_id!r} has a schedule with this name."
         for check in (self._check_timing, self._check_window, self._check_adaptive):
             try:
                 check()
             except timing.TimingError as exc:
                 errors.setdefault(exc.field, exc.message)
+        scheduler = Scheduler.objects.filter(id=self.scheduler_id).first()
+        if scheduler is not None and "data" not in errors:
+            try:  # what its queue's handler could never run (a celery: task's arguments)
+                check_task_data(scheduler, self.data)
+            except InvalidRequest as exc:
+                errors["data"] = exc.message.removeprefix("data: ")
         if errors:
             raise ValidationError(errors)
 
-    def _hash_taken(self) -> bool:
-        others = Schedule.objects.filter(scheduler_id=self.scheduler_id, hash=self.hash)
+    def _taken(self, **unique: str) -> bool:
+        others = Schedule.objects.filter(scheduler_id=self.scheduler_id, **unique)
         return others.exclude(pk=self.pk).exists()
 
     def _check_timing(self) -> None:
@@ -199,3 +256,21 @@ class Schedule(models.Model):
             return None if self.end_at and candidate > self.end_at else candidate
         # A cron occurrence exactly at `now` is due now.
         return self.next_occurrence(after=now - timedelta(microseconds=1))
+
+
+class ScheduleEvent(models.Model):
+    """One change of a schedule's status: who, when, from, to, why."""
+
+    schedule = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    at = models.DateTimeField(default=utc_now)
+    actor = models.CharField(max_length=200, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["schedule", "at"], name="schedule_event_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id}: {self.from_status or '-'} -> {self.to_status}"

@@ -10,12 +10,12 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection
-from django.db.models import BooleanField
+from django.db.models import BooleanField, Exists, OuterRef, QuerySet
 from django.db.models.expressions import RawSQL
 
 from schedules.models import Schedule, ScheduleStatus
 from schedules.policies import Policy
-from tasks.models import ACTIVE_STATUSES, Task
+from tasks.models import ACTIVE_STATUSES, Scheduler, Task
 
 
 def _busy_condition() -> RawSQL:
@@ -66,10 +66,18 @@ def due_schedules(
     return list(queryset[:limit])
 
 
-def any_due(*, scheduler_id: str, now: datetime) -> bool:
-    return Schedule.objects.filter(
-        scheduler_id=scheduler_id, status=ScheduleStatus.ACTIVE, deadline_at__lte=now
-    ).exists()
+def schedulers_with_due(*, now: datetime, scheduler_id: str | None = None) -> QuerySet[Scheduler]:
+    """The unpaused schedulers that have a due schedule: the idle tick's one query. A semi-join
+    probes schedule_due_idx (scheduler, deadline_at WHERE ACTIVE) once per scheduler, so it
+    costs O(schedulers), never O(schedules) (a range on deadline_at alone could not use the
+    index's leading column)."""
+    due = Schedule.objects.filter(
+        scheduler_id=OuterRef("pk"), status=ScheduleStatus.ACTIVE, deadline_at__lte=now
+    )
+    schedulers = Scheduler.objects.filter(Exists(due), paused=False)
+    if scheduler_id:
+        schedulers = schedulers.filter(id=scheduler_id)
+    return schedulers.order_by("id")
 
 
 def _prep(field_name: str, value: Any) -> Any:

@@ -21,6 +21,7 @@ class ScheduleSerializer(StrictTypes, serializers.ModelSerializer):
         fields = [
             "id",
             "scheduler",
+            "name",
             "hash",
             "data",
             "priority",
@@ -49,8 +50,15 @@ class ScheduleSerializer(StrictTypes, serializers.ModelSerializer):
             "created_at",
             "modified_at",
         ]
-        # Uniqueness of (scheduler, hash) is checked by the model's full_clean in the service.
+        # Uniqueness of (scheduler, hash) and (scheduler, name) is checked by the model's
+        # full_clean in the service.
         validators: list[Any] = []
+        extra_kwargs = {
+            "name": {
+                "help_text": "Optional, unique per scheduler; the API takes it for the id "
+                "(/api/schedules/{name}/, with ?scheduler= when several have it)."
+            }
+        }
 
     def get_cron_description(self, schedule: Schedule) -> str:
         return timing.explain_cron(schedule.cron) if schedule.cron else ""

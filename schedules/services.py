@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from schedules import queries
 from schedules.exceptions import ScheduleNotFound, ScheduleStateError
-from schedules.models import Schedule, ScheduleStatus
+from schedules.models import Schedule, ScheduleEvent, ScheduleStatus
 from schedules.policies import FALLBACK, allocate
 from tasks import queue as task_queue
 from tasks import services as task_services
@@ -36,8 +36,28 @@ def _get(schedule_id: uuid.UUID) -> Schedule:
         raise ScheduleNotFound(f"Schedule {schedule_id} does not exist.") from None
 
 
-def _set_status(schedule: Schedule, *, to_status: str, now: datetime, actor: str) -> Schedule:
-    """Compare-and-swap the schedule's status; the deadline is recomputed from now."""
+def record_events(
+    changes: Sequence[tuple[uuid.UUID, str, str]], *, actor: str, note: str, at: datetime
+) -> None:
+    """ScheduleEvent rows for (schedule id, from, to) changes, in the caller's transaction."""
+    ScheduleEvent.objects.bulk_create(
+        ScheduleEvent(
+            schedule_id=schedule_id,
+            from_status=from_status,
+            to_status=to_status,
+            at=at,
+            actor=actor[:200],
+            note=note,
+        )
+        for schedule_id, from_status, to_status in changes
+    )
+
+
+def _set_status(
+    schedule: Schedule, *, to_status: str, now: datetime, actor: str, note: str = ""
+) -> Schedule:
+    """Compare-and-swap the schedule's status, with its event; the deadline is recomputed
+    from now."""
     if not schedule.can_transition_to(to_status):
         raise ScheduleStateError(
             f"Cannot move schedule {schedule.id} from {schedule.status} to {to_status}."
@@ -45,11 +65,14 @@ def _set_status(schedule: Schedule, *, to_status: str, now: datetime, actor: str
     deadline = schedule.first_deadline(now=now) if to_status == ScheduleStatus.ACTIVE else None
     if to_status == ScheduleStatus.ACTIVE and deadline is None:
         to_status = ScheduleStatus.FINISHED  # nothing left to run (one-off done, past end_at)
-    changed = Schedule.objects.filter(id=schedule.id, status=schedule.status).update(
-        status=to_status, deadline_at=deadline, modified_at=now
-    )
-    if not changed:
-        raise ScheduleStateError(f"Schedule {schedule.id} changed meanwhile; try again.")
+        note = note or "nothing left to run"
+    with transaction.atomic():
+        changed = Schedule.objects.filter(id=schedule.id, status=schedule.status).update(
+            status=to_status, deadline_at=deadline, modified_at=now
+        )
+        if not changed:
+            raise ScheduleStateError(f"Schedule {schedule.id} changed meanwhile; try again.")
+        record_events([(schedule.id, schedule.status, to_status)], actor=actor, note=note, at=now)
     logger.info(
         "schedule %s %s -> %s by %s; next run %s",
         schedule.id,
@@ -66,10 +89,12 @@ def _save(schedule: Schedule, **kwargs: Any) -> None:
     try:
         with transaction.atomic():
             schedule.save(**kwargs)
-    except IntegrityError:
-        # full_clean checked the hash, but a concurrent create may have taken it since.
+    except IntegrityError as exc:
+        # full_clean checked the hash and name, but a concurrent write may have taken one since.
+        text = str(exc)
+        field = "name" if "schedule_name_uniq" in text or "schedule.name" in text else "hash"
         raise ValidationError(
-            {"hash": f"Scheduler {schedule.scheduler_id!r} has a schedule with this hash."}
+            {field: f"Scheduler {schedule.scheduler_id!r} has a schedule with this {field}."}
         ) from None
 
 
@@ -82,7 +107,9 @@ def schedule_create(*, scheduler_id: str, actor: str = "", **fields: Any) -> Sch
     schedule.deadline_at = schedule.first_deadline(now=now)
     if schedule.deadline_at is None:
         schedule.status = ScheduleStatus.FINISHED
-    _save(schedule, force_insert=True)
+    with transaction.atomic():
+        _save(schedule, force_insert=True)
+        record_events([(schedule.id, "", schedule.status)], actor=actor, note="created", at=now)
     logger.info("schedule %s created by %s; first run %s", schedule.id, actor, schedule.deadline_at)
     return schedule
 
@@ -98,11 +125,15 @@ def schedule_update(*, schedule_id: uuid.UUID, actor: str = "", **fields: Any) -
             setattr(schedule, name, value)
         schedule.full_clean()
         schedule.modified_at = now
+        was = schedule.status
         if schedule.status != ScheduleStatus.PAUSED:
             schedule.deadline_at = schedule.first_deadline(now=now)
             finished = schedule.deadline_at is None
             schedule.status = ScheduleStatus.FINISHED if finished else ScheduleStatus.ACTIVE
         _save(schedule, update_fields=[*fields, "modified_at", "deadline_at", "status"])
+        if schedule.status != was:
+            note = f"edited ({', '.join(fields)})"
+            record_events([(schedule.id, was, schedule.status)], actor=actor, note=note, at=now)
     logger.info(
         "schedule %s edited by %s (%s); next run %s",
         schedule.id,
@@ -125,6 +156,21 @@ def schedule_resume(*, schedule_id: uuid.UUID, actor: str = "") -> Schedule:
     if schedule.status == ScheduleStatus.ACTIVE:
         return schedule
     return _set_status(schedule, to_status=ScheduleStatus.ACTIVE, now=timezone.now(), actor=actor)
+
+
+def schedule_finish(*, schedule_id: uuid.UUID, actor: str = "") -> Schedule:
+    """End a schedule for good (it makes no more tasks); resume brings it back if it still has
+    occurrences."""
+    schedule = _get(schedule_id)
+    if schedule.status == ScheduleStatus.FINISHED:
+        return schedule
+    return _set_status(
+        schedule,
+        to_status=ScheduleStatus.FINISHED,
+        now=timezone.now(),
+        actor=actor,
+        note="finished",
+    )
 
 
 def schedule_delete(*, schedule_id: uuid.UUID) -> None:
@@ -168,13 +214,10 @@ def orchestrate(*, scheduler_id: str | None = None, batch_size: int = 500) -> di
     by compare-and-swap, so one occurrence yields at most one task.
     """
     now = timezone.now()
-    schedulers = Scheduler.objects.filter(paused=False)
-    if scheduler_id:
-        schedulers = schedulers.filter(id=scheduler_id)
+    due = queries.schedulers_with_due(now=now, scheduler_id=scheduler_id)
     created: dict[str, int] = {}
-    for sid in schedulers.values_list("id", flat=True):
-        if queries.any_due(scheduler_id=sid, now=now):
-            created[sid] = _orchestrate_scheduler(sid, now=now, batch_size=batch_size)
+    for sid in due.values_list("id", flat=True):
+        created[sid] = _orchestrate_scheduler(sid, now=now, batch_size=batch_size)
     return created
 
 
@@ -262,6 +305,12 @@ def _advance_and_insert(
     scheduler: Scheduler, plans: Sequence[tuple[Schedule, datetime | None]], *, now: datetime
 ) -> int:
     moved = queries.advance(plans=plans, now=now)
+    finished = [
+        (s.id, ScheduleStatus.ACTIVE, ScheduleStatus.FINISHED)
+        for s, at in plans
+        if at is None and s.id in moved
+    ]
+    record_events(finished, actor=ORCHESTRATOR, note="no occurrence left", at=now)
     tasks = [
         Task(
             id=uuid.uuid4(),
@@ -277,9 +326,8 @@ def _advance_and_insert(
         for schedule, _ in plans
         if schedule.id in moved
     ]
-    Task.objects.bulk_create(tasks)
-    task_queue.record_events(
-        tasks, from_status="", actor=ORCHESTRATOR, note="materialised from its schedule", at=now
+    task_queue.insert_queued(
+        tasks, actor=ORCHESTRATOR, note="materialised from its schedule", at=now
     )
     return len(tasks)
 

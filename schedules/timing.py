@@ -96,3 +96,27 @@ def next_interval(*, anchor: datetime, interval_seconds: int, after: datetime) -
         return anchor
     steps = math.floor((after - anchor).total_seconds() / interval_seconds) + 1
     return anchor + timedelta(seconds=steps * interval_seconds)
+
+
+def cron_preview(expression: str, tz_name: str, *, after: datetime, count: int = 5) -> dict:
+    """What the schedule form shows as you type: the expression in words and its next
+    `count` runs in the schedule's zone (ISO 8601 with the offset), or the problem, named
+    by field ("cron" or "timezone")."""
+    try:
+        tz = zone(tz_name or "UTC")
+        validate_cron(expression)
+    except TimingError as exc:
+        return {"ok": False, "field": exc.field, "error": exc.message}
+    runs, moment = [], after
+    for _ in range(count):
+        nxt = next_cron(expression, tz_name or "UTC", after=moment)
+        if nxt is None:
+            break
+        runs.append(nxt.astimezone(tz).isoformat())
+        moment = nxt
+    return {"ok": True, "description": explain_cron(expression), "next": runs, "timezone": tz.key}
+
+
+def zone_names() -> list[str]:
+    """Every IANA zone name this system accepts, sorted (the schedule form's choices)."""
+    return sorted(_zone_names())

@@ -7,15 +7,18 @@ from typing import Any
 
 from drf_spectacular.utils import (
     OpenApiResponse,
+    PolymorphicProxySerializer,
     extend_schema,
     extend_schema_view,
     inline_serializer,
 )
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
 from scheduler_site.api_input import CursorPagination, StrictBodyMixin
 from scheduler_site.permissions import (
     ModelActionPermissions,
@@ -23,36 +26,34 @@ from scheduler_site.permissions import (
     TaskScopePermission,
     queue_scope,
 )
-from tasks import selectors, services
-from tasks.filters import TaskFilter
+from tasks import batches, selectors, services, workers
+from tasks.filters import TaskFilter, WorkerFilter
 from tasks.leases import LeaseProof
-from tasks.models import Scheduler, Task
+from tasks.models import Scheduler, Task, Worker
 from tasks.serializers import (
+    BatchReportSerializer,
     HeartbeatSerializer,
     PoppedTaskSerializer,
     PopSerializer,
+    PushOutcomeSerializer,
     ReleaseSerializer,
+    ReportOutcomeSerializer,
     SchedulerSerializer,
     SchedulerUpdateSerializer,
+    SeriesQuerySerializer,
+    SeriesSerializer,
     StatsQuerySerializer,
     StatsRowSerializer,
     TaskEventSerializer,
     TaskPushSerializer,
     TaskReportSerializer,
     TaskSerializer,
+    WorkerSerializer,
 )
 
-# Only strings uuid.UUID() accepts (32 hex digits, dashes optional): anything else is a 404
-# from the router, never a ValueError in the view.
-UUID_PATTERN = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
-ERROR = OpenApiResponse(description="Error: {'detail': ...} or field errors.")
 POP_RESPONSE = inline_serializer("PopResponse", {"results": PoppedTaskSerializer(many=True)})
 RUNNER_PERMS = ["tasks.report_task"]
 OPERATOR_PERM = "tasks.change_task"
-
-
-def _actor(request: Request) -> str:
-    return getattr(request.user, "username", "") or "anonymous"
 
 
 def _is_operator(request: Request) -> bool:
@@ -61,8 +62,45 @@ def _is_operator(request: Request) -> bool:
 
 def _proof(request: Request, body: dict[str, Any]) -> LeaseProof:
     """The caller's claim to a task's lease: the token in the body (taken out of it), or, for
-    an operator, none at all (an override the event records)."""
-    return LeaseProof(token=body.pop("lease_token", None), operator=_is_operator(request))
+    an operator, none at all (an override the event records). A holder's call is also how its
+    runner is seen alive (GET /api/workers/)."""
+    token = body.pop("lease_token", None)
+    if token:
+        workers.runner_seen(request)
+    return LeaseProof(token=token, operator=_is_operator(request))
+
+
+def _push_result(outcome: batches.PushOutcome) -> dict[str, Any]:
+    if outcome.task is not None:
+        return {"status": outcome.status, "task": TaskSerializer(outcome.task).data}
+    if outcome.existing_id is not None:
+        return {"status": outcome.status, "existing_id": str(outcome.existing_id)}
+    if outcome.errors is not None:
+        return {"status": outcome.status, "errors": outcome.errors}
+    return {"status": outcome.status}
+
+
+def _report_result(outcome: batches.ReportOutcome) -> dict[str, Any]:
+    result: dict[str, Any] = {"id": str(outcome.id), "status": outcome.status}
+    if outcome.task is not None:
+        result["task"] = TaskSerializer(outcome.task).data
+    if outcome.detail:
+        result["detail"] = outcome.detail
+    return result
+
+
+PUSH_REQUEST = PolymorphicProxySerializer(
+    component_name="PushOneOrMany",
+    serializers=[
+        TaskPushSerializer,
+        TaskPushSerializer(many=True, min_length=1, max_length=batches.BATCH_MAX),
+    ],
+    resource_type_field_name=None,
+    many=False,
+)
+PUSH_BATCH_RESPONSE = inline_serializer(
+    "PushBatchResponse", {"results": PushOutcomeSerializer(many=True)}
+)
 
 
 class TaskCursorPagination(CursorPagination):
@@ -114,7 +152,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     @action(detail=True, methods=["post"], takes_body=False)
     def pause(self, request: Request, pk: str) -> Response:
         scheduler = services.scheduler_set_paused(
-            scheduler_id=pk, paused=True, actor=_actor(request)
+            scheduler_id=pk, paused=True, actor=actor(request)
         )
         return Response(self.get_serializer(scheduler).data)
 
@@ -122,20 +160,47 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     @action(detail=True, methods=["post"], takes_body=False)
     def resume(self, request: Request, pk: str) -> Response:
         scheduler = services.scheduler_set_paused(
-            scheduler_id=pk, paused=False, actor=_actor(request)
+            scheduler_id=pk, paused=False, actor=actor(request)
         )
         return Response(self.get_serializer(scheduler).data)
 
     @extend_schema(
-        request=TaskPushSerializer,
-        responses={201: TaskSerializer, 400: ERROR, 404: ERROR, 409: ERROR, 429: ERROR},
+        request=PUSH_REQUEST,
+        responses={
+            201: TaskSerializer,
+            200: PUSH_BATCH_RESPONSE,
+            400: ERROR,
+            404: ERROR,
+            409: ERROR,
+            429: ERROR,
+        },
+        description="One task object → 201 with the task; an array of up to "
+        f"{batches.BATCH_MAX} → 200 with one outcome per item, in order, in one transaction.",
     )
     @action(detail=True, methods=["post"])
     def push(self, request: Request, pk: str) -> Response:
+        if isinstance(request.data, list):
+            return self._push_many(request, pk)
         body = TaskPushSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        task = services.task_push(scheduler_id=pk, actor=_actor(request), **body.validated_data)
+        task = services.task_push(scheduler_id=pk, actor=actor(request), **body.validated_data)
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
+
+    def _push_many(self, request: Request, pk: str) -> Response:
+        items = request.data
+        if not 1 <= len(items) <= batches.BATCH_MAX:
+            message = f"A batch push takes 1 to {batches.BATCH_MAX} task objects."
+            raise ValidationError({"non_field_errors": [message]})
+        bodies = [TaskPushSerializer(data=item) for item in items]
+        valid = [body.validated_data for body in bodies if body.is_valid()]
+        outcomes = iter(batches.task_push_many(scheduler_id=pk, pushes=valid, actor=actor(request)))
+        results = [
+            _push_result(next(outcomes))
+            if not body.errors
+            else {"status": 400, "errors": body.errors}
+            for body in bodies
+        ]
+        return Response({"results": results})
 
     @extend_schema(
         request=PopSerializer,
@@ -150,7 +215,8 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def pop(self, request: Request, pk: str) -> Response:
         body = PopSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        tasks = services.task_pop(scheduler_id=pk, worker=_actor(request), **body.validated_data)
+        tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body.validated_data)
+        workers.runner_seen(request, scheduler_id=pk)
         # The pop's answer is the one place a runner learns its lease tokens.
         return Response({"results": PoppedTaskSerializer(tasks, many=True).data})
 
@@ -169,12 +235,14 @@ class TaskViewSet(
     permission_classes = [ModelActionPermissions, TaskScopePermission]
     action_permissions = {
         "partial_update": RUNNER_PERMS,
+        "report": RUNNER_PERMS,
         "heartbeat": RUNNER_PERMS,
         "release": RUNNER_PERMS,
         "cancel": ["tasks.change_task"],
         "requeue": ["tasks.change_task"],
         "events": ["tasks.view_task"],
         "stats": ["tasks.view_task"],
+        "series": ["tasks.view_task"],
     }
 
     def get_queryset(self) -> Any:
@@ -200,9 +268,33 @@ class TaskViewSet(
         body.is_valid(raise_exception=True)
         data = dict(body.validated_data)
         task = services.task_report(
-            task_id=self._task_id(), actor=_actor(request), proof=_proof(request, data), **data
+            task_id=self._task_id(), actor=actor(request), proof=_proof(request, data), **data
         )
         return self._render(task)
+
+    @extend_schema(
+        request=BatchReportSerializer,
+        responses={
+            200: inline_serializer(
+                "BatchReportResponse", {"results": ReportOutcomeSerializer(many=True)}
+            ),
+            400: ERROR,
+        },
+        description=f"Up to {batches.BATCH_MAX} reports, each applied as its own PATCH would "
+        "be (each with its lease_token): one outcome per report, in order (200, 404, 409).",
+    )
+    @action(detail=False, methods=["post"])
+    def report(self, request: Request) -> Response:
+        body = BatchReportSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        workers.runner_seen(request)
+        outcomes = batches.tasks_report_many(
+            reports=body.validated_data["reports"],
+            actor=actor(request),
+            operator=_is_operator(request),
+            queues=queue_scope(request),
+        )
+        return Response({"results": [_report_result(outcome) for outcome in outcomes]})
 
     @extend_schema(
         request=HeartbeatSerializer, responses={200: TaskSerializer, 404: ERROR, 409: ERROR}
@@ -226,20 +318,20 @@ class TaskViewSet(
         body.is_valid(raise_exception=True)
         data = dict(body.validated_data)
         task = services.task_hand_back(
-            task_id=self._task_id(), actor=_actor(request), proof=_proof(request, data), **data
+            task_id=self._task_id(), actor=actor(request), proof=_proof(request, data), **data
         )
         return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def cancel(self, request: Request, pk: str) -> Response:
-        task = services.task_cancel(task_id=self._task_id(), actor=_actor(request))
+        task = services.task_cancel(task_id=self._task_id(), actor=actor(request))
         return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def requeue(self, request: Request, pk: str) -> Response:
-        task = services.task_requeue(task_id=self._task_id(), actor=_actor(request))
+        task = services.task_requeue(task_id=self._task_id(), actor=actor(request))
         return self._render(task)
 
     @extend_schema(responses={200: TaskEventSerializer(many=True), 404: ERROR})
@@ -261,3 +353,27 @@ class TaskViewSet(
         query.is_valid(raise_exception=True)
         rows = selectors.hourly_stats(queues=queue_scope(request), **query.validated_data)
         return Response({"results": StatsRowSerializer(rows, many=True).data})
+
+    @extend_schema(
+        parameters=[SeriesQuerySerializer], responses={200: SeriesSerializer, 400: ERROR}
+    )
+    @action(detail=False, methods=["get"], pagination_class=None, filterset_class=None)
+    def series(self, request: Request) -> Response:
+        """Throughput and queue wait (p50/p95) over a range, per point, for one queue or all:
+        what the dashboard charts. Read from the per-minute rollup (a minute or so behind)."""
+        query = SeriesQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        data = selectors.queue_series(queues=queue_scope(request), **query.validated_data)
+        return Response(SeriesSerializer(data).data)
+
+
+class WorkerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Celery workers, pull runners and beat as they last reported themselves (live, stopped
+    or lost), with the queues they serve and the tasks they hold."""
+
+    queryset = Worker.objects.all()
+    serializer_class = WorkerSerializer
+    filterset_class = WorkerFilter
+
+    def get_queryset(self) -> Any:
+        return selectors.worker_list()

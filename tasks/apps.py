@@ -18,8 +18,22 @@ class TasksConfig(AppConfig):
 
         from django.utils.module_loading import autodiscover_modules
 
-        from tasks import dispatch
+        from scheduler_site import writers
 
-        # Every app's `handlers` module registers its handlers by name.
+        # Imported for what they register: the `celery:` resolver, the Django Tasks handler,
+        # the worker registry's Celery signals.
+        from tasks import celery_handlers, dispatch, django_tasks, services, workers  # noqa: F401
+
+        # Every app's `handlers` module registers its handlers by name; `celery:<task name>`
+        # names resolve to the Celery app's tasks (tasks.celery_handlers); `django_tasks.call`
+        # runs Django Tasks functions (tasks.django_tasks).
         autodiscover_modules("handlers")
         dispatch.connect()
+        # What the models' state-machine methods (Task.complete(), …) call.
+        writers.register(
+            task_start=services.task_start,
+            task_complete=services.task_complete,
+            task_fail=services.task_fail,
+            task_cancel=services.task_cancel,
+            task_requeue=services.task_requeue,
+        )

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -33,7 +34,7 @@ from tasks.exceptions import QueueError, TransitionRefused
 from tasks.leases import LeaseProof
 from tasks.metrics import QUEUE_WAIT_SECONDS
 from tasks.models import Task
-from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler
+from tasks.registry import Handler, TaskCancelled, TaskContext, get_handler, running
 
 logger = logging.getLogger(__name__)
 
@@ -222,26 +223,34 @@ def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) ->
         data=task.data,
         attempt=task.attempts,
         is_cancelled=lambda: heartbeat.cancelled.is_set() or _cancel_requested(task.id),
+        worker=worker,
     )
     heartbeat.start()
-    error = None
+    error, trace = None, ""
     try:
-        result = handler.func(context)
+        with running(context):
+            result = handler.func(context)
     except TaskCancelled as exc:
         error = f"cancelled: {exc}"
     except SoftTimeLimitExceeded:
-        error = "soft time limit exceeded"
+        error, trace = "soft time limit exceeded", traceback.format_exc()  # where it was stuck
     except Exception as exc:
-        logger.info(
-            "task %s attempt %s failed: %s: %s", task.id, task.attempts, type(exc).__name__, exc
-        )
-        logger.debug("task %s: traceback", task.id, exc_info=True)
-        error = f"{type(exc).__name__}: {exc}"
+        describe = handler.describe_error or one_line
+        error, trace = describe(exc), traceback.format_exc()
+        logger.info("task %s attempt %s failed: %s", task.id, task.attempts, error)
     finally:
         heartbeat.stop()  # before the report: no beat races it
     if error is not None:
-        return _report_failure(task, handler, error, worker=worker)
+        return _report_failure(task, handler, error, trace, worker=worker)
     return _report_success(task, result, worker=worker)
+
+
+def one_line(exc: BaseException, limit: int = 1000) -> str:
+    """`Type: message` on one line (the task's `error`); the traceback keeps the rest."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    more = " …" if len(first) > limit or first != text else ""
+    return f"{type(exc).__name__}: {first[:limit]}{more}"
 
 
 def _cancel_requested(task_id: uuid.UUID) -> bool:
@@ -265,12 +274,13 @@ def _report_success(task: Task, result: Any, *, worker: str) -> str:
     return "completed"
 
 
-def _report_failure(task: Task, handler: Handler, error: str, *, worker: str) -> str:
+def _report_failure(task: Task, handler: Handler, error: str, trace: str, *, worker: str) -> str:
     try:
         _reconnecting(
             lambda: services.task_fail(
                 task_id=task.id,
                 error=error,
+                traceback=trace,
                 actor=worker,
                 attempt=task.attempts,
                 proof=LeaseProof.holder(task.lease_token),

@@ -6,7 +6,7 @@ import django_filters
 from django import forms
 from drf_spectacular.utils import extend_schema_field
 
-from tasks.models import Task, TaskStatus
+from tasks.models import Task, TaskStatus, Worker, WorkerKind
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
@@ -35,3 +35,11 @@ class TaskFilter(django_filters.FilterSet):
     class Meta:
         model = Task
         fields = ["scheduler", "schedule", "status", "hash", "priority"]
+
+
+class WorkerFilter(django_filters.FilterSet):
+    kind = django_filters.ChoiceFilter(choices=WorkerKind.choices)
+
+    class Meta:
+        model = Worker
+        fields = ["kind"]

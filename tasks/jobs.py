@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
-from tasks import dispatch, execution, housekeeping
+from tasks import dispatch, execution, housekeeping, stats
 
 
 @shared_task(name="tasks.reap_expired_leases", ignore_result=True)
@@ -32,3 +32,8 @@ def run_task(self: Any, task_id: str, attempt: int) -> str:
 @shared_task(name="tasks.dispatch", ignore_result=True)
 def dispatch_tasks() -> dict[str, int]:
     return dispatch.dispatch_all()
+
+
+@shared_task(name="tasks.queue_stats_rollup", ignore_result=True)
+def queue_stats_rollup() -> int:
+    return stats.queue_stats_rollup()

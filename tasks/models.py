@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -10,6 +14,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+from scheduler_site import writers
 
 POLICIES = (
     "most_overdue_first",
@@ -187,15 +193,66 @@ class Scheduler(models.Model):
         if self.kind == SchedulerKind.CELERY and not self.handler:
             errors["handler"] = "A celery scheduler needs a handler."
         elif self.handler:
-            from tasks.registry import HANDLERS
+            from tasks.registry import UnknownHandler, get_handler
 
-            if self.handler not in HANDLERS:
-                known = ", ".join(sorted(HANDLERS)) or "none"
-                errors["handler"] = f"{self.handler!r} is not registered (known: {known})."
+            try:  # a registered name, or one its prefix resolves (`celery:<task name>`)
+                get_handler(self.handler)
+            except UnknownHandler as exc:
+                errors["handler"] = exc.message.removeprefix("handler: ")
         if self.retry_max_delay_seconds < self.retry_delay_seconds:
             errors["retry_max_delay_seconds"] = "Must not be less than retry_delay_seconds."
         if errors:
             raise ValidationError(errors)
+
+
+# --- one writer of task status -----------------------------------------------------------------
+#
+# Every change of a task's status is a compare-and-swap with its event row, made by the tasks
+# app's writer (tasks.queue, called by tasks.transitions and tasks.reports). An ORM shortcut
+# that writes `status` (`Task.objects.update(status=…)`, `bulk_create`, `bulk_update`) would
+# skip both the transition table and the event: it is refused unless the writer runs it.
+
+_IN_WRITER: contextvars.ContextVar[bool] = contextvars.ContextVar("in_writer", default=False)
+
+
+class StatusWriteRefused(RuntimeError):
+    """A task status written outside the tasks app's writer (a programming error)."""
+
+
+@contextmanager
+def status_writer() -> Iterator[None]:
+    """Marks the writer's own ORM writes of task status (tasks.queue only; and test seeding)."""
+    token = _IN_WRITER.set(True)
+    try:
+        yield
+    finally:
+        _IN_WRITER.reset(token)
+
+
+def _refuse_outside_writer(what: str) -> None:
+    if not _IN_WRITER.get():
+        raise StatusWriteRefused(
+            f"{what} writes task status outside the writer; use tasks.transitions.transition, "
+            "tasks.reports or tasks.queue, which check ALLOWED_TRANSITIONS and write the event."
+        )
+
+
+class TaskQuerySet(models.QuerySet["Task"]):
+    def update(self, **kwargs: Any) -> int:
+        if "status" in kwargs:
+            _refuse_outside_writer("QuerySet.update(status=...)")
+        return super().update(**kwargs)
+
+    def bulk_create(self, objs: Iterable[Task], *args: Any, **kwargs: Any) -> list[Task]:
+        _refuse_outside_writer("bulk_create")
+        return super().bulk_create(objs, *args, **kwargs)
+
+    def bulk_update(
+        self, objs: Iterable[Task], fields: Sequence[str], *args: Any, **kwargs: Any
+    ) -> int:
+        if "status" in fields:
+            _refuse_outside_writer("bulk_update(status)")
+        return super().bulk_update(objs, fields, *args, **kwargs)
 
 
 class Task(models.Model):
@@ -217,7 +274,10 @@ class Task(models.Model):
     hash = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     data = models.JSONField(default=dict, blank=True)
     result = models.JSONField(null=True, blank=True)
-    error = models.TextField(blank=True)
+    error = models.TextField(blank=True, help_text="The last failure, in one line.")
+    traceback = models.TextField(
+        blank=True, help_text="The last failed attempt's full traceback (handler failures)."
+    )
     attempts = models.PositiveIntegerField(default=0)
     not_before = models.DateTimeField(default=timezone.now)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
@@ -232,6 +292,8 @@ class Task(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     modified_at = models.DateTimeField(default=timezone.now)
+
+    objects = TaskQuerySet.as_manager()
 
     class Meta:
         permissions = [
@@ -281,6 +343,32 @@ class Task(models.Model):
 
     def can_transition_to(self, to_status: str) -> bool:
         return is_allowed_transition(self.status, to_status)
+
+    # The state machine, as Django users reach for it. Each method delegates to the one
+    # writer (tasks.reports / tasks.services: compare-and-swap plus a TaskEvent) and returns
+    # the refreshed task, or raises TransitionRefused (the API's 409). A holder passes its
+    # `proof` (tasks.leases.LeaseProof); without one the call is a trusted in-process caller.
+    def start(self, *, actor: str = "", proof: Any = None) -> Task:
+        return self._write("task_start", actor=actor, attempt=self.attempts, proof=proof)
+
+    def complete(self, result: Any = None, *, actor: str = "", proof: Any = None) -> Task:
+        return self._write(
+            "task_complete", result=result, actor=actor, attempt=self.attempts, proof=proof
+        )
+
+    def fail(self, error: str = "", *, actor: str = "", proof: Any = None) -> Task:
+        return self._write(
+            "task_fail", error=error, actor=actor, attempt=self.attempts, proof=proof
+        )
+
+    def cancel(self, *, actor: str = "") -> Task:
+        return self._write("task_cancel", actor=actor)
+
+    def requeue(self, *, actor: str = "") -> Task:
+        return self._write("task_requeue", actor=actor)
+
+    def _write(self, name: str, **kwargs: Any) -> Task:
+        return writers.call(name, task_id=self.id, **kwargs)
 
 
 class TaskEvent(models.Model):
@@ -340,3 +428,75 @@ class RunnerGrant(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} may use {self.scheduler_id}"
+
+
+class WorkerKind(models.TextChoices):
+    CELERY = "celery", "Celery worker"
+    RUNNER = "runner", "pull runner"
+    BEAT = "beat", "Celery beat"
+
+
+class Worker(models.Model):
+    """A process that does the queue's work, as it last reported itself (DESIGN 9.6): a Celery
+    worker node (its timer beats every WORKER_HEARTBEAT_SECONDS), a pull runner (seen when its
+    calls reach the API) or beat (seen when it sends a periodic job). Live when seen lately and
+    not stopped; rows long unseen are forgotten."""
+
+    kind = models.CharField(max_length=16, choices=WorkerKind.choices)
+    name = models.CharField(max_length=200, help_text="Celery's node name, or the runner's.")
+    host = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    # Celery workers: the Celery queues they consume; runners: the schedulers they pop from.
+    queues = models.JSONField(default=list, blank=True)
+    account = models.CharField(max_length=150, blank=True, help_text="A runner's API account.")
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="Shut down cleanly.")
+    tasks_held = models.PositiveIntegerField(
+        default=0, help_text="Leased tasks it held when last seen."
+    )
+
+    class Meta:
+        ordering = ["kind", "name"]
+        constraints = [models.UniqueConstraint(fields=["kind", "name"], name="worker_kind_name")]
+        indexes = [models.Index(fields=["kind", "last_seen_at"], name="worker_seen_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+# Upper bounds (seconds) of the queue-wait histogram buckets of QueueMinute; one more bucket
+# holds everything above the last.
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class QueueMinute(models.Model):
+    """One queue's work in one minute, rolled up from the event history by a periodic job,
+    so that charts over a day or a week read at most a row per queue and minute instead of
+    every event. Queue wait (due -> handed to its holder) is a histogram: percentiles of any
+    range are read from the summed buckets."""
+
+    scheduler_id = models.CharField(max_length=64)
+    minute = models.BigIntegerField(help_text="Minutes since the Unix epoch (UTC).")
+    started = models.PositiveIntegerField(default=0)
+    completed = models.PositiveIntegerField(default=0)
+    failed_attempts = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    dead = models.PositiveIntegerField(default=0)
+    wait_sum = models.FloatField(default=0.0)
+    # wait_0 .. wait_13 (added below): counts per WAIT_BUCKETS bucket, the last one above
+    # 3600 s. Columns, not a JSON list, so that a range's buckets are summed in SQL.
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["scheduler_id", "minute"], name="queue_minute_uniq")
+        ]
+        indexes = [models.Index(fields=["minute"], name="queue_minute_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.scheduler_id} @ {self.minute}"
+
+
+WAIT_COLUMNS = [f"wait_{index}" for index in range(len(WAIT_BUCKETS) + 1)]
+for _column in WAIT_COLUMNS:
+    QueueMinute.add_to_class(_column, models.PositiveIntegerField(default=0))

@@ -13,9 +13,11 @@ import email.utils
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,13 +120,23 @@ class ApiClient:
     timeout: float = 30.0
     max_retry_seconds: float = 300.0
     max_backoff: float = 10.0
+    # Who this runner is, sent with every call: the API's list of workers shows it by name,
+    # host and pid (GET /api/workers/).
+    runner_name: str = ""
     http: httpx.Client = field(init=False, repr=False)
     _backoff: tenacity.wait.wait_base = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json"}
+        if self.runner_name:
+            headers |= {
+                "X-Runner-Name": self.runner_name,
+                "X-Runner-Host": socket.gethostname(),
+                "X-Runner-Pid": str(os.getpid()),
+            }
         self.http = httpx.Client(
             base_url=self.base_url.rstrip("/"),
-            headers={"Authorization": f"Token {self.token}", "Accept": "application/json"},
+            headers=headers,
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
         )
         # 0.5 s doubling up to max_backoff, plus up to 1 s at random so that runners cut off
@@ -293,6 +305,9 @@ class PullRunner:
     work: Work
     name: str = "runner"
     poll_interval: float = 1.0
+    # Long poll: each pop waits this long for work on the server (0: pop, then sleep
+    # poll_interval). Woken by the push itself, so a task reaches a waiting runner at once.
+    wait: float = 20.0
     heartbeat_seconds: float = 10.0
     grace_seconds: float = 30.0
     max_tasks: int | None = None
@@ -302,6 +317,7 @@ class PullRunner:
     done: int = 0
     stopped_at: float | None = None
     refused: AuthRefused | None = None  # the heartbeat thread's, raised by the main loop
+    _last_pop_answered: bool = False
 
     def stop(self) -> None:
         if self.stopped_at is None:
@@ -322,7 +338,8 @@ class PullRunner:
                 break
             task = self._pop()
             if task is None:
-                self.stopping.wait(self.poll_interval)
+                if not (self.wait and self._last_pop_answered):
+                    self.stopping.wait(self.poll_interval)
                 continue
             self.process(task)
             self.done += 1
@@ -332,8 +349,10 @@ class PullRunner:
 
     def _pop(self) -> dict[str, Any] | None:
         path = f"/api/schedulers/{self.scheduler_id}/pop/"
+        body: dict[str, Any] = {"limit": 1, "wait": self.wait} if self.wait else {"limit": 1}
+        self._last_pop_answered = False
         try:
-            popped = self.client.call("POST", path, {"limit": 1}, give_up=self.stopping.is_set)
+            popped = self.client.call("POST", path, body, give_up=self.stopping.is_set)
         except AuthRefused:
             raise
         except (ApiError, ApiUnreachable) as exc:
@@ -341,6 +360,7 @@ class PullRunner:
             # out and the reaper hands it out again.
             logger.warning("pop failed: %s", exc)
             return None
+        self._last_pop_answered = True  # an empty long poll may be sent again at once
         return popped["results"][0] if popped["results"] else None
 
     def process(self, task: dict[str, Any]) -> str:
@@ -396,6 +416,7 @@ class PullRunner:
             outcome["result"] = self.work.run(task, cancelled.is_set)
         except Exception as exc:
             outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["traceback"] = traceback.format_exc()
 
     def _heartbeat(self, lease: Lease, cancelled: threading.Event) -> None:
         while not cancelled.wait(self.heartbeat_seconds):
@@ -417,7 +438,11 @@ class PullRunner:
 
     def _report(self, lease: Lease, outcome: dict[str, Any]) -> str:
         if "error" in outcome:
-            body = lease.body(status="FAILED", error=outcome["error"][:10000])
+            body = lease.body(
+                status="FAILED",
+                error=outcome["error"][:10000],
+                traceback=outcome.get("traceback", "")[-64000:],
+            )
         else:
             body = lease.body(status="COMPLETED", result=outcome.get("result"))
         try:

@@ -19,7 +19,14 @@ from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.db.models.fields.json import KeyTransform
 
-from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import (
+    Scheduler,
+    Task,
+    TaskEvent,
+    TaskStatus,
+    is_allowed_transition,
+    status_writer,
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,8 @@ def cas_update(
 ) -> list[Task]:
     """Apply `values` to those of `task_ids` still in `expected` (and, when given, on
     `expected_attempts` and held with `expected_token`); return the rows changed."""
+    if "status" in values:
+        _check_transition(expected, values["status"])
     if not task_ids:
         return []
     placeholders = ", ".join(["%s"] * len(task_ids))
@@ -138,6 +147,48 @@ def cas_update(
         where += f" AND {connection.ops.quote_name('lease_token')} = %s"
         params.append(expected_token)
     return _update_returning(values, where, params)
+
+
+def _check_transition(from_status: str, to_status: Any) -> None:
+    """The queue's own guard: no statement here moves a task along an edge the table lacks
+    (the callers check first and refuse with a clear message; this is the backstop)."""
+    if not is_allowed_transition(from_status, to_status):
+        raise ValueError(f"not in ALLOWED_TRANSITIONS: {from_status} -> {to_status}")
+
+
+def insert_queued(tasks: Sequence[Task], *, actor: str, note: str, at: datetime) -> list[Task]:
+    """Insert new QUEUED tasks in one statement, with their events: the orchestrator's tick
+    and any other batch producer (a push of one is `tasks.services.task_push`)."""
+    if any(task.status != TaskStatus.QUEUED for task in tasks):
+        raise ValueError("insert_queued inserts QUEUED tasks only")
+    with status_writer():
+        created = Task.objects.bulk_create(tasks)
+    record_events(created, from_status="", actor=actor, note=note, at=at)
+    return created
+
+
+def insert_queued_new(
+    tasks: Sequence[Task], *, actor: str, note: str, at: datetime
+) -> set[uuid.UUID]:
+    """Insert new QUEUED tasks in one statement, skipping any whose hash an active task of its
+    scheduler already holds (the partial unique index: ON CONFLICT DO NOTHING), with events
+    for those inserted; the ids inserted."""
+    if not tasks:
+        return set()
+    if any(task.status != TaskStatus.QUEUED for task in tasks):
+        raise ValueError("insert_queued_new inserts QUEUED tasks only")
+    with status_writer():
+        Task.objects.bulk_create(tasks, ignore_conflicts=True)
+    ids = [task.id for task in tasks]
+    created = set(Task.objects.filter(id__in=ids).values_list("id", flat=True))
+    record_events(
+        [task for task in tasks if task.id in created],
+        from_status="",
+        actor=actor,
+        note=note,
+        at=at,
+    )
+    return created
 
 
 def new_lease_token() -> Sql:
@@ -176,6 +227,7 @@ def claim_queued(
 ) -> list[Task]:
     """Flip up to `limit` due QUEUED tasks of a scheduler to the state in `values`, in queue
     order (priority, created_at, id). Must run inside a transaction."""
+    _check_transition(TaskStatus.QUEUED, values["status"])
     candidates = Task.objects.filter(
         scheduler_id=scheduler_id, status=TaskStatus.QUEUED, not_before__lte=now
     )
@@ -599,3 +651,13 @@ def _complete_leased_sqlite(
         record_events([task], from_status=from_status, actor=actor, note=note, at=now)
     task.from_status = from_status
     return task
+
+
+# The statements above that write a task's status, by name: tests/tasks/test_writer.py reads
+# each one's `SET status` and `WHERE … status` and proves the move against ALLOWED_TRANSITIONS.
+# (cas_update and claim_queued build theirs from their arguments and check them at run time.)
+STATUS_STATEMENTS: dict[str, Any] = {
+    "pop": _pop_sql,
+    "start": _start_sql,
+    "complete": _complete_sql,
+}

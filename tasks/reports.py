@@ -137,10 +137,15 @@ def task_complete(
     return completed
 
 
+# A traceback is kept whole up to this many characters; beyond it, its end (where it failed).
+TRACEBACK_MAX_CHARS = 64_000
+
+
 def task_fail(
     *,
     task_id: uuid.UUID,
     error: str = "",
+    traceback: str = "",
     result: Any = None,
     actor: str = "",
     attempt: int | None = None,
@@ -152,17 +157,20 @@ def task_fail(
     task = get_task(task_id)
     _require_allowed(task, TaskStatus.FAILED)
     _check_fence(task, attempt, proof)
-    return fail_attempt(task, error=error, result=result, actor=actor, retry=retry, proof=proof)
+    return fail_attempt(
+        task, error=error, traceback=traceback, result=result, actor=actor, retry=retry, proof=proof
+    )
 
 
 def retry_spec_for(task: Task) -> RetrySpec:
-    """A celery queue's tasks follow their handler's policy; a pull queue's, the queue's."""
+    """A celery queue's tasks follow their handler's policy, unless it has none of its own
+    (`celery:` handlers); a pull queue's, the queue's."""
     scheduler = task.scheduler
     if scheduler.kind == SchedulerKind.CELERY and scheduler.handler:
         from tasks.registry import HANDLERS
 
         handler = HANDLERS.get(scheduler.handler)
-        if handler is not None:
+        if handler is not None and handler.retry is not None:
             return handler.retry
     return RetrySpec.for_scheduler(scheduler)
 
@@ -172,6 +180,7 @@ def fail_attempt(
     *,
     error: str,
     actor: str,
+    traceback: str = "",
     result: Any = None,
     retry: RetrySpec | None = None,
     proof: LeaseProof | None = None,
@@ -184,7 +193,12 @@ def fail_attempt(
     attempt_note = (
         f"attempt {task.attempts}/{spec.attempts_allowed} failed: {error or 'no error text'}"
     )
-    values: dict[str, Any] = {"error": error, "result": result, "lease_expires_at": None}
+    values: dict[str, Any] = {
+        "error": error,
+        "traceback": traceback[-TRACEBACK_MAX_CHARS:],
+        "result": result,
+        "lease_expires_at": None,
+    }
     if task.cancel_requested_at is not None:
         to_status, note = TaskStatus.CANCELLED, f"{attempt_note}; cancel was requested"
     elif spec.should_retry(task.attempts):
@@ -214,18 +228,19 @@ def task_report(
     status: str,
     result: Any = None,
     error: str = "",
+    traceback: str = "",
     actor: str = "",
     attempt: int | None = None,
     proof: LeaseProof | None = None,
 ) -> Task:
-    """The PATCH of a runner: RUNNING, COMPLETED or FAILED."""
+    """The PATCH of a runner: RUNNING, COMPLETED or FAILED (with its error and traceback)."""
     fenced = {"task_id": task_id, "actor": actor, "attempt": attempt, "proof": proof}
     if status == TaskStatus.RUNNING:
         return task_start(**fenced)
     if status == TaskStatus.COMPLETED:
         return task_complete(result=result, **fenced)
     if status == TaskStatus.FAILED:
-        return task_fail(error=error, result=result, **fenced)
+        return task_fail(error=error, traceback=traceback, result=result, **fenced)
     raise InvalidRequest(
         "status", "must be RUNNING, COMPLETED or FAILED; use cancel/ or requeue/ for the rest."
     )

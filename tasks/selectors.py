@@ -5,15 +5,28 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, QuerySet
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from tasks.models import RunnerGrant, Scheduler, Task, TaskEvent, TaskStatus
+from tasks.models import (
+    LEASED_STATUSES,
+    WAIT_BUCKETS,
+    WAIT_COLUMNS,
+    QueueMinute,
+    RunnerGrant,
+    Scheduler,
+    Task,
+    TaskEvent,
+    TaskStatus,
+    Worker,
+    WorkerKind,
+)
 from tasks.roles import OPERATORS
 
 # The queues an account may use: None means every queue.
@@ -87,3 +100,141 @@ def hourly_stats(
         }
         for row in rows
     ]
+
+
+def failed_attempts_q() -> Q:
+    """Events that end a failed attempt: retried (leased -> QUEUED with fail_attempt's note,
+    "attempt n/m failed: ..."; a hand-back's note differs) or final (-> FAILED or DEAD)."""
+    retried = Q(to_status=TaskStatus.QUEUED, note__startswith="attempt ")
+    final = Q(to_status__in=[TaskStatus.FAILED, TaskStatus.DEAD])
+    return Q(from_status__in=LEASED_STATUSES) & (retried | final)
+
+
+def recent_failures(*, scheduler_id: str, limit: int = 20) -> list[TaskEvent]:
+    """A queue's latest failed attempts of the last 24 hours (event, with its task)."""
+    since = timezone.now() - timedelta(hours=24)
+    events = TaskEvent.objects.filter(failed_attempts_q(), at__gte=since)
+    events = events.filter(task__scheduler_id=scheduler_id).select_related("task")
+    return list(events.order_by("-at", "-id")[:limit])
+
+
+def dead_letter_groups(*, limit: int = 100) -> list[dict[str, Any]]:
+    """DEAD tasks grouped by queue and exact error, largest group first: 500 dead tasks of
+    one cause read as one line."""
+    rows = (
+        Task.objects.filter(status=TaskStatus.DEAD)
+        .order_by()
+        .values("scheduler_id", "error")
+        .annotate(count=Count("id"), first=Min("modified_at"), last=Max("modified_at"))
+        .order_by("-count", "scheduler_id", "error")
+    )
+    return list(rows[:limit])
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def worker_lost_after(kind: str) -> timedelta:
+    """How long a worker of `kind` may stay unseen and still count as live. A runner idles in
+    long-poll pops and between polls (RUNNER_LOST_AFTER_SECONDS); a Celery node's timer beats
+    every WORKER_HEARTBEAT_SECONDS. Beat is judged by its jobs' intervals (health)."""
+    if kind == WorkerKind.RUNNER:
+        return timedelta(seconds=settings.RUNNER_LOST_AFTER_SECONDS)
+    return timedelta(seconds=3 * settings.WORKER_HEARTBEAT_SECONDS)
+
+
+def worker_is_live(worker: Worker, *, now: datetime | None = None) -> bool:
+    now = now or timezone.now()
+    return worker.stopped_at is None and worker.last_seen_at >= now - worker_lost_after(worker.kind)
+
+
+def worker_state(worker: Worker, *, now: datetime | None = None) -> str:
+    """live, stopped (shut down cleanly) or lost (not seen lately: killed, hung, cut off)."""
+    if worker.stopped_at is not None:
+        return "stopped"
+    return "live" if worker_is_live(worker, now=now) else "lost"
+
+
+def worker_list(*, kind: str | None = None) -> QuerySet[Worker]:
+    workers = Worker.objects.order_by("kind", "name")
+    return workers if kind is None else workers.filter(kind=kind)
+
+
+def tasks_held_by(name: str) -> int:
+    """Leased tasks whose holder is `name`: a scan of the leased rows only (task_lease_idx)."""
+    return Task.objects.filter(status__in=LEASED_STATUSES, worker=name).count()
+
+
+def active_work(*, now: datetime) -> dict[str, tuple[int, int]]:
+    """{scheduler_id: (tasks due, tasks leased)} for the queues with any: QUEUED tasks whose
+    not_before has come, and DISPATCHED or RUNNING ones. Reads the active rows only."""
+    due = Q(status=TaskStatus.QUEUED, not_before__lte=now)
+    rows = (
+        # Two arms, so that PostgreSQL can read each one's partial index (queue and lease).
+        Task.objects.filter(Q(status=TaskStatus.QUEUED) | Q(status__in=LEASED_STATUSES))
+        .order_by()
+        .values("scheduler_id")
+        .annotate(
+            due=Count("id", filter=due), leased=Count("id", filter=Q(status__in=LEASED_STATUSES))
+        )
+    )
+    return {
+        row["scheduler_id"]: (row["due"], row["leased"])
+        for row in rows
+        if row["due"] or row["leased"]
+    }
+
+
+# --- charts: series over a range, from the per-minute rollup (tasks.stats) --------------------
+
+# range -> (length in minutes, minutes per point): 60 points, 96 points, 168 points.
+RANGES = {"1h": (60, 1), "24h": (24 * 60, 15), "7d": (7 * 24 * 60, 60)}
+SERIES_COUNTS = ("started", "completed", "failed_attempts", "failed", "dead")
+
+
+def queue_series(
+    *, range_name: str, scheduler_id: str | None = None, queues: QueueScope = None
+) -> dict[str, Any]:
+    """Throughput (per point: started, completed, failed attempts, FAILED, DEAD) and queue
+    wait p50/p95 (seconds, None where nothing started) over `range_name`, for one queue or all
+    (a limited runner's: its own). One indexed range of the rollup, summed in SQL."""
+    length, step = RANGES[range_name]
+    # Points of `step` minutes, aligned to the step, the last one the current (partial) one.
+    end = (int(timezone.now().timestamp() // 60) // step + 1) * step
+    start = end - length
+    rows = QueueMinute.objects.filter(minute__gte=start, minute__lt=end)
+    if scheduler_id:
+        rows = rows.filter(scheduler_id=scheduler_id)
+    if queues is not None:
+        rows = rows.filter(scheduler_id__in=queues)
+    sums = {name: Sum(name) for name in (*SERIES_COUNTS, *WAIT_COLUMNS)}
+    grouped = rows.annotate(point=F("minute") / step).values("point").annotate(**sums)
+    points = list(range(start // step, end // step))
+    by_point = {row["point"]: row for row in grouped.order_by("point")}
+    series: dict[str, Any] = {
+        "range": range_name,
+        "step_seconds": step * 60,
+        "t": [point * step * 60 for point in points],
+    }
+    for name in SERIES_COUNTS:
+        series[name] = [(by_point.get(p) or {}).get(name) or 0 for p in points]
+    for label, q in (("wait_p50", 0.5), ("wait_p95", 0.95)):
+        series[label] = [_quantile(by_point.get(p), q) for p in points]
+    return series
+
+
+def _quantile(row: dict[str, Any] | None, q: float) -> float | None:
+    """The q-quantile of a summed histogram, interpolated within its bucket (as Prometheus'
+    histogram_quantile); None for no observation."""
+    counts = [(row or {}).get(name) or 0 for name in WAIT_COLUMNS]
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            low = WAIT_BUCKETS[index - 1] if index else 0.0
+            high = WAIT_BUCKETS[index] if index < len(WAIT_BUCKETS) else WAIT_BUCKETS[-1]
+            return round(low + (high - low) * (rank - seen) / count, 3)
+        seen += count
+    return float(WAIT_BUCKETS[-1])

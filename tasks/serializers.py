@@ -8,7 +8,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduler_site.api_input import QuerySerializer, StrictTypes
-from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus
+from tasks import selectors
+from tasks.batches import BATCH_MAX
+from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus, Worker
 
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
 _SCALAR = (str, int, float, bool)
@@ -123,6 +125,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "data",
             "result",
             "error",
+            "traceback",
             "attempts",
             "not_before",
             "lease_expires_at",
@@ -181,6 +184,14 @@ class PopSerializer(StrictTypes):
     limit = serializers.IntegerField(
         required=False, default=1, min_value=1, max_value=settings.TASK_POP_MAX_LIMIT
     )
+    wait = serializers.FloatField(
+        required=False,
+        default=0,
+        min_value=0,
+        max_value=settings.TASK_POP_MAX_WAIT_SECONDS,
+        help_text="Seconds to wait for work when nothing is due: the answer comes as soon as a "
+        "task is due, or empty after `wait` (long poll).",
+    )
     filters = PopFiltersField(
         required=False,
         default=dict,
@@ -218,6 +229,16 @@ class TaskReportSerializer(StrictTypes):
     error = serializers.CharField(
         required=False, allow_blank=True, default="", max_length=10000, validators=[reject_nul]
     )
+    traceback = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=64000,
+        trim_whitespace=False,
+        validators=[reject_nul],
+        help_text="With FAILED: the failure's full traceback or log tail (error is its one-line "
+        "summary).",
+    )
     attempt = serializers.IntegerField(
         required=False,
         min_value=1,
@@ -230,6 +251,33 @@ class TaskReportSerializer(StrictTypes):
         help_text="The lease token your pop returned; required from runners (409 if it is not "
         "the task's current one). Operators may omit it: an override, noted in the event.",
     )
+
+
+class BatchReportItemSerializer(TaskReportSerializer):
+    id = serializers.UUIDField()
+
+
+class BatchReportSerializer(StrictTypes):
+    reports = serializers.ListField(
+        child=BatchReportItemSerializer(), min_length=1, max_length=BATCH_MAX
+    )
+
+
+class PushOutcomeSerializer(serializers.Serializer):
+    """One item of a batch push's answer: 201 with the task, 409 with the id of the active
+    task that holds the hash, 429 (queue full) or 400 with the item's field errors."""
+
+    status = serializers.IntegerField()
+    task = TaskSerializer(required=False)
+    existing_id = serializers.UUIDField(required=False)
+    errors = serializers.DictField(required=False)
+
+
+class ReportOutcomeSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.IntegerField()
+    task = TaskSerializer(required=False)
+    detail = serializers.CharField(required=False)
 
 
 class HeartbeatSerializer(StrictTypes):
@@ -283,8 +331,60 @@ class StatsQuerySerializer(QuerySerializer):
     hours = serializers.IntegerField(required=False, default=24, min_value=1, max_value=24 * 31)
 
 
+class SeriesQuerySerializer(QuerySerializer):
+    range = serializers.ChoiceField(
+        choices=list(selectors.RANGES),
+        required=False,
+        default="1h",
+        source="range_name",
+        help_text="1h (a point per minute), 24h (per 15 minutes) or 7d (per hour).",
+    )
+    scheduler = serializers.CharField(
+        required=False, max_length=64, source="scheduler_id", trim_whitespace=False
+    )
+
+
+class SeriesSerializer(serializers.Serializer):
+    range = serializers.CharField()
+    step_seconds = serializers.IntegerField()
+    t = serializers.ListField(child=serializers.IntegerField(), help_text="Unix seconds.")
+    started = serializers.ListField(child=serializers.IntegerField())
+    completed = serializers.ListField(child=serializers.IntegerField())
+    failed_attempts = serializers.ListField(child=serializers.IntegerField())
+    failed = serializers.ListField(child=serializers.IntegerField())
+    dead = serializers.ListField(child=serializers.IntegerField())
+    wait_p50 = serializers.ListField(child=serializers.FloatField(allow_null=True))
+    wait_p95 = serializers.ListField(child=serializers.FloatField(allow_null=True))
+
+
 class StatsRowSerializer(serializers.Serializer):
     hour = serializers.DateTimeField()
     scheduler = serializers.CharField()
     status = serializers.CharField()
     count = serializers.IntegerField()
+
+
+class WorkerSerializer(serializers.ModelSerializer):
+    state = serializers.SerializerMethodField(
+        help_text="live, stopped (shut down cleanly) or lost (not seen lately)."
+    )
+
+    class Meta:
+        model = Worker
+        fields = [
+            "name",
+            "kind",
+            "host",
+            "pid",
+            "queues",
+            "account",
+            "state",
+            "started_at",
+            "last_seen_at",
+            "stopped_at",
+            "tasks_held",
+        ]
+        read_only_fields = fields
+
+    def get_state(self, worker: Worker) -> str:
+        return selectors.worker_state(worker)

@@ -7,6 +7,7 @@ are importable from here too."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -16,8 +17,14 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from tasks import queue
-from tasks.exceptions import DuplicateTask, InvalidRequest, QueueFull, TransitionRefused
+from tasks import queue, wakeups
+from tasks.exceptions import (
+    DuplicateTask,
+    InvalidRequest,
+    QueueError,
+    QueueFull,
+    TransitionRefused,
+)
 from tasks.metrics import POP_SECONDS
 from tasks.models import (
     LEASED_STATUSES,
@@ -27,6 +34,7 @@ from tasks.models import (
     Task,
     TaskStatus,
 )
+from tasks.registry import check_task_data
 
 # The report services and the writer's hooks, under the names callers have always used.
 from tasks.reports import (  # noqa: F401
@@ -122,6 +130,7 @@ def task_push(
     now = timezone.now()
     with transaction.atomic():
         scheduler = get_scheduler(scheduler_id)
+        check_task_data(scheduler, data or {})
         if scheduler.max_queue_size:
             # Bounded queues serialise their pushes so two cannot both take the last slot;
             # unbounded ones need no lock (dedup is the unique index's job).
@@ -183,13 +192,29 @@ def task_pop(
     limit: int = 1,
     filters: Mapping[str, Any] | None = None,
     worker: str = "",
+    wait: float = 0,
 ) -> list[Task]:
     """Lease up to `limit` due tasks of a pull queue in queue order; an empty list when none is
-    due or the scheduler is paused. Each popped task spends one attempt."""
+    due or the scheduler is paused. Each popped task spends one attempt. With `wait` seconds,
+    an empty queue is waited on: the answer comes as soon as a task is due (woken by
+    LISTEN/NOTIFY on PostgreSQL, by polling on SQLite), or empty after `wait`."""
     if not 1 <= limit <= settings.TASK_POP_MAX_LIMIT:
         raise InvalidRequest("limit", f"must be between 1 and {settings.TASK_POP_MAX_LIMIT}.")
-    with POP_SECONDS.labels(scheduler_id).time():
-        return _pop(scheduler_id=scheduler_id, limit=limit, filters=filters, worker=worker)
+    if not 0 <= wait <= settings.TASK_POP_MAX_WAIT_SECONDS:
+        raise InvalidRequest("wait", f"must be 0 to {settings.TASK_POP_MAX_WAIT_SECONDS} seconds.")
+    pop = {"scheduler_id": scheduler_id, "limit": limit, "filters": filters, "worker": worker}
+    if not wait:
+        with POP_SECONDS.labels(scheduler_id).time():
+            return _pop(**pop)
+    deadline = time.monotonic() + wait
+    with wakeups.listening():
+        while True:
+            with POP_SECONDS.labels(scheduler_id).time():
+                tasks = _pop(**pop)
+            remaining = deadline - time.monotonic()
+            if tasks or remaining <= 0:
+                return tasks
+            wakeups.wait_for_work(scheduler_id, timeout=remaining)
 
 
 def _pop(
@@ -289,6 +314,7 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
         "cancel_requested_at": None,
         "worker": "",
         "error": "",
+        "traceback": "",
         "result": None,
     }
     try:
@@ -300,3 +326,22 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
         raise _duplicate_of(task.scheduler_id, task.hash) from None
     notify_queued(task.scheduler)
     return updated
+
+
+def tasks_requeue_dead(
+    *, scheduler_id: str, error: str | None = None, actor: str = "", limit: int = 1000
+) -> tuple[int, list[str]]:
+    """Requeue up to `limit` DEAD tasks of a queue (oldest first), only those whose `error` is
+    exactly `error` when given: the dead-letter page's "requeue these". Returns how many were
+    requeued and why the others were refused (a duplicate hash already active, …)."""
+    dead = Task.objects.filter(scheduler_id=scheduler_id, status=TaskStatus.DEAD)
+    if error is not None:
+        dead = dead.filter(error=error)
+    done, refused = 0, []
+    for task_id in dead.order_by("modified_at", "id").values_list("id", flat=True)[:limit]:
+        try:
+            task_requeue(task_id=task_id, actor=actor, note="requeued from the dead letters")
+            done += 1
+        except QueueError as exc:
+            refused.append(exc.message)
+    return done, refused

@@ -13,7 +13,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from tasks import queue
+from tasks import queue, wakeups
 from tasks.exceptions import SchedulerNotFound, TaskNotFound, TransitionRefused
 from tasks.metrics import TRANSITION_SECONDS
 from tasks.models import LEASED_STATUSES, Scheduler, Task, is_allowed_transition
@@ -48,7 +48,9 @@ def get_task(task_id: uuid.UUID) -> Task:
 
 def notify_queued(scheduler: Scheduler) -> None:
     """After commit, tell the hooks that `scheduler` has new QUEUED tasks. They get the row the
-    caller already holds, so a hook that only cares about some queues needs no query."""
+    caller already holds, so a hook that only cares about some queues needs no query. Pops
+    waiting on a pull queue are woken with the commit (tasks.wakeups)."""
+    wakeups.announce(scheduler.id, scheduler.kind)
     for hook in on_queued_hooks:
         transaction.on_commit(lambda hook=hook: hook(scheduler))
 

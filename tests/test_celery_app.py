@@ -80,6 +80,7 @@ def test_recycle_old_connections__drops_one_left_out_of_autocommit(open_connecti
         "tasks.dispatch",
         "tasks.reap_expired_leases",
         "tasks.prune_finished_tasks",
+        "tasks.queue_stats_rollup",
         "pilots.start_cycle",
     ],
 )

@@ -32,6 +32,15 @@ MATRIX: list[tuple[str, str, str, Any, int, int, int]] = [
         200,
         200,
     ),
+    (
+        "task-report",
+        "post",
+        "/api/tasks/report/",
+        {"reports": [{"id": "{dispatched}", "lease_token": "{token}", "status": "RUNNING"}]},
+        401,
+        200,
+        200,
+    ),
     # PUT is not part of the API (PATCH is): refused by permission first, then 405.
     ("scheduler-put", "put", "/api/schedulers/boefje/", {"id": "boefje"}, 401, 403, 405),
     # schedules
@@ -78,6 +87,9 @@ MATRIX: list[tuple[str, str, str, Any, int, int, int]] = [
     ("pilot-list", "get", "/api/pilots/", None, 401, 403, 200),
     ("pilot-retrieve", "get", "/api/pilots/{pilot}/", None, 401, 403, 200),
     ("pilot-summary", "get", "/api/pilots/summary/", None, 401, 403, 200),
+    # who does the work, and health
+    ("worker-list", "get", "/api/workers/", None, 401, 403, 200),
+    ("health", "get", "/api/health/", None, 401, 200, 200),
     # the rest of the site
     ("api-root", "get", "/api/", None, 401, 200, 200),
     ("schema", "get", "/api/schema/", None, 401, 200, 200),
@@ -145,7 +157,7 @@ def test_dashboard__any_logged_in_user_sees_it(
 
 # --- completeness -------------------------------------------------------------------------------
 
-_ACTIONS = {"stats", "summary"}
+_ACTIONS = {"stats", "summary", "report", "series"}
 
 
 def _template(url: str) -> str:

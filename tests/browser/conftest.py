@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import time_machine
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.utils import timezone
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -31,6 +32,10 @@ from pilots import services as pilot_services
 from pilots.models import CEStatus, ComputeElement, VirtualOrganisation
 from schedules import services as schedule_services
 from tasks import services as task_services
+from tasks.workers import worker_seen
+
+# Real Celery worker and beat processes for the health banner's test (the e2e package's).
+from tests.e2e.conftest import broker_url, start_beat, start_worker  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -172,6 +177,7 @@ def _work_round(rng: random.Random, hour: int) -> None:
     schedule_services.orchestrate()
     load = 1 + math.sin(2 * math.pi * (hour - 9) / 24)  # busy by day, quiet at night
     for scheduler_id in QUEUES:
+        pushed_at = timezone.now()
         for _ in range(round(2 * load) + rng.randint(0, 1)):
             org = scheduler_id.rsplit("-", 1)[-1]
             task_services.task_push(
@@ -180,14 +186,18 @@ def _work_round(rng: random.Random, hour: int) -> None:
                 priority=rng.choice([0, 0, 10, 50]),
                 actor="rocky",
             )
-        for task in task_services.task_pop(scheduler_id=scheduler_id, limit=1000, worker="r1"):
-            if rng.random() < 0.05:
-                task_services.task_fail(task_id=task.id, error=rng.choice(ERRORS), actor="r1")
-            else:
-                changed = rng.random() < 0.3
-                task_services.task_complete(
-                    task_id=task.id, result={"changed": changed}, actor="r1"
-                )
+        # Runners come by a while later: the queue wait the charts show.
+        with _at(pushed_at + timedelta(seconds=rng.uniform(0.5, 20 + 60 * load))):
+            _run_all(rng, scheduler_id)
+
+
+def _run_all(rng: random.Random, scheduler_id: str) -> None:
+    for task in task_services.task_pop(scheduler_id=scheduler_id, limit=1000, worker="r1"):
+        if rng.random() < 0.05:
+            task_services.task_fail(task_id=task.id, error=rng.choice(ERRORS), actor="r1")
+        else:
+            changed = rng.random() < 0.3
+            task_services.task_complete(task_id=task.id, result={"changed": changed}, actor="r1")
 
 
 def _seed_tasks(now: datetime, rng: random.Random) -> None:
@@ -279,6 +289,21 @@ def _seed_pilots(now: datetime) -> None:
         pilot_services.pilot_report_create()
 
 
+def _seed_workers(now: datetime) -> None:
+    """A Celery worker, two pull runners and beat, seen just now; and beat's jobs."""
+    call_command("setup_periodic_tasks", verbosity=0)
+    with _at(now):
+        worker_seen(kind="celery", name="celery@worker-1", host="worker-1", pid=4711,
+                    queues=["celery"], started=True)  # fmt: skip
+        for name, queues, held in [
+            ("runner-a", ["boefje-org0"], 3),
+            ("runner-b", ["boefje-org1"], 0),
+        ]:
+            worker_seen(kind="runner", name=name, host="scanner-1", pid=812, queues=queues,
+                        tasks_held=held, account="boefjes", started=True)  # fmt: skip
+        worker_seen(kind="beat", name="beat@scheduler-1", host="scheduler-1", pid=99, started=True)
+
+
 @pytest.fixture
 def demo_data(transactional_db: None) -> datetime:
     """Four pull queues with 24 hours of history, schedules (one due just now, a paused
@@ -287,4 +312,5 @@ def demo_data(transactional_db: None) -> datetime:
     rng = random.Random(20240611)  # the same data every run
     _seed_tasks(now, rng)
     _seed_pilots(now)
+    _seed_workers(now)
     return now

@@ -201,7 +201,7 @@ def start_beat(
     }
     started: list[BeatProcess] = []
 
-    def start(name: str, **environ: str) -> BeatProcess:
+    def start(name: str = "beat", **environ: str) -> BeatProcess:
         beat = BeatProcess(name, {**env, **environ}, tmp_path)
         started.append(beat)
         return beat
@@ -291,7 +291,9 @@ class ServerProcess:
         assert self.process is not None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signum)
-        self.process.wait(30)
+        # A graceful stop lets requests in flight finish, long-polling pops included (up to
+        # their `wait`), within gunicorn's graceful timeout (30 s) before it kills them.
+        self.process.wait(60)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # a worker left behind by SIGTERM
 
@@ -319,7 +321,8 @@ def start_server(transactional_db: None, tmp_path: Path) -> Iterator[Callable[[]
     yield start
     for server in started:
         if server.running():
-            server.kill(signal.SIGTERM)
+            # Not graceful: the test is over, and a graceful stop waits out long polls.
+            server.kill(signal.SIGKILL)
 
 
 def restart_broker(url: str, *, down_seconds: float = 2.0) -> None:

@@ -14,10 +14,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from pytest_django.fixtures import Settings
 from time_machine import TimeMachineFixture
 
+from pilots import backend_registry
 from pilots.backends import (
     LocalBackend,
     PilotNews,
@@ -343,3 +344,23 @@ def test_env_commands__anything_else_stops_the_start_naming_the_variable(
 
     with pytest.raises(ImproperlyConfigured, match="PILOT_LOCAL_COMMANDS"):
         env_commands("PILOT_LOCAL_COMMANDS", {})
+
+
+def test_registry__choices_validation_and_backend_for_come_from_one_registration() -> None:
+    spec = backend_registry.register(
+        backend_registry.BackendSpec(
+            name="test-grid", label="test grid", factory=SimulatedBackend, options=frozenset({"x"})
+        )
+    )
+    try:
+        assert ("test-grid", "test grid") in backend_registry.choices()
+        backend_registry.check_settings("test-grid", {"x": 1})
+        with pytest.raises(ValidationError, match="unknown option"):
+            backend_registry.check_settings("test-grid", {"command": "id"})
+        assert isinstance(backend_for(_ce(backend="test-grid")), SimulatedBackend)
+    finally:
+        del backend_registry.BACKENDS[spec.name]
+    with pytest.raises(SubmitError, match="not registered"):
+        backend_for(_ce(backend="test-grid"))  # never run as another backend
+    with pytest.raises(ValidationError, match="is not a backend"):
+        backend_registry.check_settings("test-grid", {})

@@ -18,6 +18,8 @@ from pilots.models import (
     PilotSubmission,
     VirtualOrganisation,
 )
+from tasks.exceptions import TransitionRefused
+from tests.pilots.helpers import fresh, make_ce, make_pilot
 
 C, P = CEStatus, PilotStatus
 
@@ -192,3 +194,40 @@ def test_ce_full_clean__backend_settings_checked_for_the_backend(
         with pytest.raises(ValidationError) as caught:
             ce.full_clean()
         assert set(caught.value.message_dict) == {"backend_settings"}
+
+
+# --- the state machines on the models ---------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_ce_methods__drain_ban_activate_with_events() -> None:
+    ce = make_ce("ce-a", capacity=2)
+    submitted = make_pilot(ce)
+
+    drained = ce.drain(actor="op")
+    banned = drained.ban(actor="op")
+    active = banned.activate(actor="op")
+
+    assert (drained.status, banned.status, active.status) == ("DRAINING", "BANNED", "ACTIVE")
+    steps = list(ce.events.values_list("from_status", "to_status"))
+    assert steps == [("ACTIVE", "DRAINING"), ("DRAINING", "BANNED"), ("BANNED", "ACTIVE")]
+    assert set(ce.events.values_list("actor", flat=True)) == {"op"}
+    failed = fresh(submitted)
+    assert failed.status == PilotStatus.FAILED  # banning fails what never started
+    assert list(failed.events.values_list("from_status", "to_status")) == [("SUBMITTED", "FAILED")]
+    assert active.activate().events.count() == 3  # already ACTIVE: no change, no event
+
+
+@pytest.mark.django_db
+def test_pilot_methods__mark_running_done_failed_with_events() -> None:
+    ce = make_ce("ce-a", capacity=3)
+    one, two = make_pilot(ce), make_pilot(ce)
+
+    done = one.mark_running(actor="check").mark_done(actor="check")
+    failed = two.mark_failed("lost", actor="check")
+
+    assert (done.status, failed.status, failed.failure_reason) == ("DONE", "FAILED", "lost")
+    assert list(one.events.values_list("to_status", flat=True)) == ["RUNNING", "DONE"]
+    assert list(two.events.values_list("to_status", "note")) == [("FAILED", "lost")]
+    with pytest.raises(TransitionRefused):
+        done.mark_running()  # DONE is final

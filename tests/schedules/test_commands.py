@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Callable
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -228,3 +229,17 @@ def test_setup_periodic_tasks__keeps_an_operators_disable(db: None) -> None:
     assert updated.interval == IntervalSchedule.objects.get(every=42, period="seconds")
     assert updated.enabled is False
     assert PeriodicTask.objects.filter(name=tick.name).count() == 1
+
+
+def test_setup_demo__queues_of_plain_celery_tasks_and_django_tasks(tmp_path: Path) -> None:
+    call_command("setup_demo", token_file=str(tmp_path / "token"), stdout=StringIO())
+    call_command("setup_demo", token_file=str(tmp_path / "token"), stdout=StringIO())
+
+    handlers = dict(Scheduler.objects.values_list("id", "handler"))
+    assert handlers["demo-celery-add"] == "celery:demo_app.tasks.add"
+    assert handlers["demo-celery-flaky"] == "celery:demo_app.tasks.flaky"
+    assert handlers["reports"] == "django_tasks.call"
+    named = dict(Schedule.objects.values_list("name", "scheduler_id"))
+    assert named["add-every-20s"] == "demo-celery-add"
+    assert named["summary-every-30s"] == "reports"
+    assert Schedule.objects.filter(name="add-every-20s").count() == 1  # idempotent

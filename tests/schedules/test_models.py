@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError
 
+from schedules import services
+from schedules.exceptions import ScheduleStateError
 from schedules.models import Schedule
 from tasks.models import Scheduler
 from tests.schedules.helpers import T0
@@ -259,3 +261,28 @@ def test_scheduler_policy_weights__defaults_and_valid_weights_pass() -> None:
     Scheduler(
         id="custom", policy_weights={"never_run_first": 0, "highest_priority_first": 3}
     ).full_clean()
+
+
+# --- the state machine on the model -----------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_schedule_methods__pause_resume_finish_with_events() -> None:
+    Scheduler.objects.create(id="boefje")
+    schedule = services.schedule_create(scheduler_id="boefje", interval_seconds=60, actor="op")
+
+    paused = schedule.pause(actor="op")
+    resumed = paused.resume(actor="op")
+    finished = resumed.finish(actor="op")
+
+    assert (paused.status, resumed.status, finished.status) == ("PAUSED", "ACTIVE", "FINISHED")
+    assert finished.deadline_at is None
+    steps = list(schedule.events.values_list("from_status", "to_status", "actor"))
+    assert steps == [
+        ("", "ACTIVE", "op"),
+        ("ACTIVE", "PAUSED", "op"),
+        ("PAUSED", "ACTIVE", "op"),
+        ("ACTIVE", "FINISHED", "op"),
+    ]
+    with pytest.raises(ScheduleStateError):
+        finished.pause()  # FINISHED -> PAUSED is not in the table

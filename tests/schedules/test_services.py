@@ -400,3 +400,14 @@ def test_orchestrate__batches_until_every_due_schedule_is_done(
 
     assert all(len(tasks_of(s)) == 1 for s in schedules)
     assert tick(batch_size=3) == 0
+
+
+@pytest.mark.django_db
+def test_orchestrate__an_idle_tick_is_one_query(django_assert_num_queries: Any) -> None:
+    for n in range(5):
+        task_services.scheduler_create(id=f"q{n}")
+        services.schedule_create(scheduler_id=f"q{n}", interval_seconds=3600)
+    services.orchestrate()  # each made its first task; nothing is due now
+
+    with django_assert_num_queries(1):
+        assert services.orchestrate() == {}

@@ -83,6 +83,8 @@ def fill(body: Any, world: dict[str, str]) -> Any:
     token, say, known only once the world is built)."""
     if isinstance(body, dict):
         return {key: fill(value, world) for key, value in body.items()}
+    if isinstance(body, list):
+        return [fill(item, world) for item in body]
     return body.format(**world) if isinstance(body, str) else body
 
 

@@ -269,3 +269,22 @@ def test_admin_task_changelist__newest_first_to_the_second(
     assert '<td class="field-created">2030-01-01 10:00:07</td>' in page
     assert '<td class="field-created">2030-01-01 10:00:03</td>' in page
     assert '<td class="field-lease_expires">-</td>' in page  # none was ever leased
+
+
+@pytest.mark.django_db
+def test_admin_task_actions__requeue_refuses_a_leased_task_naming_its_status(
+    admin_client: Client, push: Push
+) -> None:
+    task = push(data={"n": 1})
+    [popped] = services.task_pop(scheduler_id=task.scheduler_id)
+    services.task_start(task_id=popped.id)
+
+    response = admin_client.post(
+        "/admin/tasks/task/",
+        {"action": "requeue_tasks", "_selected_action": [task.id]},
+        follow=True,
+    )
+
+    task = Task.objects.get(id=task.id)
+    assert (task.status, task.attempts) == (S.RUNNING, 1)  # attempts not reset to 0
+    assert any("RUNNING" in message for message in _messages(response))

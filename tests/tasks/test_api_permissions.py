@@ -70,6 +70,7 @@ ENDPOINTS = [
     ("requeue", "post", "/api/tasks/{failed}/requeue/", None, 403, 200),
     ("events", "get", "/api/tasks/{dispatched}/events/", None, 200, 200),
     ("stats", "get", "/api/tasks/stats/", None, 200, 200),
+    ("series", "get", "/api/tasks/series/", None, 200, 200),
     ("schema", "get", "/api/schema/", None, 200, 200),
 ]
 

@@ -509,3 +509,17 @@ def test_commands__help_through_manage_py(command: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert f"manage.py {command}" in result.stdout and "usage:" in result.stdout
+
+
+@pytest.mark.django_db
+def test_task_requeue__refuses_a_running_task_naming_its_status(push: Push) -> None:
+    task = push(data={"n": 1})
+    [popped] = services.task_pop(scheduler_id=task.scheduler_id)
+    services.task_start(task_id=popped.id)
+    err = StringIO()
+
+    with pytest.raises(CommandError):
+        call_command("task", "requeue", str(task.id), stdout=StringIO(), stderr=err)
+
+    assert "RUNNING" in err.getvalue()
+    assert Task.objects.get(id=task.id).status == S.RUNNING

@@ -18,7 +18,7 @@ import time_machine
 from django.db import connection, connections
 from django.utils import timezone
 
-from tasks import housekeeping, services
+from tasks import batches, housekeeping, services
 from tasks.exceptions import DuplicateTask, QueueFull, TransitionRefused
 from tasks.leases import LeaseProof
 from tasks.models import (
@@ -30,6 +30,7 @@ from tasks.models import (
     TaskStatus,
 )
 from tests.processes import run_in_processes
+from tests.support.seed import force_status, seed_queued
 
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 
@@ -37,16 +38,7 @@ PROCESSES = 8
 
 
 def _bulk_queue(scheduler_id: str, count: int, **fields: Any) -> None:
-    now = timezone.now()
-    Task.objects.bulk_create(
-        [
-            Task(
-                scheduler_id=scheduler_id, priority=i % 7, created_at=now, modified_at=now, **fields
-            )
-            for i in range(count)
-        ],
-        batch_size=1000,
-    )
+    seed_queued(scheduler_id, count, **fields)
 
 
 def _pop_until_empty(index: int, scheduler_id: str, limit: int) -> list[str]:
@@ -214,7 +206,9 @@ def test_task_heartbeat__racing_the_reaper_never_leaves_a_task_both_leased_and_r
     run_in_processes(4, _heartbeat_or_reap, ids, later)
 
     for task in Task.objects.filter(scheduler_id="hb"):
-        requeued = TaskEvent.objects.filter(task=task, to_status=TaskStatus.QUEUED).count()
+        requeued = TaskEvent.objects.filter(
+            task=task, from_status=TaskStatus.DISPATCHED, to_status=TaskStatus.QUEUED
+        ).count()
         if task.status == TaskStatus.DISPATCHED:
             assert requeued == 0 and task.attempts == 1
         else:
@@ -230,8 +224,11 @@ def _dispatched_celery_tasks(scheduler_id: str, count: int) -> list[tuple[str, i
         id=scheduler_id, kind="celery", handler="demo.echo", dispatch_threshold=count
     )
     _bulk_queue(scheduler_id, count)
-    Task.objects.filter(scheduler_id=scheduler_id).update(
-        status=TaskStatus.DISPATCHED, attempts=1, lease_expires_at=timezone.now()
+    force_status(
+        Task.objects.filter(scheduler_id=scheduler_id).values_list("id", flat=True),
+        TaskStatus.DISPATCHED,
+        attempts=1,
+        lease_expires_at=timezone.now(),
     )
     return [(str(i), 1) for i in Task.objects.values_list("id", flat=True)]
 
@@ -434,3 +431,28 @@ def test_lease_token__a_stale_holder_never_reports_over_a_newer_one() -> None:
             )
             checked += 1
     assert checked == totals["accepted"]
+
+
+def _push_batches(index: int, scheduler_id: str) -> Counter[int]:
+    outcomes: Counter[int] = Counter()
+    for round_ in range(5):
+        pushes = [{"hash": f"h{(index * 7 + round_ * 13 + n) % 60}"} for n in range(20)]
+        pushes += [{"data": {"by": index, "round": round_, "n": n}} for n in range(10)]
+        for outcome in batches.task_push_many(scheduler_id=scheduler_id, pushes=pushes):
+            outcomes[outcome.status] += 1
+    return outcomes
+
+
+def test_batch_push__concurrent_batches_keep_dedup_and_the_bound() -> None:
+    services.scheduler_create(id="batch", max_queue_size=200)
+
+    results = run_in_processes(PROCESSES, _push_batches, "batch")
+
+    totals = sum(results, Counter())
+    queued = Task.objects.filter(scheduler_id="batch", status=TaskStatus.QUEUED)
+    assert queued.count() == totals[201] <= 200, totals
+    assert totals[429] > 0 and totals[409] > 0, totals
+    hashed = queued.exclude(hash=None).values_list("hash", flat=True)
+    assert len(hashed) == len(set(hashed)), "two active tasks with one hash"
+    pushed = TaskEvent.objects.filter(task__scheduler_id="batch", note="pushed")
+    assert pushed.count() == totals[201]

@@ -12,6 +12,7 @@ from django.db import IntegrityError, transaction
 
 from tasks import services
 from tasks.exceptions import TransitionRefused
+from tasks.leases import LeaseProof
 from tasks.models import (
     ACTIVE_STATUSES,
     ALLOWED_TRANSITIONS,
@@ -22,6 +23,7 @@ from tasks.models import (
     TaskStatus,
     is_allowed_transition,
 )
+from tests.support.seed import force_status
 
 S = TaskStatus
 ALLOWED_PAIRS = sorted(
@@ -64,7 +66,7 @@ def task_in(push: Callable[..., Task]) -> Callable[[str], Task]:
 
     def make(status: str) -> Task:
         task = push(data={"n": 1}, hash=None)
-        Task.objects.filter(id=task.id).update(status=status)
+        force_status([task.id], status)
         return Task.objects.select_related("scheduler").get(id=task.id)
 
     return make
@@ -155,7 +157,7 @@ def test_transition__stale_copy_is_refused(changed_to: str, task_in: Callable[[s
     stale = task_in(S.QUEUED)
     before_events = TaskEvent.objects.filter(task_id=stale.id).count()
     # Someone else moves the row on behind the back of our copy.
-    Task.objects.filter(id=stale.id).update(status=changed_to)
+    force_status([stale.id], changed_to)
 
     with pytest.raises(TransitionRefused) as refused:
         services.transition(stale, to_status=S.DISPATCHED, actor="late")
@@ -233,3 +235,39 @@ def test_scheduler_id__validator_refuses_bad_slugs(make_scheduler: Callable[...,
         with pytest.raises(ValidationError):
             make_scheduler(bad)
     assert make_scheduler("ok_id-1").id == "ok_id-1"
+
+
+# --- the state machine on the model ---------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_task_methods__walk_the_state_machine_through_the_writer(
+    push: Callable[..., Task],
+) -> None:
+    task = push()
+    [popped] = services.task_pop(scheduler_id="boefje")
+    proof = LeaseProof.holder(popped.lease_token)
+
+    running = popped.start(actor="r1", proof=proof)
+    done = running.complete({"ok": True}, actor="r1", proof=proof)
+
+    assert (running.status, done.status, done.result) == (S.RUNNING, S.COMPLETED, {"ok": True})
+    steps = list(task.events.values_list("from_status", "to_status", "actor"))
+    assert steps[-2:] == [(S.DISPATCHED, S.RUNNING, "r1"), (S.RUNNING, S.COMPLETED, "r1")]
+    with pytest.raises(TransitionRefused):
+        done.requeue()  # COMPLETED is final
+
+
+@pytest.mark.django_db
+def test_task_methods__fail_cancel_requeue(push: Callable[..., Task]) -> None:
+    task = push()
+    [popped] = services.task_pop(scheduler_id="boefje")
+    retried = popped.fail("boom", actor="r1")
+    cancelled = retried.cancel(actor="op")
+    requeued = cancelled.requeue(actor="op")
+
+    assert (retried.status, cancelled.status, requeued.status) == (S.QUEUED, S.CANCELLED, S.QUEUED)
+    assert requeued.attempts == 0
+    assert task.events.count() == 5  # pushed, popped, failed, cancelled, requeued
+    with pytest.raises(TransitionRefused):
+        requeued.requeue()  # an active task is refused

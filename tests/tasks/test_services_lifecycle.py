@@ -12,6 +12,7 @@ from time_machine import TimeMachineFixture
 from tasks import housekeeping, selectors, services
 from tasks.exceptions import DuplicateTask, SchedulerNotFound, TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tests.support.seed import force_status
 from tests.tasks.helpers import (
     T0,
     Push,
@@ -236,7 +237,7 @@ def test_tasks_prune__only_old_finished_tasks(push: Push, frozen: TimeMachineFix
     queued, running = push(), make_running(push, data={"id": "r"})
     frozen.shift(timedelta(days=6))
     recent = push()
-    Task.objects.filter(id=recent.id).update(status=S.COMPLETED)
+    force_status([recent.id], S.COMPLETED)
 
     frozen.shift(timedelta(days=1, seconds=1))  # 7 days after the first ones finished
     assert housekeeping.tasks_prune() == 3
@@ -256,7 +257,7 @@ def test_tasks_prune__only_old_finished_tasks(push: Push, frozen: TimeMachineFix
 @pytest.mark.django_db
 def test_tasks_prune__explicit_ages_and_batches(push: Push, frozen: TimeMachineFixture) -> None:
     for _ in range(5):
-        Task.objects.filter(id=push().id).update(status=S.COMPLETED)
+        force_status([push().id], S.COMPLETED)
     dead = finish(push, S.DEAD)
     frozen.shift(timedelta(hours=2))
     assert housekeeping.tasks_prune(older_than=timedelta(hours=3)) == 0

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +9,7 @@ from django.utils.dateparse import parse_datetime
 
 from schedules import services, timing
 from schedules.models import Schedule, ScheduleStatus
+from schedules.selectors import find_schedule
 from tasks.management.commands._base import SubcommandCommand, parse_json_object
 
 
@@ -46,6 +46,9 @@ class Command(SubcommandCommand):
         create.add_argument("--data", help="JSON object, the task's payload.")
         create.add_argument("--priority", type=int, default=0)
         create.add_argument("--hash")
+        create.add_argument(
+            "--name", help="Unique per scheduler; other actions take it for the id."
+        )
         create.add_argument("--start-at")
         create.add_argument("--end-at")
         for name, text in [
@@ -54,7 +57,11 @@ class Command(SubcommandCommand):
             ("trigger", "Run now, out of turn (refused while a task of it is active)."),
             ("delete", "Delete the schedule (its tasks stay)."),
         ]:
-            sub.add_parser(name, help=text).add_argument("schedule_id", type=uuid.UUID)
+            action = sub.add_parser(name, help=text)
+            action.add_argument("schedule", metavar="SCHEDULE", help="Its id, or its name.")
+            action.add_argument(
+                "--scheduler", help="The scheduler of a named schedule (when several have it)."
+            )
 
     def _list(
         self, *, scheduler: str | None, status: str | None, due: bool, limit: int, **_: Any
@@ -69,7 +76,7 @@ class Command(SubcommandCommand):
                 status=ScheduleStatus.ACTIVE, deadline_at__lte=timezone.now()
             )
         self.stdout.write(
-            f"{'id':36}  {'scheduler':16} {'status':8} {'when':28} {'next run (UTC)':20} runs"
+            f"{'id':36}  {'scheduler':16} {'status':8} {'when':28} {'next run (UTC)':20} runs  name"
         )
         for s in queryset[: max(limit, 1)]:
             when = s.cron or (
@@ -79,7 +86,8 @@ class Command(SubcommandCommand):
             )
             nxt = f"{s.deadline_at:%Y-%m-%d %H:%M:%S}" if s.deadline_at else "-"
             self.stdout.write(
-                f"{s.id}  {s.scheduler_id:16} {s.status:8} {when:28} {nxt:20} {s.run_count}"
+                f"{s.id}  {s.scheduler_id:16} {s.status:8} {when:28} {nxt:20} "
+                f"{s.run_count:<5} {s.name or ''}".rstrip()
             )
 
     def _create(
@@ -103,6 +111,7 @@ class Command(SubcommandCommand):
             "data": parse_json_object(data, option="--data"),
             "priority": options["priority"],
             "hash": options["hash"],
+            "name": options["name"],
         }
         schedule = services.schedule_create(scheduler_id=scheduler, actor="cli", **fields)
         words = timing.explain_cron(schedule.cron) if schedule.cron else ""
@@ -111,18 +120,30 @@ class Command(SubcommandCommand):
             + (f"; {words}" if words else "")
         )
 
-    def _pause(self, *, schedule_id: uuid.UUID, **_: Any) -> None:
-        schedule = services.schedule_pause(schedule_id=schedule_id, actor="cli")
-        self.stdout.write(f"{schedule.id}: {schedule.status}")
+    def _pause(self, *, schedule: str, scheduler: str | None, **_: Any) -> None:
+        found = find_schedule(schedule, scheduler_id=scheduler)
+        paused = services.schedule_pause(schedule_id=found.id, actor="cli")
+        self.stdout.write(f"{_label(paused)}: {paused.status}")
 
-    def _resume(self, *, schedule_id: uuid.UUID, **_: Any) -> None:
-        schedule = services.schedule_resume(schedule_id=schedule_id, actor="cli")
-        self.stdout.write(f"{schedule.id}: {schedule.status}, next run {schedule.deadline_at}")
+    def _resume(self, *, schedule: str, scheduler: str | None, **_: Any) -> None:
+        found = find_schedule(schedule, scheduler_id=scheduler)
+        resumed = services.schedule_resume(schedule_id=found.id, actor="cli")
+        self.stdout.write(f"{_label(resumed)}: {resumed.status}, next run {resumed.deadline_at}")
 
-    def _trigger(self, *, schedule_id: uuid.UUID, **_: Any) -> None:
-        task = services.schedule_trigger(schedule_id=schedule_id, actor="cli")
-        self.stdout.write(f"{schedule_id}: task {task.id} QUEUED")
+    def _trigger(self, *, schedule: str, scheduler: str | None, **_: Any) -> None:
+        found = find_schedule(schedule, scheduler_id=scheduler)
+        task = services.schedule_trigger(schedule_id=found.id, actor="cli")
+        self.stdout.write(f"{_label(found)}: task {task.id} QUEUED")
 
-    def _delete(self, *, schedule_id: uuid.UUID, **_: Any) -> None:
-        services.schedule_delete(schedule_id=schedule_id)
-        self.stdout.write(f"deleted {schedule_id}")
+    def _delete(self, *, schedule: str, scheduler: str | None, **_: Any) -> None:
+        found = find_schedule(schedule, scheduler_id=scheduler)
+        services.schedule_delete(schedule_id=found.id)
+        self.stdout.write(f"deleted {_label(found)}")
+
+
+def _label(schedule: Schedule) -> str:
+    return (
+        f"{schedule.id} ({schedule.scheduler_id}/{schedule.name})"
+        if schedule.name
+        else (str(schedule.id))
+    )

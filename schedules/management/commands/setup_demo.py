@@ -25,6 +25,27 @@ DEMO_QUEUES: list[dict[str, Any]] = [
         "description": "Demo: a handler that fails 40% of the time; 3 attempts, then DEAD.",
     },
     {
+        "id": "demo-celery-add",
+        "kind": "celery",
+        "handler": "celery:demo_app.tasks.add",
+        "description": "Demo: a plain Celery @shared_task (demo_app.tasks.add) run as a handler.",
+    },
+    {
+        "id": "demo-celery-flaky",
+        "kind": "celery",
+        "handler": "celery:demo_app.tasks.flaky",
+        "description": "Demo: a @shared_task that calls self.retry(): our retries, then DEAD.",
+        "retry_policy": "fixed",
+        "retry_delay_seconds": 3,
+        "retry_jitter": False,
+    },
+    {
+        "id": "reports",
+        "kind": "celery",
+        "handler": "django_tasks.call",
+        "description": "Demo: the queue of Django Tasks functions with queue_name='reports'.",
+    },
+    {
         "id": "demo-pull",
         "kind": "pull",
         "description": "Demo: popped over REST by the demo pull runner (Procfile).",
@@ -36,6 +57,20 @@ DEMO_SCHEDULES = [
     ("demo-flaky", f"flaky-{n}", {"interval_seconds": 10 + 5 * n, "data": {"n": n, "seconds": 0.5}})
     for n in range(6)
 ] + [
+    ("demo-celery-add", "add-every-20s", {"interval_seconds": 20, "data": {"args": [2, 3]}}),
+    (
+        "demo-celery-flaky",
+        "celery-flaky-every-10s",
+        {"interval_seconds": 10, "data": {"kwargs": {"fail_rate": 0.4, "seconds": 0.5}}},
+    ),
+    (
+        "reports",
+        "summary-every-30s",
+        {
+            "interval_seconds": 30,
+            "data": {"task": "demo_app.background.summary", "kwargs": {"label": "demo"}},
+        },
+    ),
     ("demo-pull", "pull-every-15s", {"interval_seconds": 15, "data": {"hello": "runner"}}),
     ("demo-pull", "pull-every-minute", {"cron": "* * * * *", "data": {"hello": "cron"}}),
 ]
@@ -52,9 +87,10 @@ DEMO_CES = [
 class Command(BaseCommand):
     help = (
         "Create, idempotently, the demo that `make run` shows: a celery queue whose flaky "
-        "handler runs, retries and dead-letters, a pull queue served by the demo pull runner, "
-        "schedules feeding both, the runner's account, limited to demo-pull (its token in "
-        "var/demo-runner.token, mode 0600, kept while it is valid), "
+        "handler runs, retries and dead-letters, queues running demo_app's plain Celery tasks "
+        "(celery:<task> handlers) and a Django Tasks function, a pull queue served by the demo "
+        "pull runner, schedules feeding them, the runner's account, limited to demo-pull (its "
+        "token in var/demo-runner.token, mode 0600, kept while it is valid), "
         "and two VOs with four simulated Compute Elements for the pilot cycles."
     )
 
@@ -70,7 +106,7 @@ class Command(BaseCommand):
         for scheduler_id, hash_, fields in DEMO_SCHEDULES:
             if not Schedule.objects.filter(scheduler_id=scheduler_id, hash=hash_).exists():
                 schedule_services.schedule_create(
-                    scheduler_id=scheduler_id, hash=hash_, actor="demo", **fields
+                    scheduler_id=scheduler_id, hash=hash_, name=hash_, actor="demo", **fields
                 )
                 self.stdout.write(f"created schedule {scheduler_id}/{hash_}")
         self._pilots_demo()

@@ -42,7 +42,20 @@ class Command(BaseCommand):
         what = parser.add_mutually_exclusive_group(required=True)
         what.add_argument("--handler", help="A registered handler name, e.g. demo.echo.")
         what.add_argument("--command", help='A command line, e.g. "python3 scan.py".')
-        parser.add_argument("--poll-interval", type=float, default=1.0)
+        parser.add_argument(
+            "--wait",
+            type=float,
+            default=20.0,
+            help="Long poll: seconds each pop waits on the server for work (default 20; the "
+            "server allows up to 30; 0 pops and sleeps --poll-interval instead). A task pushed "
+            "meanwhile reaches the waiting runner at once. Must be less than --timeout.",
+        )
+        parser.add_argument(
+            "--poll-interval",
+            type=float,
+            default=1.0,
+            help="Seconds between pops when --wait is 0, and after a failed pop (default 1).",
+        )
         parser.add_argument(
             "--heartbeat", type=float, default=10.0, help="Seconds between heartbeats."
         )
@@ -64,17 +77,25 @@ class Command(BaseCommand):
             help="Seconds to wait for one answer before retrying (default 30).",
         )
         parser.add_argument("--max-tasks", type=int, help="Exit after this many tasks.")
-        parser.add_argument("--name", default=f"runner-{os.getpid()}")
+        parser.add_argument(
+            "--name",
+            default=f"runner-{os.getpid()}",
+            help="This runner's name, sent with every call: GET /api/workers/ and the "
+            "dashboard list it by it (default runner-<pid>).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["token"]:
             raise CommandError("--token (or SCHEDULER_API_TOKEN) is required.")
+        if not 0 <= options["wait"] < options["timeout"]:
+            raise CommandError("--wait must be 0 or more and less than --timeout.")
         work = _work(options)
         client = ApiClient(
             options["api_url"],
             options["token"],
             timeout=options["timeout"],
             max_retry_seconds=options["max_retry_seconds"],
+            runner_name=options["name"],
         )
         with client:
             runner = PullRunner(
@@ -83,6 +104,7 @@ class Command(BaseCommand):
                 work=work,
                 name=options["name"],
                 poll_interval=options["poll_interval"],
+                wait=options["wait"],
                 heartbeat_seconds=options["heartbeat"],
                 grace_seconds=options["grace"],
                 max_tasks=options["max_tasks"],

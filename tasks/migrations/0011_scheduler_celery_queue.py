@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('tasks', '0007_runnergrant'),
+        ('tasks', '0010_queueminute'),
     ]
 
     operations = [

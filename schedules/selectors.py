@@ -1,0 +1,50 @@
+"""Reads of schedules that take more than a primary key: a reference that is an id or a name."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db.models import QuerySet
+
+from schedules.exceptions import ScheduleNotFound
+from schedules.models import Schedule
+from tasks.exceptions import InvalidRequest
+
+
+def find_schedule(
+    ref: str | uuid.UUID,
+    *,
+    scheduler_id: str | None = None,
+    queryset: QuerySet[Schedule] | None = None,
+) -> Schedule:
+    """The schedule `ref` names: its id (a UUID), else its name. A name is unique per scheduler
+    only: one used in several schedulers needs `scheduler_id` (InvalidRequest on `scheduler`,
+    400, listing them); none is ScheduleNotFound (404)."""
+    schedules = Schedule.objects.all() if queryset is None else queryset
+    if scheduler_id:
+        schedules = schedules.filter(scheduler_id=scheduler_id)
+    where = f" in scheduler {scheduler_id!r}" if scheduler_id else ""
+    try:
+        schedule_id = ref if isinstance(ref, uuid.UUID) else uuid.UUID(ref)
+    except ValueError:
+        return _by_name(schedules, str(ref), where=where)
+    found = schedules.filter(id=schedule_id).first()
+    if found is None:
+        raise ScheduleNotFound(f"Schedule {schedule_id} does not exist{where}.")
+    return found
+
+
+def _by_name(schedules: QuerySet[Schedule], name: str, *, where: str) -> Schedule:
+    if len(name) > 200 or any(ord(char) < 32 for char in name):
+        # No name is like that (and PostgreSQL refuses a NUL in a query): none, without asking.
+        raise ScheduleNotFound(f"No schedule is named {name!r}{where}.")
+    matches = list(schedules.filter(name=name).order_by("scheduler_id")[:10])
+    if not matches:
+        raise ScheduleNotFound(f"No schedule is named {name!r}{where}.")
+    if len(matches) > 1:
+        listed = ", ".join(schedule.scheduler_id for schedule in matches)
+        raise InvalidRequest(
+            "scheduler",
+            f"schedules named {name!r} are in several schedulers ({listed}); say which one.",
+        )
+    return matches[0]

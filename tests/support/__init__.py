@@ -1,0 +1,1 @@
+"""The harness shared by the test suite and the benchmarks: seeding, real processes."""
