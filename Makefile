@@ -11,7 +11,7 @@ MANAGE := $(BIN)/python manage.py
 ENV_FILE := .env
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
-.PHONY: run test lint test-sqlite test-postgres bench bench-pop bench-tick bench-worker install migrate clean
+.PHONY: run test lint test-sqlite test-postgres test-rabbitmq test-cluster test-cluster-short bench bench-pop bench-tick bench-worker install migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,25 @@ test-postgres: install
 	scripts/with-postgres.sh $(PG_FLAGS) --tuned -- \
 	  scripts/with-redis.sh $(PG_FLAGS) -- $(BIN)/pytest -q -p no:cacheprovider
 
-test: lint test-sqlite test-postgres
+# The third leg: only the end-to-end worker tests, on PostgreSQL + RabbitMQ (the rest of the
+# suite does not touch the broker, and runs in the two legs above).
+test-rabbitmq: install
+	scripts/with-postgres.sh $(PG_FLAGS) --tuned -- \
+	  scripts/with-rabbitmq.sh $(PG_FLAGS) -- \
+	  $(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_worker.py tests/e2e/test_queues.py
+
+# Three hosts in network namespaces (root): PostgreSQL + Redis on one, gunicorn, a worker, beat
+# and a pull runner on each of two others; one app host is SIGKILLed whole while work is pushed.
+# make test runs the short version (20 s of pushing), make test-cluster the longer one.
+test-cluster: install
+	CLUSTER_TEST_SECONDS=60 scripts/with-cluster.sh $(PG_FLAGS) -- \
+	  $(BIN)/pytest -q -p no:cacheprovider -s tests/cluster
+
+test-cluster-short: install
+	CLUSTER_TEST_SECONDS=20 scripts/with-cluster.sh $(PG_FLAGS) -- \
+	  $(BIN)/pytest -q -p no:cacheprovider -s tests/cluster
+
+test: lint test-sqlite test-postgres test-rabbitmq test-cluster-short
 
 bench: bench-pop bench-tick bench-worker
 

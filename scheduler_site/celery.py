@@ -6,11 +6,15 @@ module (not `tasks`, which is the name of a Django app here), so autodiscovery l
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any
 
 from celery import Celery
-from celery.signals import task_prerun
+from celery.signals import after_setup_logger, task_postrun, task_prerun
 from kombu.transport import TRANSPORT_ALIASES
+
+from scheduler_site import log_context, worker_queues
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
 
@@ -21,6 +25,7 @@ app = Celery("scheduler_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(related_name="jobs")
 app.autodiscover_tasks(related_name="tasks")
+worker_queues.install(app)
 
 
 @app.on_after_configure.connect
@@ -52,3 +57,32 @@ def _recycle_old_connections(**_: object) -> None:
         left_open = conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"]
         if conn.errors_occurred or expired or left_open:
             conn.close_if_unusable_or_obsolete()
+
+
+@task_prerun.connect
+def _bind_log_fields(task_id: str, task: Any, args: tuple[Any, ...] = (), **_: object) -> None:
+    # Every record the job logs carries what it is about (LOG_FORMAT=json shows them).
+    fields: dict[str, Any] = {"celery_task": task.name, "celery_task_id": task_id}
+    if task.name == "tasks.run_task" and len(args) >= 2:
+        # The dispatcher sends the scheduler in a message header (tasks.dispatch._send).
+        fields |= {"task_id": str(args[0]), "attempt": int(args[1])}
+        if scheduler := getattr(task.request, "scheduler", None):
+            fields["scheduler"] = scheduler
+    task.request.log_token = log_context.bind(**fields)
+
+
+@task_postrun.connect
+def _unbind_log_fields(task: Any, **_: object) -> None:
+    token = getattr(task.request, "log_token", None)
+    if token is not None:
+        log_context.unbind(token)
+
+
+@after_setup_logger.connect
+def _celery_logs_as_json(logger: logging.Logger, **_: object) -> None:
+    # Celery gives its worker and beat their own root handler and text format; with
+    # LOG_FORMAT=json their lines (task received, succeeded, beat's sends) are JSON too.
+    from django.conf import settings
+
+    if settings.LOG_FORMAT == "json":
+        log_context.use_json(logger)

@@ -1,8 +1,10 @@
 """The system's own periodic jobs. `manage.py setup_periodic_tasks` writes them as
-django-celery-beat PeriodicTask rows; beat's DatabaseScheduler reads them from the database."""
+django-celery-beat PeriodicTask rows; beat's DatabaseScheduler reads them from the database.
+They run on the system queue (CELERY_SYSTEM_QUEUE), away from the handlers' queues."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,21 @@ class PeriodicJob:
     crontab: str | None = None  # 5 fields, UTC
     kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+
+
+@functools.cache
+def system_task_names() -> frozenset[str]:
+    """The Celery task names of the system's jobs: routed to the system queue however they
+    are sent (by beat, whose rows also name the queue, or by hand)."""
+    return frozenset(job.task for job in system_jobs())
+
+
+def route_system_jobs(name: str, *_: Any, **__: Any) -> dict[str, str] | None:
+    """A Celery router (CELERY_TASK_ROUTES): the system's jobs go to the system queue; all
+    else keeps its explicit queue (a scheduler's `celery_queue`) or Celery's default."""
+    if name in system_task_names():
+        return {"queue": settings.CELERY_SYSTEM_QUEUE}
+    return None
 
 
 def system_jobs() -> list[PeriodicJob]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Exchange, Queue
 
 from scheduler_site.databases import database_from_url
 from scheduler_site.env import (
@@ -287,7 +289,27 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler behind a database lease: beat may run on every host,
+# one sends at a time, another takes over within about 1.3 leases when it dies.
+CELERY_BEAT_SCHEDULER = "scheduler_site.beat:LeasedDatabaseScheduler"
+BEAT_LEASE_SECONDS = env_int("BEAT_LEASE_SECONDS", 15, minimum=3)
+# Queues. Celery's default queue ("celery", tasks.models.DEFAULT_CELERY_QUEUE) is where every
+# celery-kind scheduler sends unless its `celery_queue` says otherwise; the system's own
+# periodic jobs (tick, dispatcher, reaper, pruning, pilot cycles) have a queue of their own, so
+# a backlog of handlers never delays them. A worker started without -Q consumes both.
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_SYSTEM_QUEUE = env_str("CELERY_SYSTEM_QUEUE", "system")
+if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", CELERY_SYSTEM_QUEUE):
+    raise ImproperlyConfigured(
+        "CELERY_SYSTEM_QUEUE must be 1-100 letters, digits, '-', '_', '.' or ':'."
+    )
+# Each queue with a direct exchange of its own name: what Celery declares for a queue it
+# creates on demand (a scheduler's celery_queue, a worker's -Q), so all declarations agree.
+CELERY_TASK_QUEUES = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name)
+    for name in dict.fromkeys([CELERY_TASK_DEFAULT_QUEUE, CELERY_SYSTEM_QUEUE])
+)
+CELERY_TASK_ROUTES = ("scheduler_site.periodic.route_system_jobs",)
 # Celery's Django fixup closes the database connection around every task unless this is set:
 # a new PostgreSQL backend per task, half the CPU of a no-op task. Keep connections; the
 # task_prerun hook in scheduler_site.celery still drops old or failed ones.
@@ -306,11 +328,26 @@ TASKS = {
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
     raise ImproperlyConfigured(f"LOG_LEVEL={LOG_LEVEL!r} is not a logging level.")
+# plain: one line of text per record. json: one JSON object per line, with the task id,
+# scheduler and attempt of the task being run (scheduler_site.log_context).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain").lower()
+if LOG_FORMAT not in {"plain", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use plain or json.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "scheduler_site.log_context.json_formatter"},
+    },
+    "filters": {"context": {"()": "scheduler_site.log_context.ContextFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         app: {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False}

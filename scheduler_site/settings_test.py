@@ -21,10 +21,14 @@ os.environ.setdefault("WORKER_HEARTBEAT_SECONDS", "1")
 os.environ.setdefault("LOCK_WAIT_MAX_SECONDS", "2")
 # Permission matrices send hundreds of anonymous requests; the throttle test sets its own rate.
 os.environ.setdefault("API_THROTTLE_ANON", "100000/min")
-# The broker of the worker end-to-end tests: Redis beside PostgreSQL (TEST_REDIS_URL, set by
-# scripts/with-redis.sh), the filesystem transport beside SQLite, in a folder of this run's own.
-if os.environ.get("DATABASE_URL", "").startswith("postgres") and os.environ.get("TEST_REDIS_URL"):
-    os.environ.setdefault("CELERY_BROKER_URL", os.environ["TEST_REDIS_URL"])
+# The broker of the worker end-to-end tests: beside PostgreSQL, RabbitMQ when
+# scripts/with-rabbitmq.sh runs (TEST_RABBITMQ_URL, the third leg), else Redis
+# (TEST_REDIS_URL, scripts/with-redis.sh); the filesystem transport beside SQLite, in a folder
+# of this run's own.
+if os.environ.get("DATABASE_URL", "").startswith("postgres"):
+    _broker = os.environ.get("TEST_RABBITMQ_URL") or os.environ.get("TEST_REDIS_URL")
+    if _broker:
+        os.environ.setdefault("CELERY_BROKER_URL", _broker)
 os.environ.setdefault("SCHEDULER_BROKER_DIR", f"/tmp/scheduler-test-broker-{os.getpid()}")
 
 from scheduler_site.settings import *  # noqa: E402, F403

@@ -142,6 +142,7 @@ class SchedulerAdmin(admin.ModelAdmin):
     list_display = [
         "id",
         "kind",
+        "celery_queue",
         "paused",
         "queued",
         "max_queue_size",
@@ -149,8 +150,8 @@ class SchedulerAdmin(admin.ModelAdmin):
         "max_attempts",
         "dead_letter",
     ]
-    list_filter = ["kind", "paused", "retry_policy", "dead_letter"]
-    search_fields = ["id", "description", "handler"]
+    list_filter = ["kind", "celery_queue", "paused", "retry_policy", "dead_letter"]
+    search_fields = ["id", "description", "handler", "celery_queue"]
     readonly_fields = ["system", "created_at", "modified_at"]
     actions = ["pause_queues", "resume_queues"]
 

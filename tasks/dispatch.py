@@ -63,19 +63,24 @@ def dispatch_scheduler(scheduler_id: str) -> int:
             note="dispatched",
             at=now,
         )
-        handler_name = scheduler.handler
-        transaction.on_commit(lambda: _send(tasks, handler_name))
+        handler_name, celery_queue = scheduler.handler, scheduler.celery_queue
+        transaction.on_commit(lambda: _send(tasks, handler_name, celery_queue, scheduler.id))
     return len(tasks)
 
 
-def _send(tasks: Sequence[Task], handler_name: str) -> None:
+def _send(
+    tasks: Sequence[Task], handler_name: str, celery_queue: str, scheduler_id: str = ""
+) -> None:
     from scheduler_site.celery import app
     from tasks.jobs import run_task
 
     handler = HANDLERS.get(handler_name)
-    options = {}
+    # The scheduler's own Celery queue: the workers started with `-Q` for it run its tasks,
+    # so a queue of slow handlers has its own pool and delays nobody else's.
+    # The scheduler travels in a header, for the worker's log fields (LOG_FORMAT=json).
+    options: dict[str, object] = {"queue": celery_queue, "headers": {"scheduler": scheduler_id}}
     if handler is not None:
-        options = {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
+        options |= {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
     try:
         # One producer for the round, its messages sent together (one Redis round trip).
         with app.producer_or_acquire() as producer, producer.batch():

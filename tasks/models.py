@@ -94,6 +94,14 @@ def is_allowed_transition(from_status: str, to_status: str) -> bool:
     return to_status in ALLOWED_TRANSITIONS.get(from_status, frozenset())
 
 
+# Celery's own default queue (task_default_queue): a worker started without -Q consumes it.
+DEFAULT_CELERY_QUEUE = "celery"
+
+celery_queue_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$",
+    "Use 1-100 letters, digits, '-', '_', '.' or ':', starting with a letter or digit.",
+)
+
 scheduler_id_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9_-]{0,63}$",
     "Use 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit.",
@@ -106,6 +114,13 @@ class Scheduler(models.Model):
     description = models.CharField(max_length=200, blank=True)
     handler = models.CharField(
         max_length=200, blank=True, help_text="Registered handler name (celery-kind schedulers)."
+    )
+    celery_queue = models.CharField(
+        max_length=100,
+        default=DEFAULT_CELERY_QUEUE,
+        validators=[celery_queue_validator],
+        help_text="Celery queue the dispatcher sends this scheduler's tasks to (celery-kind "
+        "only); workers started with `-Q NAME` take only their queues.",
     )
     paused = models.BooleanField(default=False, help_text="A paused queue hands out nothing.")
     max_queue_size = models.PositiveIntegerField(

@@ -52,6 +52,7 @@ SCHEDULER_SETTABLE = (
     "kind",
     "description",
     "handler",
+    "celery_queue",
     "max_queue_size",
     "dispatch_threshold",
     "lease_seconds",

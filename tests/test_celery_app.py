@@ -7,9 +7,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from django.conf import settings
 from django.db import connection
 
-from scheduler_site.celery import _recycle_old_connections
+from scheduler_site.celery import _recycle_old_connections, app
 
 
 @pytest.fixture
@@ -70,3 +71,29 @@ def test_recycle_old_connections__drops_one_left_out_of_autocommit(open_connecti
 
     assert connection.connection is None
     assert connection.get_autocommit()  # a fresh connection, as configured
+
+
+@pytest.mark.parametrize(
+    "task_name",
+    [
+        "schedules.orchestrate",
+        "tasks.dispatch",
+        "tasks.reap_expired_leases",
+        "tasks.prune_finished_tasks",
+        "tasks.queue_stats_rollup",
+        "pilots.start_cycle",
+    ],
+)
+def test_router__system_jobs_go_to_the_system_queue(task_name: str) -> None:
+    route = app.amqp.router.route({}, task_name)
+
+    assert route["queue"].name == settings.CELERY_SYSTEM_QUEUE == "system"
+
+
+def test_router__a_task_sent_without_a_queue_goes_to_celerys_default() -> None:
+    assert app.amqp.router.route({}, "tasks.run_task")["queue"].name == "celery"
+    assert app.amqp.router.route({"queue": "slow"}, "tasks.run_task")["queue"].name == "slow"
+
+
+def test_worker_without_q__consumes_the_default_and_system_queues() -> None:
+    assert set(app.amqp.queues.consume_from) == {"celery", "system"}

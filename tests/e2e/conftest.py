@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,10 @@ def _database_url() -> str:
 @pytest.fixture
 def broker_url() -> str:
     url = settings.CELERY_BROKER_URL
-    if connection.vendor == "postgresql" and not url.startswith("redis"):
+    if connection.vendor == "postgresql" and not url.startswith(("redis", "amqp")):
         message = (
-            "the PostgreSQL leg runs its workers on Redis: start it with scripts/with-redis.sh"
+            "the PostgreSQL legs run their workers on Redis or RabbitMQ: start one with "
+            "scripts/with-redis.sh or scripts/with-rabbitmq.sh"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
@@ -50,28 +51,28 @@ def broker_url() -> str:
 
 
 class WorkerProcess:
-    def __init__(self, name: str, env: dict[str, str], pool: str, concurrency: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        pool: str,
+        concurrency: int,
+        *,
+        queues: Sequence[str] = (),
+        options: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.lines: list[str] = []
         self.ready = threading.Event()
+        command = [
+            CELERY, "-A", "scheduler_site", "worker", "-l", "INFO", "-n", f"{name}@%h",
+            "--pool", pool, "--concurrency", str(concurrency),
+            "--without-gossip", "--without-mingle", "--without-heartbeat", *options,
+        ]  # fmt: skip
+        if queues:  # a dedicated pool: only these Celery queues (without -Q: default + system)
+            command += ["-Q", ",".join(queues)]
         self.process = subprocess.Popen(
-            [
-                CELERY,
-                "-A",
-                "scheduler_site",
-                "worker",
-                "-l",
-                "INFO",
-                "-n",
-                f"{name}@%h",
-                "--pool",
-                pool,
-                "--concurrency",
-                str(concurrency),
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+            command,
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -116,8 +117,23 @@ def start_worker(transactional_db: None, broker_url: str) -> Iterator[Callable[.
     }
     started: list[WorkerProcess] = []
 
-    def start(name: str = "w1", *, pool: str = "solo", concurrency: int = 1) -> WorkerProcess:
-        worker = WorkerProcess(f"{name}-{os.getpid()}", env, pool, concurrency)
+    def start(
+        name: str = "w1",
+        *,
+        pool: str = "solo",
+        concurrency: int = 1,
+        queues: Sequence[str] = (),
+        options: Sequence[str] = (),
+        environ: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            f"{name}-{os.getpid()}",
+            {**env, **(environ or {})},
+            pool,
+            concurrency,
+            queues=queues,
+            options=options,
+        )
         started.append(worker)
         return worker
 
@@ -129,45 +145,66 @@ def start_worker(transactional_db: None, broker_url: str) -> Iterator[Callable[.
 
 
 class BeatProcess:
-    """A real `celery beat` process, its output in a log file."""
+    """A real `celery beat` with the leased scheduler; each output line kept with the
+    monotonic time it arrived."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.out = log.open("w")
-        command = [CELERY, "-A", "scheduler_site", "beat", "-l", "INFO", "--pidfile="]
-        command += ["--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"]
+    def __init__(self, name: str, env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.lines: list[tuple[float, str]] = []
+        command = [
+            CELERY, "-A", "scheduler_site", "beat", "-l", "INFO", "--pidfile=",
+            "-s", str(workdir / f"{name}-schedule"),
+        ]  # fmt: skip
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self.out, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip()))
+
+    def times(self, text: str) -> list[float]:
+        return [at for at, line in list(self.lines) if text in line]
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.out.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
 
 
 @pytest.fixture
 def start_beat(
-    start_worker: Callable[..., WorkerProcess], tmp_path: Path
-) -> Iterator[Callable[[], BeatProcess]]:
-    """Start a real `celery beat` (django-celery-beat's DatabaseScheduler) on the test
-    database and broker; stopped after."""
-    # After start_worker: the same database and broker for both.
+    transactional_db: None, broker_url: str, tmp_path: Path
+) -> Iterator[Callable[..., BeatProcess]]:
+    """Start real beat processes against the test database and broker (stopped after)."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "scheduler_site.settings_test",
         "DATABASE_URL": _database_url(),
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+        "CELERY_BROKER_URL": broker_url,
         "SCHEDULER_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
     }
     started: list[BeatProcess] = []
 
-    def start() -> BeatProcess:
-        started.append(BeatProcess(env, tmp_path / "beat.log"))
-        return started[-1]
+    def start(name: str = "beat", **environ: str) -> BeatProcess:
+        beat = BeatProcess(name, {**env, **environ}, tmp_path)
+        started.append(beat)
+        return beat
 
     yield start
     for beat in started:
@@ -286,6 +323,23 @@ def start_server(transactional_db: None, tmp_path: Path) -> Iterator[Callable[[]
         if server.running():
             # Not graceful: the test is over, and a graceful stop waits out long polls.
             server.kill(signal.SIGKILL)
+
+
+def restart_broker(url: str, *, down_seconds: float = 2.0) -> None:
+    """Crash the test run's broker and start it again on the same port: Redis (no
+    persistence: every message in it is lost) or RabbitMQ (its Erlang VM SIGKILLed; durable
+    messages may survive, duplicates are harmless)."""
+    if url.startswith("redis"):
+        restart_redis(url, down_seconds=down_seconds)
+        return
+    if not url.startswith("amqp"):
+        raise AssertionError(f"no server to restart behind {url.split(':')[0]}://")
+    subprocess.run(
+        [str(ROOT / "scripts" / "with-rabbitmq.sh"), "--restart", os.environ["TEST_RABBITMQ_DIR"],
+         str(down_seconds)],
+        check=True,
+        timeout=120,
+    )  # fmt: skip
 
 
 def restart_redis(url: str, *, down_seconds: float = 2.0) -> None:

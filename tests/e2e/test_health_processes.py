@@ -27,7 +27,8 @@ def test_worker__registers_beats_and_is_marked_stopped_on_shutdown(
 ) -> None:
     worker = start_worker("reg")
     row = wait_for(lambda: _node(worker), message="the worker's row")
-    assert (row.pid, row.queues, row.stopped_at) == (worker.process.pid, ["celery"], None)
+    # Without -Q: Celery's default queue and the system queue (the periodic jobs').
+    assert (row.pid, row.queues, row.stopped_at) == (worker.process.pid, ["celery", "system"], None)
     assert selectors.worker_state(row) == "live"
     first_seen = row.last_seen_at
     wait_for(lambda: _node(worker).last_seen_at > first_seen, message="a heartbeat")

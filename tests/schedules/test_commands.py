@@ -9,6 +9,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
@@ -209,6 +210,7 @@ def test_setup_periodic_tasks__idempotent(db: None) -> None:
     assert tick.interval is not None and tick.enabled
     assert json.loads(tick.kwargs) == {}
     assert rows["scheduler: prune finished tasks"].crontab is not None
+    assert {task.queue for task in rows.values()} == {settings.CELERY_SYSTEM_QUEUE} == {"system"}
 
 
 def test_setup_periodic_tasks__keeps_an_operators_disable(db: None) -> None:

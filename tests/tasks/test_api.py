@@ -514,6 +514,21 @@ def test_scheduler__create_retrieve_list_with_counts(
 
 
 @pytest.mark.django_db
+def test_scheduler__celery_queue_created_shown_and_patched(operator_client: APIClient) -> None:
+    body = {"id": "slow", "kind": "celery", "handler": "demo.sleep", "celery_queue": "slow-pool"}
+    created = operator_client.post("/api/schedulers/", body, format="json")
+    assert created.status_code == 201 and created.json()["celery_queue"] == "slow-pool"
+
+    patched = operator_client.patch(
+        "/api/schedulers/slow/", {"celery_queue": "slower.pool"}, format="json"
+    )
+    assert patched.status_code == 200
+    assert Scheduler.objects.get(id="slow").celery_queue == "slower.pool"
+    default = operator_client.post("/api/schedulers/", {"id": "plain"}, format="json")
+    assert default.json()["celery_queue"] == "celery"
+
+
+@pytest.mark.django_db
 def test_scheduler__patch(operator_client: APIClient, scheduler: Scheduler) -> None:
     response = operator_client.patch(
         "/api/schedulers/boefje/", {"max_queue_size": 7}, format="json"
@@ -597,6 +612,9 @@ def test_scheduler__bad_policy_weights_are_400_and_change_nothing(
         ({"id": "x", "lease_seconds": 0}, "lease_seconds"),
         ({"id": "x", "max_queue_size": -1}, "max_queue_size"),
         ({"id": "x", "retry_policy": "sometimes"}, "retry_policy"),
+        ({"id": "x", "celery_queue": ""}, "celery_queue"),
+        ({"id": "x", "celery_queue": "two words"}, "celery_queue"),
+        ({"id": "x", "celery_queue": "q" * 101}, "celery_queue"),
     ],
 )
 def test_scheduler__create_400_names_the_field(

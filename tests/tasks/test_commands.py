@@ -275,6 +275,8 @@ def test_scheduler_create_update_list(push: Push) -> None:
 
     assert run("scheduler", "update", "q2", "--max-attempts", "7").strip() == "updated q2"
     assert Scheduler.objects.get(id="q2").max_attempts == 7
+    run("scheduler", "update", "q2", "--celery-queue", "slow-pool")
+    assert Scheduler.objects.get(id="q2").celery_queue == "slow-pool"
 
     push()
     listing = run("scheduler", "list").splitlines()

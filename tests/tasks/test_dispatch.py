@@ -78,11 +78,12 @@ def _unreachable_broker() -> Iterator[None]:
         _reset_producer_pools()
 
 
-def _broker_messages() -> list[tuple[str, list[Any], Any]]:
-    """Take every message off the default queue: (task name, args, time limits)."""
+def _broker_messages(queue_name: str = "") -> list[tuple[str, list[Any], Any]]:
+    """Take every message off a queue (the default one unless named): (task name, args, time
+    limits)."""
     taken = []
     with app.connection_for_write() as conn:
-        queue = SimpleQueue(conn, app.conf.task_default_queue)
+        queue = SimpleQueue(conn, queue_name or app.conf.task_default_queue)
         try:
             while True:
                 try:
@@ -269,6 +270,28 @@ def test_push__to_a_celery_queue_dispatches_on_commit_and_sends_id_and_attempt(
     assert len(tasks) == 5
 
 
+def test_push__goes_to_the_schedulers_own_celery_queue(
+    make_scheduler: Callable[..., Scheduler], django_capture_on_commit_callbacks: Any
+) -> None:
+    make_scheduler("slow", kind="celery", handler="demo.sleep", celery_queue="slow-pool")
+    make_scheduler("echo", kind="celery", handler="demo.echo")  # Celery's default queue
+
+    with django_capture_on_commit_callbacks(execute=True):
+        [slow] = _push(1, scheduler_id="slow")
+        [echo] = _push(1, scheduler_id="echo")
+
+    assert _broker_messages("slow-pool") == [("tasks.run_task", [str(slow.id), 1], [None, 120])]
+    assert _broker_messages() == [("tasks.run_task", [str(echo.id), 1], [None, None])]
+
+
+def test_scheduler__celery_queue_defaults_to_celerys_default_queue(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    scheduler = make_scheduler("echo", kind="celery", handler="demo.echo")
+
+    assert scheduler.celery_queue == app.conf.task_default_queue == "celery"
+
+
 def test_push__handler_time_limits_travel_with_the_message(
     make_scheduler: Callable[..., Scheduler], django_capture_on_commit_callbacks: Any
 ) -> None:
@@ -364,7 +387,7 @@ def test_send__broker_unreachable_leaves_a_task_that_moved_on_alone(
     services.task_cancel(task_id=task.id, actor="operator")
 
     with _unreachable_broker():
-        dispatch._send([dispatched], "demo.echo")  # refused hand-back: no error
+        dispatch._send([dispatched], "demo.echo", "celery")  # refused hand-back: no error
 
     assert fresh(task).status == S.CANCELLED
     assert not TaskEvent.objects.filter(task=task, note__contains="broker").exists()
@@ -381,7 +404,7 @@ def test_send__broker_unreachable_leaves_a_claimed_task_running(
     services.task_start(task_id=task.id, actor="worker-1", attempt=dispatched.attempts)
 
     with _unreachable_broker():
-        dispatch._send([dispatched], "demo.echo")
+        dispatch._send([dispatched], "demo.echo", "celery")
 
     task = fresh(task)
     assert (task.status, task.attempts) == (S.RUNNING, 1)

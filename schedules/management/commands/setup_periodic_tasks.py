@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
@@ -45,6 +46,8 @@ class Command(BaseCommand):
             "task": job.task,
             "kwargs": json.dumps(job.kwargs, sort_keys=True),
             "description": job.description,
+            # Visible in the admin; the router sends these to the same queue anyway.
+            "queue": settings.CELERY_SYSTEM_QUEUE,
             **self._schedule_fields(job),
         }
         existing = PeriodicTask.objects.filter(name=job.name).first()
