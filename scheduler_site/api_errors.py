@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -25,6 +27,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             exc.message_dict if hasattr(exc, "error_dict") else {"detail": " ".join(exc.messages)}
         )
         return Response(detail, status=400)
+    if isinstance(exc, RequestDataTooBig):
+        # Django's own answer is an HTML 400 page; the API answers JSON, naming the limit.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response({"detail": f"The request body is larger than {limit} bytes."}, 400)
     if isinstance(exc, DataError):
         # A value the database cannot hold (an out-of-range integer, say) is bad input.
         logger.info("bad input refused by the database: %s", exc)

@@ -461,3 +461,17 @@ def test_schema__pop_documents_the_409_of_a_celery_queue(operator_client: APICli
 
     assert response.status_code == 409
     assert "409" in schema["paths"]["/api/schedulers/{id}/pop/"]["post"]["responses"]
+
+
+@pytest.mark.django_db
+def test_body__larger_than_the_upload_limit_is_a_json_400(
+    runner_client: APIClient, settings: Any
+) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    body = {"reports": [{"id": "x" * 2000, "status": "COMPLETED"}]}
+
+    response = runner_client.post("/api/tasks/report/", body, format="json")
+
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/json"
+    assert "1000 bytes" in response.json()["detail"]
