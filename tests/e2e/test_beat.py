@@ -79,6 +79,10 @@ def test_beat__three_beats_one_sends_and_another_takes_over_a_killed_one(
     assert takeover <= 2 * LEASE, f"took {takeover:.1f} s to take over (lease {LEASE} s)"
     assert min(gaps) >= INTERVAL - SLACK, f"sent twice within {INTERVAL} s: {gaps}"
     assert max(gaps) <= INTERVAL + 2 * LEASE, f"a run waited too long: {gaps}"
-    assert _messages(queue_name) == len(sends), "the broker got another number of sends"
+    # Each send is recorded (lease renewed, last_run_at written) before it is published, so a
+    # beat SIGKILLed between the two loses that one send (docs/deployment.md): at most one
+    # message short, never one more (no job sent twice).
+    published = _messages(queue_name)
+    assert len(sends) - 1 <= published <= len(sends), f"{published} published, {len(sends)} sent"
     probe.refresh_from_db()
     assert probe.total_run_count == len(sends)
