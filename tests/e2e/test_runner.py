@@ -20,8 +20,8 @@ from django.contrib.auth.models import User
 
 from tasks import accounts, services
 from tasks.models import Task, TaskStatus
-from tests.e2e.conftest import ROOT, ServerProcess
 from tests.e2e.fault_proxy import DROP_ANSWER, Answer, FaultProxy, Seen
+from tests.support.processes import ROOT, ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -14,8 +14,8 @@ import pytest
 from rest_framework.test import APIClient
 
 from tasks.pull_runner import ApiClient, ApiError, ApiUnreachable, AuthRefused, retry_after_seconds
-from tests.e2e.conftest import free_port
 from tests.e2e.fault_proxy import DROP_ANSWER, Answer, FaultProxy
+from tests.support.processes import free_port
 
 
 @pytest.fixture
