@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200, help="latency samples a leg")
     parser.add_argument("--tasks", type=int, default=3_000, help="throughput tasks")
+    parser.add_argument("--warmup", type=int, default=100, help="throughput warm-up tasks")
     parser.add_argument("--threshold", type=int, default=50, help="throughput dispatch_threshold")
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 samples, 500 tasks")
     parser.add_argument(
@@ -78,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         run.latency.append(LatencyResult("PostgreSQL + Redis", run.versions, "-", error=str(exc)))
     try:
-        run.throughput, notes = measure_throughput(args.tasks, args.threshold)
+        run.throughput, notes = measure_throughput(args.tasks, args.threshold, args.warmup)
         run.notes += notes
     except RuntimeError as exc:
         run.notes.append(f"throughput leg failed: {exc}".replace("\n", " / ")[:2000])
     try:
-        run.floor = measure_celery_floor(args.tasks)
+        run.floor = measure_celery_floor(args.tasks, args.warmup)
     except RuntimeError as exc:
         run.notes.append(f"Celery floor failed: {exc}".replace("\n", " / ")[:2000])
     if not args.no_embedded:

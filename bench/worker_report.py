@@ -251,8 +251,9 @@ def report(run: Run) -> str:
         "# Celery execution path benchmark",
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {run.versions}, Django {django.get_version()}, "
-        f"Celery {celery.__version__}, {os.cpu_count()} CPUs, DEBUG off in the workers "
-        f"(on in the bench), handler `{HANDLER}`; total {time.monotonic() - run.started:.0f} s.",
+        f"Celery {celery.__version__}, {os.cpu_count()} CPUs, production settings (DEBUG off) in "
+        f"the workers and the bench, handler `{HANDLER}`; "
+        f"total {time.monotonic() - run.started:.0f} s.",
         "",
         f"Load at the start: `{run.load_start}`; at the end: `{uptime()}`. Other work on the "
         "machine depresses every figure.",

@@ -74,7 +74,9 @@ def drain(count: int, timeout: float) -> tuple[float, list[int], int, int, str]:
         time.sleep(max(0.0, tick - time.monotonic()))
 
 
-def measure_throughput(count: int, threshold: int) -> tuple[ThroughputResult, list[str]]:
+def measure_throughput(
+    count: int, threshold: int, warmup: int = THROUGHPUT_WARMUP
+) -> tuple[ThroughputResult, list[str]]:
     from tasks.models import Scheduler
 
     notes: list[str] = []
@@ -83,8 +85,8 @@ def measure_throughput(count: int, threshold: int) -> tuple[ThroughputResult, li
     timeout = max(120.0, count / 20)
     with running_worker("throughput", pool="prefork", concurrency=THROUGHPUT_CONCURRENCY) as w:
         # Warm-up: both pool processes import everything and open their connections.
-        seed_queued(THROUGHPUT_SCHEDULER, THROUGHPUT_WARMUP)
-        *_, problem = drain(THROUGHPUT_WARMUP, timeout)
+        seed_queued(THROUGHPUT_SCHEDULER, warmup)
+        *_, problem = drain(warmup, timeout)
         if problem:
             notes.append(f"warm-up: {problem}")
         clear_tasks(THROUGHPUT_SCHEDULER)
@@ -148,14 +150,14 @@ def wait_succeeded(worker: WorkerProcess, start: int, count: int, timeout: float
     return times
 
 
-def measure_celery_floor(count: int) -> FloorResult:
+def measure_celery_floor(count: int, warmup: int = THROUGHPUT_WARMUP) -> FloorResult:
     """`celery.accumulate` (returns its arguments; touches no database) sent `count` times as
     fast as one producer can, through a worker like the throughput leg's."""
     result = FloorResult(tasks=count)
     with running_worker("floor", pool="prefork", concurrency=THROUGHPUT_CONCURRENCY) as w:
         mark = len(w.lines)
-        send_noops(THROUGHPUT_WARMUP)
-        wait_succeeded(w, mark, THROUGHPUT_WARMUP, 60)
+        send_noops(warmup)
+        wait_succeeded(w, mark, warmup, 60)
         mark = len(w.lines)
         watch = CpuWatch.begin(w)
         started = time.time()
