@@ -88,23 +88,34 @@ def raw_connect(limit: int):  # -> Callable[[Spec, int], Caller]
 
 
 def procrastinate_fill(count: int) -> None:
+    """Its schema (once), no job, event or worker left, then `count` jobs to fetch."""
+    procrastinate_reset(workers=True)
+    procrastinate_insert(count)
+    with _connect() as conn:
+        conn.execute("VACUUM ANALYZE procrastinate_jobs")
+        conn.execute("VACUUM ANALYZE procrastinate_events")
+
+
+def procrastinate_reset(*, workers: bool) -> None:
     from procrastinate.schema import SchemaManager
 
     with _connect() as conn:
         installed = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0]
         if installed is None:
             conn.execute(SchemaManager.get_schema())
-        conn.execute(
-            "TRUNCATE procrastinate_events, procrastinate_jobs, procrastinate_workers CASCADE"
-        )
+        tables = "procrastinate_events, procrastinate_jobs"
+        conn.execute(f"TRUNCATE {tables}{', procrastinate_workers' if workers else ''} CASCADE")
+
+
+def procrastinate_insert(count: int) -> None:
+    """`count` jobs in one statement; its insert triggers run (events, NOTIFY)."""
+    with _connect() as conn:
         conn.execute(
             "INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args) "
             "SELECT %s, 'bench.noop', 0, jsonb_build_object('n', g) "
             "FROM generate_series(1, %s) AS g",
             (PROCRASTINATE_QUEUE, count),
         )
-        conn.execute("VACUUM ANALYZE procrastinate_jobs")
-        conn.execute("VACUUM ANALYZE procrastinate_events")
 
 
 def procrastinate_connect(spec: Spec, index: int) -> Caller:

@@ -21,6 +21,9 @@ end-to-end tests start them; nothing is eager or mocked.
   dispatcher's job, at its production cadence) while the worker's on-claim fast path keeps the
   broker topped up; from the first dispatch to the last COMPLETED event. The broker's depth
   (DISPATCHED tasks) is sampled every 100 ms, and also replayed exactly from the events.
+- procrastinate's worker (bench/worker_peers.py): the same number of no-op jobs through
+  `procrastinate worker`, 2 processes of concurrency 1, on the same PostgreSQL; left out with
+  the reason when the bench extra is not installed.
 - Celery floor: the built-in no-op `celery.accumulate` through the same kind of worker, so the
   throughput can be read against what Celery and Redis alone manage on this machine.
 
@@ -39,6 +42,7 @@ from pathlib import Path
 
 from bench import common
 from bench.worker_latency import embedded_child, measure_latency, run_embedded_leg
+from bench.worker_peers import measure_procrastinate_worker
 from bench.worker_report import report
 from bench.worker_setup import LatencyResult, Run
 from bench.worker_throughput import measure_celery_floor, measure_throughput
@@ -87,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         run.floor = measure_celery_floor(args.tasks, args.warmup)
     except RuntimeError as exc:
         run.notes.append(f"Celery floor failed: {exc}".replace("\n", " / ")[:2000])
+    peer = measure_procrastinate_worker(args.tasks, args.warmup)
+    if isinstance(peer, str):
+        run.notes.append(f"procrastinate's worker left out: {peer}")
+    else:
+        run.peer = peer
     if not args.no_embedded:
         common.log("embedded leg: SQLite + filesystem broker, in a child process")
         run.latency.append(run_embedded_leg(args.samples))

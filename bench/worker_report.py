@@ -83,7 +83,9 @@ def latency_steps_table(results: list[LatencyResult]) -> list[str]:
     return lines
 
 
-def throughput_table(t: ThroughputResult | None, floor: FloorResult | None) -> list[str]:
+def throughput_table(
+    t: ThroughputResult | None, floor: FloorResult | None, peer: FloorResult | None = None
+) -> list[str]:
     worker = f"1 worker, --pool prefork --concurrency {THROUGHPUT_CONCURRENCY}"
     lines = [
         "| tasks | what runs | dispatch_threshold | wall s | tasks/s | steady tasks/s (10-90 %) "
@@ -103,6 +105,14 @@ def throughput_table(t: ThroughputResult | None, floor: FloorResult | None) -> l
             f"| {floor.tasks:,} | Celery floor: `{NOOP_TASK}` (no database), {worker} | - "
             f"| {fmt(floor.wall, 2)} | {fmt(floor.rate, 0)} | - | - | - "
             f"| {f'{missing:,} not seen' if missing else 'none'} |"
+        )
+    if peer is not None:
+        missing = peer.tasks - peer.completed
+        lines.append(
+            f"| {peer.tasks:,} | procrastinate worker: a no-op async task, "
+            f"{THROUGHPUT_CONCURRENCY} `procrastinate worker` processes, concurrency 1 | - "
+            f"| {fmt(peer.wall, 2)} | {fmt(peer.rate, 0)} | - | - | - "
+            f"| {f'{missing:,} not succeeded' if missing else 'none'} |"
         )
     return lines
 
@@ -148,7 +158,9 @@ def cpu_row(label: str, cpu: dict[str, float], completed: int) -> str:
     )
 
 
-def cpu_table(t: ThroughputResult | None, floor: FloorResult | None) -> list[str]:
+def cpu_table(
+    t: ThroughputResult | None, floor: FloorResult | None, peer: FloorResult | None = None
+) -> list[str]:
     lines = [
         "| run | worker (main + pool) | PostgreSQL (all backends) | Redis "
         "| bench (dispatcher, polling; or producer) | other work on the machine % "
@@ -159,6 +171,8 @@ def cpu_table(t: ThroughputResult | None, floor: FloorResult | None) -> list[str
         lines.append(cpu_row(f"`{HANDLER}`", t.cpu, t.completed))
     if floor is not None:
         lines.append(cpu_row("Celery floor", floor.cpu, floor.completed))
+    if peer is not None:
+        lines.append(cpu_row("procrastinate worker", peer.cpu, peer.completed))
     return lines
 
 
@@ -201,6 +215,24 @@ def targets_table(latency: list[LatencyResult], t: ThroughputResult | None) -> l
             )
         )
     return lines
+
+
+def ratio_rows(run: Run) -> list[str]:
+    """Ours against procrastinate's worker and Celery alone, from the same run."""
+    t = run.throughput
+    rows = []
+    for peer, label, target in (
+        (run.peer, "procrastinate's worker", 1.2),
+        (run.floor, "Celery alone (the floor)", 0.5),
+    ):
+        if t is None or peer is None or not peer.rate > 0:
+            continue
+        ratio = t.rate / peer.rate
+        rows.append(
+            f"| no-op tasks/s, ours / {label} | ≥ {target:g}x | {ratio:.2f}x "
+            f"| {'yes' if ratio >= target else 'NO'} |"
+        )
+    return rows
 
 
 def observations(run: Run) -> list[str]:
@@ -283,7 +315,7 @@ def report(run: Run) -> str:
             "",
             "## Throughput of no-op tasks, PostgreSQL + Redis",
             "",
-            *throughput_table(t, floor),
+            *throughput_table(t, floor, run.peer),
             "",
         ]
     if t is not None:
@@ -318,13 +350,13 @@ def report(run: Run) -> str:
             "CPU ms per task over the measured window, from /proc (process trees, so the "
             "PostgreSQL backends forked and gone meanwhile count too):",
             "",
-            *cpu_table(t, floor),
+            *cpu_table(t, floor, run.peer),
             "",
             "CPU-bound ceiling = tasks/s if all CPUs did nothing but these processes' work. "
             "The bench's CPU is its dispatcher (as beat's periodic job would run it) and its "
             f"status poll every {POLL_DEPTH_SECONDS * 1000:.0f} ms.",
         ]
-    lines += ["", "## Targets", "", *targets_table(run.latency, t)]
+    lines += ["", "## Targets", "", *targets_table(run.latency, t), *ratio_rows(run)]
     notes = [*run.notes, *observations(run)]
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]

@@ -353,4 +353,5 @@ class Run:
     latency: list[LatencyResult] = field(default_factory=list)
     throughput: ThroughputResult | None = None
     floor: FloorResult | None = None
+    peer: FloorResult | None = None  # procrastinate's worker on the same no-op load
     notes: list[str] = field(default_factory=list)
