@@ -99,21 +99,18 @@ def throughput_table(
             f"| {fmt(t.wall, 2)} | {fmt(t.rate, 0)} | {fmt(t.steady_rate(), 0)} "
             f"| {max(t.depth_samples, default=0)} | {t.max_depth_events} | {unfinished} |"
         )
-    if floor is not None:
-        missing = floor.tasks - floor.completed
-        lines.append(
-            f"| {floor.tasks:,} | Celery floor: `{NOOP_TASK}` (no database), {worker} | - "
-            f"| {fmt(floor.wall, 2)} | {fmt(floor.rate, 0)} | - | - | - "
-            f"| {f'{missing:,} not seen' if missing else 'none'} |"
-        )
-    if peer is not None:
-        missing = peer.tasks - peer.completed
-        lines.append(
-            f"| {peer.tasks:,} | procrastinate worker: a no-op async task, "
-            f"{THROUGHPUT_CONCURRENCY} `procrastinate worker` processes, concurrency 1 | - "
-            f"| {fmt(peer.wall, 2)} | {fmt(peer.rate, 0)} | - | - | - "
-            f"| {f'{missing:,} not succeeded' if missing else 'none'} |"
-        )
+    peers = (
+        (floor, f"Celery floor: `{NOOP_TASK}` (no database), {worker}"),
+        (peer, f"procrastinate worker: a no-op async task, {THROUGHPUT_CONCURRENCY} "
+         "`procrastinate worker` processes, concurrency 1"),
+    )  # fmt: skip
+    for result, what in peers:
+        if result is not None:
+            missing = result.tasks - result.completed
+            lines.append(
+                f"| {result.tasks:,} | {what} | - | {fmt(result.wall, 2)} | {fmt(result.rate, 0)} "
+                f"| - | - | - | {f'{missing:,} not seen' if missing else 'none'} |"
+            )
     return lines
 
 
