@@ -242,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(entries=[])
     picked = chosen(args, run)
     run.entries = [c.entry for c in picked]
-    run.command = "python -m bench.pop_bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    run.command = (
+        f"python -m bench.pop_bench --tasks {args.tasks} --rounds {args.rounds} "
+        f"--processes {args.processes} --finished {args.finished} "
+        f"--max-seconds {args.max_seconds:g} --http-workers {args.http_workers}"
+        + (f" --only {args.only}" if args.only else "")
+    )
     tokens = pop_ours.prepare_queues()
     if any(c.key.endswith("-1m") for c in picked):
         started = time.monotonic()
