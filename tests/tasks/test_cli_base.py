@@ -18,7 +18,7 @@ from django.core.management import load_command_class
 from pilots.serializers import ComputeElementSerializer, VOSerializer
 from schedules.serializers import ScheduleSerializer, ScheduleUpdateSerializer
 from tasks.management.commands._base import HelpFormatter, OurCommand
-from tasks.serializers import SCHEDULER_SETTABLE
+from tasks.serializers import SCHEDULER_SETTABLE, TaskPushSerializer
 
 OURS = {
     "tasks": ["scheduler", "task", "runner", "api_token", "create_api_user"],
@@ -82,6 +82,7 @@ def test_json__on_every_list_and_show(app: str, name: str) -> None:
     ("command", "action", "serializer", "exclude"),
     [
         ("scheduler", "create", None, ()),
+        ("task", "push", TaskPushSerializer, ()),
         ("schedule", "create", ScheduleSerializer, ()),
         ("schedule", "update", ScheduleUpdateSerializer, ()),
         ("vo", "update", VOSerializer, ("name",)),

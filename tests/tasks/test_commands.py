@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from io import StringIO
@@ -70,6 +71,22 @@ def test_task_push__bad_data_names_the_option(
 
 
 @pytest.mark.django_db
+def test_task_push__not_before_and_checks_as_the_api(scheduler: Scheduler) -> None:
+    out = run(
+        "task", "push", "--scheduler", "boefje", "--not-before", "2030-01-01T12:00:00+01:00",
+        "--json",
+    )  # fmt: skip
+    assert json.loads(out)["not_before"] == "2030-01-01T11:00:00Z"
+    with pytest.raises(CommandError, match="--not-before: '2030-01-01T12:00:00': give an ISO"):
+        run("task", "push", "--scheduler", "boefje", "--not-before", "2030-01-01T12:00:00")
+    with pytest.raises(CommandError, match="invalid: --priority: Ensure this value"):
+        run("task", "push", "--scheduler", "boefje", "--priority", str(2**31))
+    with pytest.raises(CommandError, match="invalid: --hash: Ensure this field"):
+        run("task", "push", "--scheduler", "boefje", "--hash", "h" * 65)
+    assert Task.objects.count() == 1
+
+
+@pytest.mark.django_db
 def test_task_push__refusals_are_command_errors(scheduler: Scheduler) -> None:
     with pytest.raises(CommandError, match="404"):
         run("task", "push", "--scheduler", "nope")
@@ -127,6 +144,7 @@ def test_task_list__filters(push: Push, make_scheduler: Callable[..., Scheduler]
     only_dead = run("task", "list", "--status", "DEAD")
     assert str(dead.id) in only_dead and str(a.id) not in only_dead
     assert str(a.id) in run("task", "list", "--hash", "ha")
+    assert json.loads(run("task", "list", "--schedule", str(uuid.uuid4()), "--json")) == []
     assert len(run("task", "list", "--limit", "1").splitlines()) == 3  # header, rule, one
     assert len(json.loads(run("task", "list", "--limit", "1", "--json"))) == 1
 

@@ -22,7 +22,8 @@ from tasks.management.commands._base import parse_json_object
 YES_NO = {"yes": True, "no": False}
 UNCHANGED = "(default: unchanged)"
 
-# Help for fields whose model and serializer have none (theirs wins when they have some).
+# Help for fields whose model and serializer have none (theirs wins when they have some);
+# "Serializer.field" before "field".
 FIELD_HELP = {
     "kind": "pull: external runners pop over the REST API; celery: a handler on the workers.",
     "description": "Free text shown in the admin and the API.",
@@ -31,7 +32,10 @@ FIELD_HELP = {
     '"never_run_first": 49, "least_recently_run_first": 2}.',
     "scheduler": "The queue (scheduler id) the schedule's tasks go to.",
     "hash": "Dedup key, unique per scheduler; commands take it for the schedule's id.",
+    "TaskPushSerializer.hash": "Dedup key: at most one active task per hash in the queue.",
     "data": 'The task\'s payload, a JSON object, e.g. {"org": "acme"}.',
+    "priority": "Lower runs first.",
+    "not_before": "Not handed out before this time (ISO 8601 with offset).",
     "interval_seconds": "Run every this many seconds (instead of --cron or --run-at).",
     "timezone": "IANA time zone the cron expression is evaluated in, e.g. Europe/Amsterdam.",
     "start_at": "No run before this time (ISO 8601 with offset).",
@@ -73,7 +77,9 @@ def add_field_options(
     for name in names:
         field = fields[name]
         kwargs = _argparse_kwargs(field)
-        kwargs["help"] = _help(name, field, model, updating=updating)
+        kwargs["help"] = _help(
+            name, field, model, updating=updating, owner=serializer_class.__name__
+        )
         kwargs["required"] = field.required and not updating
         parser.add_argument(option_name(name), dest=name, **kwargs)
 
@@ -113,25 +119,47 @@ def _nullable(kind: type, field: drf.Field) -> Any:
     return parse
 
 
-def _help(name: str, field: drf.Field, model: type[models.Model] | None, *, updating: bool) -> str:
-    text = str(field.help_text or "") or FIELD_HELP.get(name) or f"The API's {name!r} field."
+def _help(
+    name: str,
+    field: drf.Field,
+    model: type[models.Model] | None,
+    *,
+    updating: bool,
+    owner: str,
+) -> str:
+    text = (
+        str(field.help_text or "")
+        or FIELD_HELP.get(f"{owner}.{name}")
+        or FIELD_HELP.get(name)
+        or f"The API's {name!r} field."
+    )
     text = text.replace("%", "%%")  # argparse formats help with %
     clears = " '' clears it." if field.allow_null or isinstance(field, drf.DateTimeField) else ""
     if updating:
         return f"{text}{clears} {UNCHANGED}"
     if field.required:
         return f"{text} (required)"
-    return f"{text} (default: {_model_default(name, model)})"
+    return f"{text} (default: {_default(name, field, model)})"
 
 
-def _model_default(name: str, model: type[models.Model] | None) -> str:
+def _default(name: str, field: drf.Field, model: type[models.Model] | None) -> str:
+    """The serializer field's default, else the model field's (a ModelSerializer leaves
+    defaults to the model)."""
+    if field.default is not drf.empty:
+        value = field.get_default() if callable(field.default) else field.default
+        return _shown_value(value)
     try:
         model_field = model._meta.get_field(name) if model else None
     except FieldDoesNotExist:  # a serializer-only field: no model default to show
         model_field = None
     if model_field is None or not model_field.has_default():
         return "none"
-    value = model_field.get_default()
+    return _shown_value(model_field.get_default())
+
+
+def _shown_value(value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, dict | list):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -13,13 +14,20 @@ from tasks.management.commands._base import (
     parse_json_object,
     table,
 )
-from tasks.management.commands._fields import describe_errors
+from tasks.management.commands._fields import (
+    add_field_options,
+    describe_errors,
+    field_values,
+    validated,
+    writable,
+)
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tasks.references import find_task
 from tasks.serializers import (
     PoppedTaskSerializer,
     PopSerializer,
     TaskEventSerializer,
+    TaskPushSerializer,
     TaskSerializer,
 )
 
@@ -47,6 +55,9 @@ class Command(SubcommandCommand):
         lst.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
         lst.add_argument("--status", choices=TaskStatus.values, help="DEAD lists dead letters.")
         lst.add_argument("--hash", help="Only tasks with this dedup key.")
+        lst.add_argument(
+            "--schedule", type=uuid.UUID, metavar="ID", help="Only the tasks this schedule made."
+        )
         lst.add_argument("--limit", type=int, default=50, metavar="N", help="At most N rows.")
         for name, text in [
             ("show", "One task: every field, the error and its traceback."),
@@ -82,9 +93,7 @@ class Command(SubcommandCommand):
     def _push_parser(self, sub: Any) -> None:
         push = self.action(sub, "push", "Queue a task (as POST /api/schedulers/{id}/push/).")
         push.add_argument("--scheduler", required=True, metavar="ID", help="The queue.")
-        push.add_argument("--data", metavar="JSON", help="The task's payload, a JSON object.")
-        push.add_argument("--priority", type=int, default=0, metavar="N", help="Lower runs first.")
-        push.add_argument("--hash", help="Dedup key: at most one active task per hash.")
+        add_field_options(push, TaskPushSerializer, writable(TaskPushSerializer), updating=False)
 
     def _pop_parser(self, sub: Any) -> None:
         pop = self.action(sub, "pop", "Lease due tasks (now DISPATCHED), with their lease tokens.")
@@ -95,16 +104,10 @@ class Command(SubcommandCommand):
         )
         pop.add_argument("--worker", default="cli", help="Recorded as the tasks' holder.")
 
-    def _push(
-        self, *, scheduler: str, data: str | None, priority: int, hash: str | None, **_: Any
-    ) -> None:
-        task = services.task_push(
-            scheduler_id=scheduler,
-            data=parse_json_object(data, option="--data"),
-            priority=priority,
-            hash=hash,
-            actor="cli",
-        )
+    def _push(self, *, scheduler: str, **options: Any) -> None:
+        body = field_values(options, TaskPushSerializer, writable(TaskPushSerializer))
+        fields = validated(TaskPushSerializer, body)
+        task = services.task_push(scheduler_id=scheduler, actor="cli", **fields)
         self.result(_as_json(task), lambda: fields_table(_as_json(task)))
 
     def _pop(
@@ -120,11 +123,14 @@ class Command(SubcommandCommand):
         columns = ["id", "status", "priority", "lease_expires_at", "lease_token", "data"]
         self.result(rows, lambda: table(columns, ([r[c] for c in columns] for r in rows)))
 
-    def _list(
-        self, *, scheduler: str | None, status: str | None, hash: str | None, limit: int, **_: Any
-    ) -> None:
+    def _list(self, *, limit: int, **options: Any) -> None:
         queryset = selectors.task_list().order_by("-created_at", "-id")
-        for field, value in [("scheduler_id", scheduler), ("status", status), ("hash", hash)]:
+        for field, value in [
+            ("scheduler_id", options["scheduler"]),
+            ("status", options["status"]),
+            ("hash", options["hash"]),
+            ("schedule_id", options["schedule"]),
+        ]:
             if value:
                 queryset = queryset.filter(**{field: value})
         tasks = list(queryset[: max(limit, 1)])
