@@ -21,7 +21,7 @@ from tasks.management.commands._base import HelpFormatter, OurCommand
 from tasks.serializers import SCHEDULER_SETTABLE, TaskPushSerializer
 
 OURS = {
-    "tasks": ["scheduler", "task", "runner", "api_token", "create_api_user"],
+    "tasks": ["scheduler", "task", "runner", "api_token", "create_api_user", "health", "workers"],
     "schedules": ["schedule", "import_beat", "orchestrate"],
     "pilots": ["pilots", "vo", "ce"],
 }
