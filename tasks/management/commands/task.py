@@ -51,14 +51,7 @@ class Command(SubcommandCommand):
         sub = self.subcommands(parser)
         self._push_parser(sub)
         self._pop_parser(sub)
-        lst = self.action(sub, "list", "Tasks, newest first.")
-        lst.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
-        lst.add_argument("--status", choices=TaskStatus.values, help="DEAD lists dead letters.")
-        lst.add_argument("--hash", help="Only tasks with this dedup key.")
-        lst.add_argument(
-            "--schedule", type=uuid.UUID, metavar="ID", help="Only the tasks this schedule made."
-        )
-        lst.add_argument("--limit", type=int, default=50, metavar="N", help="At most N rows.")
+        self._list_parser(sub)
         for name, text in [
             ("show", "One task: every field, the error and its traceback."),
             ("events", "A task's transition history, oldest first."),
@@ -72,6 +65,22 @@ class Command(SubcommandCommand):
             "--all-dead", metavar="SCHEDULER", help="Every DEAD task of this queue."
         )
         self.action(sub, "reap", "Turn expired leases into failed attempts (retry policy).")
+        self._prune_parser(sub)
+        stats = self.action(sub, "stats", "Transitions per hour, per scheduler and status.")
+        stats.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
+        stats.add_argument("--hours", type=int, default=24, metavar="N", help="Hours back.")
+
+    def _list_parser(self, sub: Any) -> None:
+        lst = self.action(sub, "list", "Tasks, newest first.")
+        lst.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
+        lst.add_argument("--status", choices=TaskStatus.values, help="DEAD lists dead letters.")
+        lst.add_argument("--hash", help="Only tasks with this dedup key.")
+        lst.add_argument(
+            "--schedule", type=uuid.UUID, metavar="ID", help="Only the tasks this schedule made."
+        )
+        lst.add_argument("--limit", type=int, default=50, metavar="N", help="At most N rows.")
+
+    def _prune_parser(self, sub: Any) -> None:
         prune = self.action(sub, "prune", "Delete finished tasks past their retention.")
         prune.add_argument(
             "--days",
@@ -86,9 +95,6 @@ class Command(SubcommandCommand):
             metavar="N",
             help="Retention of DEAD tasks (default: the TASK_DEAD_RETENTION_DAYS setting).",
         )
-        stats = self.action(sub, "stats", "Transitions per hour, per scheduler and status.")
-        stats.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
-        stats.add_argument("--hours", type=int, default=24, metavar="N", help="Hours back.")
 
     def _push_parser(self, sub: Any) -> None:
         push = self.action(sub, "push", "Queue a task (as POST /api/schedulers/{id}/push/).")
