@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanProcessor,
 )
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 INSTRUMENTORS = (
@@ -53,7 +54,9 @@ def start(role: str, *, exporter: SpanExporter | None = None) -> None:
     """The provider with the configured exporters (or `exporter` alone), and every
     instrumentation pointed at it."""
     global _provider, _tracer
-    provider = TracerProvider(resource=_resource(role))
+    # The sampler OTEL_TRACES_SAMPLER names (the SDK reads it), behind our filter.
+    configured = TracerProvider(shutdown_on_exit=False).sampler
+    provider = TracerProvider(resource=_resource(role), sampler=NoLoneClientCalls(configured))
     for processor in _processors(exporter):
         provider.add_span_processor(processor)
     if exporter is None:
@@ -76,6 +79,37 @@ def stop() -> None:
     if _provider is not None:
         _provider.shutdown()  # exports what the batch processor still holds
     _provider, _tracer = None, trace.NoOpTracer()
+
+
+class NoLoneClientCalls(Sampler):
+    """Drops a client span (an SQL statement, an HTTP call) that would start a trace of its
+    own: a worker's registration heartbeat, the reaper's scan, a runner's empty long poll.
+    Alone they are one-span traces every few seconds that bury the tasks' traces; inside a
+    request, a job's run or a task's span they are kept. Everything else is the configured
+    sampler's call."""
+
+    def __init__(self, delegate: Sampler) -> None:
+        self.delegate = delegate
+
+    def should_sample(
+        self,
+        parent_context: Any,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if kind == trace.SpanKind.CLIENT and not parent.is_valid:
+            return SamplingResult(Decision.DROP)
+        return self.delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"NoLoneClientCalls{{{self.delegate.get_description()}}}"
 
 
 def _resource(role: str) -> Resource:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from django.db import connection
 from rest_framework.test import APIClient
 
 from scheduler_site import tracing
@@ -71,5 +72,8 @@ def test_push_over_http_to_the_workers_report__one_trace(
         assert web[name] == (trace_id, "scheduler-web")
     for name in ("run/tasks.run_task", "task.handler", "task.report"):
         assert ran[name] == (trace_id, "scheduler-worker")
+    if connection.vendor == "postgresql":  # psycopg's instrumentation: the worker's SQL
+        statements = [s for s in _spans(worker.lines) if s["attributes"].get("db.system")]
+        assert {s["context"]["trace_id"][2:] for s in statements} == {trace_id}
     events = operator_client.get(f"/api/tasks/{task_id}/events/").json()
     assert {event["trace_id"] for event in events} == {trace_id}

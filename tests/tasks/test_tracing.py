@@ -207,3 +207,16 @@ def test_exporters__console_and_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,none")
     [processor] = otel._processors(None)
     assert type(processor.span_exporter).__name__ == "ConsoleSpanExporter"
+
+
+def test_sampler__a_lone_client_call_is_no_trace_of_its_own(spans: InMemorySpanExporter) -> None:
+    """A worker's heartbeat statement or a runner's empty poll alone: dropped; inside a job's
+    or a task's span: kept."""
+    with otel._tracer.start_as_current_span("alone", kind=SpanKind.CLIENT):
+        pass
+    with (
+        otel._tracer.start_as_current_span("job"),
+        otel._tracer.start_as_current_span("inside", kind=SpanKind.CLIENT),
+    ):
+        pass
+    assert sorted(span.name for span in spans.get_finished_spans()) == ["inside", "job"]
