@@ -74,13 +74,14 @@ def test_celery_task__push_dispatch_run_and_report_share_one_trace(
     spans: InMemorySpanExporter,
     operator_client: APIClient,
     make_scheduler: Callable[..., Scheduler],
-    django_capture_on_commit_callbacks: Any,
 ) -> None:
-    make_scheduler("echo", kind="celery", handler="demo.echo")
+    make_scheduler("echo", kind="celery", handler="demo.echo", paused=True)
     app.control.purge()
-    with django_capture_on_commit_callbacks(execute=True):  # the fast-path dispatch
-        pushed = operator_client.post("/api/schedulers/echo/push/", {"data": {"n": 1}}, "json")
+    pushed = operator_client.post("/api/schedulers/echo/push/", {"data": {"n": 1}}, "json")
     assert pushed.status_code == 201
+    # Dispatched later, outside the push's request (as beat's dispatcher would, or another
+    # process): resuming the queue dispatches it, in no span of its own.
+    services.scheduler_set_paused(scheduler_id="echo", paused=False)
     task = Task.objects.get(id=pushed.json()["id"])
     assert task.status == TaskStatus.DISPATCHED
 
