@@ -76,9 +76,10 @@ def trace_id_of(traceparent: str | None) -> str:
     return parts[1] if len(parts) >= 4 and len(parts[1]) == 32 else ""
 
 
-def noted(note: str, traceparent: str | None = None) -> str:
-    """An event note with the trace id it belongs to: `pushed (trace 4bf9…)`."""
-    trace_id = trace_id_of(traceparent if traceparent is not None else current_traceparent())
+def noted(note: str, traceparent: str | None) -> str:
+    """An event note with the trace id it belongs to: `pushed (trace 4bf9…)`; the note alone
+    without a trace."""
+    trace_id = trace_id_of(traceparent)
     return f"{note} (trace {trace_id})" if trace_id else note
 
 
