@@ -166,6 +166,13 @@ def current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
+def log_fields() -> dict[str, str]:
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
 def task_span(
     name: str, traceparent: str | None, attributes: Mapping[str, Any], *, link_current: bool
 ) -> AbstractContextManager[trace.Span]:

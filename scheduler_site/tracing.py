@@ -70,6 +70,11 @@ def current_traceparent() -> str | None:
     return _otel.current_traceparent() if _otel is not None else None
 
 
+def log_fields() -> dict[str, str]:
+    """`trace_id` and `span_id` of the current span for log records; {} when off or none."""
+    return _otel.log_fields() if _otel is not None else {}
+
+
 def trace_id_of(traceparent: str | None) -> str:
     """The trace id (32 hex digits) in a traceparent, "" if there is none (pure parsing)."""
     parts = (traceparent or "").split("-")

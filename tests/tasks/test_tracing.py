@@ -8,6 +8,7 @@ through Celery's own task tracer, with the message's headers as its request, as 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from rest_framework.test import APIClient
 
-from scheduler_site import otel, tracing
+from scheduler_site import log_context, otel, tracing
 from scheduler_site.celery import app
 from tasks import services
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
@@ -221,3 +222,13 @@ def test_sampler__a_lone_client_call_is_no_trace_of_its_own(spans: InMemorySpanE
     ):
         pass
     assert sorted(span.name for span in spans.get_finished_spans()) == ["inside", "job"]
+
+
+def test_log_fields__json_logs_carry_the_current_trace(spans: InMemorySpanExporter) -> None:
+    record = logging.LogRecord("tasks", logging.INFO, __file__, 1, "claimed", None, None)
+    with otel._tracer.start_as_current_span("job") as span:
+        log_context.ContextFilter().filter(record)
+    assert (record.trace_id, record.span_id) == (  # type: ignore[attr-defined]
+        f"{span.get_span_context().trace_id:032x}",
+        f"{span.get_span_context().span_id:016x}",
+    )
