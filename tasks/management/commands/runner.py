@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 
+from scheduler_site import tracing
 from tasks.exceptions import QueueError
 from tasks.management.commands._base import OurCommand
 from tasks.pull_runner import ApiClient, AuthRefused, PullRunner, Work
@@ -104,6 +105,7 @@ class Command(OurCommand):
         if not 0 <= options["wait"] < options["timeout"]:
             raise CommandError("--wait must be 0 or more and less than --timeout.")
         work = _work(options)
+        tracing.setup("runner")  # before the client: httpx's instrumentation wraps new clients
         client = ApiClient(
             options["api_url"],
             options["token"],
