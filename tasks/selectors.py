@@ -9,10 +9,25 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import TruncHour
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Group, Permission
+from django.contrib.postgres.expressions import ArraySubquery
+from django.db import connection
+from django.db.models import (
+    CharField,
+    Count,
+    Exists,
+    F,
+    Max,
+    Min,
+    OuterRef,
+    Q,
+    QuerySet,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Concat, TruncHour
 from django.utils import timezone
+from knox.models import AuthToken
 
 from tasks.models import (
     LEASED_STATUSES,
@@ -35,15 +50,64 @@ QueueScope = frozenset[str] | None
 
 def runner_queues(user: AbstractBaseUser | AnonymousUser | None) -> QueueScope:
     """The queues a runner account is limited to (DESIGN 9.1), or None for every queue: an
-    account without grants, and any operator, whatever grants it holds."""
+    account without grants, and any operator, whatever grants it holds. A user loaded by
+    `token_candidates` carries its grants already (no query)."""
     if user is None or not user.is_authenticated:
         return None
+    loaded = getattr(user, "_scope_loaded", None)
+    if loaded is not None:
+        granted, operator = frozenset(loaded[0]), loaded[1]
+        return None if not granted or user.is_superuser or operator else granted
     granted = frozenset(
         RunnerGrant.objects.filter(user_id=user.pk).values_list("scheduler_id", flat=True)
     )
     if not granted or user.is_superuser or user.groups.filter(name=OPERATORS).exists():
         return None
     return granted
+
+
+def _permission_names(permissions: QuerySet[Permission]) -> ArraySubquery:
+    names = permissions.annotate(
+        perm_name=Concat(
+            "content_type__app_label", Value("."), "codename", output_field=CharField()
+        )
+    )
+    return ArraySubquery(names.values("perm_name"))
+
+
+def token_candidates(token_key: str) -> QuerySet[AuthToken]:
+    """The knox tokens with this key prefix, each with its user and, on PostgreSQL, what the
+    request's permission checks need (the user's and its groups' permissions, its queue grants,
+    whether it is an operator) in the same statement: one round trip authenticates and
+    authorises a request. Read fresh on every request, so a revoked permission, grant or token
+    counts at once."""
+    tokens = AuthToken.objects.filter(token_key=token_key).select_related("user")
+    if connection.vendor != "postgresql":
+        return tokens
+    user = OuterRef("user_id")
+    return tokens.annotate(
+        user_perm_names=_permission_names(Permission.objects.filter(user=user)),
+        group_perm_names=_permission_names(Permission.objects.filter(group__user=user)),
+        granted_queues=ArraySubquery(
+            RunnerGrant.objects.filter(user_id=user).values("scheduler_id")
+        ),
+        in_operators=Exists(Group.objects.filter(name=OPERATORS, user=user)),
+    )
+
+
+def prime_user(token: AuthToken) -> None:
+    """Hand what `token_candidates` read to the permission checks: Django's ModelBackend reads
+    its per-user caches (`_user_perm_cache`, …) before querying, and `runner_queues` reads
+    `_scope_loaded`. A superuser's permissions are all there are: ModelBackend's own path."""
+    if not hasattr(token, "user_perm_names"):
+        return
+    user = token.user
+    user._scope_loaded = (token.granted_queues, token.in_operators)
+    if user.is_superuser:
+        return
+    user._user_perm_cache = set(token.user_perm_names)
+    user._group_perm_cache = set(token.group_perm_names)
+    user._perm_cache = user._user_perm_cache | user._group_perm_cache
 
 
 def scheduler_list(*, queues: QueueScope = None) -> QuerySet[Scheduler]:
