@@ -4,11 +4,12 @@ queues a runner account is limited to."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Group, Permission
 from django.contrib.postgres.expressions import ArraySubquery
 from django.db import connection
@@ -29,6 +30,7 @@ from django.db.models.functions import Concat, TruncHour
 from django.utils import timezone
 from knox.models import AuthToken
 
+from scheduler_site.databases import prepared_cursor
 from tasks.models import (
     LEASED_STATUSES,
     WAIT_BUCKETS,
@@ -43,6 +45,8 @@ from tasks.models import (
     WorkerKind,
 )
 from tasks.roles import OPERATORS
+
+User = get_user_model()
 
 # The queues an account may use: None means every queue.
 QueueScope = frozenset[str] | None
@@ -67,7 +71,7 @@ def runner_queues(user: AbstractBaseUser | AnonymousUser | None) -> QueueScope:
 
 
 def _permission_names(permissions: QuerySet[Permission]) -> ArraySubquery:
-    names = permissions.annotate(
+    names = permissions.order_by().annotate(
         perm_name=Concat(
             "content_type__app_label", Value("."), "codename", output_field=CharField()
         )
@@ -75,24 +79,65 @@ def _permission_names(permissions: QuerySet[Permission]) -> ArraySubquery:
     return ArraySubquery(names.values("perm_name"))
 
 
-def token_candidates(token_key: str) -> QuerySet[AuthToken]:
+_TOKEN_EXTRAS = ("user_perm_names", "group_perm_names", "granted_queues", "in_operators")
+_KEY_SENTINEL = "token-key-placeholder"
+_token_statement: tuple[str, list[Any], int] | None = None
+
+
+def _token_queryset(token_key: str) -> QuerySet[AuthToken]:
+    user = OuterRef("user_id")
+    return (
+        AuthToken.objects.filter(token_key=token_key)
+        .select_related("user")
+        .annotate(
+            user_perm_names=_permission_names(Permission.objects.filter(user=user)),
+            group_perm_names=_permission_names(Permission.objects.filter(group__user=user)),
+            granted_queues=ArraySubquery(
+                RunnerGrant.objects.filter(user_id=user).values("scheduler_id")
+            ),
+            in_operators=Exists(Group.objects.filter(name=OPERATORS, user=user)),
+        )
+    )
+
+
+def _token_sql() -> tuple[str, list[Any], int]:
+    """The statement, compiled once: building it through the ORM took longer than running
+    it (the four subqueries), on every request."""
+    global _token_statement
+    if _token_statement is None:
+        sql, params = _token_queryset(_KEY_SENTINEL).query.sql_with_params()
+        _token_statement = (sql, list(params), list(params).index(_KEY_SENTINEL))
+    return _token_statement
+
+
+def token_candidates(token_key: str) -> list[AuthToken]:
     """The knox tokens with this key prefix, each with its user and, on PostgreSQL, what the
     request's permission checks need (the user's and its groups' permissions, its queue grants,
     whether it is an operator) in the same statement: one round trip authenticates and
     authorises a request. Read fresh on every request, so a revoked permission, grant or token
-    counts at once."""
-    tokens = AuthToken.objects.filter(token_key=token_key).select_related("user")
+    counts at once (no cache to go stale)."""
     if connection.vendor != "postgresql":
-        return tokens
-    user = OuterRef("user_id")
-    return tokens.annotate(
-        user_perm_names=_permission_names(Permission.objects.filter(user=user)),
-        group_perm_names=_permission_names(Permission.objects.filter(group__user=user)),
-        granted_queues=ArraySubquery(
-            RunnerGrant.objects.filter(user_id=user).values("scheduler_id")
-        ),
-        in_operators=Exists(Group.objects.filter(name=OPERATORS, user=user)),
-    )
+        return list(AuthToken.objects.filter(token_key=token_key).select_related("user"))
+    sql, params, at = _token_sql()
+    params = [*params]
+    params[at] = token_key
+    with prepared_cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [_token_from_row(row) for row in rows]
+
+
+def _token_from_row(row: Sequence[Any]) -> AuthToken:
+    # Column order of the compiled statement: the token's fields, the annotations, then the
+    # select_related user's fields (no converters apply to these columns on PostgreSQL).
+    token_fields = [f.attname for f in AuthToken._meta.concrete_fields]
+    user_fields = [f.attname for f in User._meta.concrete_fields]
+    split = len(token_fields) + len(_TOKEN_EXTRAS)
+    token = AuthToken.from_db(connection.alias, token_fields, row[: len(token_fields)])
+    for name, value in zip(_TOKEN_EXTRAS, row[len(token_fields) : split], strict=True):
+        setattr(token, name, value)
+    token.user = User.from_db(connection.alias, user_fields, row[split:])
+    return token
 
 
 def prime_user(token: AuthToken) -> None:
