@@ -389,7 +389,9 @@ class PullRunner:
             if self.stopping.is_set():
                 self._hand_back(lease)
                 continue
-            outcome = self._run_held(task, lease)
+            span = {"scheduler.task.id": lease.task_id, "scheduler.runner": self.name}
+            with tracing.task_span("runner.task", task.get("traceparent"), **span):
+                outcome = self._run_held(task, lease)
             if "handed_back" not in outcome:  # SIGTERM's grace ran out: it went back
                 finished.append((lease, outcome))
                 self.done += 1
