@@ -20,6 +20,8 @@ from django.db.models import QuerySet
 from django.db.models.fields.json import KeyTransform
 
 from tasks.models import (
+    FlowHandout,
+    FlowState,
     Scheduler,
     Task,
     TaskEvent,
@@ -271,10 +273,13 @@ def _pop_sql() -> str:
     # the planner may re-run it per row and claim far more than `limit`). The UPDATE re-checks
     # QUEUED: the compare-and-swap. The event rows come from what the UPDATE returned, in the
     # same statement, so a pop and its events commit or fail together.
+    # A flow-controlled queue (rate, concurrency or fair key) is not this statement's: its
+    # hand-outs take tasks.flow's path, which the empty answer leads to.
     return f"""
         WITH queue AS (
             SELECT s.id, s.lease_seconds FROM {scheduler} s
             WHERE s.id = %(scheduler)s AND NOT s.paused AND s.kind = 'pull'
+                AND s.rate_limit = '' AND s.concurrency_key = '' AND s.fair_key = ''
         ), picked AS MATERIALIZED (
             SELECT t.id FROM {task} t
             WHERE t.scheduler_id = %(scheduler)s AND t.status = 'QUEUED'
@@ -661,3 +666,107 @@ STATUS_STATEMENTS: dict[str, Any] = {
     "start": _start_sql,
     "complete": _complete_sql,
 }
+
+
+# --- flow control (DESIGN §9.4): the statements of tasks.flow ---------------------------------
+#
+# A flow-controlled scheduler hands out only through tasks.flow, which runs these inside one
+# transaction that first locks the scheduler's FlowState row: its hand-outs (pops and
+# dispatches alike) are serialised, so the window and active counts read next are exact.
+# The plain pop above never sees such a queue.
+
+
+def _flow_names() -> dict[str, str]:
+    q = connection.ops.quote_name
+    return {
+        **_names(),
+        "state": q(FlowState._meta.db_table),
+        "handout": q(FlowHandout._meta.db_table),
+    }
+
+
+def _flow_sql(name: str) -> str:
+    n = _flow_names()
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    statements = {
+        "flow_state_create": f"INSERT INTO {n['state']} (scheduler_id, fair_cursor) "
+        "VALUES (%s, NULL) ON CONFLICT DO NOTHING",
+        "flow_state_lock": f"SELECT fair_cursor, redispatch_at_us FROM {n['state']} "
+        f"WHERE scheduler_id = %s{lock}",
+        "flow_state_save": f"UPDATE {n['state']} SET fair_cursor = %s, redispatch_at_us = %s "
+        "WHERE scheduler_id = %s",
+        # The sliding window: every hand-out batch of the last rate period, oldest first
+        # (at most `count` rows, one per batch).
+        "flow_window": f"SELECT at_us, count FROM {n['handout']} "
+        "WHERE scheduler_id = %s AND at_us > %s ORDER BY at_us",
+        "flow_window_add": f"INSERT INTO {n['handout']} (scheduler_id, at_us, count) "
+        "VALUES (%s, %s, %s)",
+        "flow_window_prune": f"DELETE FROM {n['handout']} WHERE scheduler_id = %s AND at_us <= %s",
+        # Active tasks per concurrency value: O(active), through task_status_idx.
+        "flow_active": f"SELECT concurrency_value, COUNT(*) FROM {n['task']} "
+        "WHERE scheduler_id = %s AND status IN ('DISPATCHED', 'RUNNING') "
+        "AND concurrency_value IS NOT NULL GROUP BY concurrency_value",
+        # The values that have QUEUED tasks, with the head (queue order) of each: a loose
+        # index scan of task_concurrency_idx, one seek per value, never a row per task.
+        "flow_value_heads": f"""
+            WITH RECURSIVE vals(v) AS (
+                SELECT MIN(concurrency_value) FROM {n["task"]}
+                WHERE scheduler_id = %s AND status = 'QUEUED' AND concurrency_value IS NOT NULL
+                UNION ALL
+                SELECT (SELECT MIN(t.concurrency_value) FROM {n["task"]} t
+                    WHERE t.scheduler_id = %s AND t.status = 'QUEUED'
+                        AND t.concurrency_value > vals.v)
+                FROM vals WHERE vals.v IS NOT NULL
+            )
+            SELECT vals.v, (SELECT h.id FROM {n["task"]} h
+                WHERE h.scheduler_id = %s AND h.status = 'QUEUED'
+                    AND h.concurrency_value = vals.v AND h.not_before <= %s
+                ORDER BY h.priority, h.created_at, h.id LIMIT 1)
+            FROM vals WHERE vals.v IS NOT NULL""",
+        # Fair share's next value after the cursor (>= for the first turn of a cycle): one
+        # seek of task_fair_idx, whatever the number of values.
+        "flow_fair_next": f"SELECT MIN(fair_value) FROM {n['task']} "
+        "WHERE scheduler_id = %s AND status = 'QUEUED' AND fair_value > %s",
+        "flow_fair_first": f"SELECT MIN(fair_value) FROM {n['task']} "
+        "WHERE scheduler_id = %s AND status = 'QUEUED' AND fair_value >= %s",
+    }
+    return statements[name]
+
+
+def flow_sql(name: str) -> str:
+    return _hot_sql(name, lambda: _flow_sql(name))
+
+
+def flow_execute(name: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run one of the flow statements; its rows (none for a write)."""
+    with connection.cursor() as cursor:
+        cursor.execute(flow_sql(name), list(params))
+        return cursor.fetchall() if cursor.description else []
+
+
+def flow_head_sql(*, skip_ids: int, skip_values: int) -> str:
+    """The head of one fair value in queue order, past the tasks this batch already took
+    and those whose concurrency value is at its limit (the lists' lengths vary, so the text
+    is built per call)."""
+    task = connection.ops.quote_name(Task._meta.db_table)
+    where = ""
+    if skip_ids:
+        where += f" AND id NOT IN ({', '.join(['%s'] * skip_ids)})"
+    if skip_values:
+        where += (
+            f" AND (concurrency_value IS NULL OR concurrency_value NOT IN "
+            f"({', '.join(['%s'] * skip_values)}))"
+        )
+    return (
+        f"SELECT id, concurrency_value FROM {task} WHERE scheduler_id = %s AND status = 'QUEUED'"
+        f" AND fair_value = %s AND not_before <= %s{where}"
+        " ORDER BY priority, created_at, id LIMIT 1"
+    )
+
+
+def flow_prep_now(now: datetime) -> Any:
+    return _prep("not_before", now)
+
+
+def prep_ids(ids: Iterable[Any]) -> list[Any]:
+    return _prep_ids(uuid.UUID(str(task_id)) for task_id in ids)
