@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import timedelta
+from io import StringIO
 from typing import Any
 
 import pytest
 import time_machine
+from django.core.management import call_command
 from django.utils import timezone
 
 from tasks import dispatch, services
@@ -147,3 +149,42 @@ def test_dispatch__rate_limit_counts_dispatches(restore_handlers: None) -> None:
     counts = Counter(Task.objects.values_list("status", flat=True))
     assert counts == {TaskStatus.DISPATCHED: 3, TaskStatus.QUEUED: 2}
     assert TaskEvent.objects.filter(to_status=TaskStatus.DISPATCHED).count() == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rate_limit", "fast"),
+        ("rate_limit", "10/d"),
+        ("rate_limit", "0/s"),
+        ("concurrency_key", "org..id"),
+        ("fair_key", "a b"),
+        ("concurrency_limit", 0),
+    ],
+)
+def test_scheduler_api__bad_flow_setting_is_a_400_naming_the_field(
+    operator_client: Any, field: str, value: Any
+) -> None:
+    response = operator_client.post("/api/schedulers/", {"id": "q", field: value}, format="json")
+    assert response.status_code == 400
+    assert field in response.json()
+
+
+def test_scheduler_api__flow_settings_round_trip(operator_client: Any) -> None:
+    body = {"id": "q", "rate_limit": "600/m", "concurrency_key": "org.id", "fair_key": "org.id"}
+    created = operator_client.post("/api/schedulers/", body, format="json")
+    assert created.status_code == 201, created.json()
+    changed = operator_client.patch(
+        "/api/schedulers/q/", {"concurrency_limit": 4, "rate_limit": ""}, format="json"
+    )
+    assert changed.json()["concurrency_limit"] == 4 and changed.json()["rate_limit"] == ""
+
+
+def test_scheduler_command__flow_options() -> None:
+    call_command(
+        "scheduler", "create", "q", "--rate-limit", "100/s", "--concurrency-key", "org",
+        "--concurrency-limit", "3", "--fair-key", "org", stdout=StringIO(),
+    )  # fmt: skip
+    scheduler = services.get_scheduler("q")
+    assert (scheduler.rate_limit, scheduler.concurrency_key) == ("100/s", "org")
+    assert (scheduler.concurrency_limit, scheduler.fair_key) == (3, "org")
