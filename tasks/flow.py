@@ -85,16 +85,22 @@ def claim(
             allowed = min(limit, rate.count - sum(count for _, count in window))
             if allowed <= 0:
                 return _rate_blocked(scheduler, state, window, rate, now, retry_by_dispatch)
+        if _rate_only(scheduler, filters) and queue.ONE_STATEMENT_WRITES:
+            # Pick and claim in one statement: nothing to skip, plain queue order.
+            claims = {"in_order": (scheduler.id, allowed)}
+            return Handout(_take(values_at(now), actor, note, now, scheduler, claims))
         picker = _Picker(
             scheduler=scheduler, now=now, filters=filters, cursor=state.cursor, room=room
         )
         ids = picker.pick(allowed)
-        tasks = _take(ids, values_at(now), actor=actor, note=note, now=now)
-        if rate is not None and tasks:
-            _log(scheduler.id, now, len(tasks), rate)
+        tasks = _take(values_at(now), actor, note, now, scheduler, {"task_ids": ids})
         if picker.cursor != state.cursor:
             _save(scheduler.id, picker.cursor, state.redispatch_at_us)
     return Handout(tasks)
+
+
+def _rate_only(scheduler: Scheduler, filters: Mapping[str, Any] | None) -> bool:
+    return not (scheduler.concurrency_key or scheduler.fair_key or filters)
 
 
 def _lock(scheduler_id: str) -> _State:
@@ -151,11 +157,31 @@ def _rate_blocked(
 
 
 def _take(
-    ids: list[Any], values: Mapping[str, Any], *, actor: str, note: str, now: datetime
+    values: Mapping[str, Any],
+    actor: str,
+    note: str,
+    now: datetime,
+    scheduler: Scheduler,
+    claims: dict[str, Any],
 ) -> list[Task]:
-    """Claim the picked tasks by compare-and-swap, with their events; in pick order."""
-    rows = queue.cas_update(task_ids=ids, expected=TaskStatus.QUEUED, values=values)
-    queue.record_events(rows, from_status=TaskStatus.QUEUED, actor=actor, note=note, at=now)
+    """Claim the picked tasks (`task_ids`, or the first `in_order`) by compare-and-swap, with
+    their events and (rate-limited queues) the window's row; in pick order."""
+    ids = claims.get("task_ids", [])
+    if not ids and "in_order" not in claims:
+        return []
+    rate = parse_rate(scheduler.rate_limit)
+    if queue.ONE_STATEMENT_WRITES:
+        window = None if rate is None else (scheduler.id, _us(now), _us(now) - rate.window_us)
+        rows = queue.flow_claim_ids(
+            **claims, values=values, actor=actor, note=note, now=now, window_log=window
+        )
+        if "in_order" in claims:
+            return rows
+    else:
+        rows = queue.cas_update(task_ids=ids, expected=TaskStatus.QUEUED, values=values)
+        queue.record_events(rows, from_status=TaskStatus.QUEUED, actor=actor, note=note, at=now)
+        if rate is not None and rows:
+            _log(scheduler.id, now, len(rows), rate)
     order = {uuid.UUID(str(task_id)): index for index, task_id in enumerate(ids)}
     rows.sort(key=lambda task: order[task.id])
     return rows
