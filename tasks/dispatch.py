@@ -204,6 +204,14 @@ def refill_on_claim(task: Task) -> None:
         _dispatch_quietly(task.scheduler_id)
 
 
+def refill_after_run(task: Task) -> None:
+    """After an attempt of a queue with a concurrency limit ended: its slot is free, so a
+    task its value held back may go now (rather than at the next periodic round). Only such
+    queues' tasks carry a concurrency value: the others cost nothing here."""
+    if task.concurrency_value is not None:
+        _dispatch_quietly(task.scheduler_id)
+
+
 def connect() -> None:
     if on_queued not in services.on_queued_hooks:
         services.on_queued_hooks.append(on_queued)

@@ -92,10 +92,13 @@ def claim(
         picker = _Picker(
             scheduler=scheduler, now=now, filters=filters, cursor=state.cursor, room=room
         )
-        ids = picker.pick(allowed)
-        tasks = _take(values_at(now), actor, note, now, scheduler, {"task_ids": ids})
-        if picker.cursor != state.cursor:
+        claims: dict[str, Any] = {"task_ids": picker.pick(allowed)}
+        moved = picker.cursor != state.cursor
+        if moved and queue.ONE_STATEMENT_WRITES and claims["task_ids"]:
+            claims["cursor_save"] = (scheduler.id, picker.cursor)  # in the claim statement
+        elif moved:
             _save(scheduler.id, picker.cursor, state.redispatch_at_us)
+        tasks = _take(values_at(now), actor, note, now, scheduler, claims)
     return Handout(tasks)
 
 

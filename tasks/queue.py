@@ -781,6 +781,7 @@ def flow_claim_ids(
     note: str,
     now: datetime,
     window_log: tuple[str, int, int] | None,
+    cursor_save: tuple[str, str | None] | None = None,
 ) -> list[Task]:
     """PostgreSQL: the picked QUEUED tasks to `values` by compare-and-swap, their events and
     (`window_log`: scheduler id, now and the window's start in µs) the rate window's row and
@@ -819,6 +820,9 @@ def flow_claim_ids(
             f"pruned AS (DELETE FROM {n['handout']} WHERE scheduler_id = %s AND at_us <= %s)"
         )
         params += [scheduler_id, now_us, scheduler_id, start_us]
+    if cursor_save is not None:  # fair share: where the next hand-out's turn starts
+        sql += f", saved AS (UPDATE {n['state']} SET fair_cursor = %s WHERE scheduler_id = %s)"
+        params += [cursor_save[1], cursor_save[0]]
     rows = _fetch_tasks(sql + " SELECT * FROM claimed", params)
     rows.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
     return rows
