@@ -8,7 +8,7 @@ from bench.perf_flow_common import fresh_queue, pop_cost_us, report, seed, setup
 
 def main() -> None:
     args = setup("perf_flow_fair")
-    size = 5_000 if args.quick else 50_000
+    size = 5_000 if args.quick else 30_000
     fresh_queue("flow-plain")
     seed("flow-plain", size, lambda n: {"org": n})
     plain = pop_cost_us("flow-plain", args.pops)
