@@ -37,7 +37,7 @@ from tasks.models import ACTIVE_STATUSES, Scheduler, Task, TaskStatus, flow_valu
 
 # How far down the queue a concurrency-limited pick reads in order before it switches to one
 # seek per value: enough that a blocked value or two at the head costs nothing extra.
-SCAN_FACTOR, SCAN_EXTRA = 4, 100
+SCAN_FACTOR, SCAN_EXTRA = 2, 16
 
 
 @dataclass
@@ -254,21 +254,38 @@ class _Picker:
             self._value_heads(allowed)
 
     def _value_heads(self, allowed: int) -> None:
-        """Blocked values crowd the queue's head: take the heads of the other values, in
-        queue order among them (one task per value in this pop)."""
-        now = queue.flow_prep_now(self.now)
-        sid = self.scheduler.id
-        heads = queue.flow_execute("flow_value_heads", [sid, sid, sid, now])
-        taken = {str(task_id) for task_id in self.taken}
-        wanted = [h for v, h in heads if h is not None and self._has_room(v)]
-        wanted = [h for h in wanted if str(h) not in taken]
-        rows = (
-            Task.objects.filter(id__in=wanted)
-            .order_by("priority", "created_at", "id")
-            .values_list("id", "concurrency_value")
+        """Blocked values crowd the queue's head: take the heads of the values not at their
+        limit, one per value, walking the values round robin from the queue's cursor (so
+        no value waits on the ones before it in key order)."""
+        for _ in range(3):  # from the cursor; from the start; once more for second heads
+            wanted = allowed - len(self.taken)
+            if not wanted:
+                return
+            from_start = self.cursor is None
+            rows = self._walk(wanted, from_start)
+            took = False
+            for value, task_id in rows:
+                if str(task_id) not in {str(t) for t in self.taken} and self._has_room(value):
+                    self._take_one(task_id, value)
+                    self.cursor, took = value, True
+            if len(rows) < wanted:
+                self.cursor = None  # the walk reached the last value: wrap around
+            if from_start and not took:
+                return
+
+    def _walk(self, wanted: int, from_start: bool) -> list[tuple[str, Any]]:
+        blocked = [value for value, room in self.room.items() if room <= 0]
+        sid, now = self.scheduler.id, queue.flow_prep_now(self.now)
+        taken = queue.prep_ids(self.taken)
+        sql = queue.flow_walk_sql(
+            skip_ids=len(taken), skip_values=len(blocked), from_start=from_start
         )
-        for task_id, value in rows[: allowed - len(self.taken)]:
-            self._take_one(task_id, value)
+        cursor = "" if from_start else self.cursor
+        params = [sid, cursor, sid, *blocked, sid, now, *taken, wanted]
+        params += [sid, now, *taken, *blocked, wanted]
+        with connection.cursor() as db:
+            db.execute(sql, params)
+            return db.fetchall()
 
     def _fair(self, allowed: int) -> None:
         """Round robin over the fair values from the cursor; a full cycle that finds nothing

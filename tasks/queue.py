@@ -706,23 +706,6 @@ def _flow_sql(name: str) -> str:
         "flow_active": f"SELECT concurrency_value, COUNT(*) FROM {n['task']} "
         "WHERE scheduler_id = %s AND status IN ('DISPATCHED', 'RUNNING') "
         "AND concurrency_value IS NOT NULL GROUP BY concurrency_value",
-        # The values that have QUEUED tasks, with the head (queue order) of each: a loose
-        # index scan of task_concurrency_idx, one seek per value, never a row per task.
-        "flow_value_heads": f"""
-            WITH RECURSIVE vals(v) AS (
-                SELECT MIN(concurrency_value) FROM {n["task"]}
-                WHERE scheduler_id = %s AND status = 'QUEUED' AND concurrency_value IS NOT NULL
-                UNION ALL
-                SELECT (SELECT MIN(t.concurrency_value) FROM {n["task"]} t
-                    WHERE t.scheduler_id = %s AND t.status = 'QUEUED'
-                        AND t.concurrency_value > vals.v)
-                FROM vals WHERE vals.v IS NOT NULL
-            )
-            SELECT vals.v, (SELECT h.id FROM {n["task"]} h
-                WHERE h.scheduler_id = %s AND h.status = 'QUEUED'
-                    AND h.concurrency_value = vals.v AND h.not_before <= %s
-                ORDER BY h.priority, h.created_at, h.id LIMIT 1)
-            FROM vals WHERE vals.v IS NOT NULL""",
         # Fair share's next value after the cursor (>= for the first turn of a cycle): one
         # seek of task_fair_idx, whatever the number of values.
         "flow_fair_next": f"SELECT MIN(fair_value) FROM {n['task']} "
@@ -742,6 +725,44 @@ def flow_execute(name: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     with connection.cursor() as cursor:
         cursor.execute(flow_sql(name), list(params))
         return cursor.fetchall() if cursor.description else []
+
+
+def flow_walk_sql(*, skip_ids: int, skip_values: int, from_start: bool) -> str:
+    """Blocked values crowd the queue's head: the heads of the next values after a cursor
+    that are not at their limit, walking the values in order and stopping once enough are
+    found (a loose index scan of task_concurrency_idx: a seek per value walked, never a row
+    per task; the walk passes only the blocked values and those with nothing due). Params:
+    scheduler, cursor, scheduler, [blocked values, scheduler, now, taken ids], wanted,
+    scheduler, now, taken ids, blocked values, wanted."""
+    n = _flow_names()
+    ids = ", ".join(["%s"] * skip_ids)
+    values = ", ".join(["%s"] * skip_values)
+    blocked = f" AND walk.v NOT IN ({values})" if skip_values else ""
+    first = ">=" if from_start else ">"
+    return f"""
+        WITH RECURSIVE walk(v, found) AS (
+            SELECT (SELECT MIN(concurrency_value) FROM {n["task"]} WHERE scheduler_id = %s
+                AND status = 'QUEUED' AND concurrency_value {first} %s), 0
+            UNION ALL
+            SELECT (SELECT MIN(q.concurrency_value) FROM {n["task"]} q
+                    WHERE q.scheduler_id = %s AND q.status = 'QUEUED'
+                        AND q.concurrency_value > walk.v),
+                walk.found + CASE WHEN TRUE{blocked} AND EXISTS (
+                    SELECT 1 FROM {n["task"]} e WHERE e.scheduler_id = %s
+                        AND e.status = 'QUEUED' AND e.concurrency_value = walk.v
+                        AND e.not_before <= %s{f" AND e.id NOT IN ({ids})" if skip_ids else ""}
+                ) THEN 1 ELSE 0 END
+            FROM walk WHERE walk.v IS NOT NULL AND walk.found < %s
+        ), heads AS (
+            SELECT walk.v, (SELECT h.id FROM {n["task"]} h
+                WHERE h.scheduler_id = %s AND h.status = 'QUEUED'
+                    AND h.concurrency_value = walk.v AND h.not_before <= %s
+                    {f"AND h.id NOT IN ({ids})" if skip_ids else ""}
+                ORDER BY h.priority, h.created_at, h.id LIMIT 1) AS head
+            FROM walk WHERE walk.v IS NOT NULL{blocked}
+        )
+        SELECT heads.v, heads.head FROM heads WHERE heads.head IS NOT NULL
+        ORDER BY heads.v LIMIT %s"""
 
 
 def flow_head_sql(*, skip_ids: int, skip_values: int) -> str:
