@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from scheduler_site import tracing
 from tasks import flow, queue, wakeups
 from tasks.exceptions import (
     DuplicateTask,
@@ -160,6 +161,7 @@ def task_push(
             not_before=not_before or now,
             created_at=now,
             modified_at=now,
+            trace_context=tracing.current_traceparent(),
             **(extra or {}),
         )
         try:
@@ -167,7 +169,8 @@ def task_push(
                 task.save(force_insert=True)
         except IntegrityError:
             raise _duplicate_of(scheduler_id, hash) from None
-        queue.record_events([task], from_status="", actor=actor, note="pushed", at=now)
+        note = tracing.noted("pushed", task.trace_context)
+        queue.record_events([task], from_status="", actor=actor, note=note, at=now)
         notify_queued(scheduler)
     return task
 
@@ -221,7 +224,9 @@ def task_pop(
     pop = {"scheduler_id": scheduler_id, "limit": limit, "filters": filters, "worker": worker}
     if not wait:
         with POP_SECONDS.labels(scheduler_id).time():
-            return _pop(**pop)[0]
+            tasks = _pop(**pop)[0]
+        tracing.record_handouts("task.pop", tasks)
+        return tasks
     deadline = time.monotonic() + wait
     with wakeups.listening():
         while True:
@@ -229,6 +234,7 @@ def task_pop(
                 tasks, next_token_in = _pop(**pop)
             remaining = deadline - time.monotonic()
             if tasks or remaining <= 0:
+                tracing.record_handouts("task.pop", tasks)
                 return tasks
             # A rate-limited queue: the wait also ends when its next token is due.
             wakeups.wait_for_work(scheduler_id, timeout=min(remaining, next_token_in))

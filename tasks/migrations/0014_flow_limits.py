@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('schedules', '0003_schedule_name'),
-        ('tasks', '0011_scheduler_celery_queue'),
+        ('tasks', '0012_task_trace_context'),
     ]
 
     operations = [

@@ -91,7 +91,7 @@ def test_dispatch__two_workers_serve_every_fair_value(start_worker: Any) -> None
         id="fair", kind="celery", handler="demo.echo", dispatch_threshold=2, fair_key="org",
         paused=True,
     )  # fmt: skip
-    for n in range(60):
+    for _ in range(60):
         services.task_push(scheduler_id="fair", data={"org": "big"}, priority=0)
     for org in range(5):
         services.task_push(scheduler_id="fair", data={"org": f"small-{org}"}, priority=9)
