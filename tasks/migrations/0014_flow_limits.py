@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('schedules', '0003_schedule_name'),
-        ('tasks', '0012_task_trace_context'),
+        ('tasks', '0013_partial_hash_schedule_indexes'),
     ]
 
     operations = [
