@@ -28,6 +28,10 @@ EDITABLE = [
     "min_interval_seconds",
     "max_interval_seconds",
     "backoff_factor",
+    "expire_seconds",
+    "failure_backoff_factor",
+    "failure_backoff_max_seconds",
+    "max_consecutive_failures",
 ]
 
 
@@ -37,6 +41,7 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     list_display = [
         "__str__",
         "status",
+        "failures",
         "when",
         "deadline",
         "last_run",
@@ -57,6 +62,8 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     show_full_result_count = False
     readonly_fields = [
         "status",
+        "paused_reason",
+        "consecutive_failures",
         "deadline_at",
         "last_run_at",
         "run_count",
@@ -67,6 +74,19 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     ]
     fields = ["scheduler", *EDITABLE, *readonly_fields]
     actions = ["resume_schedules", "pause_schedules", "trigger_schedules"]
+
+    @admin.display(description="failures in a row", ordering="consecutive_failures")
+    def failures(self, schedule: Schedule) -> str:
+        # Why a PAUSED schedule stopped shows beside it: the failure policy's reason.
+        text = str(schedule.consecutive_failures)
+        if schedule.status == ScheduleStatus.PAUSED and schedule.paused_reason:
+            return format_html(
+                '{} <span title="{}">⏸ {}</span>',
+                text,
+                schedule.paused_reason,
+                schedule.paused_reason[:60],
+            )
+        return text
 
     @admin.display(description="status history")
     def history(self, schedule: Schedule) -> str:

@@ -22,6 +22,14 @@ def _when(value: str) -> datetime:
     return parsed
 
 
+FLOW_OPTIONS = (
+    "expire_seconds",
+    "failure_backoff_factor",
+    "failure_backoff_max_seconds",
+    "max_consecutive_failures",
+)
+
+
 class Command(SubcommandCommand):
     help = (
         "Operate on schedules: list, create, pause, resume, trigger (run now), delete. "
@@ -51,6 +59,24 @@ class Command(SubcommandCommand):
         )
         create.add_argument("--start-at")
         create.add_argument("--end-at")
+        create.add_argument(
+            "--expire-seconds",
+            type=int,
+            help="Its tasks expire this many seconds after their occurrence if not handed out.",
+        )
+        create.add_argument(
+            "--failure-backoff-factor",
+            type=float,
+            help="After a failed run the next waits interval * factor^failures in a row.",
+        )
+        create.add_argument(
+            "--failure-backoff-max-seconds", type=int, help="Cap of that cooldown (default 1 day)."
+        )
+        create.add_argument(
+            "--max-consecutive-failures",
+            type=int,
+            help="Pause the schedule after this many failed runs in a row (resume clears it).",
+        )
         for name, text in [
             ("pause", "Pause: no tasks until resumed."),
             ("resume", "Resume: next run recomputed from now (no burst of missed runs)."),
@@ -89,6 +115,8 @@ class Command(SubcommandCommand):
                 f"{s.id}  {s.scheduler_id:16} {s.status:8} {when:28} {nxt:20} "
                 f"{s.run_count:<5} {s.name or ''}".rstrip()
             )
+            if s.status == ScheduleStatus.PAUSED and s.paused_reason:
+                self.stdout.write(f"    paused: {s.paused_reason}")
 
     def _create(
         self,
@@ -113,6 +141,9 @@ class Command(SubcommandCommand):
             "hash": options["hash"],
             "name": options["name"],
         }
+        for flow in FLOW_OPTIONS:  # given ones only: the model's defaults stand otherwise
+            if options.get(flow) is not None:
+                fields[flow] = options[flow]
         schedule = services.schedule_create(scheduler_id=scheduler, actor="cli", **fields)
         words = timing.explain_cron(schedule.cron) if schedule.cron else ""
         self.stdout.write(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -11,7 +11,12 @@ from tasks import housekeeping, selectors, services
 from tasks.exceptions import QueueError
 from tasks.management.commands._base import SubcommandCommand, dumps, parse_json_object
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
-from tasks.serializers import PopSerializer, TaskEventSerializer, TaskSerializer
+from tasks.serializers import (
+    PopSerializer,
+    TaskEventSerializer,
+    TaskPushSerializer,
+    TaskSerializer,
+)
 
 
 def _uuid(value: str) -> uuid.UUID:
@@ -19,6 +24,16 @@ def _uuid(value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a task id (UUID)") from None
+
+
+def _expiry(raw: str | None) -> datetime | None:
+    """--expires-at, checked as the API checks `expires_at` (aware, in the future)."""
+    if raw is None:
+        return None
+    body = TaskPushSerializer(data={"expires_at": raw})
+    if not body.is_valid():
+        raise CommandError(f"--expires-at: {' '.join(body.errors['expires_at'])}")
+    return body.validated_data["expires_at"]
 
 
 class Command(SubcommandCommand):
@@ -34,6 +49,11 @@ class Command(SubcommandCommand):
         push.add_argument("--data", help="JSON object, the task's payload.")
         push.add_argument("--priority", type=int, default=0, help="Lower runs first.")
         push.add_argument("--hash", help="Dedup key: at most one active task per hash.")
+        push.add_argument(
+            "--expires-at",
+            help="ISO 8601 with its offset (2026-12-01T18:00:00Z): not handed out by then, the "
+            "task never runs and ends EXPIRED.",
+        )
         pop = sub.add_parser("pop", help="Lease due tasks (DISPATCHED) and print them as JSON.")
         pop.add_argument("--scheduler", required=True)
         pop.add_argument("--limit", type=int, default=1)
@@ -50,10 +70,16 @@ class Command(SubcommandCommand):
             ("cancel", "Cancel a task (a RUNNING one is asked to stop)."),
         ]:
             sub.add_parser(name, help=text).add_argument("task_id", type=_uuid)
-        requeue = sub.add_parser("requeue", help="Requeue FAILED, DEAD or CANCELLED tasks.")
+        requeue = sub.add_parser(
+            "requeue", help="Requeue FAILED, DEAD, CANCELLED or EXPIRED tasks."
+        )
         requeue.add_argument("task_ids", type=_uuid, nargs="*")
         requeue.add_argument("--all-dead", metavar="SCHEDULER", help="Every DEAD task of a queue.")
-        sub.add_parser("reap", help="Turn expired leases into failed attempts (retry policy).")
+        sub.add_parser(
+            "reap",
+            help="Turn expired leases into failed attempts (retry policy), and QUEUED tasks past "
+            "their expires_at into EXPIRED.",
+        )
         prune = sub.add_parser("prune", help="Delete finished tasks past their retention.")
         prune.add_argument("--days", type=int, help="Retention of COMPLETED/FAILED/CANCELLED.")
         prune.add_argument("--dead-days", type=int, help="Retention of DEAD tasks.")
@@ -62,13 +88,21 @@ class Command(SubcommandCommand):
         stats.add_argument("--hours", type=int, default=24)
 
     def _push(
-        self, *, scheduler: str, data: str | None, priority: int, hash: str | None, **_: Any
+        self,
+        *,
+        scheduler: str,
+        data: str | None,
+        priority: int,
+        hash: str | None,
+        expires_at: str | None = None,
+        **_: Any,
     ) -> None:
         task = services.task_push(
             scheduler_id=scheduler,
             data=parse_json_object(data, option="--data"),
             priority=priority,
             hash=hash,
+            expires_at=_expiry(expires_at),
             actor="cli",
         )
         self.stdout.write(dumps(TaskSerializer(task).data))
@@ -146,6 +180,7 @@ class Command(SubcommandCommand):
 
     def _reap(self, **_: Any) -> None:
         self.stdout.write(f"reaped {housekeeping.tasks_reap_expired(actor='cli')} expired leases")
+        self.stdout.write(f"expired {housekeeping.tasks_expire_due(actor='cli')} queued tasks")
 
     def _prune(self, *, days: int | None, dead_days: int | None, **_: Any) -> None:
         deleted = housekeeping.tasks_prune(
