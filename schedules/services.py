@@ -411,7 +411,8 @@ def schedule_task_failed(task: Task) -> None:
     limit = schedule.max_consecutive_failures
     if schedule.status == ScheduleStatus.ACTIVE and limit and failures >= limit:
         reason = (
-            f"{failures} failed runs in a row (max_consecutive_failures is {limit}); last: "
+            f"{failures} failed run{'s' if failures > 1 else ''} in a row "
+            f"(max_consecutive_failures is {limit}); last: "
             f"task {task.id} {task.status}: {task.error or 'no error text'}"
         )[:300]
         values |= {"status": ScheduleStatus.PAUSED, "deadline_at": None, "paused_reason": reason}
