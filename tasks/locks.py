@@ -70,11 +70,12 @@ def acquire(
     it got), or None if one is held (a semaphore: all its slots)."""
     taken: list[str] = []
     for lock in sorted(set(locks), key=lambda lock: lock.name):
-        with transaction.atomic():
-            if isinstance(lock, Semaphore):
-                name = _acquire_slot(lock, owner=owner, ttl=ttl)
-            else:
-                name = lock.name if _try_acquire(lock.name, owner=owner, ttl=ttl) else None
+        if isinstance(lock, Semaphore):
+            name = _acquire_slot(lock, owner=owner, ttl=ttl)
+        else:
+            with transaction.atomic():
+                acquired = _try_acquire(lock.name, owner=owner, ttl=ttl)
+            name = lock.name if acquired else None
         if name is None:
             release(taken, owner=owner)
             return None
@@ -160,13 +161,15 @@ def _acquire_slot(semaphore: Semaphore, *, owner: str, ttl: timedelta) -> str | 
     held by live leases of others."""
     live = _live_slots(semaphore)
     mine = [name for name, holder_ in live.items() if holder_ == owner]
-    if mine:
-        return mine[0] if _try_acquire(mine[0], owner=owner, ttl=ttl) else None
     slots = semaphore.slot_names
     start = zlib.crc32(owner.encode()) % len(slots)
-    for name in slots[start:] + slots[:start]:
-        if name not in live and _try_acquire(name, owner=owner, ttl=ttl):
-            return name
+    for name in mine[:1] or [s for s in slots[start:] + slots[:start] if s not in live]:
+        # A transaction per slot: PostgreSQL keeps the row lock of a conflicting INSERT … ON
+        # CONFLICT even when its WHERE refuses the update, and owners try the slots in
+        # different orders; holding one slot's lock while trying the next deadlocked.
+        with transaction.atomic():
+            if _try_acquire(name, owner=owner, ttl=ttl):
+                return name
     return None
 
 
