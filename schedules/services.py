@@ -67,11 +67,13 @@ def _set_status(
         to_status = ScheduleStatus.FINISHED  # nothing left to run (one-off done, past end_at)
         note = note or "nothing left to run"
     values: dict[str, Any] = {"status": to_status, "deadline_at": deadline, "modified_at": now}
+    if to_status == ScheduleStatus.PAUSED:
+        values["paused_reason"] = (note or f"paused by {actor or 'an operator'}")[:300]
+    else:
+        values["paused_reason"] = ""
     if to_status == ScheduleStatus.ACTIVE:
         # An operator's resume starts the failure count afresh (it may just have been fixed).
-        values |= {"consecutive_failures": 0, "paused_reason": ""}
-    elif to_status == ScheduleStatus.PAUSED:
-        values["paused_reason"] = (note or f"paused by {actor or 'an operator'}")[:300]
+        values["consecutive_failures"] = 0
     with transaction.atomic():
         changed = Schedule.objects.filter(id=schedule.id, status=schedule.status).update(**values)
         if not changed:
