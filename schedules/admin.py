@@ -35,6 +35,15 @@ EDITABLE = [
 ]
 
 
+class _DefaultingIntegerField(forms.IntegerField):
+    """An integer whose empty input means its initial value (the model's default), so a form
+    posted without it (a script, an older page) keeps the default rather than failing."""
+
+    def clean(self, value: Any) -> Any:
+        cleaned = super().clean(value)
+        return self.initial if cleaned is None else cleaned
+
+
 @admin.register(Schedule)
 class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     change_form_template = "admin/schedules/schedule/change_form.html"
@@ -111,6 +120,13 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
                 initial="UTC",
                 help_text="The IANA zone cron is evaluated in (type to search).",
                 widget=forms.Select(attrs={"class": "tz-select"}),
+            )
+        if db_field.name == "failure_backoff_max_seconds":
+            return _DefaultingIntegerField(
+                required=False,
+                min_value=1,
+                initial=db_field.default,
+                help_text=f"{db_field.help_text} Empty: {db_field.default} (a day).",
             )
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 

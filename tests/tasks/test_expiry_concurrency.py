@@ -20,7 +20,7 @@ from tests.support.seed import seed_queued
 
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 
-PROCESSES = 8  # 7 poppers and the reaper
+PROCESSES = 9  # 8 poppers and the reaper
 S = TaskStatus
 
 

@@ -114,9 +114,8 @@ class Command(SubcommandCommand):
             self.stdout.write(
                 f"{s.id}  {s.scheduler_id:16} {s.status:8} {when:28} {nxt:20} "
                 f"{s.run_count:<5} {s.name or ''}".rstrip()
+                + (f"  [{s.paused_reason}]" if s.status == ScheduleStatus.PAUSED else "")
             )
-            if s.status == ScheduleStatus.PAUSED and s.paused_reason:
-                self.stdout.write(f"    paused: {s.paused_reason}")
 
     def _create(
         self,
