@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("tasks", "0011_scheduler_celery_queue"),
+        ("tasks", "0012_task_trace_context"),
     ]
 
     operations = [
