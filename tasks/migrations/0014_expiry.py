@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("tasks", "0012_task_trace_context"),
+        ("tasks", "0013_partial_hash_schedule_indexes"),
     ]
 
     operations = [
