@@ -15,6 +15,7 @@ COLORS = {
     "FAILED": "#e07b39",
     "DEAD": "#b85450",
     "CANCELLED": "#999999",
+    "EXPIRED": "#a0785a",
     "SUBMITTED": "#6c8ebf",
     "DONE": "#82b366",
     "failed attempts": "#f0b27a",

@@ -72,10 +72,17 @@ def _schedules() -> dict[str, Any]:
     now = timezone.now()
     due = Schedule.objects.filter(status=ScheduleStatus.ACTIVE, deadline_at__lte=now)
     overdue = due.filter(deadline_at__lt=now - timedelta(minutes=1))
+    # Paused by the failure policy (max_consecutive_failures): they need an operator's look.
+    failing = Schedule.objects.filter(status=ScheduleStatus.PAUSED, consecutive_failures__gt=0)
+    failing = failing.exclude(paused_reason="")
     return {
         "due_count": due.count(),
         "overdue_count": overdue.count(),
         "most_overdue": list(overdue.select_related("scheduler").order_by("deadline_at")[:10]),
+        "failing_count": failing.count(),
+        "paused_by_failures": list(
+            failing.select_related("scheduler").order_by("-modified_at")[:10]
+        ),
     }
 
 

@@ -45,7 +45,9 @@ class DatabaseCollector(Collector):
             "scheduler_tasks", "Tasks by scheduler and status.", labels=["scheduler", "status"]
         )
         depth = GaugeMetricFamily(
-            "scheduler_queue_depth", "QUEUED tasks due now.", labels=["scheduler"]
+            "scheduler_queue_depth",
+            "QUEUED tasks due now (not past their expires_at).",
+            labels=["scheduler"],
         )
         rows = Task.objects.order_by().values_list("scheduler_id", "status").annotate(n=Count("id"))
         for scheduler_id, status, n in rows:
@@ -53,6 +55,7 @@ class DatabaseCollector(Collector):
         now = timezone.now()
         due_tasks = (
             Task.objects.filter(status=TaskStatus.QUEUED, not_before__lte=now)
+            .exclude(expires_at__lte=now)
             .order_by()
             .values_list("scheduler_id")
             .annotate(n=Count("id"))
@@ -70,6 +73,20 @@ class DatabaseCollector(Collector):
         )
         for scheduler_id, n in due_rows:
             due.add_metric([scheduler_id], n)
+        paused = GaugeMetricFamily(
+            "scheduler_schedules_paused_by_failures",
+            "Schedules paused after max_consecutive_failures failed runs in a row.",
+            labels=["scheduler"],
+        )
+        paused_rows = (
+            Schedule.objects.filter(status=ScheduleStatus.PAUSED, consecutive_failures__gt=0)
+            .exclude(paused_reason="")
+            .order_by()
+            .values_list("scheduler_id")
+            .annotate(n=Count("id"))
+        )
+        for scheduler_id, n in paused_rows:
+            paused.add_metric([scheduler_id], n)
         pilots = GaugeMetricFamily(
             "scheduler_pilots", "Pilots by CE and status.", labels=["ce", "status"]
         )
@@ -80,7 +97,7 @@ class DatabaseCollector(Collector):
         )
         for ce, status, n in pilot_rows:
             pilots.add_metric([ce, status], n)
-        yield from (tasks, depth, due, pilots)
+        yield from (tasks, depth, due, paused, pilots)
 
 
 class HealthCollector(Collector):

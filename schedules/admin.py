@@ -28,7 +28,20 @@ EDITABLE = [
     "min_interval_seconds",
     "max_interval_seconds",
     "backoff_factor",
+    "expire_seconds",
+    "failure_backoff_factor",
+    "failure_backoff_max_seconds",
+    "max_consecutive_failures",
 ]
+
+
+class _DefaultingIntegerField(forms.IntegerField):
+    """An integer whose empty input means its initial value (the model's default), so a form
+    posted without it (a script, an older page) keeps the default rather than failing."""
+
+    def clean(self, value: Any) -> Any:
+        cleaned = super().clean(value)
+        return self.initial if cleaned is None else cleaned
 
 
 @admin.register(Schedule)
@@ -37,6 +50,7 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     list_display = [
         "__str__",
         "status",
+        "failures",
         "when",
         "deadline",
         "last_run",
@@ -57,6 +71,8 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     show_full_result_count = False
     readonly_fields = [
         "status",
+        "paused_reason",
+        "consecutive_failures",
         "deadline_at",
         "last_run_at",
         "run_count",
@@ -67,6 +83,19 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     ]
     fields = ["scheduler", *EDITABLE, *readonly_fields]
     actions = ["resume_schedules", "pause_schedules", "trigger_schedules"]
+
+    @admin.display(description="failures in a row", ordering="consecutive_failures")
+    def failures(self, schedule: Schedule) -> str:
+        # Why a PAUSED schedule stopped shows beside it: the failure policy's reason.
+        text = str(schedule.consecutive_failures)
+        if schedule.status == ScheduleStatus.PAUSED and schedule.paused_reason:
+            return format_html(
+                '{} <span title="{}">⏸ {}</span>',
+                text,
+                schedule.paused_reason,
+                schedule.paused_reason[:60],
+            )
+        return text
 
     @admin.display(description="status history")
     def history(self, schedule: Schedule) -> str:
@@ -91,6 +120,13 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
                 initial="UTC",
                 help_text="The IANA zone cron is evaluated in (type to search).",
                 widget=forms.Select(attrs={"class": "tz-select"}),
+            )
+        if db_field.name == "failure_backoff_max_seconds":
+            return _DefaultingIntegerField(
+                required=False,
+                min_value=1,
+                initial=db_field.default,
+                help_text=f"{db_field.help_text} Empty: {db_field.default} (a day).",
             )
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 

@@ -12,8 +12,13 @@ class SchedulesConfig(AppConfig):
         from schedules import services
         from tasks import services as task_services
 
-        if services.adapt_interval not in task_services.on_completed_hooks:
-            task_services.on_completed_hooks.append(services.adapt_interval)
+        for hooks, hook in [
+            (task_services.on_completed_hooks, services.adapt_interval),
+            (task_services.on_completed_hooks, services.schedule_task_succeeded),
+            (task_services.on_failed_hooks, services.schedule_task_failed),
+        ]:
+            if hook not in hooks:
+                hooks.append(hook)
         writers.register(
             schedule_pause=services.schedule_pause,
             schedule_resume=services.schedule_resume,

@@ -131,9 +131,25 @@ def _fields(periodic: PeriodicTask, row: Row) -> dict[str, Any]:
         "data": _data(periodic),
         "start_at": periodic.start_time,
         **_timing(periodic, row),
+        **_expiry(periodic, row),
     }
     _note_what_is_left(periodic, row)
     return fields
+
+
+def _expiry(periodic: PeriodicTask, row: Row) -> dict[str, Any]:
+    """Beat's `expire_seconds` (its messages expire that long after sending) is the schedule's
+    expire_seconds (counted from the occurrence); beat's `expires` (no run after it, and its
+    messages expire then) ends the schedule there."""
+    if periodic.expire_seconds:
+        return {"expire_seconds": periodic.expire_seconds}
+    if periodic.expires and not periodic.clocked:
+        row.notes.append(
+            f"expires {periodic.expires.isoformat()}: the schedule ends then (end_at); a task "
+            "queued before it may still run after it"
+        )
+        return {"end_at": periodic.expires}
+    return {}
 
 
 def _timing(periodic: PeriodicTask, row: Row) -> dict[str, Any]:
@@ -212,8 +228,6 @@ def _data(periodic: PeriodicTask) -> dict[str, Any]:
 
 
 def _note_what_is_left(periodic: PeriodicTask, row: Row) -> None:
-    if periodic.expires or periodic.expire_seconds is not None:
-        row.notes.append("expires/expire_seconds not converted: tasks here do not expire yet")
     if periodic.priority is not None:
         row.notes.append(
             f"priority {periodic.priority} not converted (its meaning is the broker's)"

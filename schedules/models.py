@@ -91,6 +91,35 @@ class Schedule(models.Model):
         validators=[MinValueValidator(1.0), MaxValueValidator(100.0)],
         help_text="Adaptive interval: grown by this factor after an uneventful run.",
     )
+    expire_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Its tasks expire this long after their occurrence if not handed out by then.",
+    )
+    failure_backoff_factor = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1.0), MaxValueValidator(100.0)],
+        help_text="After a failed run the next one waits interval * factor^failures (capped).",
+    )
+    failure_backoff_max_seconds = models.PositiveIntegerField(
+        default=86400,
+        validators=[MinValueValidator(1)],
+        help_text="Cap of the failure cooldown (a cron schedule: its next occurrence after it).",
+    )
+    max_consecutive_failures = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Pause the schedule after this many failed runs in a row. Empty: never.",
+    )
+    consecutive_failures = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Failed runs in a row (FAILED or DEAD tasks)."
+    )
+    paused_reason = models.CharField(
+        max_length=300, blank=True, default="", editable=False, help_text="Why it is PAUSED."
+    )
     status = models.CharField(
         max_length=16, choices=ScheduleStatus.choices, default=ScheduleStatus.ACTIVE
     )

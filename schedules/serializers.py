@@ -35,6 +35,12 @@ class ScheduleSerializer(StrictTypes, serializers.ModelSerializer):
             "min_interval_seconds",
             "max_interval_seconds",
             "backoff_factor",
+            "expire_seconds",
+            "failure_backoff_factor",
+            "failure_backoff_max_seconds",
+            "max_consecutive_failures",
+            "consecutive_failures",
+            "paused_reason",
             "status",
             "deadline_at",
             "last_run_at",
@@ -43,6 +49,8 @@ class ScheduleSerializer(StrictTypes, serializers.ModelSerializer):
             "modified_at",
         ]
         read_only_fields = [
+            "consecutive_failures",
+            "paused_reason",
             "status",
             "deadline_at",
             "last_run_at",

@@ -67,10 +67,16 @@ def _set_status(
     if to_status == ScheduleStatus.ACTIVE and deadline is None:
         to_status = ScheduleStatus.FINISHED  # nothing left to run (one-off done, past end_at)
         note = note or "nothing left to run"
+    values: dict[str, Any] = {"status": to_status, "deadline_at": deadline, "modified_at": now}
+    if to_status == ScheduleStatus.PAUSED:
+        values["paused_reason"] = (note or f"paused by {actor or 'an operator'}")[:300]
+    else:
+        values["paused_reason"] = ""
+    if to_status == ScheduleStatus.ACTIVE:
+        # An operator's resume starts the failure count afresh (it may just have been fixed).
+        values["consecutive_failures"] = 0
     with transaction.atomic():
-        changed = Schedule.objects.filter(id=schedule.id, status=schedule.status).update(
-            status=to_status, deadline_at=deadline, modified_at=now
-        )
+        changed = Schedule.objects.filter(id=schedule.id, status=schedule.status).update(**values)
         if not changed:
             raise ScheduleStateError(f"Schedule {schedule.id} changed meanwhile; try again.")
         record_events([(schedule.id, schedule.status, to_status)], actor=actor, note=note, at=now)
@@ -190,6 +196,7 @@ def schedule_trigger(*, schedule_id: uuid.UUID, actor: str = "") -> Task:
                 data=schedule.data,
                 priority=schedule.priority,
                 hash=schedule.task_hash,
+                expires_at=_expiry(schedule, occurrence=now),
                 actor=actor,
                 extra={"schedule": schedule},
             )
@@ -329,6 +336,7 @@ def _advance_and_insert(
             priority=schedule.priority,
             hash=schedule.task_hash,
             not_before=now,
+            expires_at=_expiry(schedule, occurrence=schedule.deadline_at or now),
             created_at=now,
             modified_at=now,
         )
@@ -339,6 +347,15 @@ def _advance_and_insert(
         tasks, actor=ORCHESTRATOR, note="materialised from its schedule", at=now
     )
     return len(tasks)
+
+
+def _expiry(schedule: Schedule, *, occurrence: datetime) -> datetime | None:
+    """When a task of `schedule` made for `occurrence` expires: `expire_seconds` after the
+    occurrence it runs for (after downtime the missed occurrences coalesce into the oldest,
+    so its task may expire at once: the outage's run is skipped, the next one is on time)."""
+    if not schedule.expire_seconds:
+        return None
+    return occurrence + timedelta(seconds=schedule.expire_seconds)
 
 
 # --- adaptive intervals ------------------------------------------------------------------------
@@ -379,4 +396,87 @@ def adapt_interval(task: Task) -> None:
         schedule.interval_seconds,
         interval,
         changed,
+    )
+
+
+# --- failure cooldown and auto-pause (DESIGN 9.4) ----------------------------------------------
+
+FAILURE_POLICY = "failure policy"
+
+
+def schedule_task_failed(task: Task) -> None:
+    """A task of a schedule ended FAILED or DEAD (a hook run in that transaction): count the
+    failure; after `max_consecutive_failures` in a row pause the schedule with its reason,
+    else with `failure_backoff_factor` push its next deadline out (a cooldown)."""
+    if task.schedule_id is None:
+        return
+    now = timezone.now()
+    # NO KEY UPDATE: a concurrent insert of a task of this schedule holds KEY SHARE on it
+    # (its foreign key) while it waits on this very task's unique-index entry.
+    schedule = Schedule.objects.select_for_update(no_key=True).filter(id=task.schedule_id).first()
+    if schedule is None:
+        return
+    failures = schedule.consecutive_failures + 1
+    values: dict[str, Any] = {"consecutive_failures": failures, "modified_at": now}
+    event: tuple[str, str] | None = None
+    limit = schedule.max_consecutive_failures
+    if schedule.status == ScheduleStatus.ACTIVE and limit and failures >= limit:
+        reason = (
+            f"{failures} failed run{'s' if failures > 1 else ''} in a row "
+            f"(max_consecutive_failures is {limit}); last: "
+            f"task {task.id} {task.status}: {task.error or 'no error text'}"
+        )[:300]
+        values |= {"status": ScheduleStatus.PAUSED, "deadline_at": None, "paused_reason": reason}
+        event = (ScheduleStatus.PAUSED, reason)
+    elif schedule.status == ScheduleStatus.ACTIVE and schedule.failure_backoff_factor:
+        deadline = cooldown_deadline(schedule, failures=failures, now=now)
+        if deadline is not None and (
+            schedule.deadline_at is None or deadline > schedule.deadline_at
+        ):
+            values["deadline_at"] = deadline
+            event = (
+                ScheduleStatus.ACTIVE,
+                f"failed run {failures} in a row: cooldown until {deadline.isoformat()}",
+            )
+    Schedule.objects.filter(id=schedule.id).update(**values)
+    if event is not None:
+        to_status, note = event
+        record_events(
+            [(schedule.id, schedule.status, to_status)], actor=FAILURE_POLICY, note=note, at=now
+        )
+        logger.info("schedule %s: %s", schedule.id, note)
+
+
+def cooldown_deadline(schedule: Schedule, *, failures: int, now: datetime) -> datetime | None:
+    """The next run after `failures` failed runs in a row: the last run + its interval *
+    factor^failures, capped at failure_backoff_max_seconds; a cron schedule runs at its first
+    occurrence from then on. None when it has no occurrence left (or is a one-off)."""
+    last_run = schedule.last_run_at or now
+    if schedule.interval_seconds:
+        interval = float(schedule.interval_seconds)
+    elif schedule.cron:
+        following = schedule.next_occurrence(after=last_run)
+        if following is None:
+            return None
+        interval = (following - last_run).total_seconds()
+    else:
+        return None
+    factor = schedule.failure_backoff_factor or 1.0
+    # min() before the power would overflow: factor^failures grows without bound.
+    exponent = min(failures, 64)
+    delay = min(interval * factor**exponent, float(schedule.failure_backoff_max_seconds))
+    target = last_run + timedelta(seconds=delay)
+    if schedule.cron:
+        return schedule.next_occurrence(after=target - timedelta(microseconds=1))
+    if schedule.end_at and target > schedule.end_at:
+        return None
+    return target
+
+
+def schedule_task_succeeded(task: Task) -> None:
+    """A task of a schedule COMPLETED (on commit): its failure count starts again from 0."""
+    if task.schedule_id is None:
+        return
+    Schedule.objects.filter(id=task.schedule_id, consecutive_failures__gt=0).update(
+        consecutive_failures=0
     )

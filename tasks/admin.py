@@ -16,7 +16,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
-from scheduler_site import tracing
+from scheduler_site import charts, tracing
 from tasks import selectors, services
 from tasks.exceptions import QueueError
 from tasks.leases import LeaseProof
@@ -269,13 +269,14 @@ class TaskAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     list_display = [
         "id",
         "scheduler",
-        "status",
+        "status_",
         "priority",
         "attempts",
         "hash",
         "error_summary",
         "created",
         "not_before_",
+        "expires",
         "lease_expires",
         "modified",
     ]
@@ -283,6 +284,7 @@ class TaskAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
     ordering = ["-created_at", "-id"]
     created = to_the_second("created_at", "created (UTC)")
     not_before_ = to_the_second("not_before", "not before (UTC)")
+    expires = to_the_second("expires_at", "expires (UTC)")
     lease_expires = to_the_second("lease_expires_at", "lease expires (UTC)")
     modified = to_the_second("modified_at", "modified (UTC)")
     list_filter = [DeadLetterFilter, "status", "scheduler"]
@@ -304,6 +306,15 @@ class TaskAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
         "traceback_",
     ]
     readonly_fields = fields
+
+    @admin.display(description="status", ordering="status")
+    def status_(self, task: Task) -> str:
+        # The dashboard's colours, so an EXPIRED or DEAD row stands out in a long list.
+        return format_html(
+            '<span class="status" style="color: {}; font-weight: bold">{}</span>',
+            charts.COLORS.get(task.status, "#888888"),
+            task.status,
+        )
 
     @admin.display(description="error")
     def error_summary(self, task: Task) -> str:

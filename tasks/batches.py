@@ -37,7 +37,8 @@ class PushOutcome:
 def task_push_many(
     *, scheduler_id: str, pushes: Sequence[Mapping[str, Any]], actor: str = ""
 ) -> list[PushOutcome]:
-    """Queue each of `pushes` (validated push fields: data, priority, hash, not_before) in one
+    """Queue each of `pushes` (validated push fields: data, priority, hash, not_before,
+    expires_at) in one
     transaction. A hash already active, or given twice in the batch, is a 409 naming the task
     that has it; once a bounded queue is full, the rest are 429s."""
     now = timezone.now()
@@ -109,6 +110,7 @@ def _task(scheduler: Scheduler, push: Mapping[str, Any], *, now: Any) -> Task:
         priority=push.get("priority", 0),
         hash=push.get("hash") or None,
         not_before=push.get("not_before") or now,
+        expires_at=push.get("expires_at"),
         created_at=now,
         modified_at=now,
         trace_context=tracing.current_traceparent(),

@@ -31,6 +31,7 @@ class TaskFilter(django_filters.FilterSet):
     created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
     modified_after = django_filters.IsoDateTimeFilter(field_name="modified_at", lookup_expr="gte")
     modified_before = django_filters.IsoDateTimeFilter(field_name="modified_at", lookup_expr="lt")
+    expires_before = django_filters.IsoDateTimeFilter(field_name="expires_at", lookup_expr="lt")
 
     class Meta:
         model = Task

@@ -237,7 +237,7 @@ class _Picker:
     def _due(self) -> Any:
         due = Task.objects.filter(
             scheduler_id=self.scheduler.id, status=TaskStatus.QUEUED, not_before__lte=self.now
-        )
+        ).exclude(expires_at__lte=self.now)  # an expired task is never handed out
         return queue.data_filter(due, self.filters) if self.filters else due
 
     def _in_order(self, allowed: int) -> None:
@@ -281,8 +281,8 @@ class _Picker:
             skip_ids=len(taken), skip_values=len(blocked), from_start=from_start
         )
         cursor = "" if from_start else self.cursor
-        params = [sid, cursor, sid, *blocked, sid, now, *taken, wanted]
-        params += [sid, now, *taken, *blocked, wanted]
+        params = [sid, cursor, sid, *blocked, sid, now, now, *taken, wanted]
+        params += [sid, now, now, *taken, *blocked, wanted]
         with connection.cursor() as db:
             db.execute(sql, params)
             return db.fetchall()
@@ -317,8 +317,8 @@ class _Picker:
         if self.filters:  # rare: filters and fair share; the ORM builds the filtered head
             return self._fair_head_filtered(value, blocked)
         sql = queue.flow_head_sql(skip_ids=len(self.taken), skip_values=len(blocked))
-        params = [self.scheduler.id, value, queue.flow_prep_now(self.now)]
-        params += [*queue.prep_ids(self.taken), *blocked]
+        now = queue.flow_prep_now(self.now)
+        params = [self.scheduler.id, value, now, now, *queue.prep_ids(self.taken), *blocked]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()

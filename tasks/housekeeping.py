@@ -1,5 +1,6 @@
 """Housekeeping of the task table, run by beat's periodic jobs and `manage.py task`: the
-reaper (expired leases become failed attempts) and retention (finished tasks pruned)."""
+reaper (expired leases become failed attempts, tasks past their `expires_at` become EXPIRED)
+and retention (finished tasks pruned)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ def tasks_reap_expired(*, batch_size: int = 500, actor: str = "reaper") -> int:
             return reaped
 
 
+def tasks_expire_due(*, batch_size: int = 1000, actor: str = "reaper") -> int:
+    """End every QUEUED task past its `expires_at` as EXPIRED, a batch per transaction so no
+    statement holds many row locks for long; how many."""
+    expired = 0
+    while True:
+        done = queue.expire_due(now=timezone.now(), limit=batch_size, actor=actor)
+        expired += done
+        if done < batch_size:
+            return expired
+
+
 def _reap(task: Task, *, actor: str) -> None:
     if task.status == TaskStatus.DISPATCHED and task.scheduler.kind == SchedulerKind.CELERY:
         # Never claimed by a worker: its message was lost, no attempt was made; the
@@ -58,6 +70,7 @@ def tasks_prune(
         TaskStatus.COMPLETED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
         TaskStatus.FAILED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
         TaskStatus.CANCELLED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
+        TaskStatus.EXPIRED: older_than or timedelta(days=settings.TASK_RETENTION_DAYS),
         TaskStatus.DEAD: dead_older_than or timedelta(days=settings.TASK_DEAD_RETENTION_DAYS),
     }
     deleted = 0

@@ -13,7 +13,9 @@ from tasks import dispatch, execution, housekeeping, stats
 
 @shared_task(name="tasks.reap_expired_leases", ignore_result=True)
 def reap_expired_leases() -> int:
-    return housekeeping.tasks_reap_expired()
+    """Expired leases back to the retry policy, and due expiries to EXPIRED (one periodic job:
+    both are the reaper's, at the same pace)."""
+    return housekeeping.tasks_reap_expired() + housekeeping.tasks_expire_due()
 
 
 @shared_task(name="tasks.prune_finished_tasks", ignore_result=True)

@@ -49,22 +49,33 @@ class TaskStatus(models.TextChoices):
     FAILED = "FAILED"
     DEAD = "DEAD"
     CANCELLED = "CANCELLED"
+    # Not handed out before its `expires_at`: never run (DESIGN 9.4). Final, requeue-able.
+    EXPIRED = "EXPIRED"
 
 
 ACTIVE_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING})
 LEASED_STATUSES = frozenset({TaskStatus.DISPATCHED, TaskStatus.RUNNING})
 # What an operator may requeue: an attempt still leased or queued has a holder (or is about to
 # get one), and requeueing it would hand the same work out twice.
-REQUEUEABLE_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED})
+REQUEUEABLE_STATUSES = frozenset(
+    {TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED, TaskStatus.EXPIRED}
+)
 FINAL_STATUSES = frozenset(
-    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED}
+    {
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.DEAD,
+        TaskStatus.CANCELLED,
+        TaskStatus.EXPIRED,
+    }
 )
 
 # The one table of allowed transitions; services refuse anything else.
 # DISPATCHED/RUNNING -> QUEUED is a retry after a failed or lost attempt, or a hand-back
-# (runner shutting down, lock held). FAILED/DEAD/CANCELLED -> QUEUED is an operator's requeue.
+# (runner shutting down, lock held). FAILED/DEAD/CANCELLED/EXPIRED -> QUEUED is an operator's
+# requeue. Only a QUEUED task expires: once handed out, its holder runs it.
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
-    TaskStatus.QUEUED: frozenset({TaskStatus.DISPATCHED, TaskStatus.CANCELLED}),
+    TaskStatus.QUEUED: frozenset({TaskStatus.DISPATCHED, TaskStatus.CANCELLED, TaskStatus.EXPIRED}),
     TaskStatus.DISPATCHED: frozenset(
         {
             TaskStatus.RUNNING,
@@ -88,6 +99,7 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     TaskStatus.FAILED: frozenset({TaskStatus.QUEUED}),
     TaskStatus.DEAD: frozenset({TaskStatus.QUEUED}),
     TaskStatus.CANCELLED: frozenset({TaskStatus.QUEUED}),
+    TaskStatus.EXPIRED: frozenset({TaskStatus.QUEUED}),
 }
 
 
@@ -319,6 +331,11 @@ class Task(models.Model):
     )
     attempts = models.PositiveIntegerField(default=0)
     not_before = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Not handed out by then: never run, ends EXPIRED. Empty: never expires.",
+    )
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True, help_text="Who holds the lease.")
     # A fresh random secret per hand-out (pop or worker claim), cleared when the attempt ends.
@@ -374,6 +391,12 @@ class Task(models.Model):
             # a task adds an entry to each index (an indexed column changes, so no update is
             # HOT); lookups name a value, which implies IS NOT NULL, so they still use these.
             models.Index(fields=["hash"], condition=Q(hash__isnull=False), name="task_hash_idx"),
+            # The reaper's expiry scan: O(due expiries), only QUEUED rows that can expire.
+            models.Index(
+                fields=["expires_at"],
+                condition=Q(status="QUEUED", expires_at__isnull=False),
+                name="task_expiry_idx",
+            ),
             models.Index(fields=["created_at", "id"], name="task_created_idx"),
             models.Index(
                 fields=["schedule", "created_at"],

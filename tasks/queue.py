@@ -238,7 +238,7 @@ def claim_queued(
     _check_transition(TaskStatus.QUEUED, values["status"])
     candidates = Task.objects.filter(
         scheduler_id=scheduler_id, status=TaskStatus.QUEUED, not_before__lte=now
-    )
+    ).exclude(expires_at__lte=now)  # an expired task is never handed out (the reaper ends it)
     if filters:
         candidates = data_filter(candidates, filters)
     candidates = candidates.order_by("priority", "created_at", "id").values("id")[:limit]
@@ -290,6 +290,7 @@ def _pop_sql() -> str:
             SELECT t.id FROM {task} t
             WHERE t.scheduler_id = %(scheduler)s AND t.status = 'QUEUED'
                 AND t.not_before <= %(now)s AND EXISTS (SELECT 1 FROM queue)
+                AND (t.expires_at IS NULL OR t.expires_at > %(now)s)
             ORDER BY t.priority, t.created_at, t.id
             LIMIT %(limit)s FOR UPDATE OF t SKIP LOCKED
         ), popped AS (
@@ -741,13 +742,14 @@ def flow_walk_sql(*, skip_ids: int, skip_values: int, from_start: bool) -> str:
     that are not at their limit, walking the values in order and stopping once enough are
     found (a loose index scan of task_concurrency_idx: a seek per value walked, never a row
     per task; the walk passes only the blocked values and those with nothing due). Params:
-    scheduler, cursor, scheduler, [blocked values, scheduler, now, taken ids], wanted,
-    scheduler, now, taken ids, blocked values, wanted."""
+    scheduler, cursor, scheduler, [blocked values, scheduler, now, now, taken ids], wanted,
+    scheduler, now, now, taken ids, blocked values, wanted."""
     n = _flow_names()
     ids = ", ".join(["%s"] * skip_ids)
     values = ", ".join(["%s"] * skip_values)
     blocked = f" AND walk.v NOT IN ({values})" if skip_values else ""
     first = ">=" if from_start else ">"
+    skip = f" AND e.id NOT IN ({ids})" if skip_ids else ""
     return f"""
         WITH RECURSIVE walk(v, found) AS (
             SELECT (SELECT MIN(concurrency_value) FROM {n["task"]} WHERE scheduler_id = %s
@@ -759,13 +761,15 @@ def flow_walk_sql(*, skip_ids: int, skip_values: int, from_start: bool) -> str:
                 walk.found + CASE WHEN TRUE{blocked} AND EXISTS (
                     SELECT 1 FROM {n["task"]} e WHERE e.scheduler_id = %s
                         AND e.status = 'QUEUED' AND e.concurrency_value = walk.v
-                        AND e.not_before <= %s{f" AND e.id NOT IN ({ids})" if skip_ids else ""}
+                        AND e.not_before <= %s
+                        AND (e.expires_at IS NULL OR e.expires_at > %s){skip}
                 ) THEN 1 ELSE 0 END
             FROM walk WHERE walk.v IS NOT NULL AND walk.found < %s
         ), heads AS (
             SELECT walk.v, (SELECT h.id FROM {n["task"]} h
                 WHERE h.scheduler_id = %s AND h.status = 'QUEUED'
                     AND h.concurrency_value = walk.v AND h.not_before <= %s
+                    AND (h.expires_at IS NULL OR h.expires_at > %s)
                     {f"AND h.id NOT IN ({ids})" if skip_ids else ""}
                 ORDER BY h.priority, h.created_at, h.id LIMIT 1) AS head
             FROM walk WHERE walk.v IS NOT NULL{blocked}
@@ -789,7 +793,8 @@ def flow_head_sql(*, skip_ids: int, skip_values: int) -> str:
         )
     return (
         f"SELECT id, concurrency_value FROM {task} WHERE scheduler_id = %s AND status = 'QUEUED'"
-        f" AND fair_value = %s AND not_before <= %s{where}"
+        f" AND fair_value = %s AND not_before <= %s"
+        f" AND (expires_at IS NULL OR expires_at > %s){where}"
         " ORDER BY priority, created_at, id LIMIT 1"
     )
 
@@ -828,10 +833,12 @@ def flow_claim_ids(
         picked = "SELECT id FROM picked"
         head = (
             f"WITH picked AS MATERIALIZED (SELECT id FROM {n['task']} WHERE scheduler_id = %s "
-            "AND status = 'QUEUED' AND not_before <= %s ORDER BY priority, created_at, id "
+            "AND status = 'QUEUED' AND not_before <= %s "
+            "AND (expires_at IS NULL OR expires_at > %s) ORDER BY priority, created_at, id "
             "LIMIT %s), "
         )
-        pick_params = [in_order[0], _prep("not_before", now), in_order[1]]
+        due = _prep("not_before", now)
+        pick_params = [in_order[0], due, due, in_order[1]]
     sql = (
         f"{head}claimed AS (UPDATE {n['task']} SET {set_sql} "
         f"WHERE id IN ({picked}) AND status = 'QUEUED' RETURNING {_columns()}), "
@@ -856,3 +863,56 @@ def flow_claim_ids(
     rows = _fetch_tasks(sql + " SELECT * FROM claimed", params)
     rows.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
     return rows
+
+
+# --- expiry (DESIGN 9.4) ------------------------------------------------------------------------
+#
+# A QUEUED task whose `expires_at` has passed is never handed out (pop and claim_queued skip it
+# with one predicate) and the reaper ends it EXPIRED here, in batches, oldest expiry first,
+# through task_expiry_idx. On PostgreSQL one statement per batch (SKIP LOCKED: a concurrent
+# pop or a second reaper never waits on it, and a row a pop holds is left to that pop, which
+# will not take it anyway); on SQLite the same steps in one IMMEDIATE transaction.
+
+
+def _expire_sql() -> str:
+    n = _names()
+    return f"""
+        WITH due AS MATERIALIZED (
+            SELECT t.id FROM {n["task"]} t
+            WHERE t.status = 'QUEUED' AND t.expires_at IS NOT NULL AND t.expires_at <= %(now)s
+            ORDER BY t.expires_at LIMIT %(limit)s FOR UPDATE OF t SKIP LOCKED
+        ), expired AS (
+            UPDATE {n["task"]} t SET status = 'EXPIRED', modified_at = %(now)s,
+                lease_token = '', worker = ''
+            WHERE t.id IN (SELECT id FROM due) AND t.status = 'QUEUED'
+            RETURNING t.id
+        ), events AS (
+            INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
+            SELECT id, 'QUEUED', 'EXPIRED', %(now)s, %(actor)s, %(note)s FROM expired
+        )
+        SELECT count(*) FROM expired
+    """
+
+
+def expire_due(*, now: datetime, limit: int, actor: str) -> int:
+    """End up to `limit` QUEUED tasks whose `expires_at` is at or before `now` as EXPIRED,
+    with their events; how many."""
+    note = "expired: not handed out before expires_at"
+    if ONE_STATEMENT_WRITES:
+        params = {"now": _prep("modified_at", now), "limit": limit, "actor": actor[:200]}
+        with connection.cursor() as cursor:
+            cursor.execute(_hot_sql("expire", _expire_sql), {**params, "note": note})
+            return int(cursor.fetchone()[0])
+    with transaction.atomic():
+        ids = list(
+            Task.objects.filter(status=TaskStatus.QUEUED, expires_at__lte=now)
+            .order_by("expires_at")
+            .values_list("id", flat=True)[:limit]
+        )
+        values = {"status": TaskStatus.EXPIRED, "modified_at": now, "lease_token": "", "worker": ""}
+        rows = cas_update(task_ids=ids, expected=TaskStatus.QUEUED, values=values)
+        record_events(rows, from_status=TaskStatus.QUEUED, actor=actor, note=note, at=now)
+    return len(rows)
+
+
+STATUS_STATEMENTS["expire"] = _expire_sql

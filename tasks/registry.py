@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.exceptions import QueueError
-from tasks.locks import MutexLock
+from tasks.locks import MutexLock, Semaphore
 from tasks.models import Scheduler, SchedulerKind
 from tasks.retry import RetrySpec
 
@@ -82,7 +82,7 @@ class Handler:
     func: Callable[[TaskContext], Any]
     # None: the policy of the task's queue (what `celery:` handlers follow).
     retry: RetrySpec | None = field(default_factory=RetrySpec)
-    locks: Callable[[dict[str, Any]], Iterable[MutexLock]] | None = None
+    locks: Callable[[dict[str, Any]], Iterable[MutexLock | Semaphore]] | None = None
     soft_time_limit: float | None = None
     time_limit: float | None = None
     # Checks a task's data at push (raises InvalidRequest naming the problem): a task that
@@ -91,7 +91,7 @@ class Handler:
     # How a failure of this handler reads in the task's `error` (default "Type: message").
     describe_error: Callable[[BaseException], str] | None = None
 
-    def locks_for(self, data: dict[str, Any]) -> list[MutexLock]:
+    def locks_for(self, data: dict[str, Any]) -> list[MutexLock | Semaphore]:
         return list(self.locks(data)) if self.locks else []
 
 
@@ -137,7 +137,7 @@ def register(
     name: str,
     *,
     retry: RetrySpec | None = None,
-    locks: Callable[[dict[str, Any]], Iterable[MutexLock]] | None = None,
+    locks: Callable[[dict[str, Any]], Iterable[MutexLock | Semaphore]] | None = None,
     soft_time_limit: float | None = None,
     time_limit: float | None = None,
 ) -> Callable[[Callable[[TaskContext], Any]], Callable[[TaskContext], Any]]:

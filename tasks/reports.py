@@ -208,15 +208,19 @@ def fail_attempt(
     else:
         to_status = spec.exhausted_status()
         note = f"{attempt_note}; no attempts left"
-    updated = transition(
-        task,
-        to_status=to_status,
-        actor=actor,
-        note=with_override_note(note, proof),
-        values=values,
-        fence_attempts=True,
-        fence_token=fence_token(proof, task_id=task.id, status=task.status),
-    )
+    with transaction.atomic():
+        updated = transition(
+            task,
+            to_status=to_status,
+            actor=actor,
+            note=with_override_note(note, proof),
+            values=values,
+            fence_attempts=True,
+            fence_token=fence_token(proof, task_id=task.id, status=task.status),
+        )
+        if to_status in (TaskStatus.FAILED, TaskStatus.DEAD):
+            for hook in transitions.on_failed_hooks:
+                hook(updated)
     if to_status == TaskStatus.QUEUED:
         notify_queued(task.scheduler)
     return updated

@@ -3,9 +3,11 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -138,6 +140,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "traceback",
             "attempts",
             "not_before",
+            "expires_at",
             "lease_expires_at",
             "worker",
             "cancel_requested_at",
@@ -161,6 +164,20 @@ class PoppedTaskSerializer(TaskSerializer):
     """A task as its new holder gets it from a pop: with its lease token."""
 
     always_show_lease_token = True
+
+
+class AwareDateTimeField(serializers.DateTimeField):
+    """A date-time that names its UTC offset: a naive one would be read in the server's time
+    zone, and an expiry off by hours is worse than a 400."""
+
+    default_error_messages = {
+        "naive": "Must name its time zone (an offset such as +01:00, or Z for UTC)."
+    }
+
+    def enforce_timezone(self, value: datetime) -> datetime:
+        if timezone.is_naive(value):
+            self.fail("naive")
+        return super().enforce_timezone(value)
 
 
 @functools.cache
@@ -187,6 +204,27 @@ class TaskPushSerializer(StrictTypes):
     )
     hash = serializers.CharField(required=False, allow_null=True, max_length=64, default=None)
     not_before = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    expires_at = AwareDateTimeField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Not handed out by then, the task never runs: it ends EXPIRED. ISO 8601 with "
+        "its UTC offset (e.g. 2026-12-01T18:00:00Z).",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        expires_at = attrs.get("expires_at")
+        if expires_at is not None:
+            if expires_at <= timezone.now():
+                raise serializers.ValidationError(
+                    {"expires_at": "Must be in the future: the task would expire unrun."}
+                )
+            not_before = attrs.get("not_before")
+            if not_before is not None and expires_at <= not_before:
+                raise serializers.ValidationError(
+                    {"expires_at": "Must be after not_before: the task could never run."}
+                )
+        return attrs
 
 
 _SCALAR_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}

@@ -55,6 +55,7 @@ from tasks.transitions import (  # noqa: F401
     get_task,
     notify_queued,
     on_completed_hooks,
+    on_failed_hooks,
     on_queued_hooks,
     transition,
 )
@@ -140,10 +141,12 @@ def task_push(
     priority: int = 0,
     hash: str | None = None,
     not_before: datetime | None = None,
+    expires_at: datetime | None = None,
     actor: str = "",
     extra: Mapping[str, Any] | None = None,
 ) -> Task:
-    """Queue a task. Refuses a second active task with the same hash, and a full queue."""
+    """Queue a task. Refuses a second active task with the same hash, and a full queue. A
+    task not handed out by `expires_at` never runs (the reaper ends it EXPIRED)."""
     now = timezone.now()
     with transaction.atomic():
         scheduler = get_scheduler(scheduler_id)
@@ -159,6 +162,7 @@ def task_push(
             priority=priority,
             hash=hash or None,
             not_before=not_before or now,
+            expires_at=expires_at,
             created_at=now,
             modified_at=now,
             trace_context=tracing.current_traceparent(),
@@ -338,8 +342,9 @@ def task_cancel(*, task_id: uuid.UUID, actor: str = "") -> Task:
 
 
 def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued") -> Task:
-    """Give a FAILED, DEAD or CANCELLED task a fresh set of attempts. An active task is refused:
-    requeueing a leased one would hand the same work out twice (its holder still runs it)."""
+    """Give a FAILED, DEAD, CANCELLED or EXPIRED task a fresh set of attempts (an EXPIRED one
+    also loses its expiry: the operator wants it run). An active task is refused: requeueing
+    a leased one would hand the same work out twice (its holder still runs it)."""
     task = get_task(task_id)
     if task.status not in REQUEUEABLE_STATUSES:
         raise TransitionRefused(
@@ -351,6 +356,7 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
     values = {
         "attempts": 0,
         "not_before": timezone.now(),
+        "expires_at": None,
         "lease_expires_at": None,
         "cancel_requested_at": None,
         "worker": "",

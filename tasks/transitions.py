@@ -26,6 +26,10 @@ DISPATCHER = "dispatcher"
 # and after a task completes (adaptive schedule intervals). Apps register them in ready().
 on_queued_hooks: list[Callable[[Scheduler], None]] = []
 on_completed_hooks: list[Callable[[Task], None]] = []
+# Run inside the transaction that ends a task FAILED or DEAD (not on commit): a schedule's
+# failure cooldown commits with the failure, so no tick can run it again at full rate between
+# the two. A hook that raises rolls the failure back with it.
+on_failed_hooks: list[Callable[[Task], None]] = []
 
 
 def get_scheduler(scheduler_id: str, *, for_update: bool = False) -> Scheduler:

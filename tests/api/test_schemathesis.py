@@ -71,6 +71,7 @@ VALID_BEYOND_SCHEMA = {
     "PATCH /api/schedulers/{id}/": "a registered handler for celery; retry cap ≥ delay; a policy "
     "weight above 0",
     "POST /api/schedulers/{id}/pop/": "filter keys' pattern (needs OpenAPI 3.1 propertyNames)",
+    "POST /api/schedulers/{id}/push/": "expires_at in the future and after not_before",
     "POST /api/schedules/": "an existing scheduler; cron syntax, matching some day; IANA zone; one "
     "of cron/interval/run_at; start < end; min ≤ max interval",
     "PATCH /api/schedules/{id}/": "cron syntax, matching some day; IANA zone; one of cron/interval/"

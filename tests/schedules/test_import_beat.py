@@ -116,7 +116,7 @@ def test_import__every_variant_converted_or_reported(seeded: None) -> None:
     assert DST_NOTE in _notes(rows, "nightly report")
     assert DST_NOTE not in _notes(rows, "weekday quarter")  # UTC
     expiry = _notes(rows, "with expiry")
-    assert "expire_seconds not converted" in expiry and "priority 5" in expiry
+    assert "expire" not in expiry and "priority 5" in expiry  # expire_seconds carries over
     assert "exchange, routing_key and headers" in expiry
     assert "queue 'reports'" in _notes(rows, "weekday quarter")
 

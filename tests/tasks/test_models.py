@@ -84,12 +84,13 @@ def test_transition_table__covers_every_status() -> None:
 
 def test_transition_table__matches_the_brief() -> None:
     assert ALLOWED_TRANSITIONS[S.COMPLETED] == frozenset()
-    for final in (S.FAILED, S.DEAD, S.CANCELLED):
+    for final in (S.FAILED, S.DEAD, S.CANCELLED, S.EXPIRED):
         assert ALLOWED_TRANSITIONS[final] == {S.QUEUED}, "only an operator's requeue"
     # Every non-final state can be cancelled; nothing runs without being handed out first.
     for active in ACTIVE_STATUSES:
         assert S.CANCELLED in ALLOWED_TRANSITIONS[active]
-    assert ALLOWED_TRANSITIONS[S.QUEUED] == {S.DISPATCHED, S.CANCELLED}
+    # EXPIRED (DESIGN 9.4): only a task never handed out expires.
+    assert ALLOWED_TRANSITIONS[S.QUEUED] == {S.DISPATCHED, S.CANCELLED, S.EXPIRED}
     assert {S.COMPLETED, S.FAILED, S.DEAD, S.QUEUED} <= ALLOWED_TRANSITIONS[S.RUNNING]
     assert S.RUNNING in ALLOWED_TRANSITIONS[S.DISPATCHED]
 

@@ -20,7 +20,7 @@ from tasks.management.commands._fields import (
 
 SCHEDULE_REF = "The schedule's id, name or hash, or a unique prefix of its id."
 WHICH_SCHEDULER = "The schedule's queue, when a name or hash is used in several."
-LIST_COLUMNS = ["id", "scheduler", "name", "status", "when", "next run (UTC)", "runs"]
+LIST_COLUMNS = ["id", "scheduler", "name", "status", "when", "next run (UTC)", "runs", "why paused"]
 
 
 def _when(s: dict[str, Any]) -> str:
@@ -148,4 +148,5 @@ def _row(s: dict[str, Any]) -> list[Any]:
         _when(s),
         s["deadline_at"],
         s["run_count"],
+        s["paused_reason"] if s["status"] == ScheduleStatus.PAUSED else "",
     ]

@@ -59,12 +59,17 @@ class Command(SubcommandCommand):
             ("release", "Hand a DISPATCHED or RUNNING task back to the queue (attempt not spent)."),
         ]:
             self.action(sub, name, text).add_argument("task", metavar="TASK", help=TASK_REF)
-        requeue = self.action(sub, "requeue", "Requeue FAILED, DEAD or CANCELLED tasks.")
+        requeue = self.action(sub, "requeue", "Requeue FAILED, DEAD, CANCELLED or EXPIRED tasks.")
         requeue.add_argument("tasks", nargs="*", metavar="TASK", help=TASK_REF)
         requeue.add_argument(
             "--all-dead", metavar="SCHEDULER", help="Every DEAD task of this queue."
         )
-        self.action(sub, "reap", "Turn expired leases into failed attempts (retry policy).")
+        self.action(
+            sub,
+            "reap",
+            "Turn expired leases into failed attempts (retry policy), and QUEUED tasks past "
+            "their expires_at into EXPIRED.",
+        )
         self._prune_parser(sub)
         stats = self.action(sub, "stats", "Transitions per hour, per scheduler and status.")
         stats.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
@@ -200,7 +205,11 @@ class Command(SubcommandCommand):
 
     def _reap(self, **_: Any) -> None:
         reaped = housekeeping.tasks_reap_expired(actor="cli")
-        self.result({"reaped": reaped}, f"reaped {reaped} expired leases")
+        expired = housekeeping.tasks_expire_due(actor="cli")
+        self.result(
+            {"reaped": reaped, "expired": expired},
+            f"reaped {reaped} expired leases\nexpired {expired} queued tasks",
+        )
 
     def _prune(self, *, days: int | None, dead_days: int | None, **_: Any) -> None:
         deleted = housekeeping.tasks_prune(
