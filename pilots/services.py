@@ -28,7 +28,9 @@ from pilots.models import (
     PilotSubmission,
     VirtualOrganisation,
 )
+from tasks import services as task_services
 from tasks.exceptions import QueueError, TransitionRefused
+from tasks.models import ACTIVE_STATUSES, Task
 
 logger = logging.getLogger(__name__)
 
@@ -245,9 +247,6 @@ def pilot_mark(
 def submit_pilots_for_vo(*, vo_name: str) -> dict[str, int]:
     """One submit_pilot task per free slot of every ACTIVE CE serving the VO (free slots count
     the pilots of all VOs, and submissions already queued for the CE)."""
-    from tasks import services as task_services
-    from tasks.models import ACTIVE_STATUSES, Task
-
     pushed: dict[str, int] = {}
     vo = VirtualOrganisation.objects.filter(name=vo_name, enabled=True).first()
     if vo is None:

@@ -27,20 +27,19 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.request import Request
 
+from pilots.models import PilotSubmission
 from scheduler_site.health import SEVERITY, system_health
 from scheduler_site.permissions import Authenticated, TokenAuthentication
+from schedules.models import Schedule, ScheduleStatus
 from tasks import selectors
 from tasks.metrics import DISPATCH_SECONDS, POP_SECONDS, QUEUE_WAIT_SECONDS, TRANSITION_SECONDS
+from tasks.models import Task, TaskStatus
 
 
 class DatabaseCollector(Collector):
     """Queue depth, tasks by status, due schedules and pilots by status, from the database."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from pilots.models import PilotSubmission
-        from schedules.models import Schedule, ScheduleStatus
-        from tasks.models import Task, TaskStatus
-
         tasks = GaugeMetricFamily(
             "scheduler_tasks", "Tasks by scheduler and status.", labels=["scheduler", "status"]
         )

@@ -192,13 +192,10 @@ class Scheduler(models.Model):
             errors["policy_weights"] = problem
         if self.kind == SchedulerKind.CELERY and not self.handler:
             errors["handler"] = "A celery scheduler needs a handler."
-        elif self.handler:
-            from tasks.registry import UnknownHandler, get_handler
-
-            try:  # a registered name, or one its prefix resolves (`celery:<task name>`)
-                get_handler(self.handler)
-            except UnknownHandler as exc:
-                errors["handler"] = exc.message.removeprefix("handler: ")
+        elif self.handler and (
+            unknown_handler := writers.call("handler_problem", name=self.handler)
+        ):
+            errors["handler"] = unknown_handler
         if self.retry_max_delay_seconds < self.retry_delay_seconds:
             errors["retry_max_delay_seconds"] = "Must not be less than retry_delay_seconds."
         if errors:

@@ -25,6 +25,7 @@ from tasks.models import (
     TaskStatus,
     is_allowed_transition,
 )
+from tasks.registry import HANDLERS
 from tasks.retry import RetrySpec
 from tasks.transitions import get_task, notify_queued, transition
 
@@ -167,8 +168,6 @@ def retry_spec_for(task: Task) -> RetrySpec:
     (`celery:` handlers); a pull queue's, the queue's."""
     scheduler = task.scheduler
     if scheduler.kind == SchedulerKind.CELERY and scheduler.handler:
-        from tasks.registry import HANDLERS
-
         handler = HANDLERS.get(scheduler.handler)
         if handler is not None and handler.retry is not None:
             return handler.retry
