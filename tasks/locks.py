@@ -1,4 +1,4 @@
-"""Mutexes as lease rows in the database (DiracX semantics), and their SQL.
+"""Mutexes as lease rows in the database (DiracX semantics); their SQL is in tasks.lock_sql.
 
 `MutexLock("pilot", ce_name)` names a lock. Acquiring is one statement on both databases:
 INSERT … ON CONFLICT DO UPDATE … WHERE the holder's lease expired, RETURNING the owner; so a
@@ -12,9 +12,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
+from tasks import lock_sql
 from tasks.models import Lock
 
 
@@ -32,37 +33,15 @@ class MutexLock:
         return ":".join([self.object_type, *self.keys])[:255]
 
 
-def _prep(field: str, value: object) -> object:
-    return Lock._meta.get_field(field).get_db_prep_value(value, connection)
-
-
-def _try_acquire(name: str, *, owner: str, ttl: timedelta) -> bool:
-    q = connection.ops.quote_name
-    now = timezone.now()
-    sql = (
-        f"INSERT INTO {q(Lock._meta.db_table)} ({q('name')}, {q('owner')}, {q('acquired_at')}, "
-        f"{q('expires_at')}) VALUES (%s, %s, %s, %s) "
-        f"ON CONFLICT ({q('name')}) DO UPDATE SET {q('owner')} = excluded.{q('owner')}, "
-        f"{q('acquired_at')} = excluded.{q('acquired_at')}, "
-        f"{q('expires_at')} = excluded.{q('expires_at')} "
-        f"WHERE {q(Lock._meta.db_table)}.{q('expires_at')} < %s "
-        f"OR {q(Lock._meta.db_table)}.{q('owner')} = excluded.{q('owner')} "
-        f"RETURNING {q('owner')}"
-    )
-    stamp = _prep("acquired_at", now)
-    params = [name, owner, stamp, _prep("expires_at", now + ttl), stamp]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    return row is not None and row[0] == owner
-
-
 def acquire(locks: Iterable[MutexLock], *, owner: str, ttl: timedelta) -> list[str] | None:
     """Take every lock (in a fixed order) or none; the names taken, or None if one is held."""
     taken: list[str] = []
     for lock in sorted(set(locks)):
         with transaction.atomic():
-            acquired = _try_acquire(lock.name, owner=owner, ttl=ttl)
+            now = timezone.now()
+            acquired = lock_sql.try_acquire(
+                name=lock.name, owner=owner, now=now, expires_at=now + ttl
+            )
         if not acquired:
             release(taken, owner=owner)
             return None
