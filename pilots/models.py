@@ -4,6 +4,7 @@ design, made real)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
@@ -98,6 +99,10 @@ class ComputeElement(models.Model):
 
     def _set_status(self, to_status: str, *, actor: str) -> ComputeElement:
         return writers.call("ce_set_status", name=self.name, to_status=to_status, actor=actor)
+
+
+# drain / ban / activate as the admin's actions and the API's endpoints pass them around.
+CEMove = Callable[..., ComputeElement]
 
 
 class PilotStatus(models.TextChoices):

@@ -16,7 +16,9 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
+from pilots import selectors
 from pilots.backends import SubmitError, backend_for
+from pilots.exceptions import NoFreeSlot, PilotNotFound
 from pilots.models import (
     ACTIVE_PILOT_STATUSES,
     CEStatus,
@@ -29,26 +31,14 @@ from pilots.models import (
     VirtualOrganisation,
 )
 from tasks import services as task_services
-from tasks.exceptions import QueueError, TransitionRefused
+from tasks.exceptions import TransitionRefused
 from tasks.models import ACTIVE_STATUSES, Task
 
 logger = logging.getLogger(__name__)
 
 
-class PilotNotFound(QueueError):
-    http_status = 404
-
-
-class NoFreeSlot(QueueError):
-    http_status = 409
-
-
 def _get_ce(name: str, *, for_update: bool = False) -> ComputeElement:
-    queryset = ComputeElement.objects.select_for_update() if for_update else ComputeElement.objects
-    ce = queryset.filter(name=name).first()
-    if ce is None:
-        raise PilotNotFound(f"Compute element {name!r} does not exist.")
-    return ce
+    return selectors.ce_get(name, for_update=for_update)
 
 
 def active_pilots(ce: ComputeElement) -> int:

@@ -3,6 +3,7 @@ queues a runner account is limited to."""
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from tasks.exceptions import TaskNotFound
 from tasks.models import (
     LEASED_STATUSES,
     WAIT_BUCKETS,
@@ -31,6 +33,14 @@ from tasks.roles import OPERATORS
 
 # The queues an account may use: None means every queue.
 QueueScope = frozenset[str] | None
+
+
+def get_task(task_id: uuid.UUID) -> Task:
+    """The task with its scheduler; TaskNotFound (404) if there is none."""
+    try:
+        return Task.objects.select_related("scheduler").get(id=task_id)
+    except Task.DoesNotExist:
+        raise TaskNotFound(f"Task {task_id} does not exist.") from None
 
 
 def runner_queues(user: AbstractBaseUser | AnonymousUser | None) -> QueueScope:
