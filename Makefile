@@ -9,6 +9,7 @@ MANAGE := $(BIN)/python manage.py
 # once, git-ignored, mode 0600), which the settings read for every manage.py command and
 # process; variables set in the real environment win.
 ENV_FILE := .env
+METRICS_DIR := $(CURDIR)/var/metrics
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
 .PHONY: run test lint test-sqlite test-postgres test-rabbitmq test-cluster test-cluster-short bench bench-pop bench-tick bench-worker install migrate clean
@@ -38,7 +39,13 @@ run: migrate
 	@echo "Web: http://127.0.0.1:8000/  (admin at /admin/, API at /api/, docs at /api/docs/)"
 	@# -e /dev/null: the processes read .env through the settings, where the real environment
 	@# wins; honcho's own loading of .env would put the file over it.
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -e /dev/null -f Procfile
+	@# Histograms are recorded where the work happens (web, each worker child, beat, runner):
+	@# prometheus-client's multiprocess mode keeps them in files of one folder, which /metrics
+	@# sums. The folder must start empty (files of an earlier run would be counted again);
+	@# a PROMETHEUS_MULTIPROC_DIR of your own wins, and is yours to empty.
+	rm -rf "$(METRICS_DIR)" && mkdir -p "$(METRICS_DIR)"
+	PROMETHEUS_MULTIPROC_DIR="$${PROMETHEUS_MULTIPROC_DIR:-$(METRICS_DIR)}" \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -e /dev/null -f Procfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -11,10 +11,19 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, task_postrun, task_prerun
+from celery.signals import (
+    after_setup_logger,
+    beat_init,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 from kombu.transport import TRANSPORT_ALIASES
 
-from scheduler_site import log_context, worker_queues
+from scheduler_site import log_context, tracing, worker_queues
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
 
@@ -86,3 +95,29 @@ def _celery_logs_as_json(logger: logging.Logger, **_: object) -> None:
 
     if settings.LOG_FORMAT == "json":
         log_context.use_json(logger)
+
+
+# Tracing (SCHEDULER_OTEL=1) starts once per process that runs work: in each prefork child
+# (a provider's export thread does not survive the fork, so never in the parent), in the
+# worker itself for the solo and thread pools, and in beat.
+@worker_init.connect
+def _trace_worker(sender: Any, **_: object) -> None:
+    pool = sender.pool_cls  # a name ("solo") or a class here, before Celery resolves it
+    if "prefork" not in (pool if isinstance(pool, str) else pool.__module__):
+        tracing.setup("worker")
+
+
+@worker_process_init.connect
+def _trace_worker_process(**_: object) -> None:
+    tracing.setup("worker")
+
+
+@beat_init.connect
+def _trace_beat(**_: object) -> None:
+    tracing.setup("beat")
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _flush_traces(**_: object) -> None:
+    tracing.teardown()  # exports the spans still batched

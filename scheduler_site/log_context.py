@@ -18,6 +18,8 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from scheduler_site import tracing
+
 _fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "scheduler_log_fields", default=None
 )
@@ -49,7 +51,9 @@ class ContextFilter(logging.Filter):
     """Copies the bound fields onto each record (a field the caller set itself wins)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for name, value in current().items():
+        # With tracing on, also the current span's trace_id and span_id: a log line leads to
+        # its trace, and a trace to its lines.
+        for name, value in (current() | tracing.log_fields()).items():
             if not hasattr(record, name):
                 setattr(record, name, value)
         return True

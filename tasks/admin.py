@@ -16,6 +16,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
+from scheduler_site import tracing
 from tasks import selectors, services
 from tasks.exceptions import QueueError
 from tasks.leases import LeaseProof
@@ -228,6 +229,15 @@ def status_history(events: Any) -> str:
 
 class TaskEventInline(StatusEventInline):
     model = TaskEvent
+    fields = [*StatusEventInline.fields, "trace_id"]
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskEvent]:
+        return super().get_queryset(request).select_related("task")  # trace_id reads the task
+
+    @admin.display(description="trace id")
+    def trace_id(self, event: TaskEvent) -> str:
+        return tracing.trace_id_of(event.task.trace_context) or "-"
 
 
 class DeadLetterFilter(admin.SimpleListFilter):

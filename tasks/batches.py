@@ -13,6 +13,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from scheduler_site import tracing
 from tasks import queue
 from tasks.exceptions import InvalidRequest, QueueError, TaskNotFound
 from tasks.leases import LeaseProof
@@ -47,7 +48,8 @@ def task_push_many(
             scheduler = get_scheduler(scheduler_id, for_update=True)
         outcomes = _plan(scheduler, pushes, now=now)
         planned = [o.task for o in outcomes if o.status == 201 and o.task is not None]
-        created = queue.insert_queued_new(planned, actor=actor, note="pushed", at=now)
+        note = tracing.noted("pushed", tracing.current_traceparent())
+        created = queue.insert_queued_new(planned, actor=actor, note=note, at=now)
         _settle_conflicts(scheduler, outcomes, created)
         if created:
             notify_queued(scheduler)
@@ -109,6 +111,7 @@ def _task(scheduler: Scheduler, push: Mapping[str, Any], *, now: Any) -> Task:
         not_before=push.get("not_before") or now,
         created_at=now,
         modified_at=now,
+        trace_context=tracing.current_traceparent(),
     )
 
 

@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from scheduler_site import tracing
 from scheduler_site.celery import app
 from tasks import queue, services
 from tasks.exceptions import TransitionRefused
@@ -86,15 +87,18 @@ def _send(
         # One producer for the round, its messages sent together (one Redis round trip).
         with app.producer_or_acquire() as producer, producer.batch():
             for task in tasks:
-                # By name, not through tasks.jobs (which imports this module): the worker runs
-                # whatever is registered as tasks.run_task. No result is stored or awaited.
-                app.send_task(
-                    RUN_TASK,
-                    args=[str(task.id), task.attempts],
-                    producer=producer,
-                    ignore_result=True,
-                    **options,
-                )
+                # In the task's own trace (stored at push): the message carries it on to
+                # the worker, whichever process dispatches and whenever. By name, not through
+                # tasks.jobs (which imports this module): the worker runs whatever is
+                # registered as tasks.run_task. No result is stored or awaited.
+                with tracing.handout_span("task.dispatch", task.trace_context, **_span(task)):
+                    app.send_task(
+                        RUN_TASK,
+                        args=[str(task.id), task.attempts],
+                        producer=producer,
+                        ignore_result=True,
+                        **options,
+                    )
     except Exception as exc:  # the broker is outside our control: hand back, not lose
         # Which messages got through is uncertain (a batch fails as a whole, and some of its
         # commands may have run), so all the round's tasks go back. A message that did arrive
@@ -104,6 +108,10 @@ def _send(
         logger.warning("broker unavailable (%s): handing back %d tasks", exc, len(tasks))
         for task in tasks:
             _hand_back_quietly(task, reason=f"broker unavailable: {exc}")
+
+
+def _span(task: Task) -> dict[str, object]:
+    return {"scheduler.task.id": str(task.id), "scheduler.task.attempt": task.attempts}
 
 
 def _hand_back_quietly(task: Task, *, reason: str) -> int:

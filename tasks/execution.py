@@ -29,6 +29,7 @@ from django.db import (
 )
 from django.utils import timezone
 
+from scheduler_site import tracing
 from tasks import dispatch, locks, services
 from tasks.exceptions import QueueError, TransitionRefused
 from tasks.leases import LeaseProof
@@ -227,8 +228,9 @@ def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) ->
     )
     heartbeat.start()
     error, trace = None, ""
+    span = {"scheduler.task.id": str(task.id), "scheduler.handler": task.handler_name}
     try:
-        with running(context):
+        with running(context), tracing.task_span("task.handler", task.trace_context, **span):
             result = handler.func(context)
     except TaskCancelled as exc:
         error = f"cancelled: {exc}"
@@ -240,9 +242,10 @@ def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) ->
         logger.info("task %s attempt %s failed: %s", task.id, task.attempts, error)
     finally:
         heartbeat.stop()  # before the report: no beat races it
-    if error is not None:
-        return _report_failure(task, handler, error, trace, worker=worker)
-    return _report_success(task, result, worker=worker)
+    with tracing.task_span("task.report", task.trace_context, **span):
+        if error is not None:
+            return _report_failure(task, handler, error, trace, worker=worker)
+        return _report_success(task, result, worker=worker)
 
 
 def one_line(exc: BaseException, limit: int = 1000) -> str:

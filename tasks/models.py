@@ -284,6 +284,17 @@ class Task(models.Model):
     # the task, so it fences stale holders out but proves nothing.
     lease_token = models.CharField(max_length=64, blank=True, default="", editable=False)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # The W3C traceparent of the span that pushed the task (SCHEDULER_OTEL=1; NULL when off):
+    # dispatch, pop and the worker's run happen later in other processes and continue this
+    # trace from here (scheduler_site.tracing).
+    trace_context = models.CharField(  # noqa: DJ001
+        max_length=128,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="W3C traceparent of the push (OpenTelemetry tracing); its trace id is the "
+        "trace of the task's whole run.",
+    )
     lock_waits = models.PositiveIntegerField(
         default=0, help_text="Times handed back because a lock was held (grows the delay)."
     )

@@ -9,6 +9,7 @@ and lease token. 401/403 are final: the runner stops with the server's reason.""
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import json
 import logging
@@ -27,6 +28,7 @@ from typing import Any
 import httpx
 import tenacity
 
+from scheduler_site import tracing
 from tasks.registry import Handler, TaskCancelled, TaskContext
 
 logger = logging.getLogger(__name__)
@@ -364,13 +366,29 @@ class PullRunner:
         return popped["results"][0] if popped["results"] else None
 
     def process(self, task: dict[str, Any]) -> str:
+        # In the task's trace (its `traceparent`, from the push): the start, heartbeat and
+        # report calls carry it, so the server's spans of them join that trace too.
+        span = {"scheduler.task.id": str(task.get("id")), "scheduler.runner": self.name}
+        with tracing.task_span("runner.task", task.get("traceparent"), **span):
+            return self._process(task)
+
+    def _process(self, task: dict[str, Any]) -> str:
         lease = Lease.of(task)
         if not self._start(lease):
             return "skipped"
         cancelled = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(lease, cancelled), daemon=True)
+        # Threads start in an empty context: each gets a copy of this one (the task's span).
+        beat = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._heartbeat, lease, cancelled),
+            daemon=True,
+        )
         outcome: dict[str, Any] = {}
-        worker = threading.Thread(target=self._work, args=(task, cancelled, outcome), daemon=True)
+        worker = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._work, task, cancelled, outcome),
+            daemon=True,
+        )
         beat.start()
         worker.start()
         while worker.is_alive():

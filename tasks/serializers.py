@@ -7,6 +7,7 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from scheduler_site import tracing
 from scheduler_site.api_input import QuerySerializer, StrictTypes
 from tasks import selectors
 from tasks.batches import BATCH_MAX
@@ -112,6 +113,9 @@ class SchedulerUpdateSerializer(SchedulerSerializer):
 
 class TaskSerializer(serializers.ModelSerializer):
     always_show_lease_token = False
+    # The push's W3C trace context (null unless tracing is on): a runner that continues it
+    # puts its run and reports into the task's trace (README, "Tracing").
+    traceparent = serializers.CharField(source="trace_context", read_only=True, allow_null=True)
 
     class Meta:
         model = Task
@@ -132,6 +136,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "worker",
             "cancel_requested_at",
             "lease_token",
+            "traceparent",
             "created_at",
             "modified_at",
         ]
@@ -318,9 +323,16 @@ class ReleaseSerializer(StrictTypes):
 
 
 class TaskEventSerializer(serializers.ModelSerializer):
+    trace_id = serializers.SerializerMethodField(
+        help_text='The OpenTelemetry trace of the task\'s work ("" when tracing is off).'
+    )
+
     class Meta:
         model = TaskEvent
-        fields = ["id", "from_status", "to_status", "at", "actor", "note"]
+        fields = ["id", "from_status", "to_status", "at", "actor", "note", "trace_id"]
+
+    def get_trace_id(self, event: TaskEvent) -> str:
+        return tracing.trace_id_of(event.task.trace_context)
 
 
 class StatsQuerySerializer(QuerySerializer):

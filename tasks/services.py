@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from scheduler_site import tracing
 from tasks import queue, wakeups
 from tasks.exceptions import (
     DuplicateTask,
@@ -144,6 +145,7 @@ def task_push(
             not_before=not_before or now,
             created_at=now,
             modified_at=now,
+            trace_context=tracing.current_traceparent(),
             **(extra or {}),
         )
         try:
@@ -151,7 +153,8 @@ def task_push(
                 task.save(force_insert=True)
         except IntegrityError:
             raise _duplicate_of(scheduler_id, hash) from None
-        queue.record_events([task], from_status="", actor=actor, note="pushed", at=now)
+        note = tracing.noted("pushed", task.trace_context)
+        queue.record_events([task], from_status="", actor=actor, note=note, at=now)
         notify_queued(scheduler)
     return task
 
@@ -205,7 +208,9 @@ def task_pop(
     pop = {"scheduler_id": scheduler_id, "limit": limit, "filters": filters, "worker": worker}
     if not wait:
         with POP_SECONDS.labels(scheduler_id).time():
-            return _pop(**pop)
+            tasks = _pop(**pop)
+        tracing.record_handouts("task.pop", tasks)
+        return tasks
     deadline = time.monotonic() + wait
     with wakeups.listening():
         while True:
@@ -213,6 +218,7 @@ def task_pop(
                 tasks = _pop(**pop)
             remaining = deadline - time.monotonic()
             if tasks or remaining <= 0:
+                tracing.record_handouts("task.pop", tasks)
                 return tasks
             wakeups.wait_for_work(scheduler_id, timeout=remaining)
 

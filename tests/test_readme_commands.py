@@ -3,12 +3,16 @@ variable exported (issue 10, item 1): `make run` writes .env once (DEBUG=1, a ge
 and every process reads it, so they also sign with one key.
 
 The checkout is a copy of the project whose .venv is this one. It runs `make migrate` (all of
-`make run` but the processes), then each command in an empty environment.
+`make run` but the processes), then each command in an empty environment: every
+`.venv/bin/python manage.py …` line of the README's code blocks, in order, as printed (issue
+13, part 5); each must exit 0, and what a `--json` one prints must parse.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -79,10 +83,40 @@ def readme_commands() -> list[str]:
     return sorted(set(re.findall(r"\.venv/bin/python\s+manage\.py\s+([a-z_]+)", text)))
 
 
+def readme_examples() -> list[str]:
+    """The README's code-block lines that run a command: `.venv/bin/python manage.py …`."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    return [
+        line.strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip().startswith(".venv/bin/python manage.py ")
+    ]
+
+
+def test_readme_examples__every_command_line_runs_and_json_parses(checkout: Path) -> None:
+    examples = readme_examples()
+    assert len(examples) >= 25, "the Command line section's examples are found"
+    ran = set()
+    for line in examples:
+        argv = shlex.split(line)
+        done = subprocess.run(
+            ["/bin/bash", "-c", line], cwd=checkout, env={}, capture_output=True, text=True,
+            timeout=120, start_new_session=True,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        if "--json" in argv:
+            json.loads(done.stdout)  # one document, nothing else on stdout
+        ran.add(argv[2])
+    assert {"scheduler", "task", "schedule", "vo", "ce", "pilots", "orchestrate"} <= ran
+
+
 def test_readme_commands__the_readme_names_the_commands_checked_here() -> None:
-    assert {"scheduler", "task", "changepassword", "create_api_user", "api_token"} <= set(
-        readme_commands()
-    )
+    assert {
+        "scheduler", "task", "schedule", "vo", "ce", "pilots", "changepassword",
+        "create_api_user", "api_token",
+    } <= set(readme_commands())  # fmt: skip
 
 
 def test_env_file__written_once_owner_only_with_a_long_key(checkout: Path) -> None:

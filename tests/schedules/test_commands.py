@@ -44,7 +44,7 @@ def test_schedule_create__cron_interval_and_one_off(
         "--hash", "acme",
     )  # fmt: skip
     cron = Schedule.objects.get(hash="acme")
-    assert f"created {cron.id} (ACTIVE)" in out
+    assert f"created {cron.id}: ACTIVE, next run 2030-01-02T08:00:00Z; At 09:00" in out
     assert (cron.cron, cron.timezone, cron.data, cron.priority) == (
         "0 9 * * *",
         "Europe/Amsterdam",
@@ -53,7 +53,10 @@ def test_schedule_create__cron_interval_and_one_off(
     )
     assert cron.deadline_at == T0.replace(day=2, hour=8, minute=0)
 
-    run("schedule", "create", "--scheduler", "boefje", "--interval", "60", "--hash", "every")
+    run(
+        "schedule", "create", "--scheduler", "boefje", "--interval-seconds", "60",
+        "--hash", "every",
+    )  # fmt: skip
     assert Schedule.objects.get(hash="every").deadline_at == T0
 
     run(
@@ -69,10 +72,12 @@ def test_schedule_create__cron_interval_and_one_off(
     [
         (["--cron", "61 * * * *"], "cron"),
         (["--cron", "* * * *"], "cron"),
-        (["--cron", "* * * * *", "--interval", "60"], "cron"),
+        (["--cron", "* * * * *", "--interval-seconds", "60"], "cron"),
         ([], "cron"),
-        (["--interval", "60", "--timezone", "Mars/Base"], "timezone"),
-        (["--interval", "60", "--data", "[1]"], "--data"),
+        (["--interval-seconds", "60", "--timezone", "Mars/Base"], "--timezone"),
+        (["--interval-seconds", "60", "--data", "[1]"], "--data"),
+        (["--interval-seconds", "sixty"], "is not an integer"),
+        (["--interval-seconds", "0"], "--interval-seconds"),
         (["--run-at", "tomorrow"], "ISO 8601"),
         (["--run-at", "2030-01-01T12:00:00"], "offset"),  # naive: refused
     ],
@@ -88,8 +93,8 @@ def test_schedule_create__bad_input_is_a_command_error(
 
 
 def test_schedule_create__unknown_scheduler(db: None) -> None:
-    with pytest.raises(CommandError, match="does not exist"):
-        run("schedule", "create", "--scheduler", "nope", "--interval", "60")
+    with pytest.raises(CommandError, match="--scheduler: Object with id=nope does not exist"):
+        run("schedule", "create", "--scheduler", "nope", "--interval-seconds", "60")
 
 
 def test_schedule_list__filters(
@@ -110,7 +115,10 @@ def test_schedule_list__filters(
     assert str(paused.id) in only_paused and str(due.id) not in only_paused
     only_due = run("schedule", "list", "--due")
     assert str(due.id) in only_due and str(later.id) not in only_due
-    assert len(run("schedule", "list", "--limit", "1").strip().splitlines()) == 2  # header + 1
+    assert len(run("schedule", "list", "--limit", "1").strip().splitlines()) == 3  # head, rule, 1
+    assert [s["id"] for s in json.loads(run("schedule", "list", "--due", "--json"))] == [
+        str(due.id)
+    ]
 
 
 def test_schedule_pause_resume_trigger_delete(
@@ -122,7 +130,7 @@ def test_schedule_pause_resume_trigger_delete(
     assert f"{sid}: PAUSED" in run("schedule", "pause", sid)
     assert Schedule.objects.get(id=sid).status == ScheduleStatus.PAUSED
     clock.move_to(T0.replace(hour=15, minute=30), tick=False)
-    assert "ACTIVE, next run 2030-01-01 16:00:00" in run("schedule", "resume", sid)
+    assert "ACTIVE, next run 2030-01-01T16:00:00Z" in run("schedule", "resume", sid)
 
     out = run("schedule", "trigger", sid)
     task = Task.objects.get(schedule_id=sid)

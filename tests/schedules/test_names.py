@@ -160,19 +160,23 @@ def test_api__unknown_name_or_id_is_404(operator_client: APIClient, make_schedul
 
 
 def test_cli__create_with_a_name_then_act_by_name(scheduler: Scheduler, other: Scheduler) -> None:
-    _run("schedule", "create", "--scheduler", "boefje", "--interval", "60", "--name", NAME)
-    _run("schedule", "create", "--scheduler", "other", "--interval", "60", "--name", NAME)
+    for queue in ("boefje", "other"):
+        _run(
+            "schedule", "create", "--scheduler", queue, "--interval-seconds", "60", "--name", NAME
+        )  # fmt: skip
     mine = Schedule.objects.get(scheduler_id="boefje")
 
     with pytest.raises(CommandError, match=r"several schedulers \(boefje, other\)"):
         _run("schedule", "pause", NAME)
     out = _run("schedule", "pause", NAME, "--scheduler", "boefje")
 
-    assert out.strip() == f"{mine.id} (boefje/{NAME}): PAUSED"
+    assert out.strip().startswith(f"paused {mine.id} (boefje/{NAME}): PAUSED")
     assert Schedule.objects.get(id=mine.id).status == ScheduleStatus.PAUSED
     assert Schedule.objects.get(scheduler_id="other").status == ScheduleStatus.ACTIVE
     assert NAME in _run("schedule", "list", "--scheduler", "boefje")
-    with pytest.raises(CommandError, match="No schedule is named 'nope'"):
+    with pytest.raises(
+        CommandError, match="No schedule has the id, name, hash or id prefix 'nope'"
+    ):
         _run("schedule", "trigger", "nope")
     _run("schedule", "delete", str(mine.id))  # the id still works
     assert not Schedule.objects.filter(id=mine.id).exists()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from io import StringIO
@@ -47,7 +48,10 @@ def _dead(push: Push, **kwargs: Any) -> Task:
 
 @pytest.mark.django_db
 def test_task_push__prints_the_task(scheduler: Scheduler) -> None:
-    out = run("task", "push", "--scheduler", "boefje", "--data", '{"org": "a"}', "--priority", "3")
+    out = run(
+        "task", "push", "--scheduler", "boefje", "--data", '{"org": "a"}', "--priority", "3",
+        "--json",
+    )  # fmt: skip
     printed = json.loads(out)
     task = Task.objects.get(id=printed["id"])
     assert (task.data, task.priority, task.status) == ({"org": "a"}, 3, S.QUEUED)
@@ -67,6 +71,22 @@ def test_task_push__bad_data_names_the_option(
 
 
 @pytest.mark.django_db
+def test_task_push__not_before_and_checks_as_the_api(scheduler: Scheduler) -> None:
+    out = run(
+        "task", "push", "--scheduler", "boefje", "--not-before", "2030-01-01T12:00:00+01:00",
+        "--json",
+    )  # fmt: skip
+    assert json.loads(out)["not_before"] == "2030-01-01T11:00:00Z"
+    with pytest.raises(CommandError, match="--not-before: '2030-01-01T12:00:00': give an ISO"):
+        run("task", "push", "--scheduler", "boefje", "--not-before", "2030-01-01T12:00:00")
+    with pytest.raises(CommandError, match="invalid: --priority: Ensure this value"):
+        run("task", "push", "--scheduler", "boefje", "--priority", str(2**31))
+    with pytest.raises(CommandError, match="invalid: --hash: Ensure this field"):
+        run("task", "push", "--scheduler", "boefje", "--hash", "h" * 65)
+    assert Task.objects.count() == 1
+
+
+@pytest.mark.django_db
 def test_task_push__refusals_are_command_errors(scheduler: Scheduler) -> None:
     with pytest.raises(CommandError, match="404"):
         run("task", "push", "--scheduler", "nope")
@@ -81,15 +101,18 @@ def test_task_pop__leases_and_prints(push: Push) -> None:
     push(data={"org": "a"})
     wanted = push(data={"org": "b"})
 
-    out = run("task", "pop", "--scheduler", "boefje", "--filters", '{"org": "b"}', "--worker", "w1")
+    out = run(
+        "task", "pop", "--scheduler", "boefje", "--filters", '{"org": "b"}', "--worker", "w1",
+        "--json",
+    )  # fmt: skip
 
     [printed] = json.loads(out)
     assert printed["id"] == str(wanted.id) and printed["status"] == S.DISPATCHED
     assert Task.objects.get(id=wanted.id).worker == "w1"
-    assert json.loads(run("task", "pop", "--scheduler", "boefje", "--limit", "5"))[0]["data"] == {
-        "org": "a"
-    }
-    assert json.loads(run("task", "pop", "--scheduler", "boefje")) == []
+    assert printed["lease_token"], "the holder gets its lease token"
+    again = json.loads(run("task", "pop", "--scheduler", "boefje", "--limit", "5", "--json"))
+    assert again[0]["data"] == {"org": "a"}
+    assert json.loads(run("task", "pop", "--scheduler", "boefje", "--json")) == []
 
 
 @pytest.mark.django_db
@@ -121,7 +144,9 @@ def test_task_list__filters(push: Push, make_scheduler: Callable[..., Scheduler]
     only_dead = run("task", "list", "--status", "DEAD")
     assert str(dead.id) in only_dead and str(a.id) not in only_dead
     assert str(a.id) in run("task", "list", "--hash", "ha")
-    assert len(run("task", "list", "--limit", "1").splitlines()) == 2  # header + one
+    assert json.loads(run("task", "list", "--schedule", str(uuid.uuid4()), "--json")) == []
+    assert len(run("task", "list", "--limit", "1").splitlines()) == 3  # header, rule, one
+    assert len(json.loads(run("task", "list", "--limit", "1", "--json"))) == 1
 
 
 @pytest.mark.django_db
@@ -129,9 +154,10 @@ def test_task_show_and_events(push: Push) -> None:
     task = push(data={"n": 1})
     services.task_pop(scheduler_id="boefje")
 
-    shown = json.loads(run("task", "show", str(task.id)))
+    shown = json.loads(run("task", "show", str(task.id), "--json"))
     assert (shown["id"], shown["status"]) == (str(task.id), S.DISPATCHED)
-    events = json.loads(run("task", "events", str(task.id)))
+    assert f"status                {S.DISPATCHED}" in run("task", "show", str(task.id))
+    events = json.loads(run("task", "events", str(task.id), "--json"))
     assert [(e["from_status"], e["to_status"]) for e in events] == [
         ("", S.QUEUED),
         (S.QUEUED, S.DISPATCHED),
@@ -143,8 +169,10 @@ def test_task_show_and_events(push: Push) -> None:
 def test_task_show_events_cancel__unknown_or_bad_id(scheduler: Scheduler, action: str) -> None:
     with pytest.raises(CommandError, match="does not exist"):
         run("task", action, "7d1e2a9c-0000-4000-8000-000000000000")
-    with pytest.raises(CommandError, match="not a task id"):
+    with pytest.raises(CommandError, match="neither a task id nor 4\\+ hex digits"):
         run("task", action, "nope")
+    with pytest.raises(CommandError, match="No task id starts with '7d1e2a9c'"):
+        run("task", action, "7d1e2a9c")
 
 
 @pytest.mark.django_db
@@ -181,7 +209,7 @@ def test_task_requeue__ids_and_all_dead(
 @pytest.mark.django_db
 def test_task_requeue__refusals(push: Push) -> None:
     queued, dead = push(data={"n": 0}), _dead(push, data={"n": 1})
-    with pytest.raises(CommandError, match="Name task ids"):
+    with pytest.raises(CommandError, match="Name tasks"):
         run("task", "requeue")
     err = StringIO()
     with pytest.raises(CommandError, match="1 of 2"):
@@ -212,8 +240,11 @@ def test_task_requeue__all_dead_with_none_dead_says_so_and_succeeds(push: Push) 
     out = run("task", "requeue", "--all-dead", "boefje")
     with_ids = run("task", "requeue", str(failed.id), "--all-dead", "boefje")
 
-    assert out.strip() == "no DEAD tasks in boefje"
-    assert with_ids.splitlines() == ["no DEAD tasks in boefje", f"{failed.id}: QUEUED"]
+    assert out.strip() == "nothing requeued"
+    assert with_ids.splitlines() == [f"{failed.id}: QUEUED"]
+    err = StringIO()
+    call_command("task", "requeue", "--all-dead", "boefje", stdout=StringIO(), stderr=err)
+    assert err.getvalue().strip() == "no DEAD tasks in boefje", "a note, on stderr"
     assert Task.objects.get(id=queued.id).status == S.QUEUED
 
 
@@ -246,12 +277,14 @@ def test_task_stats(push: Push, make_scheduler: Callable[..., Scheduler]) -> Non
     push(scheduler_id="other")
     services.task_pop(scheduler_id="boefje")
 
-    lines = run("task", "stats", "--scheduler", "boefje").splitlines()
+    lines = run("task", "stats", "--scheduler", "boefje").splitlines()[2:]  # header, rule
 
     assert [line.split()[2:] for line in lines] == [
         ["boefje", "DISPATCHED", "1"],
         ["boefje", "QUEUED", "2"],
     ]
+    rows = json.loads(run("task", "stats", "--scheduler", "boefje", "--json"))
+    assert sorted((r["status"], r["count"]) for r in rows) == [(S.DISPATCHED, 1), (S.QUEUED, 2)]
     assert "other" in run("task", "stats")
 
 
@@ -280,19 +313,21 @@ def test_scheduler_create_update_list(push: Push) -> None:
 
     push()
     listing = run("scheduler", "list").splitlines()
-    assert listing[0].split()[0] == "id"
-    rows = {line.split()[0]: line for line in listing[1:]}
+    assert listing[0].split()[:2] == ["id", "kind"] and "queued" in listing[0]
+    rows = {line.split()[0]: line.split() for line in listing[2:]}
     assert set(rows) - SYSTEM_QUEUES == {"boefje", "q2"}
-    assert "QUEUED=1" in rows["boefje"] and rows["q2"].endswith("-")
+    assert rows["boefje"][4] == "1" and rows["q2"][4] == "0"  # the queued column
+    as_json = {row["id"]: row for row in json.loads(run("scheduler", "list", "--json"))}
+    assert as_json["boefje"]["counts"][S.QUEUED] == 1 and as_json["q2"]["max_queue_size"] == 5
 
 
 @pytest.mark.django_db
 def test_scheduler_create_update__refusals(scheduler: Scheduler) -> None:
-    with pytest.raises(CommandError, match="exists already"):
+    with pytest.raises(CommandError, match="SCHEDULER_ID: scheduler with this id already exists"):
         run("scheduler", "create", "boefje")
     with pytest.raises(CommandError, match="invalid"):
         run("scheduler", "create", "Bad Id")
-    with pytest.raises(CommandError, match=r"invalid.*max_attempts"):
+    with pytest.raises(CommandError, match=r"invalid: --max-attempts"):
         run("scheduler", "update", "boefje", "--max-attempts", "0")
     with pytest.raises(CommandError, match="does not exist"):
         run("scheduler", "update", "nope", "--max-attempts", "2")
@@ -432,7 +467,8 @@ def test_api_token__create_list_revoke(time_machine: TimeMachineFixture) -> None
     listing = run("api_token", "list", "--user", "bot")
     assert accounts.token_id(token) in listing and key not in listing
     assert key[:15] not in listing and token.digest not in listing, "no secret, no digest"
-    assert len(listing.splitlines()) == 3  # header, the first token, this one
+    assert len(listing.splitlines()) == 4  # header, rule, the first token, this one
+    assert len(json.loads(run("api_token", "list", "--user", "bot", "--json"))) == 2
 
     assert run("api_token", "revoke", accounts.token_id(token)).strip() == "revoked 1 token"
     assert not accounts.token_matches(user=user, key=key)
@@ -446,7 +482,7 @@ def test_api_token__list_marks_expired(time_machine: TimeMachineFixture) -> None
     time_machine.move_to(T0, tick=False)
     run("create_api_user", "bot", "--expires-in", "1h")
     time_machine.shift(timedelta(hours=2))
-    [row] = run("api_token", "list").splitlines()[1:]
+    [row] = run("api_token", "list").splitlines()[2:]
     assert row.split()[1] == "bot" and row.endswith("expired")
 
 

@@ -45,10 +45,10 @@ def test_scheduler_command__policy_weights_and_jitter() -> None:
 @pytest.mark.parametrize(
     ("weights", "message"),
     [
-        ('{"fastest_first": 1}', "policy_weights: unknown policies"),
-        ('{"never_run_first": 0}', "policy_weights: at least one weight"),
-        ('{"never_run_first": 1.5}', "policy_weights: weights must be whole numbers"),
-        ("{}", "policy_weights: must be an object"),
+        ('{"fastest_first": 1}', "--policy-weights: unknown policies"),
+        ('{"never_run_first": 0}', "--policy-weights: at least one weight"),
+        ('{"never_run_first": 1.5}', "--policy-weights: weights must be whole numbers"),
+        ("{}", "--policy-weights: must be an object"),
         ("[1]", "--policy-weights: must be a JSON object"),
         ("{nope", "--policy-weights: not valid JSON"),
         ('{"a": ' * 70 + "1" + "}" * 70, "--policy-weights: JSON nested deeper than 64"),

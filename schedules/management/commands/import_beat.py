@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import io
+import dataclasses
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
-from rich.console import Console
+from django.core.management.base import CommandParser
+from rich.console import Group
 from rich.table import Table
 
 from schedules.beat_import import (
@@ -16,11 +16,12 @@ from schedules.beat_import import (
     Row,
     import_periodic_tasks,
 )
+from tasks.management.commands._base import OurCommand
 
 STYLES = {CREATED: "green", UPDATED: "cyan", UNCHANGED: "dim", NOT_CONVERTED: "red", SKIPPED: ""}
 
 
-class Command(BaseCommand):
+class Command(OurCommand):
     help = (
         "Import django-celery-beat's PeriodicTasks as Schedules: each on the celery queue of its "
         "task (handler celery:<task>, made when missing), named as in beat, so a re-run updates "
@@ -45,17 +46,21 @@ class Command(BaseCommand):
             action="store_true",
             help="Import every schedule PAUSED (resume each when you disable it in beat).",
         )
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="Print one JSON document: every row with its outcome and notes, and the counts.",
+        )
 
     def handle(
         self, *args: Any, dry_run: bool, disable_source: bool, paused: bool, **_: Any
     ) -> None:
         rows = import_periodic_tasks(dry_run=dry_run, disable_source=disable_source, paused=paused)
-        tty = self.stdout.isatty()
-        buffer = io.StringIO()  # rendered whole, then written through Django's stdout
-        console = Console(file=buffer, force_terminal=tty, width=None if tty else 200)
-        console.print(_table(rows, dry_run=dry_run))
-        console.print(_summary(rows, dry_run=dry_run))
-        self.stdout.write(buffer.getvalue(), ending="")
+        counts = {outcome: sum(r.outcome == outcome for r in rows) for outcome in STYLES}
+        self.result(
+            {"dry_run": dry_run, "rows": [dataclasses.asdict(r) for r in rows], "counts": counts},
+            lambda: Group(_table(rows, dry_run=dry_run), _summary(rows, dry_run=dry_run)),
+        )
 
 
 def _table(rows: list[Row], *, dry_run: bool) -> Table:

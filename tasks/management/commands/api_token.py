@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -7,29 +8,31 @@ from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
 from tasks import accounts
-from tasks.management.commands._base import SubcommandCommand
+from tasks.management.commands._base import SubcommandCommand, table
 
 
 class Command(SubcommandCommand):
     help = (
         "API tokens: create (the key is printed once; only its digest is stored), list (ids, "
         "never keys), revoke. A token is named by its id, as `list` shows it. "
-        "`manage.py api_token <action> --help` for each."
+        "`manage.py api_token ACTION --help` for each."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-        create = sub.add_parser("create", help="Issue a new token to an existing account.")
-        create.add_argument("username")
+        sub = self.subcommands(parser)
+        create = self.action(sub, "create", "Issue a new token to an existing account.")
+        create.add_argument("username", metavar="USERNAME", help="The account.")
         create.add_argument(
             "--expires-in",
             metavar="DURATION",
             help="Refused after this long (90d, 12h, 30m, 45s, 2w); default: never.",
         )
-        listing = sub.add_parser("list", help="Tokens with their account, creation and expiry.")
+        listing = self.action(sub, "list", "Tokens with their account, creation and expiry.")
         listing.add_argument("--user", metavar="USERNAME", help="Only this account's tokens.")
-        revoke = sub.add_parser("revoke", help="Revoke tokens: refused (401) from then on.")
-        revoke.add_argument("token_ids", nargs="*", metavar="TOKEN_ID")
+        revoke = self.action(sub, "revoke", "Revoke tokens: refused (401) from then on.")
+        revoke.add_argument(
+            "token_ids", nargs="*", metavar="TOKEN_ID", help="Ids as `api_token list` shows them."
+        )
         revoke.add_argument("--user", metavar="USERNAME", help="Every token of this account.")
 
     def _create(self, *, username: str, expires_in: str | None, **_: Any) -> None:
@@ -39,22 +42,42 @@ class Command(SubcommandCommand):
         lifetime = accounts.parse_expires_in(expires_in) if expires_in else None
         token, key = accounts.token_create(user=user, expires_in=lifetime)
         expiry = f"expires {token.expiry:%Y-%m-%d %H:%M:%SZ}" if token.expiry else "no expiry"
-        self.stdout.write(f"token {accounts.token_id(token)} for {username} ({expiry})")
-        self.stdout.write(f"  API token:   {key}   (shown once)")
+        record = {"id": accounts.token_id(token), "user": username, "expiry": token.expiry}
+        self.result(
+            {**record, "token": key},
+            f"token {record['id']} for {username} ({expiry})\n  API token:   {key}   (shown once)",
+        )
 
     def _list(self, *, user: str | None, **_: Any) -> None:
         now = timezone.now()
-        self.stdout.write(f"{'id':14} {'account':24} {'created':20} {'expires':20} state")
-        for token in accounts.token_list(username=user):
-            expires = f"{token.expiry:%Y-%m-%d %H:%M:%SZ}" if token.expiry else "never"
-            state = "expired" if token.expiry and token.expiry <= now else "active"
-            self.stdout.write(
-                f"{accounts.token_id(token):14} {token.user.get_username():24} "
-                f"{token.created:%Y-%m-%d %H:%M:%SZ}  {expires:20} {state}"
-            )
+        rows = [
+            {
+                "id": accounts.token_id(token),
+                "user": token.user.get_username(),
+                "created": token.created,
+                "expiry": token.expiry,
+                "state": "expired" if token.expiry and token.expiry <= now else "active",
+            }
+            for token in accounts.token_list(username=user)
+        ]
+        columns = ["id", "user", "created", "expiry", "state"]
+        self.result(
+            rows,
+            lambda: table(
+                columns,
+                (
+                    [_time(r[c]) if c in {"created", "expiry"} else r[c] for c in columns]
+                    for r in rows
+                ),
+            ),
+        )
 
     def _revoke(self, *, token_ids: list[str], user: str | None, **_: Any) -> None:
         if not token_ids and user is None:
             raise CommandError("Name token ids (see `api_token list`) or --user USERNAME.")
         revoked = accounts.token_revoke(token_ids=token_ids, username=user)
-        self.stdout.write(f"revoked {revoked} token{'' if revoked == 1 else 's'}")
+        self.result({"revoked": revoked}, f"revoked {revoked} token{'' if revoked == 1 else 's'}")
+
+
+def _time(value: datetime | None) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%SZ}" if value else "never"

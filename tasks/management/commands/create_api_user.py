@@ -2,14 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from tasks import accounts
-from tasks.exceptions import QueueError
-from tasks.management.commands._base import as_command_error
+from tasks.management.commands._base import OurCommand
 
 
-class Command(BaseCommand):
+class Command(OurCommand):
     help = (
         "Create (or update) an account in the operators or runners role. A new account's API "
         "token is printed once (only its digest is stored; `manage.py api_token` issues, lists "
@@ -20,8 +19,13 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("username")
-        parser.add_argument("--role", choices=["operator", "runner"], default="runner")
+        parser.add_argument("username", metavar="USERNAME", help="The account's name.")
+        parser.add_argument(
+            "--role",
+            choices=["operator", "runner"],
+            default="runner",
+            help="operator: manages everything; runner: pops and reports tasks.",
+        )
         parser.add_argument(
             "--scheduler",
             action="append",
@@ -39,21 +43,39 @@ class Command(BaseCommand):
             metavar="DURATION",
             help="The new account's token expires after this (90d, 12h, 30m); default: never.",
         )
-        parser.add_argument("--quiet-if-exists", action="store_true")
+        parser.add_argument(
+            "--quiet-if-exists",
+            action="store_true",
+            help="An existing account is not an error and gets a one-line note.",
+        )
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="Print one JSON document (username, role, created, and a new account's "
+            "token and password).",
+        )
 
     def handle(self, *args: Any, username: str, **options: Any) -> None:
-        try:
-            expires_in = options["expires_in"] and accounts.parse_expires_in(options["expires_in"])
-            account = accounts.account_set_up(
-                username=username,
-                role=options["role"],
-                scheduler_ids=options["scheduler"],
-                operator_login=options["operator_login"],
-                expires_in=expires_in or None,
+        expires_in = options["expires_in"] and accounts.parse_expires_in(options["expires_in"])
+        account = accounts.account_set_up(
+            username=username,
+            role=options["role"],
+            scheduler_ids=options["scheduler"],
+            operator_login=options["operator_login"],
+            expires_in=expires_in or None,
+        )
+        if self.as_json:
+            self.result(
+                {
+                    "username": username,
+                    "role": options["role"],
+                    "created": account.created,
+                    "queues": sorted(options["scheduler"]),
+                    "token": account.token,
+                    "password": account.password,
+                }
             )
-        except QueueError as exc:
-            raise as_command_error(exc) from None
-        if account.created:
+        elif account.created:
             self._created(account, role=options["role"], scopes=options["scheduler"])
         elif options["quiet_if_exists"]:
             self.stdout.write(f"Account {username!r} exists (password and token not shown again).")

@@ -6,14 +6,16 @@ import shlex
 import signal
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from scheduler_site import tracing
 from tasks.exceptions import QueueError
+from tasks.management.commands._base import OurCommand
 from tasks.pull_runner import ApiClient, AuthRefused, PullRunner, Work
 from tasks.registry import get_handler
 
 
-class Command(BaseCommand):
+class Command(OurCommand):
     help = (
         "A pull runner: pops tasks of a scheduler over the REST API, heartbeats while it works, "
         "runs a registered handler (--handler) or a command (--command; the task's data is "
@@ -31,22 +33,30 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--api-url", default=os.environ.get("SCHEDULER_API_URL", "http://127.0.0.1:8000")
+            "--api-url",
+            default=os.environ.get("SCHEDULER_API_URL", "http://127.0.0.1:8000"),
+            help="The scheduler's base URL (or SCHEDULER_API_URL).",
         )
         parser.add_argument(
             "--token",
             default=os.environ.get("SCHEDULER_API_TOKEN"),
-            help="Runner token (or SCHEDULER_API_TOKEN).",
+            help="Runner token (default: $SCHEDULER_API_TOKEN, never shown here).",
         )
-        parser.add_argument("--scheduler", required=True)
+        parser.add_argument("--scheduler", required=True, metavar="ID", help="The queue.")
         what = parser.add_mutually_exclusive_group(required=True)
-        what.add_argument("--handler", help="A registered handler name, e.g. demo.echo.")
-        what.add_argument("--command", help='A command line, e.g. "python3 scan.py".')
+        what.add_argument(
+            "--handler",
+            help="A registered handler name, e.g. demo.echo (this or --command is required).",
+        )
+        what.add_argument(
+            "--command",
+            help='A command line, e.g. "python3 scan.py" (this or --handler is required).',
+        )
         parser.add_argument(
             "--wait",
             type=float,
             default=20.0,
-            help="Long poll: seconds each pop waits on the server for work (default 20; the "
+            help="Long poll: seconds each pop waits on the server for work (default: 20; the "
             "server allows up to 30; 0 pops and sleeps --poll-interval instead). A task pushed "
             "meanwhile reaches the waiting runner at once. Must be less than --timeout.",
         )
@@ -54,7 +64,7 @@ class Command(BaseCommand):
             "--poll-interval",
             type=float,
             default=1.0,
-            help="Seconds between pops when --wait is 0, and after a failed pop (default 1).",
+            help="Seconds between pops when --wait is 0, and after a failed pop (default: 1).",
         )
         parser.add_argument(
             "--heartbeat", type=float, default=10.0, help="Seconds between heartbeats."
@@ -67,21 +77,26 @@ class Command(BaseCommand):
             type=_positive,
             default=300.0,
             help="How long one call is retried while the API is unreachable or unavailable "
-            "(default 300). A pop is then tried again after --poll-interval; a report given "
+            "(default: 300). A pop is then tried again after --poll-interval; a report given "
             "up leaves the task to its lease expiry.",
         )
         parser.add_argument(
             "--timeout",
             type=_positive,
             default=30.0,
-            help="Seconds to wait for one answer before retrying (default 30).",
+            help="Seconds to wait for one answer before retrying (default: 30).",
         )
-        parser.add_argument("--max-tasks", type=int, help="Exit after this many tasks.")
+        parser.add_argument(
+            "--max-tasks",
+            type=int,
+            metavar="N",
+            help="Exit after this many tasks (default: never).",
+        )
         parser.add_argument(
             "--name",
             default=f"runner-{os.getpid()}",
             help="This runner's name, sent with every call: GET /api/workers/ and the "
-            "dashboard list it by it (default runner-<pid>).",
+            "dashboard list it by it (default: runner-<pid>).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -90,6 +105,7 @@ class Command(BaseCommand):
         if not 0 <= options["wait"] < options["timeout"]:
             raise CommandError("--wait must be 0 or more and less than --timeout.")
         work = _work(options)
+        tracing.setup("runner")  # before the client: httpx's instrumentation wraps new clients
         client = ApiClient(
             options["api_url"],
             options["token"],
@@ -114,9 +130,7 @@ class Command(BaseCommand):
     def _run(self, runner: PullRunner, options: dict[str, Any]) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: runner.stop())
-        self.stdout.write(
-            f"{runner.name}: pulling from {options['scheduler']} at {options['api_url']}"
-        )
+        self.note(f"{runner.name}: pulling from {options['scheduler']} at {options['api_url']}")
         try:
             done = runner.run()
         except AuthRefused as exc:
@@ -125,7 +139,7 @@ class Command(BaseCommand):
                 f"{_detail(exc.body)}); not retrying. Check --token (or SCHEDULER_API_TOKEN) "
                 f"and that its account is a runner allowed on {options['scheduler']}."
             ) from None
-        self.stdout.write(f"{runner.name}: stopped after {done} tasks")
+        self.note(f"{runner.name}: stopped after {done} tasks")
 
 
 def _work(options: dict[str, Any]) -> Work:

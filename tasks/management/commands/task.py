@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import argparse
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -9,69 +8,113 @@ from django.core.management.base import CommandError, CommandParser
 
 from tasks import housekeeping, selectors, services
 from tasks.exceptions import QueueError
-from tasks.management.commands._base import SubcommandCommand, dumps, parse_json_object
+from tasks.management.commands._base import (
+    SubcommandCommand,
+    fields_table,
+    parse_json_object,
+    table,
+)
+from tasks.management.commands._fields import (
+    add_field_options,
+    describe_errors,
+    field_values,
+    validated,
+    writable,
+)
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
-from tasks.serializers import PopSerializer, TaskEventSerializer, TaskSerializer
+from tasks.references import find_task
+from tasks.serializers import (
+    PoppedTaskSerializer,
+    PopSerializer,
+    TaskEventSerializer,
+    TaskPushSerializer,
+    TaskSerializer,
+)
+
+TASK_REF = "The task's id, or a unique prefix of it (4+ hex digits)."
+LIST_COLUMNS = ["id", "scheduler", "status", "prio", "att", "created_at", "error"]
 
 
-def _uuid(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a task id (UUID)") from None
+def _as_json(task: Task) -> dict[str, Any]:
+    # The operator's view, as GET /api/tasks/{id}/ gives it to an operator.
+    return TaskSerializer(task, context={"show_lease_token": True}).data
 
 
 class Command(SubcommandCommand):
     help = (
-        "Operate on tasks: push, pop, list, show, events, cancel, requeue, reap expired leases, "
-        "prune old finished tasks, hourly stats. `manage.py task <action> --help` for each."
+        "Operate on tasks: push, pop, list, show, events, cancel, requeue, release, reap "
+        "expired leases, prune old finished tasks, hourly stats. A task is named by its id or a "
+        "unique prefix of it. `manage.py task ACTION --help` for each."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-        push = sub.add_parser("push", help="Queue a task (like POST /api/schedulers/{id}/push/).")
-        push.add_argument("--scheduler", required=True)
-        push.add_argument("--data", help="JSON object, the task's payload.")
-        push.add_argument("--priority", type=int, default=0, help="Lower runs first.")
-        push.add_argument("--hash", help="Dedup key: at most one active task per hash.")
-        pop = sub.add_parser("pop", help="Lease due tasks (DISPATCHED) and print them as JSON.")
-        pop.add_argument("--scheduler", required=True)
-        pop.add_argument("--limit", type=int, default=1)
-        pop.add_argument("--filters", help='JSON object on data keys, e.g. {"org": "acme"}.')
-        pop.add_argument("--worker", default="cli")
-        lst = sub.add_parser("list", help="List tasks, newest first.")
-        lst.add_argument("--scheduler")
-        lst.add_argument("--status", choices=TaskStatus.values, help="DEAD lists dead letters.")
-        lst.add_argument("--hash")
-        lst.add_argument("--limit", type=int, default=50)
+        sub = self.subcommands(parser)
+        self._push_parser(sub)
+        self._pop_parser(sub)
+        self._list_parser(sub)
         for name, text in [
-            ("show", "Print one task as JSON."),
-            ("events", "Print a task's transition history."),
+            ("show", "One task: every field, the error and its traceback."),
+            ("events", "A task's transition history, oldest first."),
             ("cancel", "Cancel a task (a RUNNING one is asked to stop)."),
+            ("release", "Hand a DISPATCHED or RUNNING task back to the queue (attempt not spent)."),
         ]:
-            sub.add_parser(name, help=text).add_argument("task_id", type=_uuid)
-        requeue = sub.add_parser("requeue", help="Requeue FAILED, DEAD or CANCELLED tasks.")
-        requeue.add_argument("task_ids", type=_uuid, nargs="*")
-        requeue.add_argument("--all-dead", metavar="SCHEDULER", help="Every DEAD task of a queue.")
-        sub.add_parser("reap", help="Turn expired leases into failed attempts (retry policy).")
-        prune = sub.add_parser("prune", help="Delete finished tasks past their retention.")
-        prune.add_argument("--days", type=int, help="Retention of COMPLETED/FAILED/CANCELLED.")
-        prune.add_argument("--dead-days", type=int, help="Retention of DEAD tasks.")
-        stats = sub.add_parser("stats", help="Transitions per hour, per scheduler and status.")
-        stats.add_argument("--scheduler")
-        stats.add_argument("--hours", type=int, default=24)
-
-    def _push(
-        self, *, scheduler: str, data: str | None, priority: int, hash: str | None, **_: Any
-    ) -> None:
-        task = services.task_push(
-            scheduler_id=scheduler,
-            data=parse_json_object(data, option="--data"),
-            priority=priority,
-            hash=hash,
-            actor="cli",
+            self.action(sub, name, text).add_argument("task", metavar="TASK", help=TASK_REF)
+        requeue = self.action(sub, "requeue", "Requeue FAILED, DEAD or CANCELLED tasks.")
+        requeue.add_argument("tasks", nargs="*", metavar="TASK", help=TASK_REF)
+        requeue.add_argument(
+            "--all-dead", metavar="SCHEDULER", help="Every DEAD task of this queue."
         )
-        self.stdout.write(dumps(TaskSerializer(task).data))
+        self.action(sub, "reap", "Turn expired leases into failed attempts (retry policy).")
+        self._prune_parser(sub)
+        stats = self.action(sub, "stats", "Transitions per hour, per scheduler and status.")
+        stats.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
+        stats.add_argument("--hours", type=int, default=24, metavar="N", help="Hours back.")
+
+    def _list_parser(self, sub: Any) -> None:
+        lst = self.action(sub, "list", "Tasks, newest first.")
+        lst.add_argument("--scheduler", metavar="ID", help="Only this queue's.")
+        lst.add_argument("--status", choices=TaskStatus.values, help="DEAD lists dead letters.")
+        lst.add_argument("--hash", help="Only tasks with this dedup key.")
+        lst.add_argument(
+            "--schedule", type=uuid.UUID, metavar="ID", help="Only the tasks this schedule made."
+        )
+        lst.add_argument("--limit", type=int, default=50, metavar="N", help="At most N rows.")
+
+    def _prune_parser(self, sub: Any) -> None:
+        prune = self.action(sub, "prune", "Delete finished tasks past their retention.")
+        prune.add_argument(
+            "--days",
+            type=int,
+            metavar="N",
+            help="Retention of COMPLETED/FAILED/CANCELLED "
+            "(default: the TASK_RETENTION_DAYS setting).",
+        )
+        prune.add_argument(
+            "--dead-days",
+            type=int,
+            metavar="N",
+            help="Retention of DEAD tasks (default: the TASK_DEAD_RETENTION_DAYS setting).",
+        )
+
+    def _push_parser(self, sub: Any) -> None:
+        push = self.action(sub, "push", "Queue a task (as POST /api/schedulers/{id}/push/).")
+        push.add_argument("--scheduler", required=True, metavar="ID", help="The queue.")
+        add_field_options(push, TaskPushSerializer, writable(TaskPushSerializer), updating=False)
+
+    def _pop_parser(self, sub: Any) -> None:
+        pop = self.action(sub, "pop", "Lease due tasks (now DISPATCHED), with their lease tokens.")
+        pop.add_argument("--scheduler", required=True, metavar="ID", help="The queue.")
+        pop.add_argument("--limit", type=int, default=1, metavar="N", help="At most N tasks.")
+        pop.add_argument(
+            "--filters", metavar="JSON", help='Match on data keys, e.g. {"org": "acme"}.'
+        )
+        pop.add_argument("--worker", default="cli", help="Recorded as the tasks' holder.")
+
+    def _push(self, *, scheduler: str, **options: Any) -> None:
+        body = field_values(options, TaskPushSerializer, writable(TaskPushSerializer))
+        fields = validated(TaskPushSerializer, body)
+        task = services.task_push(scheduler_id=scheduler, actor="cli", **fields)
+        self.result(_as_json(task), lambda: fields_table(_as_json(task)))
 
     def _pop(
         self, *, scheduler: str, limit: int, filters: str | None, worker: str, **_: Any
@@ -80,83 +123,120 @@ class Command(SubcommandCommand):
             data={"limit": limit, "filters": parse_json_object(filters, option="--filters")}
         )
         if not body.is_valid():
-            raise CommandError(dumps(body.errors))
+            raise CommandError(f"invalid: {describe_errors(body.errors)}")
         tasks = services.task_pop(scheduler_id=scheduler, worker=worker, **body.validated_data)
-        self.stdout.write(dumps(TaskSerializer(tasks, many=True).data))
+        rows = PoppedTaskSerializer(tasks, many=True).data
+        columns = ["id", "status", "priority", "lease_expires_at", "lease_token", "data"]
+        self.result(rows, lambda: table(columns, ([r[c] for c in columns] for r in rows)))
 
-    def _list(
-        self, *, scheduler: str | None, status: str | None, hash: str | None, limit: int, **_: Any
-    ) -> None:
+    def _list(self, *, limit: int, **options: Any) -> None:
         queryset = selectors.task_list().order_by("-created_at", "-id")
-        for field, value in [("scheduler_id", scheduler), ("status", status), ("hash", hash)]:
+        for field, value in [
+            ("scheduler_id", options["scheduler"]),
+            ("status", options["status"]),
+            ("hash", options["hash"]),
+            ("schedule_id", options["schedule"]),
+        ]:
             if value:
                 queryset = queryset.filter(**{field: value})
-        self.stdout.write(
-            f"{'id':36}  {'scheduler':20} {'status':10} {'prio':>5} {'att':>3}  created_at"
+        tasks = list(queryset[: max(limit, 1)])
+        self.result([_as_json(task) for task in tasks], lambda: _task_table(tasks))
+
+    def _show(self, *, task: str, **_: Any) -> None:
+        record = _as_json(find_task(task))
+        self.result(record, lambda: fields_table(record))
+
+    def _events(self, *, task: str, **_: Any) -> None:
+        found = find_task(task)
+        events = TaskEvent.objects.filter(task_id=found.id).order_by("at", "id")
+        rows = TaskEventSerializer(events, many=True).data
+        columns = ["at", "from_status", "to_status", "actor", "note"]
+        self.result(
+            rows,
+            lambda: table(
+                columns, ([row.get(c) for c in columns] for row in rows), title=str(found.id)
+            ),
         )
-        for task in queryset[: max(limit, 1)]:
-            self.stdout.write(
-                f"{task.id}  {task.scheduler_id:20} {task.status:10} {task.priority:5} "
-                f"{task.attempts:3}  {task.created_at:%Y-%m-%d %H:%M:%S}"
-            )
 
-    def _show(self, *, task_id: uuid.UUID, **_: Any) -> None:
-        task = Task.objects.filter(id=task_id).first()
-        if task is None:
-            raise CommandError(f"Task {task_id} does not exist.")
-        self.stdout.write(dumps(TaskSerializer(task).data))
+    def _cancel(self, *, task: str, **_: Any) -> None:
+        done = services.task_cancel(task_id=find_task(task).id, actor="cli")
+        state = "cancel requested (running)" if done.status == TaskStatus.RUNNING else done.status
+        self.result(_as_json(done), f"{done.id}: {state}")
 
-    def _events(self, *, task_id: uuid.UUID, **_: Any) -> None:
-        if not Task.objects.filter(id=task_id).exists():
-            raise CommandError(f"Task {task_id} does not exist.")
-        events = TaskEvent.objects.filter(task_id=task_id).order_by("at", "id")
-        self.stdout.write(dumps(TaskEventSerializer(events, many=True).data))
+    def _release(self, *, task: str, **_: Any) -> None:
+        done = services.task_hand_back(
+            task_id=find_task(task).id, reason="released by an operator (cli)", actor="cli"
+        )
+        self.result(_as_json(done), f"{done.id}: {done.status}")
 
-    def _cancel(self, *, task_id: uuid.UUID, **_: Any) -> None:
-        task = services.task_cancel(task_id=task_id, actor="cli")
-        state = "cancel requested (running)" if task.status == TaskStatus.RUNNING else task.status
-        self.stdout.write(f"{task.id}: {state}")
-
-    def _dead_of(self, scheduler_id: str) -> list[uuid.UUID]:
+    def _dead_of(self, scheduler_id: str) -> list[Task]:
         """The DEAD tasks of a queue. An unknown queue is an error (likely a typo); a queue
         with none is not: replaying its dead letters has nothing to do, which is success."""
         if not Scheduler.objects.filter(id=scheduler_id).exists():
             raise CommandError(f"Scheduler {scheduler_id!r} does not exist.")
-        dead = Task.objects.filter(scheduler_id=scheduler_id, status=TaskStatus.DEAD)
-        ids = list(dead.values_list("id", flat=True))
-        if not ids:
-            self.stdout.write(f"no DEAD tasks in {scheduler_id}")
-        return ids
+        dead = list(Task.objects.filter(scheduler_id=scheduler_id, status=TaskStatus.DEAD))
+        if not dead:
+            self.note(f"no DEAD tasks in {scheduler_id}")
+        return dead
 
-    def _requeue(self, *, task_ids: list[uuid.UUID], all_dead: str | None, **_: Any) -> None:
-        if not task_ids and not all_dead:
-            raise CommandError("Name task ids or --all-dead SCHEDULER.")
-        dead = self._dead_of(all_dead) if all_dead else []  # checked before anything is done
-        ids = [*task_ids, *dead]
-        failures = 0
-        for task_id in ids:
+    def _requeue(self, *, tasks: list[str], all_dead: str | None, **_: Any) -> None:
+        if not tasks and not all_dead:
+            raise CommandError("Name tasks (ids or prefixes) or --all-dead SCHEDULER.")
+        named = [find_task(ref) for ref in tasks]  # every reference checked before any change
+        todo = [*named, *(self._dead_of(all_dead) if all_dead else [])]
+        done, refused = [], []
+        for task in todo:
             try:
-                services.task_requeue(task_id=task_id, actor="cli")
-                self.stdout.write(f"{task_id}: QUEUED")
+                done.append(services.task_requeue(task_id=task.id, actor="cli"))
             except QueueError as exc:
-                failures += 1
-                self.stderr.write(f"{task_id}: refused: {exc.message}")
-        if failures:
-            raise CommandError(f"{failures} of {len(ids)} tasks were not requeued.")
+                refused.append({"id": str(task.id), "detail": exc.message})
+                self.note(f"{task.id}: refused: {exc.message}")
+        self.result(
+            {"requeued": [str(t.id) for t in done], "refused": refused},
+            "\n".join(f"{t.id}: QUEUED" for t in done) if done else "nothing requeued",
+        )
+        if refused:
+            raise CommandError(f"{len(refused)} of {len(todo)} tasks were not requeued.")
 
     def _reap(self, **_: Any) -> None:
-        self.stdout.write(f"reaped {housekeeping.tasks_reap_expired(actor='cli')} expired leases")
+        reaped = housekeeping.tasks_reap_expired(actor="cli")
+        self.result({"reaped": reaped}, f"reaped {reaped} expired leases")
 
     def _prune(self, *, days: int | None, dead_days: int | None, **_: Any) -> None:
         deleted = housekeeping.tasks_prune(
             older_than=timedelta(days=days) if days else None,
             dead_older_than=timedelta(days=dead_days) if dead_days else None,
         )
-        self.stdout.write(f"pruned {deleted} finished tasks")
+        self.result({"pruned": deleted}, f"pruned {deleted} finished tasks")
 
     def _stats(self, *, scheduler: str | None, hours: int, **_: Any) -> None:
-        for row in selectors.hourly_stats(scheduler_id=scheduler, hours=max(hours, 1)):
-            self.stdout.write(
-                f"{row['hour']:%Y-%m-%d %H:00}  {row['scheduler']:20} "
-                f"{row['status']:10} {row['count']}"
-            )
+        rows = selectors.hourly_stats(scheduler_id=scheduler, hours=max(hours, 1))
+        columns = ["hour", "scheduler", "status", "count"]
+        self.result(
+            rows,
+            lambda: table(
+                columns,
+                (
+                    [f"{r['hour']:%Y-%m-%d %H:00}", r["scheduler"], r["status"], r["count"]]
+                    for r in rows
+                ),
+            ),
+        )
+
+
+def _task_table(tasks: list[Task]) -> Any:
+    return table(
+        LIST_COLUMNS,
+        (
+            [
+                task.id,
+                task.scheduler_id,
+                task.status,
+                task.priority,
+                task.attempts,
+                f"{task.created_at:%Y-%m-%d %H:%M:%S}",
+                task.error[:60],
+            ]
+            for task in tasks
+        ),
+    )
