@@ -12,7 +12,7 @@ ENV_FILE := .env
 METRICS_DIR := $(CURDIR)/var/metrics
 PG_FLAGS := $(if $(filter true,$(CI)),--required,)
 
-.PHONY: run test lint test-sqlite test-postgres test-rabbitmq test-cluster test-cluster-short bench bench-pop bench-tick bench-worker install migrate clean
+.PHONY: run test lint test-sqlite test-postgres test-rabbitmq test-cluster test-cluster-short bench bench-pop bench-tick bench-worker install install-bench migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The benches' peers (procrastinate, pgqueuer): only `make bench-*` installs them.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+install-bench: $(BENCH_STAMP)
 
 # Order-only on the install: a reinstall must not replace the key (it would end every session).
 $(ENV_FILE): | $(STAMP)
@@ -81,13 +89,15 @@ test: lint test-sqlite test-postgres test-rabbitmq test-cluster-short
 
 bench: bench-pop bench-tick bench-worker
 
-bench-pop: install
+# Production database settings (no --tuned: fsync and synchronous_commit on). Sizes: see
+# `python -m bench.pop_bench --help` (BENCH_TASKS, BENCH_ROUNDS, ... in the environment).
+bench-pop: install-bench
 	scripts/with-postgres.sh --required -- $(BIN)/python -m bench.pop_bench
 
-bench-tick: install
+bench-tick: install-bench
 	scripts/with-postgres.sh --required -- $(BIN)/python -m bench.tick_bench
 
-bench-worker: install
+bench-worker: install-bench
 	scripts/with-postgres.sh --required -- \
 	  scripts/with-redis.sh --required -- $(BIN)/python -m bench.worker_bench
 

@@ -193,7 +193,7 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_THROTTLE_CLASSES": [
         "rest_framework.throttling.AnonRateThrottle",
-        "rest_framework.throttling.UserRateThrottle",
+        "scheduler_site.throttles.UserRateThrottle",
     ],
     # Per process (local-memory cache): with N web processes the effective limit is N times.
     "DEFAULT_THROTTLE_RATES": {

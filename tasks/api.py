@@ -49,6 +49,7 @@ from tasks.serializers import (
     TaskReportSerializer,
     TaskSerializer,
     WorkerSerializer,
+    render_tasks,
 )
 
 POP_RESPONSE = inline_serializer("PopResponse", {"results": PoppedTaskSerializer(many=True)})
@@ -72,7 +73,7 @@ def _proof(request: Request, body: dict[str, Any]) -> LeaseProof:
 
 def _push_result(outcome: batches.PushOutcome) -> dict[str, Any]:
     if outcome.task is not None:
-        return {"status": outcome.status, "task": TaskSerializer(outcome.task).data}
+        return {"status": outcome.status, "task": render_tasks([outcome.task])[0]}
     if outcome.existing_id is not None:
         return {"status": outcome.status, "existing_id": str(outcome.existing_id)}
     if outcome.errors is not None:
@@ -83,7 +84,7 @@ def _push_result(outcome: batches.PushOutcome) -> dict[str, Any]:
 def _report_result(outcome: batches.ReportOutcome) -> dict[str, Any]:
     result: dict[str, Any] = {"id": str(outcome.id), "status": outcome.status}
     if outcome.task is not None:
-        result["task"] = TaskSerializer(outcome.task).data
+        result["task"] = render_tasks([outcome.task])[0]
     if outcome.detail:
         result["detail"] = outcome.detail
     return result
@@ -184,7 +185,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
         body = TaskPushSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         task = services.task_push(scheduler_id=pk, actor=actor(request), **body.validated_data)
-        return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
+        return Response(render_tasks([task])[0], status=status.HTTP_201_CREATED)
 
     def _push_many(self, request: Request, pk: str) -> Response:
         items = request.data
@@ -218,7 +219,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
         tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body.validated_data)
         workers.runner_seen(request, scheduler_id=pk)
         # The pop's answer is the one place a runner learns its lease tokens.
-        return Response({"results": PoppedTaskSerializer(tasks, many=True).data})
+        return Response({"results": render_tasks(tasks, popped=True)})
 
 
 class TaskViewSet(
@@ -254,7 +255,7 @@ class TaskViewSet(
         return context
 
     def _render(self, task: Task) -> Response:
-        return Response(self.get_serializer(task).data)
+        return Response(render_tasks([task], show_lease_token=_is_operator(self.request))[0])
 
     def _task_id(self) -> uuid.UUID:
         return uuid.UUID(self.kwargs["pk"])

@@ -16,6 +16,12 @@ class TasksConfig(AppConfig):
         # (schedules, pilots) exist only once their own post_migrate has run.
         post_migrate.connect(ensure_roles, dispatch_uid="tasks.ensure_roles")
 
+        from django.db.backends.signals import connection_created
+
+        from scheduler_site.databases import use_generic_plans
+
+        connection_created.connect(use_generic_plans, dispatch_uid="tasks.use_generic_plans")
+
         from django.utils.module_loading import autodiscover_modules
 
         from scheduler_site import writers

@@ -323,9 +323,16 @@ class Task(models.Model):
             ),
             # Counts per status, stats windows and pruning per (scheduler, status).
             models.Index(fields=["scheduler", "status", "modified_at"], name="task_status_idx"),
-            models.Index(fields=["hash"], name="task_hash_idx"),
+            # Partial: most tasks have no hash and no schedule, and every status change of
+            # a task adds an entry to each index (an indexed column changes, so no update is
+            # HOT); lookups name a value, which implies IS NOT NULL, so they still use these.
+            models.Index(fields=["hash"], condition=Q(hash__isnull=False), name="task_hash_idx"),
             models.Index(fields=["created_at", "id"], name="task_created_idx"),
-            models.Index(fields=["schedule", "created_at"], name="task_schedule_idx"),
+            models.Index(
+                fields=["schedule", "created_at"],
+                condition=Q(schedule__isnull=False),
+                name="task_schedule_idx",
+            ),
         ]
         constraints = [
             # Dedup is the database's job: check-then-insert loses under concurrency.

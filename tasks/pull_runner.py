@@ -313,6 +313,12 @@ class PullRunner:
     heartbeat_seconds: float = 10.0
     grace_seconds: float = 30.0
     max_tasks: int | None = None
+    # Above 1: pop this many at once, start them all and report them all in one request each
+    # (POST /api/tasks/report/), running them one after another in between. For short tasks:
+    # a task waiting its turn in the batch is not heartbeaten, so the whole batch must finish
+    # within the queue's lease_seconds (a task whose lease ran out is handed out again and
+    # this runner's late report of it is refused by its lease token).
+    batch: int = 1
     # How long the hand-back on the way out may be retried: the runner is leaving.
     hand_back_seconds: float = 10.0
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -336,22 +342,28 @@ class PullRunner:
         """Pop and process tasks until stopped (or max_tasks done); returns tasks processed.
         Raises AuthRefused when the API refuses the token."""
         while not self.stopping.is_set():
-            if self.max_tasks is not None and self.done >= self.max_tasks:
+            room = self.batch if self.max_tasks is None else self.max_tasks - self.done
+            if room <= 0:
                 break
-            task = self._pop()
-            if task is None:
+            tasks = self._pop(min(room, self.batch))
+            if not tasks:
                 if not (self.wait and self._last_pop_answered):
                     self.stopping.wait(self.poll_interval)
                 continue
-            self.process(task)
-            self.done += 1
+            if self.batch > 1:
+                self._run_batch(tasks)
+            else:
+                self.process(tasks[0])
+                self.done += 1
             if self.refused is not None:
                 raise self.refused
         return self.done
 
-    def _pop(self) -> dict[str, Any] | None:
+    def _pop(self, limit: int = 1) -> list[dict[str, Any]]:
         path = f"/api/schedulers/{self.scheduler_id}/pop/"
-        body: dict[str, Any] = {"limit": 1, "wait": self.wait} if self.wait else {"limit": 1}
+        body: dict[str, Any] = (
+            {"limit": limit, "wait": self.wait} if self.wait else {"limit": limit}
+        )
         self._last_pop_answered = False
         try:
             popped = self.client.call("POST", path, body, give_up=self.stopping.is_set)
@@ -361,9 +373,56 @@ class PullRunner:
             # A pop whose answer was lost leaves its task leased to nobody: the lease runs
             # out and the reaper hands it out again.
             logger.warning("pop failed: %s", exc)
-            return None
+            return []
         self._last_pop_answered = True  # an empty long poll may be sent again at once
-        return popped["results"][0] if popped["results"] else None
+        return popped["results"]
+
+    def _run_batch(self, tasks: list[dict[str, Any]]) -> None:
+        """Start every task in one request, run those that started one after another, and
+        report them in one request; on SIGTERM the ones not yet run are handed back."""
+        leases = [Lease.of(task) for task in tasks]
+        started = self._report_many([lease.body(status="RUNNING") for lease in leases], leases)
+        finished: list[tuple[Lease, dict[str, Any]]] = []
+        for task, lease in zip(tasks, leases, strict=True):
+            if lease.task_id not in started:
+                continue
+            if self.stopping.is_set():
+                self._hand_back(lease)
+                continue
+            span = {"scheduler.task.id": lease.task_id, "scheduler.runner": self.name}
+            with tracing.task_span("runner.task", task.get("traceparent"), **span):
+                outcome = self._run_held(task, lease)
+            if "handed_back" not in outcome:  # SIGTERM's grace ran out: it went back
+                finished.append((lease, outcome))
+                self.done += 1
+        bodies = [self._final_body(lease, outcome) for lease, outcome in finished]
+        self._report_many(bodies, [lease for lease, _ in finished])
+
+    def _report_many(self, bodies: list[dict[str, Any]], leases: list[Lease]) -> set[str]:
+        """POST /api/tasks/report/ with one report per lease; the ids it accepted."""
+        if not bodies:
+            return set()
+        reports = [
+            {"id": lease.task_id, **body} for lease, body in zip(leases, bodies, strict=True)
+        ]
+        try:
+            answer = self.client.call(
+                "POST", "/api/tasks/report/", {"reports": reports}, give_up=self.past_grace
+            )
+        except AuthRefused:
+            raise
+        except (ApiError, ApiUnreachable) as exc:
+            logger.error(
+                "batch report of %d tasks failed (%s): their leases run out", len(reports), exc
+            )
+            return set()
+        accepted = set()
+        for result in answer["results"]:
+            if result["status"] == 200:
+                accepted.add(result["id"])
+            else:
+                logger.warning("report of task %s refused: %s", result["id"], result.get("detail"))
+        return accepted
 
     def process(self, task: dict[str, Any]) -> str:
         # In the task's trace (its `traceparent`, from the push): the start, heartbeat and
@@ -376,6 +435,14 @@ class PullRunner:
         lease = Lease.of(task)
         if not self._start(lease):
             return "skipped"
+        outcome = self._run_held(task, lease)
+        if "handed_back" in outcome:
+            return str(outcome["handed_back"])
+        return self._report(lease, outcome)
+
+    def _run_held(self, task: dict[str, Any], lease: Lease) -> dict[str, Any]:
+        """Run a started task with its heartbeat; its outcome (result, or error and
+        traceback), or `handed_back` when SIGTERM's grace ran out first."""
         cancelled = threading.Event()
         # Threads start in an empty context: each gets a copy of this one (the task's span).
         beat = threading.Thread(
@@ -398,14 +465,14 @@ class PullRunner:
                 if worker.is_alive():
                     cancelled.set()
                     try:
-                        return self._hand_back(lease)
+                        return {"handed_back": self._hand_back(lease)}
                     finally:
                         # Let the work see the cancel and stop: a command is terminated, not
                         # left running after the runner exits. A handler that never checks
                         # is abandoned.
                         worker.join(10)
         cancelled.set()  # stops the heartbeat
-        return self._report(lease, outcome)
+        return outcome
 
     def _start(self, lease: Lease) -> bool:
         """DISPATCHED -> RUNNING; a task that cannot be started is handed back or skipped."""
@@ -454,15 +521,18 @@ class PullRunner:
             except ApiUnreachable as exc:
                 logger.warning("heartbeat failed: %s", exc)
 
-    def _report(self, lease: Lease, outcome: dict[str, Any]) -> str:
+    @staticmethod
+    def _final_body(lease: Lease, outcome: dict[str, Any]) -> dict[str, Any]:
         if "error" in outcome:
-            body = lease.body(
+            return lease.body(
                 status="FAILED",
                 error=outcome["error"][:10000],
                 traceback=outcome.get("traceback", "")[-64000:],
             )
-        else:
-            body = lease.body(status="COMPLETED", result=outcome.get("result"))
+        return lease.body(status="COMPLETED", result=outcome.get("result"))
+
+    def _report(self, lease: Lease, outcome: dict[str, Any]) -> str:
+        body = self._final_body(lease, outcome)
         try:
             # After SIGTERM a report is still worth its grace period, not more.
             self.client.call("PATCH", lease.path, body, give_up=self.past_grace)

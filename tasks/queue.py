@@ -19,6 +19,7 @@ from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.db.models.fields.json import KeyTransform
 
+from scheduler_site.databases import prepared_cursor
 from tasks.models import (
     Scheduler,
     Task,
@@ -81,14 +82,19 @@ def _converters() -> list[tuple[int, list[Any], Any]]:
 
 
 def _fetch_tasks(
-    sql: str, params: Sequence[Any] | Mapping[str, Any], *, extras: Sequence[str] = ()
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any],
+    *,
+    extras: Sequence[str] = (),
+    prepared: bool = False,
 ) -> list[Task]:
     """Tasks from a statement returning every Task column in field order, then the `extras`
     columns (set as attributes under those names). Task.objects.raw() did the same, but read
     the cursor's description (an object per column) and rebuilt its converters on every call:
-    most of a claim's Python time."""
+    most of a claim's Python time. `prepared`: a fixed statement text run on every pop, claim
+    or report, which PostgreSQL may then keep planned (see prepared_cursor)."""
     attnames = [f.attname for f in Task._meta.concrete_fields]
-    with connection.cursor() as cursor:
+    with prepared_cursor() if prepared else connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     converters = _converters()
@@ -311,7 +317,7 @@ def pop_in_one_statement(
     """PostgreSQL only: claim up to `limit` due tasks of an unpaused pull scheduler and write
     their events, in one statement (no transaction block needed). [] says nothing about why."""
     params = {"scheduler": scheduler_id, "now": now, "limit": limit, "worker": worker}
-    return _fetch_tasks(_hot_sql("pop", _pop_sql), params)
+    return _fetch_tasks(_hot_sql("pop", _pop_sql), params, prepared=True)
 
 
 def lease_expired_ids(*, now: datetime, limit: int) -> list[uuid.UUID]:
@@ -499,6 +505,7 @@ def start_dispatched(
         _hot_sql("start", _start_sql),
         params,
         extras=("handler_name", "dispatch_threshold", "broker_room"),
+        prepared=True,
     )
     return rows[0] if rows else None
 
@@ -535,7 +542,9 @@ def complete_leased(
         "actor": actor[:200],
         "note": note,
     }
-    rows = _fetch_tasks(_hot_sql("complete", _complete_sql), params, extras=("from_status",))
+    rows = _fetch_tasks(
+        _hot_sql("complete", _complete_sql), params, extras=("from_status",), prepared=True
+    )
     return rows[0] if rows else None
 
 

@@ -5,16 +5,33 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import TruncHour
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Group, Permission
+from django.contrib.postgres.expressions import ArraySubquery
+from django.db import connection
+from django.db.models import (
+    CharField,
+    Count,
+    Exists,
+    F,
+    Max,
+    Min,
+    OuterRef,
+    Q,
+    QuerySet,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Concat, TruncHour
 from django.utils import timezone
+from knox.models import AuthToken
 
+from scheduler_site.databases import prepared_cursor
 from tasks.exceptions import TaskNotFound
 from tasks.models import (
     LEASED_STATUSES,
@@ -31,6 +48,8 @@ from tasks.models import (
 )
 from tasks.roles import OPERATORS
 
+User = get_user_model()
+
 # The queues an account may use: None means every queue.
 QueueScope = frozenset[str] | None
 
@@ -45,15 +64,105 @@ def get_task(task_id: uuid.UUID) -> Task:
 
 def runner_queues(user: AbstractBaseUser | AnonymousUser | None) -> QueueScope:
     """The queues a runner account is limited to (DESIGN 9.1), or None for every queue: an
-    account without grants, and any operator, whatever grants it holds."""
+    account without grants, and any operator, whatever grants it holds. A user loaded by
+    `token_candidates` carries its grants already (no query)."""
     if user is None or not user.is_authenticated:
         return None
+    loaded = getattr(user, "_scope_loaded", None)
+    if loaded is not None:
+        granted, operator = frozenset(loaded[0]), loaded[1]
+        return None if not granted or user.is_superuser or operator else granted
     granted = frozenset(
         RunnerGrant.objects.filter(user_id=user.pk).values_list("scheduler_id", flat=True)
     )
     if not granted or user.is_superuser or user.groups.filter(name=OPERATORS).exists():
         return None
     return granted
+
+
+def _permission_names(permissions: QuerySet[Permission]) -> ArraySubquery:
+    names = permissions.order_by().annotate(
+        perm_name=Concat(
+            "content_type__app_label", Value("."), "codename", output_field=CharField()
+        )
+    )
+    return ArraySubquery(names.values("perm_name"))
+
+
+_TOKEN_EXTRAS = ("user_perm_names", "group_perm_names", "granted_queues", "in_operators")
+_KEY_SENTINEL = "token-key-placeholder"
+_token_statement: tuple[str, list[Any], int] | None = None
+
+
+def _token_queryset(token_key: str) -> QuerySet[AuthToken]:
+    user = OuterRef("user_id")
+    return (
+        AuthToken.objects.filter(token_key=token_key)
+        .select_related("user")
+        .annotate(
+            user_perm_names=_permission_names(Permission.objects.filter(user=user)),
+            group_perm_names=_permission_names(Permission.objects.filter(group__user=user)),
+            granted_queues=ArraySubquery(
+                RunnerGrant.objects.filter(user_id=user).values("scheduler_id")
+            ),
+            in_operators=Exists(Group.objects.filter(name=OPERATORS, user=user)),
+        )
+    )
+
+
+def _token_sql() -> tuple[str, list[Any], int]:
+    """The statement, compiled once: building it through the ORM took longer than running
+    it (the four subqueries), on every request."""
+    global _token_statement
+    if _token_statement is None:
+        sql, params = _token_queryset(_KEY_SENTINEL).query.sql_with_params()
+        _token_statement = (sql, list(params), list(params).index(_KEY_SENTINEL))
+    return _token_statement
+
+
+def token_candidates(token_key: str) -> list[AuthToken]:
+    """The knox tokens with this key prefix, each with its user and, on PostgreSQL, what the
+    request's permission checks need (the user's and its groups' permissions, its queue grants,
+    whether it is an operator) in the same statement: one round trip authenticates and
+    authorises a request. Read fresh on every request, so a revoked permission, grant or token
+    counts at once (no cache to go stale)."""
+    if connection.vendor != "postgresql":
+        return list(AuthToken.objects.filter(token_key=token_key).select_related("user"))
+    sql, params, at = _token_sql()
+    params = [*params]
+    params[at] = token_key
+    with prepared_cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [_token_from_row(row) for row in rows]
+
+
+def _token_from_row(row: Sequence[Any]) -> AuthToken:
+    # Column order of the compiled statement: the token's fields, the annotations, then the
+    # select_related user's fields (no converters apply to these columns on PostgreSQL).
+    token_fields = [f.attname for f in AuthToken._meta.concrete_fields]
+    user_fields = [f.attname for f in User._meta.concrete_fields]
+    split = len(token_fields) + len(_TOKEN_EXTRAS)
+    token = AuthToken.from_db(connection.alias, token_fields, row[: len(token_fields)])
+    for name, value in zip(_TOKEN_EXTRAS, row[len(token_fields) : split], strict=True):
+        setattr(token, name, value)
+    token.user = User.from_db(connection.alias, user_fields, row[split:])
+    return token
+
+
+def prime_user(token: AuthToken) -> None:
+    """Hand what `token_candidates` read to the permission checks: Django's ModelBackend reads
+    its per-user caches (`_user_perm_cache`, …) before querying, and `runner_queues` reads
+    `_scope_loaded`. A superuser's permissions are all there are: ModelBackend's own path."""
+    if not hasattr(token, "user_perm_names"):
+        return
+    user = token.user
+    user._scope_loaded = (token.granted_queues, token.in_operators)
+    if user.is_superuser:
+        return
+    user._user_perm_cache = set(token.user_perm_names)
+    user._group_perm_cache = set(token.group_perm_names)
+    user._perm_cache = user._user_perm_cache | user._group_perm_cache
 
 
 def scheduler_list(*, queues: QueueScope = None) -> QuerySet[Scheduler]:

@@ -16,7 +16,7 @@ from playwright.sync_api import Page, expect
 from scheduler_site import dashboard
 from tasks import dispatch, execution, services, stats
 from tasks.models import Task, TaskStatus
-from tests.e2e.conftest import BeatProcess, WorkerProcess
+from tests.support.processes import BeatProcess, WorkerProcess
 
 pytestmark = pytest.mark.browser
 

@@ -17,7 +17,7 @@ from schedules import services as schedule_services
 from tasks import services
 from tasks.django_tasks import HANDLER
 from tasks.models import Task, TaskStatus
-from tests.e2e.conftest import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

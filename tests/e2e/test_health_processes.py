@@ -13,7 +13,8 @@ from rest_framework.test import APIClient
 from scheduler_site.health import system_health
 from tasks import selectors
 from tasks.models import Worker, WorkerKind
-from tests.e2e.conftest import BeatProcess, WorkerProcess, wait_for
+from tests.support.processes import BeatProcess, WorkerProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

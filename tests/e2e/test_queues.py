@@ -13,7 +13,7 @@ import pytest
 
 from tasks import services
 from tasks.models import ACTIVE_STATUSES, Task, TaskEvent, TaskStatus
-from tests.e2e.conftest import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -20,8 +20,8 @@ from django.contrib.auth.models import User
 
 from tasks import accounts, services
 from tasks.models import Task, TaskStatus
-from tests.e2e.conftest import ROOT, ServerProcess
 from tests.e2e.fault_proxy import DROP_ANSWER, Answer, FaultProxy, Seen
+from tests.support.processes import ROOT, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -148,6 +148,33 @@ def test_runner__handler_mode_completes_pushed_tasks(start_runner: Callable[...,
             (S.RUNNING, "runner"),
             (S.COMPLETED, "runner"),
         ]
+
+
+def test_runner__batch_option_pops_and_reports_several_tasks_per_request(
+    start_runner: Callable[..., Runner],
+) -> None:
+    _pull()
+    pushed = [services.task_push(scheduler_id="pull", data={"n": n}) for n in range(4)]
+
+    runner = start_runner("pull", "--handler", "demo.echo", "--batch", "4", max_tasks=4)
+
+    assert runner.wait() == 0, runner.output()
+    assert "stopped after 4 tasks" in runner.output()
+    tasks = Task.objects.filter(id__in=[t.id for t in pushed])
+    assert {(t.status, t.attempts) for t in tasks} == {(S.COMPLETED, 1)}
+    # one pop of 4 and one batch start: all four were handed out and started together
+    dispatched = {t.events.get(to_status=S.DISPATCHED).at for t in tasks}
+    assert len(dispatched) == 1, dispatched
+
+
+def test_runner__batch_option_outside_the_pop_limit_is_refused(
+    start_runner: Callable[..., Runner],
+) -> None:
+    _pull()
+    runner = start_runner("pull", "--handler", "demo.echo", "--batch", "0")
+
+    assert runner.wait() != 0
+    assert "--batch" in runner.output() and "'0' is not a whole number" in runner.output()
 
 
 COMMAND_OK = (

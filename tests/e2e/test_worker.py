@@ -14,7 +14,8 @@ import pytest
 from scheduler_site.celery import app
 from tasks import services
 from tasks.models import Task, TaskEvent, TaskStatus
-from tests.e2e.conftest import beat, restart_broker, wait_for
+from tests.support.processes import restart_broker
+from tests.support.waiting import beat, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -16,9 +16,9 @@ from pilots import queues, services
 from pilots.models import ACTIVE_PILOT_STATUSES, PilotStatus, PilotSubmission
 from tasks import dispatch, execution
 from tasks.models import ACTIVE_STATUSES, Scheduler, Task, TaskStatus
-from tests.e2e.conftest import wait_for
 from tests.pilots.helpers import active_on, make_ce
 from tests.processes import run_in_processes
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 

@@ -1,6 +1,7 @@
 """The pull runner's HTTP client (tasks/pull_runner.py) against a real server: which answers
 it retries and how long, Retry-After, 401 final, one kept-alive connection, and retries that
-stop when told. The runner process end to end is in tests/e2e/test_runner.py."""
+stop when told; the runner's batch mode. The runner process end to end is in
+tests/e2e/test_runner.py."""
 
 from __future__ import annotations
 
@@ -13,9 +14,21 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from tasks.pull_runner import ApiClient, ApiError, ApiUnreachable, AuthRefused, retry_after_seconds
-from tests.e2e.conftest import free_port
+from tasks import services
+from tasks.models import Scheduler, TaskStatus
+from tasks.pull_runner import (
+    ApiClient,
+    ApiError,
+    ApiUnreachable,
+    AuthRefused,
+    PullRunner,
+    Work,
+    retry_after_seconds,
+)
+from tasks.registry import get_handler
 from tests.e2e.fault_proxy import DROP_ANSWER, Answer, FaultProxy
+from tests.support.processes import free_port
+from tests.tasks.helpers import fresh, history
 
 
 @pytest.fixture
@@ -156,3 +169,60 @@ def test_api_client__a_409_after_a_lost_answer_is_the_earlier_try_landed(
     assert refused.value.status == 409
     assert refused.value.landed("COMPLETED") is landed
     assert refused.value.landed("FAILED") is False
+
+
+def test_pull_runner__batch_pops_starts_and_reports_in_one_request_each(
+    proxy: FaultProxy, token: str, scheduler: Scheduler
+) -> None:
+    """--batch 3 over five tasks: two pops (3, then 2), each batch started and reported with
+    one POST /api/tasks/report/; every task ends COMPLETED with its result, through RUNNING."""
+    tasks = [services.task_push(scheduler_id=scheduler.id, data={"n": n}) for n in range(5)]
+    with ApiClient(proxy.url, token) as client:
+        runner = PullRunner(
+            client=client,
+            scheduler_id=scheduler.id,
+            work=Work(handler=get_handler("demo.echo")),
+            wait=0,
+            batch=3,
+            max_tasks=5,
+        )
+        assert runner.run() == 5
+
+    calls = [(seen.method, seen.path) for seen in proxy.seen]
+    pop, report = ("POST", f"/api/schedulers/{scheduler.id}/pop/"), ("POST", "/api/tasks/report/")
+    assert calls == [pop, report, report, pop, report, report]
+    assert [seen.body["limit"] for seen in proxy.seen if seen.path.endswith("/pop/")] == [3, 2]
+    for task in tasks:
+        done = fresh(task)
+        assert done.status == TaskStatus.COMPLETED
+        assert done.result == {"echo": task.data, "attempt": 1}
+        moves = [to for _, to, _ in history(done)]
+        assert moves == ["QUEUED", "DISPATCHED", "RUNNING", "COMPLETED"]
+
+
+def test_pull_runner__batch_skips_a_task_whose_start_was_refused(
+    proxy: FaultProxy, token: str, scheduler: Scheduler
+) -> None:
+    """A task cancelled between the pop and the batch start is answered 409 there: it is not
+    run and not reported; the other of the batch is."""
+    kept, cancelled = (services.task_push(scheduler_id=scheduler.id) for _ in range(2))
+    with ApiClient(proxy.url, token) as client:
+        runner = PullRunner(
+            client=client,
+            scheduler_id=scheduler.id,
+            work=Work(handler=get_handler("demo.echo")),
+            wait=0,
+            batch=2,
+        )
+        popped = runner._pop(2)
+        services.task_cancel(task_id=cancelled.id)
+        runner._run_batch(popped)
+
+    assert runner.done == 1
+    assert fresh(kept).status == TaskStatus.COMPLETED
+    assert fresh(cancelled).status == TaskStatus.CANCELLED
+    reports = [seen.body for seen in proxy.seen if seen.path == "/api/tasks/report/"]
+    assert [[r["id"] for r in body["reports"]] for body in reports] == [
+        [str(t.id) for t in (kept, cancelled)],
+        [str(kept.id)],
+    ]

@@ -6,6 +6,7 @@ import shlex
 import signal
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import CommandError, CommandParser
 
 from scheduler_site import tracing
@@ -87,6 +88,16 @@ class Command(OurCommand):
             help="Seconds to wait for one answer before retrying (default: 30).",
         )
         parser.add_argument(
+            "--batch",
+            type=_batch_size,
+            default=1,
+            metavar="N",
+            help="Pop up to N tasks at once, start and report them in one request each "
+            "(POST /api/tasks/report/) and run them one after another (default: 1). The whole "
+            "batch must finish within the queue's lease_seconds: only the running task is "
+            "heartbeaten.",
+        )
+        parser.add_argument(
             "--max-tasks",
             type=int,
             metavar="N",
@@ -124,6 +135,7 @@ class Command(OurCommand):
                 heartbeat_seconds=options["heartbeat"],
                 grace_seconds=options["grace"],
                 max_tasks=options["max_tasks"],
+                batch=options["batch"],
             )
             self._run(runner, options)
 
@@ -153,6 +165,15 @@ def _work(options: dict[str, Any]) -> Work:
 
 def _detail(body: Any) -> str:
     return str(body.get("detail", body)) if isinstance(body, dict) else str(body)
+
+
+def _batch_size(value: str) -> int:
+    # the API's pop limit bounds a batch: a larger one would be refused on every pop
+    if not value.isdigit() or not 1 <= int(value) <= settings.TASK_POP_MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a whole number from 1 to {settings.TASK_POP_MAX_LIMIT}"
+        )
+    return int(value)
 
 
 def _positive(value: str) -> float:

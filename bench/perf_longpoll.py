@@ -1,0 +1,130 @@
+"""Long-poll pop at idle (issue 12 §3): push → popped by a waiting runner, over HTTP.
+
+    scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_longpoll
+
+DATABASE_URL must be a throwaway PostgreSQL database. One gunicorn (production settings,
+gthread workers, as docs/deployment.md serves the API) ; R runner processes each loop on
+`POST /api/schedulers/{id}/pop/` with `"wait": 20` and a runner's token; the bench pushes one
+task at a time over HTTP (operator token) with its send time in `data`, waits until it was
+popped, idles a moment, and pushes the next. Latency: the runner's receipt of the pop's answer
+minus the push's send time (one machine, one clock); beside it, the push's own answer time
+(its share of the latency: the wake-up happens when the push commits, before it answers).
+Figures only: nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+from typing import Any
+
+from bench import perf_http
+
+SCHEDULER = "longpoll"
+
+
+def tokens() -> tuple[str, str]:
+    """A runner's and an operator's token, on a fresh pull queue."""
+    import django
+
+    django.setup()
+    from django.contrib.auth.models import Group, User
+    from django.core.management import call_command
+    from django.db import connection
+
+    from tasks import accounts
+    from tasks.models import Scheduler
+    from tasks.roles import OPERATORS, RUNNERS
+
+    call_command("migrate", verbosity=0, interactive=False)
+    Scheduler.objects.update_or_create(id=SCHEDULER, defaults={"paused": False})
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM tasks_taskevent")
+        cursor.execute("DELETE FROM tasks_task")
+    made = []
+    for name, role in (("lp-runner", RUNNERS), ("lp-operator", OPERATORS)):
+        user, _ = User.objects.get_or_create(username=name)
+        user.groups.add(Group.objects.get(name=role))
+        made.append(accounts.token_create(user=user)[1])
+    connection.close()
+    return made[0], made[1]
+
+
+def runner(port: int, token: str, out: Any, stop: Any) -> None:
+    while not stop.is_set():
+        status, body = perf_http.request(
+            port, "POST", f"/api/schedulers/{SCHEDULER}/pop/", {"wait": 5}, token
+        )
+        received = time.time()
+        if status != 200:
+            out.put(("error", status))
+            return
+        for task in json.loads(body)["results"]:
+            out.put(("popped", received - task["data"]["sent"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runners", type=int, default=4)
+    parser.add_argument("--pushes", type=int, default=60)
+    parser.add_argument("--idle", type=float, default=0.2, help="seconds between pushes")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args()
+    perf_http.configure_environment()
+    runner_token, operator_token = tokens()
+    serving = argparse.Namespace(workers=args.workers, worker_class="gthread", threads=args.threads)
+    latencies: list[float] = []
+    pushes: list[float] = []
+    with perf_http.gunicorn(perf_http.ROOT, serving) as (port, _pid):
+        out: Any = multiprocessing.Queue()
+        stop = multiprocessing.Event()
+        procs = [
+            multiprocessing.Process(target=runner, args=(port, runner_token, out, stop))
+            for _ in range(args.runners)
+        ]
+        for proc in procs:
+            proc.start()
+        time.sleep(2)  # every runner is waiting
+        for _ in range(args.pushes):
+            body = {"data": {"sent": time.time()}}
+            status, _ = perf_http.request(
+                port, "POST", f"/api/schedulers/{SCHEDULER}/push/", body, operator_token
+            )
+            pushes.append((time.time() - body["data"]["sent"]) * 1000)
+            assert status == 201, status
+            kind, value = out.get(timeout=30)
+            assert kind == "popped", (kind, value)
+            latencies.append(value * 1000)
+            time.sleep(args.idle)
+        stop.set()
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+    report(latencies, pushes, args)
+
+
+def report(latencies: list[float], pushes: list[float], args: argparse.Namespace) -> None:
+    print(
+        f"{args.runners} runners waiting (wait 5 s each pop), gunicorn -w {args.workers} "
+        f"-k gthread --threads {args.threads}, {len(latencies)} pushes at idle, "
+        f"{args.idle:.1f} s apart"
+    )
+    print("| ms | p50 | p90 | p99 | max |\n|---|---:|---:|---:|---:|")
+    for label, values in (
+        ("push sent → popped by a waiting runner", latencies),
+        ("push sent → push answered", pushes),
+    ):
+        ordered = sorted(values)
+        p90 = ordered[int(0.9 * (len(ordered) - 1))]
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        median = statistics.median(ordered)
+        print(f"| {label} | {median:.1f} | {p90:.1f} | {p99:.1f} | {ordered[-1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Service-layer pop, variants side by side (issue 12): prepared statements on or off, the
+old full hash/schedule indexes or the partial ones of migration 0012.
+
+    scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_pop
+
+DATABASE_URL must be a throwaway PostgreSQL database (production settings, not --tuned).
+Each cell: P processes call tasks.services.task_pop(limit=L) in a loop for T seconds; cells
+interleaved over the rounds (A B C A B C ...); medians. CPU per call: the clients' own, and
+their PostgreSQL backends' (from /proc). Figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEDULER = "perfpop"
+SEED_SQL = """
+    INSERT INTO tasks_task (id, scheduler_id, status, priority, data, error, traceback,
+        attempts, not_before, worker, lease_token, lock_waits, created_at, modified_at)
+    SELECT gen_random_uuid(), %(scheduler)s, %(status)s, 0, jsonb_build_object('n', g), '', '',
+        0, now() - interval '1 minute', '', '', 0, now() + g * interval '1 microsecond', now()
+    FROM generate_series(1, %(count)s) g
+"""
+OLD_INDEXES = (
+    "DROP INDEX IF EXISTS task_hash_idx",
+    "DROP INDEX IF EXISTS task_schedule_idx",
+    "CREATE INDEX task_hash_idx ON tasks_task (hash)",
+    "CREATE INDEX task_schedule_idx ON tasks_task (schedule_id, created_at)",
+)
+NEW_INDEXES = (
+    "DROP INDEX IF EXISTS task_hash_idx",
+    "DROP INDEX IF EXISTS task_schedule_idx",
+    "CREATE INDEX task_hash_idx ON tasks_task (hash) WHERE hash IS NOT NULL",
+    "CREATE INDEX task_schedule_idx ON tasks_task (schedule_id, created_at) "
+    "WHERE schedule_id IS NOT NULL",
+)
+VARIANTS = {
+    "before (no prepare, full indexes)": ({"DATABASE_PREPARE_THRESHOLD": "off"}, OLD_INDEXES),
+    "prepared, full indexes": ({"DATABASE_PREPARE_THRESHOLD": "5"}, OLD_INDEXES),
+    "after (prepared, partial indexes)": ({"DATABASE_PREPARE_THRESHOLD": "5"}, NEW_INDEXES),
+}
+
+
+def configure_environment() -> None:
+    os.environ["DJANGO_SETTINGS_MODULE"] = "scheduler_site.settings"
+    os.environ["DEBUG"] = "0"
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(48))
+    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
+        sys.exit("perf_pop: DATABASE_URL must point at a throwaway PostgreSQL database")
+
+
+def execute(*statements: str, params: dict | None = None) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement, params)
+
+
+def seed(queued: int, finished: int) -> None:
+    from django.core.management import call_command
+
+    from tasks.models import Scheduler
+
+    call_command("migrate", verbosity=0, interactive=False)
+    Scheduler.objects.update_or_create(id=SCHEDULER, defaults={"paused": False})
+    execute("DELETE FROM tasks_taskevent", "DELETE FROM tasks_task")
+    for status, count in (("QUEUED", queued), ("COMPLETED", finished)):
+        params = {"scheduler": SCHEDULER, "status": status, "count": count}
+        execute(SEED_SQL, params=params)
+    execute("VACUUM ANALYZE tasks_task")
+
+
+def process_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_pid() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def child(limit: int, seconds: float) -> None:
+    import django
+
+    django.setup()
+    from tasks import services
+
+    services.task_pop(scheduler_id=SCHEDULER, limit=limit, worker="warm")
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())  # every child connected and warmed: the clock starts
+    backend = backend_pid()
+    time.sleep(max(0.0, start - time.time()))
+    cpu, pg_cpu = time.process_time(), process_cpu(backend)
+    popped, end = 0, start + seconds
+    while time.time() < end:
+        popped += len(services.task_pop(scheduler_id=SCHEDULER, limit=limit, worker="perf"))
+    print(popped, time.process_time() - cpu, process_cpu(backend) - pg_cpu, flush=True)
+
+
+def run_cell(env: dict[str, str], args: argparse.Namespace) -> tuple[float, float, float]:
+    command = [sys.executable, "-m", "bench.perf_pop", "--child", str(args.limit)]
+    command.append(str(args.seconds))
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(args.processes)
+    ]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    start = time.time() + 0.2
+    for proc in procs:
+        proc.stdin.write(f"{start}\n")
+        proc.stdin.flush()
+    outputs = [proc.communicate()[0].split() for proc in procs]
+    pg_cpu = sum(float(out[2]) for out in outputs)
+    popped = sum(int(out[0]) for out in outputs)
+    client_cpu = sum(float(out[1]) for out in outputs)
+    calls = max(popped / args.limit, 1)
+    return popped / args.seconds, 1000 * client_cpu / calls, 1000 * pg_cpu / calls
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        configure_environment()
+        child(int(sys.argv[2]), float(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=1)
+    parser.add_argument("--finished", type=int, default=10_000)
+    parser.add_argument("--queued", type=int, default=400_000)
+    args = parser.parse_args()
+    configure_environment()
+    import django
+
+    django.setup()
+    seed(args.queued, args.finished)
+    results: dict[str, list[tuple[float, float, float]]] = {}
+    for number in range(args.rounds):
+        for name, (env, ddl) in VARIANTS.items():
+            execute(*ddl)
+            results.setdefault(name, []).append(outcome := run_cell(env, args))
+            print(
+                f"round {number + 1} {name}: {outcome[0]:.0f} tasks/s, client "
+                f"{outcome[1]:.3f} + PostgreSQL {outcome[2]:.3f} ms CPU/call",
+                flush=True,
+            )
+    execute(*NEW_INDEXES)
+    report(results, args)
+
+
+def report(results: dict[str, list[tuple[float, float, float]]], args: argparse.Namespace) -> None:
+    print(
+        f"\n{args.processes} processes, limit {args.limit}, {args.finished} finished rows, "
+        f"{args.rounds} rounds x {args.seconds:.0f} s interleaved, medians (min-max)"
+    )
+    print("| variant | tasks/s | min-max | client ms CPU/call | PostgreSQL ms CPU/call |")
+    print("|---|---:|---:|---:|---:|")
+    first = None
+    for name, values in results.items():
+        rates = [value[0] for value in values]
+        rate = statistics.median(rates)
+        first = first or rate
+        client = statistics.median(value[1] for value in values)
+        pg = statistics.median(value[2] for value in values)
+        print(
+            f"| {name} | {rate:.0f} ({rate / first:.2f}x) | {min(rates):.0f}-{max(rates):.0f} "
+            f"| {client:.3f} | {pg:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

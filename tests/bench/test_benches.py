@@ -1,0 +1,81 @@
+"""Each bench, run as `make bench-*` runs it but with tiny sizes, against the test database:
+it must finish, measure every contender it has, and print its markdown tables. Figures are
+not checked (no timing assertions); only that the tool works. PostgreSQL only, as the benches.
+The peers (procrastinate, pgqueuer) are measured when the bench extra is installed; without
+it the pop bench must say that it left them out, and why."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+from django.db import connection
+
+from tests.support.processes import ROOT, database_url
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+POP_KEYS = (
+    "raw-1,raw-100,procrastinate-1,pgqueuer-1,pgqueuer-100,ours-1,ours-100,ours-1-1m,"
+    "http-pop-1,http-push-100,http-report-100,plain-pop-1"
+)
+
+
+def run_bench(module: str, *args: str, **environ: str) -> str:
+    env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict, "postgresql")}
+    env.update(environ)
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return done.stdout
+
+
+def test_pop_bench__tiny_run_measures_every_contender_and_prints_the_tables() -> None:
+    out = run_bench(
+        "bench.pop_bench",
+        *("--tasks", "40", "--rounds", "1", "--processes", "2", "--finished", "100"),
+        *("--http-workers", "1", "--max-seconds", "10", "--only", POP_KEYS),
+    )
+    assert "## Throughput (median of the interleaved rounds)" in out
+    assert "| **ours** `task_pop` limit 1 | **" in out
+    assert "| HTTP batch report 100 | **" in out
+    assert "| ours limit 1 at 1M finished / at 0 finished | **" in out
+    assert "error(s)" not in out
+    for package, row in (
+        ("procrastinate", "| procrastinate `procrastinate_fetch_job_v2` | **"),
+        ("pgqueuer", "| pgqueuer dequeue, batch 100 | **"),
+    ):
+        if importlib.util.find_spec(package) is None:
+            assert f"{package} is not installed" in out
+        else:
+            assert row in out
+
+
+def test_tick_bench__tiny_run_checks_what_it_materialised() -> None:
+    out = run_bench("bench.tick_bench", "--schedules", "200", "--beat", "200")
+    assert "## Idle tick (nothing due)" in out
+    assert "ok: 2 tasks for 2 schedules, 0 still due" in out
+    assert "| 200 | " in out  # beat's DatabaseScheduler row
+
+
+def test_worker_bench__tiny_run_measures_latency_and_throughput() -> None:
+    redis = os.environ.get("TEST_REDIS_URL", "")
+    assert redis, "the PostgreSQL leg runs with scripts/with-redis.sh: TEST_REDIS_URL is missing"
+    out = run_bench(
+        "bench.worker_bench",
+        *("--samples", "3", "--tasks", "20", "--warmup", "5", "--no-embedded"),
+    )
+    assert "| PostgreSQL + Redis (PostgreSQL " in out
+    assert "| 20 | `demo.echo` via `tasks.run_task`" in out
+    assert "failed" not in out

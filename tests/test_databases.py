@@ -1,0 +1,46 @@
+"""The database helpers of scheduler_site/databases.py: DATABASE_PREPARE_THRESHOLD, and on
+PostgreSQL that the queue's hot statements are prepared and run their generic plan while the
+ORM's queries are not prepared at all."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
+
+from scheduler_site.databases import prepare_threshold
+from tasks import services
+
+
+@pytest.mark.parametrize(("text", "wanted"), [("5", 5), ("0", 0), ("off", None), (" ", None)])
+def test_prepare_threshold__a_number_or_off(
+    monkeypatch: pytest.MonkeyPatch, text: str, wanted: int | None
+) -> None:
+    monkeypatch.setenv("DATABASE_PREPARE_THRESHOLD", text)
+    assert prepare_threshold() == wanted
+
+
+def test_prepare_threshold__anything_else_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_PREPARE_THRESHOLD", "often")
+    with pytest.raises(ImproperlyConfigured, match="DATABASE_PREPARE_THRESHOLD"):
+        prepare_threshold()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_prepared_cursor__the_pop_is_prepared_with_its_generic_plan_the_orm_is_not() -> None:
+    services.scheduler_create(id="prep")
+    for _ in range(8):
+        services.task_push(scheduler_id="prep")
+        assert len(services.task_pop(scheduler_id="prep")) == 1
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+        prepared = cursor.fetchall()
+    popped = [row[1:] for row in prepared if "'popped'" in row[0]]
+    # psycopg prepares it once it has run 5 times (the test settings keep the default): runs
+    # 6 to 8 are its generic plan, none a custom one.
+    assert popped == [(3, 0)]
+    # The pushes ran as often through the ORM (client-side binding): never prepared.
+    assert [row[0] for row in prepared if "'popped'" not in row[0]] == []
