@@ -21,6 +21,7 @@ from schedules.policies import FALLBACK, allocate
 from tasks import queue as task_queue
 from tasks import services as task_services
 from tasks.exceptions import DuplicateTask, SchedulerNotFound
+from tasks.flowkeys import parse_rate
 from tasks.models import Scheduler, Task, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -245,12 +246,20 @@ def _room(scheduler_id: str, batch_size: int) -> tuple[Scheduler | None, int]:
     scheduler = Scheduler.objects.filter(id=scheduler_id).first()
     if scheduler is None or scheduler.paused:
         return scheduler, 0
-    if not scheduler.max_queue_size:
+    rate = parse_rate(scheduler.rate_limit)
+    if not scheduler.max_queue_size and rate is None:
         return scheduler, batch_size
     # Same lock as a bounded push, so tick and pushes together never pass the bound.
     scheduler = Scheduler.objects.select_for_update(no_key=True).get(id=scheduler_id)
     queued = Task.objects.filter(scheduler=scheduler, status=TaskStatus.QUEUED).count()
-    return scheduler, min(batch_size, scheduler.max_queue_size - queued)
+    bounds = [batch_size]
+    if scheduler.max_queue_size:
+        bounds.append(scheduler.max_queue_size - queued)
+    if rate is not None:
+        # A rate-limited queue gets at most one rate window of work ahead: more would only
+        # wait in the queue and age (DESIGN §9.4, the orchestrator doesn't overfill it).
+        bounds.append(rate.count - queued)
+    return scheduler, min(bounds)
 
 
 def _pick(scheduler: Scheduler, *, room: int, now: datetime) -> list[Schedule]:

@@ -150,6 +150,10 @@ class SchedulerAdmin(admin.ModelAdmin):
         "retry_policy",
         "max_attempts",
         "dead_letter",
+        "rate_limit",
+        "concurrency_key",
+        "concurrency_limit",
+        "fair_key",
     ]
     list_filter = ["kind", "celery_queue", "paused", "retry_policy", "dead_letter"]
     search_fields = ["id", "description", "handler", "celery_queue"]
@@ -168,6 +172,11 @@ class SchedulerAdmin(admin.ModelAdmin):
         if obj is not None and obj.system:
             return False
         return super().has_delete_permission(request, obj)
+
+    def save_model(self, request: HttpRequest, obj: Scheduler, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change and {"concurrency_key", "fair_key"} & set(form.changed_data):
+            services.scheduler_flow_keys_changed(scheduler=obj)
 
     @admin.display(description="queued")
     def queued(self, scheduler: Scheduler) -> int:

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from scheduler_site import tracing
 from scheduler_site.celery import app
-from tasks import queue, services
+from tasks import flow, queue, services
 from tasks.exceptions import TransitionRefused
 from tasks.metrics import DISPATCH_SECONDS
 from tasks.models import Scheduler, SchedulerKind, Task, TaskStatus
@@ -46,31 +48,60 @@ def dispatch_scheduler(scheduler_id: str) -> int:
         room = scheduler.dispatch_threshold - in_broker
         if room <= 0:
             return 0
-        now = timezone.now()
-        tasks = queue.claim_queued(
-            scheduler_id=scheduler.id,
-            limit=room,
-            now=now,
-            values={
-                "status": TaskStatus.DISPATCHED,
-                "attempts": queue.Sql('"attempts" + 1'),
-                # Until a worker claims it, the lease is the claim timeout: a message the
-                # broker lost must not hold the queue's threshold for a whole lease.
-                "lease_expires_at": now + timedelta(seconds=settings.TASK_CLAIM_TIMEOUT_SECONDS),
-                "worker": services.DISPATCHER,
-                "modified_at": now,
-            },
-        )
-        queue.record_events(
-            tasks,
-            from_status=TaskStatus.QUEUED,
-            actor=services.DISPATCHER,
-            note="dispatched",
-            at=now,
-        )
+        if scheduler.flow_controlled:
+            tasks = _dispatch_flow(scheduler, room)
+        else:
+            now = timezone.now()
+            tasks = queue.claim_queued(
+                scheduler_id=scheduler.id, limit=room, now=now, values=_dispatch_values(now)
+            )
+            queue.record_events(
+                tasks,
+                from_status=TaskStatus.QUEUED,
+                actor=services.DISPATCHER,
+                note="dispatched",
+                at=now,
+            )
         handler_name, celery_queue = scheduler.handler, scheduler.celery_queue
         transaction.on_commit(lambda: _send(tasks, handler_name, celery_queue, scheduler.id))
     return len(tasks)
+
+
+def _dispatch_values(now: datetime) -> dict[str, Any]:
+    return {
+        "status": TaskStatus.DISPATCHED,
+        "attempts": queue.Sql('"attempts" + 1'),
+        # Until a worker claims it, the lease is the claim timeout: a message the broker
+        # lost must not hold the queue's threshold for a whole lease.
+        "lease_expires_at": now + timedelta(seconds=settings.TASK_CLAIM_TIMEOUT_SECONDS),
+        "worker": services.DISPATCHER,
+        "modified_at": now,
+    }
+
+
+def _dispatch_flow(scheduler: Scheduler, room: int) -> list[Task]:
+    """A flow-controlled celery queue: what its rate, concurrency and fair share allow. When
+    the rate stopped it, one delayed dispatch is sent for its next token, so the queue runs
+    at its rate rather than at the periodic dispatcher's."""
+    handout = flow.claim(
+        scheduler=scheduler,
+        limit=room,
+        values_at=_dispatch_values,
+        actor=services.DISPATCHER,
+        note="dispatched",
+        retry_by_dispatch=True,
+    )
+    if handout.send_retry:
+        countdown, scheduler_id = handout.retry_in, scheduler.id
+        transaction.on_commit(
+            lambda: current_app.send_task(
+                "tasks.dispatch_scheduler",
+                args=[scheduler_id],
+                countdown=countdown,
+                queue=settings.CELERY_SYSTEM_QUEUE,  # beside the periodic dispatcher
+            )
+        )
+    return handout.tasks
 
 
 def _send(
@@ -185,6 +216,14 @@ def refill_on_claim(task: Task) -> None:
     dry meanwhile. A full dispatch round (row lock, claim, events, send) after every single
     task made workers queue on the scheduler row."""
     if getattr(task, "broker_room", None) is not None:
+        _dispatch_quietly(task.scheduler_id)
+
+
+def refill_after_run(task: Task) -> None:
+    """After an attempt of a queue with a concurrency limit ended: its slot is free, so a
+    task its value held back may go now (rather than at the next periodic round). Only such
+    queues' tasks carry a concurrency value: the others cost nothing here."""
+    if task.concurrency_value is not None:
         _dispatch_quietly(task.scheduler_id)
 
 

@@ -198,6 +198,7 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
         return _run(task, handler, lock_names, worker=worker)
     finally:
         locks.release(lock_names, owner=str(task.id))
+        dispatch.refill_after_run(task)
 
 
 def _reconnecting(call: Callable[[], T]) -> T:

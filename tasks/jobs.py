@@ -34,6 +34,12 @@ def dispatch_tasks() -> dict[str, int]:
     return dispatch.dispatch_all()
 
 
+@shared_task(name="tasks.dispatch_scheduler", ignore_result=True)
+def dispatch_scheduler(scheduler_id: str) -> int:
+    """One queue's dispatch round (sent delayed for a rate-limited queue's next token)."""
+    return dispatch.dispatch_scheduler(scheduler_id)
+
+
 @shared_task(name="tasks.queue_stats_rollup", ignore_result=True)
 def queue_stats_rollup() -> int:
     return stats.queue_stats_rollup()

@@ -16,6 +16,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from scheduler_site import writers
+from tasks.flowkeys import data_key_validator, key_value, parse_rate, rate_limit_validator
 
 POLICIES = (
     "most_overdue_first",
@@ -162,6 +163,33 @@ class Scheduler(models.Model):
         help_text="Orchestrator: share of the free room per policy, e.g. "
         '{"most_overdue_first": 49, "never_run_first": 49, "least_recently_run_first": 2}.',
     )
+    # Flow control (DESIGN §9.4; applied by tasks.flow, on a path of its own).
+    rate_limit = models.CharField(
+        max_length=20,
+        blank=True,
+        validators=[rate_limit_validator],
+        help_text="Most hand-outs (pops and dispatches together) per second, minute or hour, "
+        'e.g. "100/s", "600/m", "1000/h". Empty: no limit.',
+    )
+    concurrency_key = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[data_key_validator],
+        help_text="A key of the task data (dots reach into objects, e.g. org.id): at most "
+        "concurrency_limit active tasks per value of it. Empty: no limit.",
+    )
+    concurrency_limit = models.PositiveIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(1_000_000)],
+        help_text="With concurrency_key: most DISPATCHED + RUNNING tasks per value.",
+    )
+    fair_key = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[data_key_validator],
+        help_text="A key of the task data: hand-outs take turns across its values (priority "
+        "order within a value). Empty: plain queue order.",
+    )
     system = models.BooleanField(
         default=False, editable=False, help_text="Made by the system for itself: not deletable."
     )
@@ -173,6 +201,11 @@ class Scheduler(models.Model):
 
     def __str__(self) -> str:
         return self.id
+
+    @property
+    def flow_controlled(self) -> bool:
+        """Whether hand-outs take the flow path (tasks.flow) instead of the plain pop."""
+        return bool(self.rate_limit or self.concurrency_key or self.fair_key)
 
     def clean(self) -> None:
         weights = self.policy_weights
@@ -196,6 +229,10 @@ class Scheduler(models.Model):
             unknown_handler := writers.call("handler_problem", name=self.handler)
         ):
             errors["handler"] = unknown_handler
+        try:
+            parse_rate(self.rate_limit)
+        except ValueError:
+            errors["rate_limit"] = 'Use a count per s, m or h, e.g. "100/s", "600/m", "1000/h".'
         if self.retry_max_delay_seconds < self.retry_delay_seconds:
             errors["retry_max_delay_seconds"] = "Must not be less than retry_delay_seconds."
         if errors:
@@ -242,6 +279,8 @@ class TaskQuerySet(models.QuerySet["Task"]):
 
     def bulk_create(self, objs: Iterable[Task], *args: Any, **kwargs: Any) -> list[Task]:
         _refuse_outside_writer("bulk_create")
+        objs = list(objs)
+        stamp_flow_values(objs)
         return super().bulk_create(objs, *args, **kwargs)
 
     def bulk_update(
@@ -298,6 +337,11 @@ class Task(models.Model):
     lock_waits = models.PositiveIntegerField(
         default=0, help_text="Times handed back because a lock was held (grows the delay)."
     )
+    # The task's values of its scheduler's concurrency_key and fair_key, set at insert: an
+    # indexed column lets the flow path (tasks.flow) seek the next value instead of reading
+    # the JSON of every queued row. NULL: the scheduler has no such key (or the data lacks it).
+    concurrency_value = models.CharField(max_length=255, null=True, blank=True, editable=False)  # noqa: DJ001
+    fair_value = models.CharField(max_length=255, null=True, blank=True, editable=False)  # noqa: DJ001
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     modified_at = models.DateTimeField(default=timezone.now)
 
@@ -333,6 +377,18 @@ class Task(models.Model):
                 condition=Q(schedule__isnull=False),
                 name="task_schedule_idx",
             ),
+            # The flow path's seeks: the next value after a cursor, and a value's head in
+            # queue order. Partial, so tasks of plain queues cost nothing here.
+            models.Index(
+                fields=["scheduler", "fair_value", "priority", "created_at", "id"],
+                condition=Q(status="QUEUED", fair_value__isnull=False),
+                name="task_fair_idx",
+            ),
+            models.Index(
+                fields=["scheduler", "concurrency_value", "priority", "created_at", "id"],
+                condition=Q(status="QUEUED", concurrency_value__isnull=False),
+                name="task_concurrency_idx",
+            ),
         ]
         constraints = [
             # Dedup is the database's job: check-then-insert loses under concurrency.
@@ -351,6 +407,11 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scheduler_id}/{self.id} {self.status}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self._state.adding:
+            stamp_flow_values([self])
+        super().save(*args, **kwargs)
 
     @property
     def is_active(self) -> bool:
@@ -384,6 +445,62 @@ class Task(models.Model):
 
     def _write(self, name: str, **kwargs: Any) -> Task:
         return writers.call(name, task_id=self.id, **kwargs)
+
+
+def stamp_flow_values(tasks: Sequence[Task]) -> None:
+    """Set the concurrency and fair values of new tasks from their scheduler's keys (the
+    cached scheduler when the caller holds it, else one read for all of them)."""
+    new = [task for task in tasks if task._state.adding]
+    missing = {t.scheduler_id for t in new if not Task.scheduler.is_cached(t)}
+    keys = {
+        row[0]: row[1:]
+        for row in Scheduler.objects.filter(id__in=missing).values_list(
+            "id", "concurrency_key", "fair_key"
+        )
+    }
+    for task in new:
+        if Task.scheduler.is_cached(task):
+            concurrency_key, fair_key = task.scheduler.concurrency_key, task.scheduler.fair_key
+        else:
+            concurrency_key, fair_key = keys.get(task.scheduler_id, ("", ""))
+        # A task without the key has the value "": those tasks share one limit, one turn.
+        task.concurrency_value = flow_value(task.data, concurrency_key)
+        task.fair_value = flow_value(task.data, fair_key)
+
+
+def flow_value(data: Any, key: str) -> str | None:
+    return (key_value(data, key) or "") if key else None
+
+
+class FlowState(models.Model):
+    """A flow-controlled scheduler's hand-out state. Its row is the lock every hand-out of
+    that scheduler (pop or dispatch) takes first, so the counts it then reads are exact."""
+
+    scheduler = models.OneToOneField(
+        Scheduler, on_delete=models.CASCADE, primary_key=True, related_name="flow_state"
+    )
+    fair_cursor = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    redispatch_at_us = models.BigIntegerField(
+        null=True, blank=True, help_text="A delayed dispatch is due then (rate-limited queues)."
+    )
+
+    def __str__(self) -> str:
+        return f"flow state of {self.scheduler_id}"
+
+
+class FlowHandout(models.Model):
+    """One hand-out batch of a rate-limited scheduler, kept for one rate window: the
+    sliding window's log (at: microseconds since the epoch)."""
+
+    scheduler = models.ForeignKey(Scheduler, on_delete=models.CASCADE, db_index=False)
+    at_us = models.BigIntegerField()
+    count = models.PositiveIntegerField()
+
+    class Meta:
+        indexes = [models.Index(fields=["scheduler", "at_us"], name="flow_handout_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.scheduler_id}: {self.count} at {self.at_us}"
 
 
 class StatusEvent(models.Model):

@@ -66,6 +66,10 @@ SCHEDULER_SETTABLE = (
     "retry_jitter",
     "dead_letter",
     "policy_weights",
+    "rate_limit",
+    "concurrency_key",
+    "concurrency_limit",
+    "fair_key",
 )
 
 

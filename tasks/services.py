@@ -7,6 +7,7 @@ are importable from here too."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from scheduler_site import tracing
-from tasks import queue, wakeups
+from tasks import flow, queue, wakeups
 from tasks.exceptions import (
     DuplicateTask,
     InvalidRequest,
@@ -72,12 +73,27 @@ def scheduler_create(*, id: str, **fields: Any) -> Scheduler:
 
 
 def scheduler_update(*, scheduler: Scheduler, **fields: Any) -> Scheduler:
+    keys_before = (scheduler.concurrency_key, scheduler.fair_key)
     for name, value in fields.items():
         setattr(scheduler, name, value)
     scheduler.modified_at = timezone.now()
     scheduler.full_clean()
-    scheduler.save(update_fields=[*fields, "modified_at"])
+    with transaction.atomic():
+        scheduler.save(update_fields=[*fields, "modified_at"])
+        if (scheduler.concurrency_key, scheduler.fair_key) != keys_before:
+            scheduler_flow_keys_changed(scheduler=scheduler)
     return scheduler
+
+
+def scheduler_flow_keys_changed(*, scheduler: Scheduler) -> int:
+    """The queue's concurrency_key or fair_key changed: its active tasks' key values again
+    (they were taken from the data at push, under the old keys)."""
+    with transaction.atomic():
+        restamped = flow.restamp(scheduler)
+    logger.info(
+        "scheduler %s: flow keys changed, %d active tasks restamped", scheduler.id, restamped
+    )
+    return restamped
 
 
 def scheduler_set_paused(*, scheduler_id: str, paused: bool, actor: str = "") -> Scheduler:
@@ -208,24 +224,27 @@ def task_pop(
     pop = {"scheduler_id": scheduler_id, "limit": limit, "filters": filters, "worker": worker}
     if not wait:
         with POP_SECONDS.labels(scheduler_id).time():
-            tasks = _pop(**pop)
+            tasks = _pop(**pop)[0]
         tracing.record_handouts("task.pop", tasks)
         return tasks
     deadline = time.monotonic() + wait
     with wakeups.listening():
         while True:
             with POP_SECONDS.labels(scheduler_id).time():
-                tasks = _pop(**pop)
+                tasks, next_token_in = _pop(**pop)
             remaining = deadline - time.monotonic()
             if tasks or remaining <= 0:
                 tracing.record_handouts("task.pop", tasks)
                 return tasks
-            wakeups.wait_for_work(scheduler_id, timeout=remaining)
+            # A rate-limited queue: the wait also ends when its next token is due.
+            wakeups.wait_for_work(scheduler_id, timeout=min(remaining, next_token_in))
 
 
 def _pop(
     *, scheduler_id: str, limit: int, filters: Mapping[str, Any] | None, worker: str
-) -> list[Task]:
+) -> tuple[list[Task], float]:
+    """The tasks popped, and the seconds until a rate-limited queue's next token (inf when
+    the rate did not stop the pop)."""
     now = timezone.now()
     if not filters and queue.ONE_STATEMENT_WRITES:
         # The hot path: one round trip; an empty answer says why in a second query.
@@ -233,7 +252,7 @@ def _pop(
             scheduler_id=scheduler_id, limit=limit, now=now, worker=worker[:200]
         )
         if tasks:
-            return tasks
+            return tasks, math.inf
     scheduler = get_scheduler(scheduler_id)
     if scheduler.kind == SchedulerKind.CELERY:
         raise TransitionRefused(
@@ -241,9 +260,32 @@ def _pop(
             "workers, not popped.",
             current_status="",
         )
-    if scheduler.paused or (not filters and queue.ONE_STATEMENT_WRITES):
-        return []
-    return _pop_filtered(scheduler, limit=limit, filters=filters, worker=worker, now=now)
+    if scheduler.paused:
+        return [], math.inf
+    if scheduler.flow_controlled:  # never the plain statement's: it skips these queues
+        handout = flow.claim(
+            scheduler=scheduler,
+            limit=limit,
+            values_at=lambda at: _pop_values(scheduler, worker=worker, now=at),
+            actor=worker,
+            note="popped",
+            filters=filters,
+        )
+        return handout.tasks, handout.retry_in
+    if not filters and queue.ONE_STATEMENT_WRITES:
+        return [], math.inf
+    return _pop_filtered(scheduler, limit=limit, filters=filters, worker=worker, now=now), math.inf
+
+
+def _pop_values(scheduler: Scheduler, *, worker: str, now: datetime) -> dict[str, Any]:
+    return {
+        "status": TaskStatus.DISPATCHED,
+        "attempts": queue.Sql('"attempts" + 1'),
+        "lease_expires_at": now + timedelta(seconds=scheduler.lease_seconds),
+        "worker": worker[:200],
+        "modified_at": now,
+        "lease_token": queue.new_lease_token(),
+    }
 
 
 def _pop_filtered(
@@ -254,14 +296,7 @@ def _pop_filtered(
     worker: str,
     now: datetime,
 ) -> list[Task]:
-    values = {
-        "status": TaskStatus.DISPATCHED,
-        "attempts": queue.Sql('"attempts" + 1'),
-        "lease_expires_at": now + timedelta(seconds=scheduler.lease_seconds),
-        "worker": worker[:200],
-        "modified_at": now,
-        "lease_token": queue.new_lease_token(),
-    }
+    values = _pop_values(scheduler, worker=worker, now=now)
     with transaction.atomic():
         tasks = queue.claim_queued(
             scheduler_id=scheduler.id, limit=limit, now=now, values=values, filters=filters

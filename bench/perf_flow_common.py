@@ -1,0 +1,87 @@
+"""Shared by bench/perf_flow_*.py: the pop cost of a flow-controlled queue against a plain one
+(DESIGN §9.4, issue 15 part 8), one process, PostgreSQL.
+
+    scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_flow_fair [--quick]
+
+It writes to the database in DATABASE_URL (a throwaway one: it seeds and deletes queues).
+Each cell seeds a queue, pops `pops` single tasks from it and prints the median microseconds
+per pop and the ratio to the plain queue of the same size. Figures only, no assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def setup(name: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"flow-control pop cost: {name}")
+    parser.add_argument("--quick", action="store_true", help="small queues, fewer pops")
+    parser.add_argument("--pops", type=int, default=300)
+    args = parser.parse_args()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
+    os.environ.setdefault("DEBUG", "1")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("CELERY_BROKER_URL", "filesystem://")
+    if not os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
+        sys.exit(f"{name}: DATABASE_URL must point at a throwaway PostgreSQL database.")
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0, interactive=False)
+    if args.quick:
+        args.pops = min(args.pops, 100)
+    return args
+
+
+def fresh_queue(scheduler_id: str, **settings: Any) -> None:
+    from tasks import services
+    from tasks.models import Scheduler
+
+    Scheduler.objects.filter(id=scheduler_id).delete()
+    services.scheduler_create(id=scheduler_id, **settings)
+
+
+def seed(scheduler_id: str, count: int, data: Callable[[int], dict[str, Any]]) -> None:
+    from django.db import connection
+    from django.utils import timezone
+
+    from tasks import queue
+    from tasks.models import Scheduler, Task
+
+    scheduler, now = Scheduler.objects.get(id=scheduler_id), timezone.now()
+    for start in range(0, count, 5000):
+        rows = [
+            Task(scheduler=scheduler, data=data(n), priority=n % 7, created_at=now, modified_at=now)
+            for n in range(start, min(start + 5000, count))
+        ]
+        queue.insert_queued(rows, actor="bench", note="seeded", at=now)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE tasks_task")
+
+
+def pop_cost_us(scheduler_id: str, pops: int) -> float:
+    """Median microseconds of a pop of one task (the first few pops warm the caches)."""
+    from tasks import services
+
+    costs = []
+    for _ in range(pops + 10):
+        started = time.perf_counter()
+        got = services.task_pop(scheduler_id=scheduler_id, limit=1, worker="bench")
+        costs.append((time.perf_counter() - started) * 1e6)
+        if not got:
+            raise SystemExit(f"{scheduler_id}: queue ran dry; seed more")
+    return statistics.median(costs[10:])
+
+
+def report(rows: list[tuple[str, int, float, float]]) -> None:
+    print(f"{'cell':34} {'queued':>8} {'us/pop':>9} {'x plain':>8}")
+    for cell, size, cost, plain in rows:
+        print(f"{cell:34} {size:8} {cost:9.0f} {cost / plain:8.2f}")
+    print("target: <= 1.30 x plain per feature, flat with queue size")

@@ -1,0 +1,340 @@
+"""Flow control: the hand-out path of schedulers with a `rate_limit`, a `concurrency_key` or a
+`fair_key` (DESIGN §9.4). Pops (tasks.services) and dispatches (tasks.dispatch) of such a
+queue both come here; the plain pop statement never hands out from one.
+
+Exactness comes from one lock: every hand-out of a flow-controlled scheduler first locks its
+FlowState row, in the transaction that then counts, picks, claims and logs. So the window and
+active counts it reads cannot change under it by another hand-out (other writers only end
+attempts, which makes the counts err on the safe side until they commit). The cost is that the
+hand-outs of one such queue take turns (a few statements each); other queues are not touched.
+
+- rate_limit: a sliding-window log (FlowHandout, one row per hand-out batch, pruned as it
+  leaves the window). Exact: no window of the rate's length ever holds more than its count,
+  where a token bucket of that size would allow up to twice as many across a refill. Cheap: at
+  most `count` rows, summed through an index, and one row written per batch, not per task.
+- concurrency_key: active counts per value from DISPATCHED + RUNNING (O(active) through
+  task_status_idx); the queue head is scanned in order for a bounded stretch, and when blocked
+  values crowd it, one seek per value (task_concurrency_idx) finds each other value's head.
+- fair_key: round robin over values in their sort order, from a persisted cursor: the next
+  value is one index seek (task_fair_idx) and its head another, whatever the number of values.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from tasks import queue
+from tasks.flowkeys import Rate, parse_rate
+from tasks.models import ACTIVE_STATUSES, Scheduler, Task, TaskStatus, flow_value
+
+# How far down the queue a concurrency-limited pick reads in order before it switches to one
+# seek per value: enough that a blocked value or two at the head costs nothing extra.
+SCAN_FACTOR, SCAN_EXTRA = 2, 16
+
+
+@dataclass
+class Handout:
+    tasks: list[Task]
+    # Seconds until the rate limit allows the next hand-out (inf: the rate did not stop it).
+    retry_in: float = math.inf
+    # A delayed dispatch should be sent (rate-limited celery queues; at most one pending).
+    send_retry: bool = False
+
+
+@dataclass
+class _State:
+    cursor: str | None
+    redispatch_at_us: int | None
+
+
+def _us(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def claim(
+    *,
+    scheduler: Scheduler,
+    limit: int,
+    values_at: Callable[[datetime], Mapping[str, Any]],
+    actor: str,
+    note: str,
+    filters: Mapping[str, Any] | None = None,
+    retry_by_dispatch: bool = False,
+) -> Handout:
+    """Hand out up to `limit` due tasks of a flow-controlled scheduler: as many as its rate
+    allows now, none whose concurrency value is at its limit, in fair-share turns. The tasks
+    get `values_at(now)` (status DISPATCHED, lease, …) and a "QUEUED → DISPATCHED" event."""
+    with transaction.atomic():
+        state = _lock(scheduler.id)
+        # Active counts first, then the clock: an attempt they saw end ended before `now`,
+        # so the events' times show the limit held (tests rebuild the overlaps from them).
+        room = _room(scheduler)
+        now = timezone.now()  # read under the lock: hand-outs are logged in lock order
+        rate = parse_rate(scheduler.rate_limit)
+        allowed, window = limit, []
+        if rate is not None:
+            window = queue.flow_execute("flow_window", [scheduler.id, _us(now) - rate.window_us])
+            allowed = min(limit, rate.count - sum(count for _, count in window))
+            if allowed <= 0:
+                return _rate_blocked(scheduler, state, window, rate, now, retry_by_dispatch)
+        if _rate_only(scheduler, filters) and queue.ONE_STATEMENT_WRITES:
+            # Pick and claim in one statement: nothing to skip, plain queue order.
+            claims = {"in_order": (scheduler.id, allowed)}
+            return Handout(_take(values_at(now), actor, note, now, scheduler, claims))
+        picker = _Picker(
+            scheduler=scheduler, now=now, filters=filters, cursor=state.cursor, room=room
+        )
+        claims: dict[str, Any] = {"task_ids": picker.pick(allowed)}
+        moved = picker.cursor != state.cursor
+        if moved and queue.ONE_STATEMENT_WRITES and claims["task_ids"]:
+            claims["cursor_save"] = (scheduler.id, picker.cursor)  # in the claim statement
+        elif moved:
+            _save(scheduler.id, picker.cursor, state.redispatch_at_us)
+        tasks = _take(values_at(now), actor, note, now, scheduler, claims)
+    return Handout(tasks)
+
+
+def _rate_only(scheduler: Scheduler, filters: Mapping[str, Any] | None) -> bool:
+    return not (scheduler.concurrency_key or scheduler.fair_key or filters)
+
+
+def _lock(scheduler_id: str) -> _State:
+    rows = queue.flow_execute("flow_state_lock", [scheduler_id])
+    if not rows:  # the queue's first flow hand-out; two at once both insert, one row stays
+        queue.flow_execute("flow_state_create", [scheduler_id])
+        rows = queue.flow_execute("flow_state_lock", [scheduler_id])
+    return _State(cursor=rows[0][0], redispatch_at_us=rows[0][1])
+
+
+def _room(scheduler: Scheduler) -> dict[str, int]:
+    """Free slots per concurrency value that has active tasks (the others have all)."""
+    if not scheduler.concurrency_key:
+        return {}
+    active = queue.flow_execute("flow_active", [scheduler.id])
+    return {value: scheduler.concurrency_limit - count for value, count in active}
+
+
+def _save(scheduler_id: str, cursor: str | None, redispatch_at_us: int | None) -> None:
+    queue.flow_execute("flow_state_save", [cursor, redispatch_at_us, scheduler_id])
+
+
+def _log(scheduler_id: str, now: datetime, count: int, rate: Rate) -> None:
+    queue.flow_execute("flow_window_add", [scheduler_id, _us(now), count])
+    queue.flow_execute("flow_window_prune", [scheduler_id, _us(now) - rate.window_us])
+
+
+def next_token_in(window: list[tuple[int, int]], rate: Rate, now: datetime) -> float:
+    """Seconds until the window (oldest first) has room for one more hand-out."""
+    excess = sum(count for _, count in window) - rate.count + 1
+    for at_us, count in window:
+        excess -= count
+        if excess <= 0:
+            return max(0.001, (at_us + rate.window_us - _us(now)) / 1_000_000)
+    return 0.001
+
+
+def _rate_blocked(
+    scheduler: Scheduler,
+    state: _State,
+    window: list[tuple[int, int]],
+    rate: Rate,
+    now: datetime,
+    retry_by_dispatch: bool,
+) -> Handout:
+    retry_in = next_token_in(window, rate, now)
+    if not retry_by_dispatch:
+        return Handout([], retry_in)
+    # One delayed dispatch pending per queue: every worker's refill would send its own.
+    pending = state.redispatch_at_us is not None and state.redispatch_at_us > _us(now)
+    if not pending:
+        _save(scheduler.id, state.cursor, _us(now) + int(retry_in * 1_000_000))
+    return Handout([], retry_in, send_retry=not pending)
+
+
+def _take(
+    values: Mapping[str, Any],
+    actor: str,
+    note: str,
+    now: datetime,
+    scheduler: Scheduler,
+    claims: dict[str, Any],
+) -> list[Task]:
+    """Claim the picked tasks (`task_ids`, or the first `in_order`) by compare-and-swap, with
+    their events and (rate-limited queues) the window's row; in pick order."""
+    ids = claims.get("task_ids", [])
+    if not ids and "in_order" not in claims:
+        return []
+    rate = parse_rate(scheduler.rate_limit)
+    if queue.ONE_STATEMENT_WRITES:
+        window = None if rate is None else (scheduler.id, _us(now), _us(now) - rate.window_us)
+        rows = queue.flow_claim_ids(
+            **claims, values=values, actor=actor, note=note, now=now, window_log=window
+        )
+        if "in_order" in claims:
+            return rows
+    else:
+        rows = queue.cas_update(task_ids=ids, expected=TaskStatus.QUEUED, values=values)
+        queue.record_events(rows, from_status=TaskStatus.QUEUED, actor=actor, note=note, at=now)
+        if rate is not None and rows:
+            _log(scheduler.id, now, len(rows), rate)
+    order = {uuid.UUID(str(task_id)): index for index, task_id in enumerate(ids)}
+    rows.sort(key=lambda task: order[task.id])
+    return rows
+
+
+def restamp(scheduler: Scheduler, *, batch: int = 2000) -> int:
+    """After the scheduler's concurrency_key or fair_key changed: its active tasks' values
+    again from their data (finished tasks keep theirs: nothing reads them). O(active tasks),
+    once per change of the setting; the caller's transaction makes it one change."""
+    done = 0
+    active = Task.objects.filter(scheduler_id=scheduler.id, status__in=ACTIVE_STATUSES)
+    for task_id in active.order_by("id").values_list("id", flat=True)[::batch]:
+        chunk = list(active.filter(id__gte=task_id).order_by("id").only("id", "data")[:batch])
+        for task in chunk:
+            task.concurrency_value = flow_value(task.data, scheduler.concurrency_key)
+            task.fair_value = flow_value(task.data, scheduler.fair_key)
+        Task.objects.bulk_update(chunk, ["concurrency_value", "fair_value"])
+        done += len(chunk)
+    return done
+
+
+@dataclass
+class _Picker:
+    """Chooses which due tasks a hand-out takes, under the scheduler's flow lock."""
+
+    scheduler: Scheduler
+    now: datetime
+    filters: Mapping[str, Any] | None
+    cursor: str | None
+    room: dict[str, int] = field(default_factory=dict)
+    taken: list[Any] = field(default_factory=list)
+
+    def pick(self, allowed: int) -> list[Any]:
+        if self.scheduler.fair_key:
+            self._fair(allowed)
+        else:
+            self._in_order(allowed)
+        return self.taken
+
+    def _has_room(self, value: str | None) -> bool:
+        if value is None or not self.scheduler.concurrency_key:
+            return True
+        return self.room.get(value, self.scheduler.concurrency_limit) > 0
+
+    def _take_one(self, task_id: Any, value: str | None) -> None:
+        self.taken.append(task_id)
+        if value is not None and self.scheduler.concurrency_key:
+            self.room[value] = self.room.get(value, self.scheduler.concurrency_limit) - 1
+
+    def _due(self) -> Any:
+        due = Task.objects.filter(
+            scheduler_id=self.scheduler.id, status=TaskStatus.QUEUED, not_before__lte=self.now
+        )
+        return queue.data_filter(due, self.filters) if self.filters else due
+
+    def _in_order(self, allowed: int) -> None:
+        """Queue order, skipping tasks whose concurrency value has no room."""
+        scan = allowed * SCAN_FACTOR + SCAN_EXTRA if self.scheduler.concurrency_key else allowed
+        head = self._due().order_by("priority", "created_at", "id")
+        rows = list(head.values_list("id", "concurrency_value")[:scan])
+        for task_id, value in rows:
+            if len(self.taken) == allowed:
+                return
+            if self._has_room(value):
+                self._take_one(task_id, value)
+        if len(self.taken) < allowed and len(rows) == scan and not self.filters:
+            self._value_heads(allowed)
+
+    def _value_heads(self, allowed: int) -> None:
+        """Blocked values crowd the queue's head: take the heads of the values not at their
+        limit, one per value, walking the values round robin from the queue's cursor (so
+        no value waits on the ones before it in key order)."""
+        for _ in range(3):  # from the cursor; from the start; once more for second heads
+            wanted = allowed - len(self.taken)
+            if not wanted:
+                return
+            from_start = self.cursor is None
+            rows = self._walk(wanted, from_start)
+            took = False
+            for value, task_id in rows:
+                if str(task_id) not in {str(t) for t in self.taken} and self._has_room(value):
+                    self._take_one(task_id, value)
+                    self.cursor, took = value, True
+            if len(rows) < wanted:
+                self.cursor = None  # the walk reached the last value: wrap around
+            if from_start and not took:
+                return
+
+    def _walk(self, wanted: int, from_start: bool) -> list[tuple[str, Any]]:
+        blocked = [value for value, room in self.room.items() if room <= 0]
+        sid, now = self.scheduler.id, queue.flow_prep_now(self.now)
+        taken = queue.prep_ids(self.taken)
+        sql = queue.flow_walk_sql(
+            skip_ids=len(taken), skip_values=len(blocked), from_start=from_start
+        )
+        cursor = "" if from_start else self.cursor
+        params = [sid, cursor, sid, *blocked, sid, now, *taken, wanted]
+        params += [sid, now, *taken, *blocked, wanted]
+        with connection.cursor() as db:
+            db.execute(sql, params)
+            return db.fetchall()
+
+    def _fair(self, allowed: int) -> None:
+        """Round robin over the fair values from the cursor; a full cycle that finds nothing
+        to take ends the walk."""
+        idle_wraps = 0
+        while len(self.taken) < allowed and idle_wraps < 2:
+            value = self._next_value()
+            if value is None:
+                if self.cursor is None:
+                    return  # no fair value has a queued task
+                self.cursor, idle_wraps = None, idle_wraps + 1
+                continue
+            self.cursor = value
+            if self._fair_head(value):
+                idle_wraps = 0
+
+    def _next_value(self) -> str | None:
+        if self.cursor is None:
+            rows = queue.flow_execute("flow_fair_first", [self.scheduler.id, ""])
+        else:
+            rows = queue.flow_execute("flow_fair_next", [self.scheduler.id, self.cursor])
+        return rows[0][0] if rows else None
+
+    def _fair_head(self, value: str) -> bool:
+        """Take the head of `value` (past this batch's and blocked ones); whether one was."""
+        if self.scheduler.concurrency_key == self.scheduler.fair_key and not self._has_room(value):
+            return False
+        blocked = [v for v, room in self.room.items() if room <= 0]
+        if self.filters:  # rare: filters and fair share; the ORM builds the filtered head
+            return self._fair_head_filtered(value, blocked)
+        sql = queue.flow_head_sql(skip_ids=len(self.taken), skip_values=len(blocked))
+        params = [self.scheduler.id, value, queue.flow_prep_now(self.now)]
+        params += [*queue.prep_ids(self.taken), *blocked]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return False
+        self._take_one(row[0], row[1])
+        return True
+
+    def _fair_head_filtered(self, value: str, blocked: list[str]) -> bool:
+        head = self._due().filter(fair_value=value).exclude(id__in=self.taken)
+        if blocked:
+            head = head.exclude(concurrency_value__in=blocked)
+        row = head.order_by("priority", "created_at", "id").values_list("id", "concurrency_value")[
+            :1
+        ]
+        found = list(row)
+        if found:
+            self._take_one(*found[0])
+        return bool(found)

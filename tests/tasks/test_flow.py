@@ -1,0 +1,190 @@
+"""Flow control (DESIGN §9.4) on one process: rate limit, concurrency per key, fair share;
+the same path for pops and Celery dispatch. Concurrency proofs: test_flow_concurrency.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from io import StringIO
+from typing import Any
+
+import pytest
+import time_machine
+from django.core.management import call_command
+from django.utils import timezone
+
+from tasks import dispatch, services
+from tasks.models import Task, TaskEvent, TaskStatus
+from tests.support.seed import seed_queued
+
+pytestmark = pytest.mark.django_db
+
+
+def _push(scheduler_id: str, count: int, **fields: Any) -> list[Task]:
+    return [services.task_push(scheduler_id=scheduler_id, **fields) for _ in range(count)]
+
+
+def _pop(scheduler_id: str, limit: int = 1, **options: Any) -> list[Task]:
+    return services.task_pop(scheduler_id=scheduler_id, limit=limit, worker="r", **options)
+
+
+def test_task_pop__rate_limit_answers_what_the_window_allows() -> None:
+    services.scheduler_create(id="rated", rate_limit="5/m")
+    seed_queued("rated", 20)
+    with time_machine.travel(timezone.now(), tick=False) as clock:
+        assert len(_pop("rated", limit=3)) == 3
+        assert len(_pop("rated", limit=100)) == 2  # 5 per minute: 2 tokens left
+        assert _pop("rated", limit=100) == []
+        clock.shift(timedelta(seconds=59))
+        assert _pop("rated", limit=100) == []  # the first hand-out is still in the window
+        clock.shift(timedelta(seconds=1, microseconds=1))
+        assert len(_pop("rated", limit=100)) == 5  # both batches have left the window
+
+
+def test_task_pop__rate_limit_is_per_window_not_per_pop() -> None:
+    services.scheduler_create(id="rated", rate_limit="2/s")
+    seed_queued("rated", 10)
+    with time_machine.travel(timezone.now(), tick=False) as clock:
+        popped = [len(_pop("rated")) for _ in range(4)]
+        clock.shift(timedelta(milliseconds=500))
+        popped += [len(_pop("rated")) for _ in range(2)]
+    assert popped == [1, 1, 0, 0, 0, 0]
+
+
+def test_task_pop__long_poll_waits_for_the_next_token() -> None:
+    services.scheduler_create(id="rated", rate_limit="1/s")
+    seed_queued("rated", 3)
+    assert len(_pop("rated")) == 1
+    # The next token is due within the wait: the pop waits for it, not an empty answer.
+    assert len(_pop("rated", wait=3)) == 1
+
+
+def test_task_pop__concurrency_limit_skips_values_at_their_limit() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org.id", concurrency_limit=2)
+    _push("conc", 50, data={"org": {"id": "big"}}, priority=0)
+    _push("conc", 3, data={"org": {"id": "small"}}, priority=5)
+    _push("conc", 1, data={}, priority=9)  # no key: its own group ("")
+
+    first = _pop("conc", limit=10)
+
+    values = Counter(task.concurrency_value for task in first)
+    assert values == {"big": 2, "small": 2, "": 1}
+    assert _pop("conc", limit=10) == []
+    services.task_complete(task_id=first[0].id, result=None, attempt=1)
+    assert [t.concurrency_value for t in _pop("conc", limit=10)] == [first[0].concurrency_value]
+
+
+def test_task_pop__concurrency_limit_reaches_past_a_crowded_head() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org", concurrency_limit=1)
+    seed_queued("conc", 600, data={"org": "big"}, priority=0)
+    _push("conc", 2, data={"org": "late"}, priority=1)
+
+    got = [task.data["org"] for task in _pop("conc", limit=5)]
+
+    # The first 600 in queue order are all "big" (past the in-order stretch): the value
+    # heads find "late" anyway, one per value.
+    assert sorted(got) == ["big", "late"]
+
+
+def test_task_pop__fair_key_gives_every_value_its_turn() -> None:
+    services.scheduler_create(id="fair", fair_key="org")
+    seed_queued("fair", 2000, data={"org": "huge"}, priority=0)
+    for n in range(50):
+        seed_queued("fair", 10, data={"org": f"small-{n:02}"}, priority=5)
+
+    handed = [task.data["org"] for _ in range(51) for task in _pop("fair")]
+
+    assert len(set(handed)) == 51  # every value within the first 51 hand-outs
+
+
+def test_task_pop__fair_key_keeps_priority_order_within_a_value() -> None:
+    services.scheduler_create(id="fair", fair_key="org")
+    for priority in (5, 1, 3):
+        _push("fair", 1, data={"org": "a", "p": priority}, priority=priority)
+        _push("fair", 1, data={"org": "b", "p": priority}, priority=priority)
+
+    handed = [(t.data["org"], t.priority) for t in _pop("fair", limit=6)]
+
+    assert handed == [("a", 1), ("b", 1), ("a", 3), ("b", 3), ("a", 5), ("b", 5)]
+
+
+def test_task_pop__fair_and_concurrency_together() -> None:
+    services.scheduler_create(id="both", fair_key="org", concurrency_key="org", concurrency_limit=1)
+    for org in ("a", "b", "c"):
+        _push("both", 3, data={"org": org})
+
+    first = _pop("both", limit=10)
+
+    assert sorted(task.data["org"] for task in first) == ["a", "b", "c"]
+    assert _pop("both", limit=10) == []
+
+
+def test_scheduler_update__changed_key_restamps_queued_tasks() -> None:
+    scheduler = services.scheduler_create(id="later")
+    _push("later", 3, data={"org": "a"})
+    _push("later", 3, data={"org": "b"})
+
+    services.scheduler_update(scheduler=scheduler, concurrency_key="org", concurrency_limit=1)
+
+    assert sorted(t.data["org"] for t in _pop("later", limit=10)) == ["a", "b"]
+
+
+def test_task_pop__plain_queue_ignores_flow_state() -> None:
+    services.scheduler_create(id="plain")
+    seed_queued("plain", 5)
+    assert len(_pop("plain", limit=5)) == 5
+    assert not Task.objects.filter(concurrency_value__isnull=False).exists()
+
+
+def test_dispatch__rate_limit_counts_dispatches(restore_handlers: None) -> None:
+    services.scheduler_create(
+        id="rated-celery", kind="celery", handler="demo.echo", rate_limit="3/h", paused=True
+    )
+    _push("rated-celery", 5, data={})
+    services.scheduler_set_paused(scheduler_id="rated-celery", paused=False)
+
+    dispatch.dispatch_scheduler("rated-celery")
+    dispatch.dispatch_scheduler("rated-celery")
+
+    counts = Counter(Task.objects.values_list("status", flat=True))
+    assert counts == {TaskStatus.DISPATCHED: 3, TaskStatus.QUEUED: 2}
+    assert TaskEvent.objects.filter(to_status=TaskStatus.DISPATCHED).count() == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rate_limit", "fast"),
+        ("rate_limit", "10/d"),
+        ("rate_limit", "0/s"),
+        ("concurrency_key", "org..id"),
+        ("fair_key", "a b"),
+        ("concurrency_limit", 0),
+    ],
+)
+def test_scheduler_api__bad_flow_setting_is_a_400_naming_the_field(
+    operator_client: Any, field: str, value: Any
+) -> None:
+    response = operator_client.post("/api/schedulers/", {"id": "q", field: value}, format="json")
+    assert response.status_code == 400
+    assert field in response.json()
+
+
+def test_scheduler_api__flow_settings_round_trip(operator_client: Any) -> None:
+    body = {"id": "q", "rate_limit": "600/m", "concurrency_key": "org.id", "fair_key": "org.id"}
+    created = operator_client.post("/api/schedulers/", body, format="json")
+    assert created.status_code == 201, created.json()
+    changed = operator_client.patch(
+        "/api/schedulers/q/", {"concurrency_limit": 4, "rate_limit": ""}, format="json"
+    )
+    assert changed.json()["concurrency_limit"] == 4 and changed.json()["rate_limit"] == ""
+
+
+def test_scheduler_command__flow_options() -> None:
+    call_command(
+        "scheduler", "create", "q", "--rate-limit", "100/s", "--concurrency-key", "org",
+        "--concurrency-limit", "3", "--fair-key", "org", stdout=StringIO(),
+    )  # fmt: skip
+    scheduler = services.get_scheduler("q")
+    assert (scheduler.rate_limit, scheduler.concurrency_key) == ("100/s", "org")
+    assert (scheduler.concurrency_limit, scheduler.fair_key) == (3, "org")

@@ -1,0 +1,156 @@
+"""Flow control exact under concurrency (DESIGN §9.4, issue 15 part 7): 8 processes popping
+one queue at once on PostgreSQL. Never more than N active per key, never more hand-outs than
+the rate allows in any window, every value served in its turn under fair_key."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from django.db.models import Count
+
+from tasks import services
+from tasks.leases import LeaseProof
+from tasks.models import LEASED_STATUSES, Task, TaskEvent, TaskStatus
+from tests.processes import run_in_processes
+from tests.support.seed import seed_queued
+
+pytestmark = [
+    pytest.mark.concurrency,
+    pytest.mark.postgres,
+    pytest.mark.django_db(transaction=True),
+]
+
+PROCESSES = 8
+
+
+def _pop_until_empty(index: int, scheduler_id: str, limit: int) -> list[str]:
+    popped: list[str] = []
+    while tasks := services.task_pop(scheduler_id=scheduler_id, limit=limit, worker=f"w{index}"):
+        popped += [str(task.id) for task in tasks]
+    return popped
+
+
+def test_task_pop__concurrent_poppers_never_pass_the_concurrency_limit() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org.id", concurrency_limit=3)
+    for org in range(20):
+        seed_queued("conc", 20, data={"org": {"id": org}})
+
+    results = run_in_processes(PROCESSES, _pop_until_empty, "conc", 2)
+
+    popped = [task_id for result in results for task_id in result]
+    assert len(popped) == len(set(popped))  # none twice
+    active = Counter(
+        Task.objects.filter(status=TaskStatus.DISPATCHED).values_list(
+            "concurrency_value", flat=True
+        )
+    )
+    # Nothing completes: each value holds exactly its 3 slots, not one more, not one less.
+    assert active == {str(org): 3 for org in range(20)}
+
+
+def _pop_and_finish(index: int, scheduler_id: str, limit: int) -> dict[str, int]:
+    """Pop, look at the active counts (a snapshot), then complete what was popped."""
+    most: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        tasks = services.task_pop(scheduler_id=scheduler_id, limit=limit, worker=f"w{index}")
+        if (
+            not tasks
+            and not Task.objects.filter(scheduler_id=scheduler_id)
+            .exclude(status=TaskStatus.COMPLETED)
+            .exists()
+        ):
+            return most
+        snapshot = (
+            Task.objects.filter(scheduler_id=scheduler_id, status__in=LEASED_STATUSES)
+            .values("concurrency_value")
+            .annotate(n=Count("id"))
+        )
+        for row in snapshot:
+            most[row["concurrency_value"]] = max(most.get(row["concurrency_value"], 0), row["n"])
+        for task in tasks:
+            proof = LeaseProof(token=task.lease_token)
+            services.task_complete(task_id=task.id, result=None, attempt=task.attempts, proof=proof)
+    raise AssertionError("queue not drained in 120 s")
+
+
+def test_task_pop__concurrency_limit_holds_while_tasks_finish() -> None:
+    services.scheduler_create(id="churn", concurrency_key="org", concurrency_limit=2)
+    for org in range(6):
+        seed_queued("churn", 30, data={"org": f"o{org}"})
+
+    results = run_in_processes(PROCESSES, _pop_and_finish, "churn", 3)
+
+    assert Counter(Task.objects.values_list("status", flat=True)) == {TaskStatus.COMPLETED: 180}
+    assert max(n for most in results for n in most.values()) <= 2
+    _assert_overlaps_at_most("churn", 2)
+
+
+def _assert_overlaps_at_most(scheduler_id: str, limit: int) -> None:
+    """From the events: per value, no instant where more than `limit` attempts were between
+    their hand-out and their end (hand-outs read the clock after the active counts)."""
+    events = TaskEvent.objects.filter(task__scheduler_id=scheduler_id).values_list(
+        "task__concurrency_value", "to_status", "at"
+    )
+    marks: dict[str, list[tuple[Any, int]]] = {}
+    for value, to_status, at in events:
+        if to_status == TaskStatus.DISPATCHED:
+            marks.setdefault(value, []).append((at, 1))
+        elif to_status == TaskStatus.COMPLETED:
+            marks.setdefault(value, []).append((at, -1))
+    for value, changes in marks.items():
+        level = 0
+        for _, change in sorted(changes):  # an end before a start at the same instant
+            level += change
+            assert level <= limit, f"{value}: {level} active at once"
+
+
+def _pop_for(index: int, scheduler_id: str, seconds: float) -> int:
+    popped, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        popped += len(services.task_pop(scheduler_id=scheduler_id, limit=5, worker=f"w{index}"))
+    return popped
+
+
+def test_task_pop__concurrent_poppers_never_pass_the_rate() -> None:
+    services.scheduler_create(id="rated", rate_limit="40/s")
+    seed_queued("rated", 1000)
+
+    results = run_in_processes(PROCESSES, _pop_for, "rated", 2.5)
+
+    times = sorted(
+        TaskEvent.objects.filter(to_status=TaskStatus.DISPATCHED).values_list("at", flat=True)
+    )
+    assert sum(results) == len(times) > 40
+    for start, at in enumerate(times):  # every window of one second from a hand-out on
+        inside = [t for t in times[start : start + 41] if (t - at).total_seconds() < 1]
+        assert len(inside) <= 40, f"{len(inside)} hand-outs in the second from {at}"
+
+
+def _pop_times(index: int, scheduler_id: str, times: int) -> list[str]:
+    popped: list[str] = []
+    for _ in range(times):
+        tasks = services.task_pop(scheduler_id=scheduler_id, limit=1, worker=f"w{index}")
+        popped += [str(task.id) for task in tasks]
+    return popped
+
+
+def test_task_pop__concurrent_poppers_serve_every_fair_value_in_turn() -> None:
+    services.scheduler_create(id="fair", fair_key="org")
+    seed_queued("fair", 1000, data={"org": "huge"}, priority=0)
+    for n in range(50):
+        seed_queued("fair", 10, data={"org": f"small-{n:02}"}, priority=5)
+
+    results = run_in_processes(PROCESSES, _pop_times, "fair", 25)
+
+    popped = [task_id for result in results for task_id in result]
+    assert len(popped) == len(set(popped)) == 200
+    order = (
+        TaskEvent.objects.filter(to_status=TaskStatus.DISPATCHED)
+        .order_by("at", "id")
+        .values_list("task__fair_value", flat=True)
+    )
+    assert len(set(order[:51])) == 51  # every value within the first 51 hand-outs
