@@ -58,6 +58,7 @@ run: migrate
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test-sqlite: install
 	$(BIN)/pytest -q -p no:cacheprovider

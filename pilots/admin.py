@@ -7,7 +7,7 @@ from django.http import HttpRequest
 from pilots import services
 from pilots.models import (
     ACTIVE_PILOT_STATUSES,
-    CEStatus,
+    CEMove,
     ComputeElement,
     PilotEvent,
     PilotReport,
@@ -67,33 +67,27 @@ class ComputeElementAdmin(admin.ModelAdmin):
         return ", ".join(vo.name for vo in ce.vos.all())
 
     def _set(
-        self, request: HttpRequest, queryset: QuerySet[ComputeElement], to: str, verb: str
+        self, request: HttpRequest, queryset: QuerySet[ComputeElement], move: CEMove, verb: str
     ) -> None:
         actor = request.user.get_username()
-        run_each(
-            self,
-            request,
-            queryset,
-            lambda ce: services.ce_set_status(name=ce.name, to_status=to, actor=actor),
-            verb,
-        )
+        run_each(self, request, queryset, lambda ce: move(ce, actor=actor), verb)
 
     @admin.action(
         description="Drain selected CEs (no new pilots; running ones finish)",
         permissions=["change"],
     )
     def drain(self, request: HttpRequest, queryset: QuerySet[ComputeElement]) -> None:
-        self._set(request, queryset, CEStatus.DRAINING, "Drained")
+        self._set(request, queryset, ComputeElement.drain, "Drained")
 
     @admin.action(
         description="Ban selected CEs (no new pilots; submitted ones fail)", permissions=["change"]
     )
     def ban(self, request: HttpRequest, queryset: QuerySet[ComputeElement]) -> None:
-        self._set(request, queryset, CEStatus.BANNED, "Banned")
+        self._set(request, queryset, ComputeElement.ban, "Banned")
 
     @admin.action(description="Activate selected CEs", permissions=["change"])
     def activate(self, request: HttpRequest, queryset: QuerySet[ComputeElement]) -> None:
-        self._set(request, queryset, CEStatus.ACTIVE, "Activated")
+        self._set(request, queryset, ComputeElement.activate, "Activated")
 
     @admin.action(
         description="Submit one pilot now (for the first enabled VO served)", permissions=["change"]

@@ -13,7 +13,7 @@ from rest_framework.response import Response
 
 from pilots import selectors, services
 from pilots.models import (
-    CEStatus,
+    CEMove,
     ComputeElement,
     PilotStatus,
     PilotSubmission,
@@ -90,24 +90,24 @@ class ComputeElementViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def perform_destroy(self, instance: ComputeElement) -> None:
         services.ce_delete(name=instance.name)
 
-    def _set_status(self, request: Request, name: str, to_status: str) -> Response:
-        ce = services.ce_set_status(name=name, to_status=to_status, actor=actor(request))
+    def _set_status(self, request: Request, name: str, move: CEMove) -> Response:
+        ce = move(selectors.ce_get(name), actor=actor(request))
         return Response(self.get_serializer(ce).data)
 
     @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def drain(self, request: Request, name: str) -> Response:
-        return self._set_status(request, name, CEStatus.DRAINING)
+        return self._set_status(request, name, ComputeElement.drain)
 
     @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def ban(self, request: Request, name: str) -> Response:
-        return self._set_status(request, name, CEStatus.BANNED)
+        return self._set_status(request, name, ComputeElement.ban)
 
     @extend_schema(request=None, responses={200: ComputeElementSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def activate(self, request: Request, name: str) -> Response:
-        return self._set_status(request, name, CEStatus.ACTIVE)
+        return self._set_status(request, name, ComputeElement.activate)
 
     @extend_schema(
         request=SubmitSerializer,

@@ -4,6 +4,7 @@ design, made real)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
@@ -13,6 +14,7 @@ from django.utils import timezone
 
 from pilots import backend_registry
 from scheduler_site import writers
+from tasks.models import StatusEvent
 
 name_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
@@ -100,6 +102,10 @@ class ComputeElement(models.Model):
         return writers.call("ce_set_status", name=self.name, to_status=to_status, actor=actor)
 
 
+# drain / ban / activate as the admin's actions and the API's endpoints pass them around.
+CEMove = Callable[..., ComputeElement]
+
+
 class PilotStatus(models.TextChoices):
     SUBMITTED = "SUBMITTED"
     RUNNING = "RUNNING"
@@ -177,37 +183,23 @@ class PilotReport(models.Model):
         return f"pilot report {self.created_at:%Y-%m-%d %H:%M}"
 
 
-class _StatusEvent(models.Model):
-    from_status = models.CharField(max_length=16, blank=True)
-    to_status = models.CharField(max_length=16)
-    at = models.DateTimeField(default=timezone.now)
-    actor = models.CharField(max_length=200, blank=True)
-    note = models.TextField(blank=True)
-
-    class Meta:
-        abstract = True
-        ordering = ["at", "id"]
-
-
-class ComputeElementEvent(_StatusEvent):
+class ComputeElementEvent(StatusEvent):
     """One change of a CE's status (drain, ban, activate): who, when, from, to."""
+
+    subject = "ce"
 
     ce = models.ForeignKey(ComputeElement, on_delete=models.CASCADE, related_name="events")
 
-    class Meta(_StatusEvent.Meta):
+    class Meta(StatusEvent.Meta):
         indexes = [models.Index(fields=["ce", "at"], name="ce_event_idx")]
 
-    def __str__(self) -> str:
-        return f"{self.ce_id}: {self.from_status or '-'} -> {self.to_status}"
 
-
-class PilotEvent(_StatusEvent):
+class PilotEvent(StatusEvent):
     """One change of a pilot's status: who, when, from, to, why."""
+
+    subject = "pilot"
 
     pilot = models.ForeignKey(PilotSubmission, on_delete=models.CASCADE, related_name="events")
 
-    class Meta(_StatusEvent.Meta):
+    class Meta(StatusEvent.Meta):
         indexes = [models.Index(fields=["pilot", "at"], name="pilot_event_idx")]
-
-    def __str__(self) -> str:
-        return f"{self.pilot_id}: {self.from_status or '-'} -> {self.to_status}"

@@ -16,7 +16,9 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
+from pilots import selectors
 from pilots.backends import SubmitError, backend_for
+from pilots.exceptions import NoFreeSlot, PilotNotFound
 from pilots.models import (
     ACTIVE_PILOT_STATUSES,
     CEStatus,
@@ -28,25 +30,15 @@ from pilots.models import (
     PilotSubmission,
     VirtualOrganisation,
 )
-from tasks.exceptions import QueueError, TransitionRefused
+from tasks import services as task_services
+from tasks.exceptions import TransitionRefused
+from tasks.models import ACTIVE_STATUSES, Task
 
 logger = logging.getLogger(__name__)
 
 
-class PilotNotFound(QueueError):
-    http_status = 404
-
-
-class NoFreeSlot(QueueError):
-    http_status = 409
-
-
 def _get_ce(name: str, *, for_update: bool = False) -> ComputeElement:
-    queryset = ComputeElement.objects.select_for_update() if for_update else ComputeElement.objects
-    ce = queryset.filter(name=name).first()
-    if ce is None:
-        raise PilotNotFound(f"Compute element {name!r} does not exist.")
-    return ce
+    return selectors.ce_get(name, for_update=for_update)
 
 
 def active_pilots(ce: ComputeElement) -> int:
@@ -245,9 +237,6 @@ def pilot_mark(
 def submit_pilots_for_vo(*, vo_name: str) -> dict[str, int]:
     """One submit_pilot task per free slot of every ACTIVE CE serving the VO (free slots count
     the pilots of all VOs, and submissions already queued for the CE)."""
-    from tasks import services as task_services
-    from tasks.models import ACTIVE_STATUSES, Task
-
     pushed: dict[str, int] = {}
     vo = VirtualOrganisation.objects.filter(name=vo_name, enabled=True).first()
     if vo is None:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 from cronsim import CronSim
-from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
@@ -28,6 +27,7 @@ from rest_framework.decorators import api_view, permission_classes
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scheduler_site import health_sql
 from scheduler_site.api_input import refuse_unknown
 from scheduler_site.celery import app as celery_app
 from scheduler_site.permissions import Authenticated
@@ -72,9 +72,7 @@ class HealthReport:
 
 def _database_ok() -> bool:
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-            return cursor.fetchone() == (1,)
+        return health_sql.database_answers()
     except Exception:
         logger.exception("health: database unreachable")
         return False

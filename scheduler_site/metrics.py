@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from django.db.models import Count
+from django.db.models import Count, QuerySet
 from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
@@ -27,77 +27,65 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.request import Request
 
+from pilots.models import PilotSubmission
 from scheduler_site.health import SEVERITY, system_health
 from scheduler_site.permissions import Authenticated, TokenAuthentication
+from schedules.models import Schedule, ScheduleStatus
 from tasks import selectors
 from tasks.metrics import DISPATCH_SECONDS, POP_SECONDS, QUEUE_WAIT_SECONDS, TRANSITION_SECONDS
+from tasks.models import Task, TaskStatus
+
+
+def _counts(name: str, doc: str, queryset: QuerySet, labels: dict[str, str]) -> GaugeMetricFamily:
+    """A gauge of `queryset`'s rows counted per value of `labels` (label -> field), in one
+    grouped query."""
+    gauge = GaugeMetricFamily(name, doc, labels=list(labels))
+    rows = queryset.order_by().values_list(*labels.values()).annotate(n=Count("id"))
+    for *values, n in rows:
+        gauge.add_metric(values, n)
+    return gauge
 
 
 class DatabaseCollector(Collector):
     """Queue depth, tasks by status, due schedules and pilots by status, from the database."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from pilots.models import PilotSubmission
-        from schedules.models import Schedule, ScheduleStatus
-        from tasks.models import Task, TaskStatus
-
-        tasks = GaugeMetricFamily(
-            "scheduler_tasks", "Tasks by scheduler and status.", labels=["scheduler", "status"]
+        now = timezone.now()
+        by_queue = {"scheduler": "scheduler_id"}
+        yield _counts(
+            "scheduler_tasks",
+            "Tasks by scheduler and status.",
+            Task.objects.all(),
+            {**by_queue, "status": "status"},
         )
-        depth = GaugeMetricFamily(
+        yield _counts(
             "scheduler_queue_depth",
             "QUEUED tasks due now (not past their expires_at).",
-            labels=["scheduler"],
+            Task.objects.filter(status=TaskStatus.QUEUED, not_before__lte=now).exclude(
+                expires_at__lte=now
+            ),
+            by_queue,
         )
-        rows = Task.objects.order_by().values_list("scheduler_id", "status").annotate(n=Count("id"))
-        for scheduler_id, status, n in rows:
-            tasks.add_metric([scheduler_id, status], n)
-        now = timezone.now()
-        due_tasks = (
-            Task.objects.filter(status=TaskStatus.QUEUED, not_before__lte=now)
-            .exclude(expires_at__lte=now)
-            .order_by()
-            .values_list("scheduler_id")
-            .annotate(n=Count("id"))
+        yield _counts(
+            "scheduler_due_schedules",
+            "ACTIVE schedules due now.",
+            Schedule.objects.filter(status=ScheduleStatus.ACTIVE, deadline_at__lte=now),
+            by_queue,
         )
-        for scheduler_id, n in due_tasks:
-            depth.add_metric([scheduler_id], n)
-        due = GaugeMetricFamily(
-            "scheduler_due_schedules", "ACTIVE schedules due now.", labels=["scheduler"]
-        )
-        due_rows = (
-            Schedule.objects.filter(status=ScheduleStatus.ACTIVE, deadline_at__lte=now)
-            .order_by()
-            .values_list("scheduler_id")
-            .annotate(n=Count("id"))
-        )
-        for scheduler_id, n in due_rows:
-            due.add_metric([scheduler_id], n)
-        paused = GaugeMetricFamily(
+        yield _counts(
             "scheduler_schedules_paused_by_failures",
             "Schedules paused after max_consecutive_failures failed runs in a row.",
-            labels=["scheduler"],
+            Schedule.objects.filter(
+                status=ScheduleStatus.PAUSED, consecutive_failures__gt=0
+            ).exclude(paused_reason=""),
+            by_queue,
         )
-        paused_rows = (
-            Schedule.objects.filter(status=ScheduleStatus.PAUSED, consecutive_failures__gt=0)
-            .exclude(paused_reason="")
-            .order_by()
-            .values_list("scheduler_id")
-            .annotate(n=Count("id"))
+        yield _counts(
+            "scheduler_pilots",
+            "Pilots by CE and status.",
+            PilotSubmission.objects.all(),
+            {"ce": "ce__name", "status": "status"},
         )
-        for scheduler_id, n in paused_rows:
-            paused.add_metric([scheduler_id], n)
-        pilots = GaugeMetricFamily(
-            "scheduler_pilots", "Pilots by CE and status.", labels=["ce", "status"]
-        )
-        pilot_rows = (
-            PilotSubmission.objects.order_by()
-            .values_list("ce__name", "status")
-            .annotate(n=Count("id"))
-        )
-        for ce, status, n in pilot_rows:
-            pilots.add_metric([ce, status], n)
-        yield from (tasks, depth, due, paused, pilots)
 
 
 class HealthCollector(Collector):

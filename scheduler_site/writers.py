@@ -4,7 +4,8 @@
 A model cannot import the services that import it, so each app registers its writers here in
 its AppConfig.ready(), and the models' methods call them by name: the methods stay thin (no
 SQL in models), and every change still goes through the one writer of that app (CAS plus its
-event row)."""
+event row). A check a model's clean() needs from a layer above it (Scheduler.clean() asks
+tasks.registry whether its handler exists) is registered the same way."""
 
 from __future__ import annotations
 

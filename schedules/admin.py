@@ -158,11 +158,11 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
         return buttons
 
     def button_pause(self, request: HttpRequest, schedule: Schedule) -> str:
-        services.schedule_pause(schedule_id=schedule.id, actor=request.user.get_username())
+        schedule.pause(actor=request.user.get_username())
         return "Paused."
 
     def button_resume(self, request: HttpRequest, schedule: Schedule) -> str:
-        done = services.schedule_resume(schedule_id=schedule.id, actor=request.user.get_username())
+        done = schedule.resume(actor=request.user.get_username())
         return f"Resumed: next run {done.deadline_at:%Y-%m-%d %H:%M:%S} UTC."
 
     def button_trigger(self, request: HttpRequest, schedule: Schedule) -> str:
@@ -224,7 +224,7 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
             self,
             request,
             queryset,
-            lambda s: services.schedule_resume(schedule_id=s.id, actor=actor),
+            lambda s: s.resume(actor=actor),
             "Resumed",
         )
 
@@ -235,7 +235,7 @@ class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
             self,
             request,
             queryset,
-            lambda s: services.schedule_pause(schedule_id=s.id, actor=actor),
+            lambda s: s.pause(actor=actor),
             "Paused",
         )
 

@@ -76,13 +76,13 @@ class ScheduleViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def pause(self, request: Request, pk: str) -> Response:
-        schedule = services.schedule_pause(schedule_id=self._schedule_id(), actor=actor(request))
+        schedule = self.get_object().pause(actor=actor(request))
         return Response(ScheduleSerializer(schedule).data)
 
     @extend_schema(request=None, responses={200: ScheduleSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def resume(self, request: Request, pk: str) -> Response:
-        schedule = services.schedule_resume(schedule_id=self._schedule_id(), actor=actor(request))
+        schedule = self.get_object().resume(actor=actor(request))
         return Response(ScheduleSerializer(schedule).data)
 
     @extend_schema(

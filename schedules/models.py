@@ -15,7 +15,7 @@ from django.utils.timezone import now as utc_now
 from scheduler_site import writers
 from schedules import timing
 from tasks.exceptions import InvalidRequest
-from tasks.models import Scheduler
+from tasks.models import Scheduler, StatusEvent
 from tasks.registry import check_task_data
 
 logger = logging.getLogger(__name__)
@@ -287,19 +287,12 @@ class Schedule(models.Model):
         return self.next_occurrence(after=now - timedelta(microseconds=1))
 
 
-class ScheduleEvent(models.Model):
+class ScheduleEvent(StatusEvent):
     """One change of a schedule's status: who, when, from, to, why."""
 
+    subject = "schedule"
+
     schedule = models.ForeignKey(Schedule, on_delete=models.CASCADE, related_name="events")
-    from_status = models.CharField(max_length=16, blank=True)
-    to_status = models.CharField(max_length=16)
-    at = models.DateTimeField(default=utc_now)
-    actor = models.CharField(max_length=200, blank=True)
-    note = models.TextField(blank=True)
 
-    class Meta:
-        ordering = ["at", "id"]
+    class Meta(StatusEvent.Meta):
         indexes = [models.Index(fields=["schedule", "at"], name="schedule_event_idx")]
-
-    def __str__(self) -> str:
-        return f"{self.schedule_id}: {self.from_status or '-'} -> {self.to_status}"

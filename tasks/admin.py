@@ -349,11 +349,11 @@ class TaskAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
         return buttons
 
     def button_requeue(self, request: HttpRequest, task: Task) -> str:
-        done = services.task_requeue(task_id=task.id, actor=request.user.username)
+        done = task.requeue(actor=request.user.username)
         return f"Requeued: {done.status}."
 
     def button_cancel(self, request: HttpRequest, task: Task) -> str:
-        done = services.task_cancel(task_id=task.id, actor=request.user.username)
+        done = task.cancel(actor=request.user.username)
         asked = done.status == TaskStatus.RUNNING
         return "Cancel requested: it stops at its next heartbeat." if asked else "Cancelled."
 
@@ -409,7 +409,7 @@ class TaskAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
             self,
             request,
             queryset.only("id"),
-            lambda t: services.task_cancel(task_id=t.id, actor=request.user.username),
+            lambda t: t.cancel(actor=request.user.username),
             "Cancelled",
         )
 
@@ -421,7 +421,7 @@ class TaskAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
             self,
             request,
             queryset.only("id"),
-            lambda t: services.task_requeue(task_id=t.id, actor=request.user.username),
+            lambda t: t.requeue(actor=request.user.username),
             "Requeued",
         )
 

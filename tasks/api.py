@@ -326,13 +326,13 @@ class TaskViewSet(
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def cancel(self, request: Request, pk: str) -> Response:
-        task = services.task_cancel(task_id=self._task_id(), actor=actor(request))
+        task = selectors.get_task(self._task_id()).cancel(actor=actor(request))
         return self._render(task)
 
     @extend_schema(request=None, responses={200: TaskSerializer, 404: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"], takes_body=False)
     def requeue(self, request: Request, pk: str) -> Response:
-        task = services.task_requeue(task_id=self._task_id(), actor=actor(request))
+        task = selectors.get_task(self._task_id()).requeue(actor=actor(request))
         return self._render(task)
 
     @extend_schema(responses={200: TaskEventSerializer(many=True), 404: ERROR})

@@ -28,7 +28,14 @@ class TasksConfig(AppConfig):
 
         # Imported for what they register: the `celery:` resolver, the Django Tasks handler,
         # the worker registry's Celery signals.
-        from tasks import celery_handlers, dispatch, django_tasks, services, workers  # noqa: F401
+        from tasks import (  # noqa: F401
+            celery_handlers,
+            dispatch,
+            django_tasks,
+            registry,
+            services,
+            workers,
+        )
 
         # Every app's `handlers` module registers its handlers by name; `celery:<task name>`
         # names resolve to the Celery app's tasks (tasks.celery_handlers); `django_tasks.call`
@@ -42,4 +49,6 @@ class TasksConfig(AppConfig):
             task_fail=services.task_fail,
             task_cancel=services.task_cancel,
             task_requeue=services.task_requeue,
+            # Not a writer but the same inversion: Scheduler.clean()'s handler check.
+            handler_problem=registry.handler_problem,
         )

@@ -21,6 +21,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from scheduler_site import tracing
+from scheduler_site.celery import app
 from tasks import flow, queue, services
 from tasks.exceptions import TransitionRefused
 from tasks.metrics import DISPATCH_SECONDS
@@ -28,6 +29,9 @@ from tasks.models import Scheduler, SchedulerKind, Task, TaskStatus
 from tasks.registry import HANDLERS
 
 logger = logging.getLogger(__name__)
+
+# The Celery name of tasks.jobs.run_task, which takes it from here: one spelling of it.
+RUN_TASK = "tasks.run_task"
 
 
 def dispatch_scheduler(scheduler_id: str) -> int:
@@ -103,9 +107,6 @@ def _dispatch_flow(scheduler: Scheduler, room: int) -> list[Task]:
 def _send(
     tasks: Sequence[Task], handler_name: str, celery_queue: str, scheduler_id: str = ""
 ) -> None:
-    from scheduler_site.celery import app
-    from tasks.jobs import run_task
-
     handler = HANDLERS.get(handler_name)
     # The scheduler's own Celery queue: the workers started with `-Q` for it run its tasks,
     # so a queue of slow handlers has its own pool and delays nobody else's.
@@ -118,10 +119,16 @@ def _send(
         with app.producer_or_acquire() as producer, producer.batch():
             for task in tasks:
                 # In the task's own trace (stored at push): the message carries it on to
-                # the worker, whichever process dispatches and whenever.
+                # the worker, whichever process dispatches and whenever. By name, not through
+                # tasks.jobs (which imports this module): the worker runs whatever is
+                # registered as tasks.run_task. No result is stored or awaited.
                 with tracing.handout_span("task.dispatch", task.trace_context, **_span(task)):
-                    run_task.apply_async(
-                        args=[str(task.id), task.attempts], producer=producer, **options
+                    app.send_task(
+                        RUN_TASK,
+                        args=[str(task.id), task.attempts],
+                        producer=producer,
+                        ignore_result=True,
+                        **options,
                     )
     except Exception as exc:  # the broker is outside our control: hand back, not lose
         # Which messages got through is uncertain (a batch fails as a whole, and some of its

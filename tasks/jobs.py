@@ -23,7 +23,7 @@ def prune_finished_tasks() -> int:
     return housekeeping.tasks_prune()
 
 
-@shared_task(name="tasks.run_task", bind=True, ignore_result=True, acks_late=True)
+@shared_task(name=dispatch.RUN_TASK, bind=True, ignore_result=True, acks_late=True)
 def run_task(self: Any, task_id: str, attempt: int) -> str:
     """Run one dispatched attempt of a task (which also refills its queue's broker share)."""
     return execution.execute(

@@ -1,4 +1,5 @@
-"""Mutexes and semaphores as lease rows in the database (DiracX semantics), and their SQL.
+"""Mutexes and semaphores as lease rows in the database (DiracX semantics); their SQL is in
+tasks.lock_sql.
 
 `MutexLock("pilot", ce_name)` names a lock. Acquiring is one statement on both databases:
 INSERT … ON CONFLICT DO UPDATE … WHERE the holder's lease expired, RETURNING the owner; so a
@@ -18,9 +19,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
+from tasks import lock_sql
 from tasks.models import Lock
 
 
@@ -38,29 +40,9 @@ class MutexLock:
         return ":".join([self.object_type, *self.keys])[:255]
 
 
-def _prep(field: str, value: object) -> object:
-    return Lock._meta.get_field(field).get_db_prep_value(value, connection)
-
-
 def _try_acquire(name: str, *, owner: str, ttl: timedelta) -> bool:
-    q = connection.ops.quote_name
     now = timezone.now()
-    sql = (
-        f"INSERT INTO {q(Lock._meta.db_table)} ({q('name')}, {q('owner')}, {q('acquired_at')}, "
-        f"{q('expires_at')}) VALUES (%s, %s, %s, %s) "
-        f"ON CONFLICT ({q('name')}) DO UPDATE SET {q('owner')} = excluded.{q('owner')}, "
-        f"{q('acquired_at')} = excluded.{q('acquired_at')}, "
-        f"{q('expires_at')} = excluded.{q('expires_at')} "
-        f"WHERE {q(Lock._meta.db_table)}.{q('expires_at')} < %s "
-        f"OR {q(Lock._meta.db_table)}.{q('owner')} = excluded.{q('owner')} "
-        f"RETURNING {q('owner')}"
-    )
-    stamp = _prep("acquired_at", now)
-    params = [name, owner, stamp, _prep("expires_at", now + ttl), stamp]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    return row is not None and row[0] == owner
+    return lock_sql.try_acquire(name=name, owner=owner, now=now, expires_at=now + ttl)
 
 
 def acquire(
@@ -138,22 +120,9 @@ class Semaphore:
         return [self.name, *(f"{self.name}#{slot}" for slot in range(1, self.limit))]
 
 
-def _semaphore_live_sql(count: int) -> str:
-    q = connection.ops.quote_name
-    names = ", ".join(["%s"] * count)
-    return (
-        f"SELECT {q('name')}, {q('owner')} FROM {q(Lock._meta.db_table)} "
-        f"WHERE {q('name')} IN ({names}) AND {q('expires_at')} >= %s"
-    )
-
-
 def _live_slots(semaphore: Semaphore) -> dict[str, str]:
     """Slot name -> owner of the semaphore's slots held by a live lease now."""
-    slots = semaphore.slot_names
-    params = [*slots, _prep("expires_at", timezone.now())]
-    with connection.cursor() as cursor:
-        cursor.execute(_semaphore_live_sql(len(slots)), params)
-        return dict(cursor.fetchall())
+    return lock_sql.live_owners(names=semaphore.slot_names, now=timezone.now())
 
 
 def _acquire_slot(semaphore: Semaphore, *, owner: str, ttl: timedelta) -> str | None:

@@ -237,13 +237,10 @@ class Scheduler(models.Model):
             errors["policy_weights"] = problem
         if self.kind == SchedulerKind.CELERY and not self.handler:
             errors["handler"] = "A celery scheduler needs a handler."
-        elif self.handler:
-            from tasks.registry import UnknownHandler, get_handler
-
-            try:  # a registered name, or one its prefix resolves (`celery:<task name>`)
-                get_handler(self.handler)
-            except UnknownHandler as exc:
-                errors["handler"] = exc.message.removeprefix("handler: ")
+        elif self.handler and (
+            unknown_handler := writers.call("handler_problem", name=self.handler)
+        ):
+            errors["handler"] = unknown_handler
         try:
             parse_rate(self.rate_limit)
         except ValueError:
@@ -529,19 +526,34 @@ class FlowHandout(models.Model):
         return f"{self.scheduler_id}: {self.count} at {self.at_us}"
 
 
-class TaskEvent(models.Model):
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+class StatusEvent(models.Model):
+    """One change of an object's status: who, when, from, to, why. The event rows of tasks,
+    schedules, CEs and pilots share it (and the admin's StatusEventInline shows any of them);
+    each adds its foreign key, named by `subject`."""
+
+    subject = ""  # the name of the subclass's foreign key to what changed
+
     from_status = models.CharField(max_length=16, blank=True)
     to_status = models.CharField(max_length=16)
-    at = models.DateTimeField(default=timezone.now, db_index=True)
+    at = models.DateTimeField(default=timezone.now)
     actor = models.CharField(max_length=200, blank=True)
     note = models.TextField(blank=True)
 
     class Meta:
+        abstract = True
         ordering = ["at", "id"]
 
     def __str__(self) -> str:
-        return f"{self.task_id}: {self.from_status or '-'} -> {self.to_status}"
+        subject_id = getattr(self, f"{self.subject}_id")
+        return f"{subject_id}: {self.from_status or '-'} -> {self.to_status}"
+
+
+class TaskEvent(StatusEvent):
+    subject = "task"
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    # Indexed on its own: the per-minute rollup and the statistics read events by time.
+    at = models.DateTimeField(default=timezone.now, db_index=True)
 
 
 class Lock(models.Model):

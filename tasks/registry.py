@@ -169,3 +169,14 @@ def check_task_data(scheduler: Scheduler, data: dict[str, Any]) -> None:
 def get_handler(name: str) -> Handler:
     """The handler of `name`; UnknownHandler (400) says why there is none."""
     return HANDLERS.resolve(name)
+
+
+def handler_problem(*, name: str) -> str:
+    """Why `name` names no handler ("" when it does): the check Scheduler.clean() runs on every
+    write of a scheduler (the model reaches it through scheduler_site.writers, as it cannot
+    import this module, which imports the models)."""
+    try:  # a registered name, or one its prefix resolves (`celery:<task name>`)
+        get_handler(name)
+    except UnknownHandler as exc:
+        return exc.message.removeprefix("handler: ")
+    return ""

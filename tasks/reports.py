@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from tasks.models import (
     TaskStatus,
     is_allowed_transition,
 )
+from tasks.registry import HANDLERS
 from tasks.retry import RetrySpec
 from tasks.transitions import get_task, notify_queued, transition
 
@@ -78,6 +80,35 @@ def _fence_token_or_refusal(
         raise _refusal(task_id, attempt, proof, to_status) from None
 
 
+def _fenced_write(
+    write: Callable[..., Task | None],
+    *,
+    to_status: str,
+    note: str,
+    task_id: uuid.UUID,
+    attempt: int | None,
+    proof: LeaseProof | None,
+    actor: str,
+    **values: Any,
+) -> Task:
+    """One of the queue's one-statement writes (start, complete): fenced by the holder's lease
+    token, timed, and refused saying why when its compare-and-swap matched nothing."""
+    token = _fence_token_or_refusal(task_id, attempt, proof, to_status)
+    with TRANSITION_SECONDS.labels(to_status).time():
+        task = write(
+            task_id=task_id,
+            attempt=attempt,
+            lease_token=token,
+            now=timezone.now(),
+            actor=actor,
+            note=with_override_note(note, proof),
+            **values,
+        )
+    if task is None:
+        raise _refusal(task_id, attempt, proof, to_status)
+    return task
+
+
 def task_start(
     *,
     task_id: uuid.UUID,
@@ -89,19 +120,16 @@ def task_start(
     """DISPATCHED -> RUNNING with a fresh lease, held by `actor`. A worker's claim mints the
     lease token (`mint_token`); a runner's RUNNING report shows the one its pop minted. The
     returned task carries `handler_name`, its scheduler's handler (what a worker runs)."""
-    token = _fence_token_or_refusal(task_id, attempt, proof, TaskStatus.RUNNING)
-    with TRANSITION_SECONDS.labels(TaskStatus.RUNNING).time():
-        task = queue.start_dispatched(
-            task_id=task_id,
-            attempt=attempt,
-            lease_token=token,
-            mint_token=mint_token,
-            now=timezone.now(),
-            actor=actor,
-            note=with_override_note("started", proof),
-        )
-    if task is None:
-        raise _refusal(task_id, attempt, proof, TaskStatus.RUNNING)
+    task = _fenced_write(
+        queue.start_dispatched,
+        to_status=TaskStatus.RUNNING,
+        note="started",
+        task_id=task_id,
+        attempt=attempt,
+        proof=proof,
+        actor=actor,
+        mint_token=mint_token,
+    )
     logger.info("task %s DISPATCHED -> RUNNING by %s started", task.id, actor)
     return task
 
@@ -114,19 +142,16 @@ def task_complete(
     attempt: int | None = None,
     proof: LeaseProof | None = None,
 ) -> Task:
-    token = _fence_token_or_refusal(task_id, attempt, proof, TaskStatus.COMPLETED)
-    with TRANSITION_SECONDS.labels(TaskStatus.COMPLETED).time():
-        completed = queue.complete_leased(
-            task_id=task_id,
-            attempt=attempt,
-            lease_token=token,
-            result=result,
-            now=timezone.now(),
-            actor=actor,
-            note=with_override_note("completed", proof),
-        )
-    if completed is None:
-        raise _refusal(task_id, attempt, proof, TaskStatus.COMPLETED)
+    completed = _fenced_write(
+        queue.complete_leased,
+        to_status=TaskStatus.COMPLETED,
+        note="completed",
+        task_id=task_id,
+        attempt=attempt,
+        proof=proof,
+        actor=actor,
+        result=result,
+    )
     logger.info(
         "task %s %s -> COMPLETED by %s completed", completed.id, completed.from_status, actor
     )
@@ -167,8 +192,6 @@ def retry_spec_for(task: Task) -> RetrySpec:
     (`celery:` handlers); a pull queue's, the queue's."""
     scheduler = task.scheduler
     if scheduler.kind == SchedulerKind.CELERY and scheduler.handler:
-        from tasks.registry import HANDLERS
-
         handler = HANDLERS.get(scheduler.handler)
         if handler is not None and handler.retry is not None:
             return handler.retry

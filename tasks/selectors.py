@@ -3,6 +3,7 @@ queues a runner account is limited to."""
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -31,6 +32,7 @@ from django.utils import timezone
 from knox.models import AuthToken
 
 from scheduler_site.databases import prepared_cursor
+from tasks.exceptions import TaskNotFound
 from tasks.models import (
     LEASED_STATUSES,
     WAIT_BUCKETS,
@@ -50,6 +52,14 @@ User = get_user_model()
 
 # The queues an account may use: None means every queue.
 QueueScope = frozenset[str] | None
+
+
+def get_task(task_id: uuid.UUID) -> Task:
+    """The task with its scheduler; TaskNotFound (404) if there is none."""
+    try:
+        return Task.objects.select_related("scheduler").get(id=task_id)
+    except Task.DoesNotExist:
+        raise TaskNotFound(f"Task {task_id} does not exist.") from None
 
 
 def runner_queues(user: AbstractBaseUser | AnonymousUser | None) -> QueueScope:

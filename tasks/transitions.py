@@ -6,7 +6,6 @@ run on commit after tasks are queued or completed."""
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,9 +13,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from tasks import queue, wakeups
-from tasks.exceptions import SchedulerNotFound, TaskNotFound, TransitionRefused
+from tasks.exceptions import SchedulerNotFound, TransitionRefused
 from tasks.metrics import TRANSITION_SECONDS
 from tasks.models import LEASED_STATUSES, Scheduler, Task, is_allowed_transition
+from tasks.selectors import get_task  # noqa: F401  (its home was here: reports imports it)
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,6 @@ def get_scheduler(scheduler_id: str, *, for_update: bool = False) -> Scheduler:
         return queryset.get(id=scheduler_id)
     except Scheduler.DoesNotExist:
         raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.") from None
-
-
-def get_task(task_id: uuid.UUID) -> Task:
-    try:
-        return Task.objects.select_related("scheduler").get(id=task_id)
-    except Task.DoesNotExist:
-        raise TaskNotFound(f"Task {task_id} does not exist.") from None
 
 
 def notify_queued(scheduler: Scheduler) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from django.db import IntegrityError, transaction
 
+from pilots.models import ComputeElementEvent, PilotEvent
+from schedules.models import ScheduleEvent
 from tasks import services
 from tasks.exceptions import TransitionRefused
 from tasks.leases import LeaseProof
@@ -18,6 +20,7 @@ from tasks.models import (
     ALLOWED_TRANSITIONS,
     FINAL_STATUSES,
     Scheduler,
+    StatusEvent,
     Task,
     TaskEvent,
     TaskStatus,
@@ -272,3 +275,24 @@ def test_task_methods__fail_cancel_requeue(push: Callable[..., Task]) -> None:
     assert task.events.count() == 5  # pushed, popped, failed, cancelled, requeued
     with pytest.raises(TransitionRefused):
         requeued.requeue()  # an active task is refused
+
+
+# --- the event rows of every state machine ----------------------------------------------------
+
+
+def test_status_event__every_event_model_shares_its_fields_and_order() -> None:
+    for model in (TaskEvent, ScheduleEvent, ComputeElementEvent, PilotEvent):
+        assert issubclass(model, StatusEvent)
+        assert {"from_status", "to_status", "at", "actor", "note"} <= {
+            field.name for field in model._meta.fields
+        }
+        assert model._meta.ordering == ["at", "id"]
+
+
+@pytest.mark.django_db
+def test_status_event__str_names_the_subject_and_the_move(push: Callable[..., Task]) -> None:
+    task = push(data={"n": 1})
+
+    [event] = _events(task)
+
+    assert str(event) == f"{task.id}: - -> QUEUED"
