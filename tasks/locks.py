@@ -22,8 +22,8 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from tasks import lock_sql
 from tasks.models import Lock
+from tasks.queue import locks as lock_sql
 
 
 @dataclass(frozen=True, order=True)

@@ -1,8 +1,6 @@
 """The SQL of tasks.locks (mutexes as lease rows), named and built from `Lock._meta.db_table`.
 
-The tasks app's SQL lives in tasks.queue; these statements sit beside it, in their own module,
-only because queue.py is near the 600-line cap. Once this round's work on the queue has
-merged, both become one `tasks/sql/` package (queue, locks), one module per noun.
+Part of the tasks app's one SQL package (tasks.queue); no statement here writes a task.
 """
 
 from __future__ import annotations

@@ -1,0 +1,306 @@
+"""The task rows' writes every path shares: compare-and-swap updates, inserts of QUEUED tasks
+with their events, the ORM claim, and the row conversion of raw SQL results."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.db.models import QuerySet
+from django.db.models.fields.json import KeyTransform
+
+from scheduler_site.databases import prepared_cursor
+from tasks.models import (
+    Scheduler,
+    Task,
+    TaskEvent,
+    TaskStatus,
+    is_allowed_transition,
+    status_writer,
+)
+
+
+@dataclass(frozen=True)
+class Sql:
+    """A raw SQL expression for an assignment, e.g. `"attempts" + 1`."""
+
+    text: str
+
+
+def _table() -> str:
+    return connection.ops.quote_name(Task._meta.db_table)
+
+
+def _columns() -> str:
+    return ", ".join(connection.ops.quote_name(f.column) for f in Task._meta.concrete_fields)
+
+
+def _assignments(values: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    parts: list[str] = []
+    params: list[Any] = []
+    for name, value in values.items():
+        field = Task._meta.get_field(name)
+        column = connection.ops.quote_name(field.column)
+        if isinstance(value, Sql):
+            parts.append(f"{column} = {value.text}")
+        else:
+            parts.append(f"{column} = %s")
+            params.append(field.get_db_prep_save(value, connection))
+    return ", ".join(parts), params
+
+
+def _prep_ids(ids: Iterable[uuid.UUID]) -> list[Any]:
+    pk = Task._meta.pk
+    return [pk.get_db_prep_value(task_id, connection) for task_id in ids]
+
+
+_CONVERTERS: list[tuple[int, list[Any], Any]] | None = None
+
+
+def _converters() -> list[tuple[int, list[Any], Any]]:
+    """(column index, converters, expression) of the Task fields whose raw values need one."""
+    global _CONVERTERS
+    if _CONVERTERS is None:
+        found = []
+        for index, model_field in enumerate(Task._meta.concrete_fields):
+            column = model_field.get_col(Task._meta.db_table)
+            funcs = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+            if funcs:
+                found.append((index, funcs, column))
+        _CONVERTERS = found
+    return _CONVERTERS
+
+
+def _fetch_tasks(
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any],
+    *,
+    extras: Sequence[str] = (),
+    prepared: bool = False,
+) -> list[Task]:
+    """Tasks from a statement returning every Task column in field order, then the `extras`
+    columns (set as attributes under those names). Task.objects.raw() did the same, but read
+    the cursor's description (an object per column) and rebuilt its converters on every call:
+    most of a claim's Python time. `prepared`: a fixed statement text run on every pop, claim
+    or report, which PostgreSQL may then keep planned (see prepared_cursor)."""
+    attnames = [f.attname for f in Task._meta.concrete_fields]
+    with prepared_cursor() if prepared else connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    converters = _converters()
+    tasks = []
+    for row in rows:
+        values = list(row)
+        for index, funcs, column in converters:
+            for func in funcs:
+                values[index] = func(values[index], column, connection)
+        task = Task.from_db(connection.alias, attnames, values[: len(attnames)])
+        for name, value in zip(extras, values[len(attnames) :], strict=True):
+            setattr(task, name, value)
+        tasks.append(task)
+    return tasks
+
+
+def _update_returning(
+    values: Mapping[str, Any],
+    where_sql: str,
+    where_params: Sequence[Any],
+    *,
+    with_sql: str = "",
+    with_params: Sequence[Any] = (),
+) -> list[Task]:
+    set_sql, set_params = _assignments(values)
+    sql = f"{with_sql}UPDATE {_table()} SET {set_sql} WHERE {where_sql} RETURNING {_columns()}"
+    return _fetch_tasks(sql, [*with_params, *set_params, *where_params])
+
+
+def cas_update(
+    *,
+    task_ids: Sequence[uuid.UUID],
+    expected: str,
+    values: Mapping[str, Any],
+    expected_attempts: int | None = None,
+    expected_token: str | None = None,
+) -> list[Task]:
+    """Apply `values` to those of `task_ids` still in `expected` (and, when given, on
+    `expected_attempts` and held with `expected_token`); return the rows changed."""
+    if "status" in values:
+        _check_transition(expected, values["status"])
+    if not task_ids:
+        return []
+    placeholders = ", ".join(["%s"] * len(task_ids))
+    status_col = connection.ops.quote_name("status")
+    where = f"{connection.ops.quote_name('id')} IN ({placeholders}) AND {status_col} = %s"
+    params: list[Any] = [*_prep_ids(task_ids), expected]
+    if expected_attempts is not None:
+        # The attempt number fences a stale holder out: after a lease expiry and a new pop
+        # the status is DISPATCHED again, but the attempt count has moved on.
+        where += f" AND {connection.ops.quote_name('attempts')} = %s"
+        params.append(expected_attempts)
+    if expected_token is not None:
+        # The lease token proves the caller is the current holder, whatever requeues reset
+        # the attempt count in between: each hand-out mints a new one.
+        where += f" AND {connection.ops.quote_name('lease_token')} = %s"
+        params.append(expected_token)
+    return _update_returning(values, where, params)
+
+
+def _check_transition(from_status: str, to_status: Any) -> None:
+    """The queue's own guard: no statement here moves a task along an edge the table lacks
+    (the callers check first and refuse with a clear message; this is the backstop)."""
+    if not is_allowed_transition(from_status, to_status):
+        raise ValueError(f"not in ALLOWED_TRANSITIONS: {from_status} -> {to_status}")
+
+
+def insert_queued(tasks: Sequence[Task], *, actor: str, note: str, at: datetime) -> list[Task]:
+    """Insert new QUEUED tasks in one statement, with their events: the orchestrator's tick
+    and any other batch producer (a push of one is `tasks.services.task_push`)."""
+    if any(task.status != TaskStatus.QUEUED for task in tasks):
+        raise ValueError("insert_queued inserts QUEUED tasks only")
+    with status_writer():
+        created = Task.objects.bulk_create(tasks)
+    record_events(created, from_status="", actor=actor, note=note, at=at)
+    return created
+
+
+def insert_queued_new(
+    tasks: Sequence[Task], *, actor: str, note: str, at: datetime
+) -> set[uuid.UUID]:
+    """Insert new QUEUED tasks in one statement, skipping any whose hash an active task of its
+    scheduler already holds (the partial unique index: ON CONFLICT DO NOTHING), with events
+    for those inserted; the ids inserted."""
+    if not tasks:
+        return set()
+    if any(task.status != TaskStatus.QUEUED for task in tasks):
+        raise ValueError("insert_queued_new inserts QUEUED tasks only")
+    with status_writer():
+        Task.objects.bulk_create(tasks, ignore_conflicts=True)
+    ids = [task.id for task in tasks]
+    created = set(Task.objects.filter(id__in=ids).values_list("id", flat=True))
+    record_events(
+        [task for task in tasks if task.id in created],
+        from_status="",
+        actor=actor,
+        note=note,
+        at=at,
+    )
+    return created
+
+
+def new_lease_token() -> Sql:
+    """A fresh lease token for each row an UPDATE hands out: 64 hex digits from the database's
+    strong random source (PostgreSQL: two gen_random_uuid(), 244 random bits; SQLite:
+    randomblob, 256 bits). Minted in SQL, so a batch pop gives every task its own."""
+    if connection.vendor == "postgresql":
+        return Sql("replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')")
+    return Sql("lower(hex(randomblob(32)))")
+
+
+def data_filter(queryset: QuerySet[Task], filters: Mapping[str, Any]) -> QuerySet[Task]:
+    """Equality (or one-of, for a list) on keys of `data`; dotted keys reach into objects.
+
+    KeyTransform rather than `data__<key>` keyword lookups, so a key named like a lookup
+    ("contains", "in") is still a key; it compiles right on PostgreSQL and SQLite alike.
+    """
+    for position, (path, wanted) in enumerate(sorted(filters.items())):
+        expression: Any = "data"
+        for key in path.split("."):
+            expression = KeyTransform(key, expression)
+        alias = f"data_filter_{position}"
+        queryset = queryset.alias(**{alias: expression})
+        lookup = f"{alias}__in" if isinstance(wanted, list) else alias
+        queryset = queryset.filter(**{lookup: wanted})
+    return queryset
+
+
+def claim_queued(
+    *,
+    scheduler_id: str,
+    limit: int,
+    now: datetime,
+    values: Mapping[str, Any],
+    filters: Mapping[str, Any] | None = None,
+) -> list[Task]:
+    """Flip up to `limit` due QUEUED tasks of a scheduler to the state in `values`, in queue
+    order (priority, created_at, id). Must run inside a transaction."""
+    _check_transition(TaskStatus.QUEUED, values["status"])
+    candidates = Task.objects.filter(
+        scheduler_id=scheduler_id, status=TaskStatus.QUEUED, not_before__lte=now
+    ).exclude(expires_at__lte=now)  # an expired task is never handed out (the reaper ends it)
+    if filters:
+        candidates = data_filter(candidates, filters)
+    candidates = candidates.order_by("priority", "created_at", "id").values("id")[:limit]
+    if connection.features.has_select_for_update_skip_locked:
+        candidates = candidates.select_for_update(skip_locked=True)
+    inner_sql, inner_params = candidates.query.sql_with_params()
+    pk = connection.ops.quote_name("id")
+    status_col = connection.ops.quote_name("status")
+    # The candidates are picked once, in a materialised CTE. As `id IN (subquery)` PostgreSQL
+    # may plan a nested-loop semi-join that re-runs the subquery for each row; every re-run
+    # skips the rows this UPDATE already changed and locks `limit` more, so a pop of 1 took
+    # every due task. (SQLite >= 3.35, already needed for RETURNING, reads MATERIALIZED too.)
+    with_sql = f"WITH picked AS MATERIALIZED ({inner_sql}) "
+    # The status test again outside the subquery: on SQLite nothing locks the chosen rows, and
+    # on PostgreSQL it is what keeps a re-checked row from being claimed twice.
+    where = f"{pk} IN (SELECT {pk} FROM picked) AND {status_col} = %s"
+    rows = _update_returning(
+        values, where, [TaskStatus.QUEUED], with_sql=with_sql, with_params=inner_params
+    )
+    rows.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
+    return rows
+
+
+# PostgreSQL runs data-modifying CTEs: there a pop, a worker's claim and its report are one
+# statement each. SQLite cannot, and runs the same steps in one IMMEDIATE transaction
+
+
+ONE_STATEMENT_WRITES = connection.vendor == "postgresql"
+
+
+_HOT_SQL: dict[str, str] = {}  # statement texts, built once (they quote the table names)
+
+
+def _hot_sql(name: str, build: Any) -> str:
+    if name not in _HOT_SQL:
+        _HOT_SQL[name] = build()
+    return _HOT_SQL[name]
+
+
+def record_events(
+    tasks: Iterable[Task], *, from_status: str, actor: str, note: str, at: datetime
+) -> None:
+    TaskEvent.objects.bulk_create(
+        [
+            TaskEvent(
+                task_id=task.id,
+                from_status=from_status,
+                to_status=task.status,
+                at=at,
+                actor=actor[:200],
+                note=note,
+            )
+            for task in tasks
+        ]
+    )
+
+
+def _returned(alias: str) -> str:
+    q = connection.ops.quote_name
+    return ", ".join(f"{alias}.{q(f.column)}" for f in Task._meta.concrete_fields)
+
+
+def _names() -> dict[str, str]:
+    q = connection.ops.quote_name
+    return {
+        "task": q(Task._meta.db_table),
+        "event": q(TaskEvent._meta.db_table),
+        "scheduler": q(Scheduler._meta.db_table),
+    }
+
+
+def _prep(field_name: str, value: Any) -> Any:
+    return Task._meta.get_field(field_name).get_db_prep_save(value, connection)
