@@ -73,10 +73,11 @@ CHILD_TIMEOUT = 900.0
 # Table names come from the models (Model._meta.db_table): `{schedule}`, `{task}`, `{event}`.
 SEED_SQL = """
 INSERT INTO {schedule} (id, scheduler_id, hash, data, priority, cron, interval_seconds,
-    timezone, status, deadline_at, run_count, created_at, modified_at)
+    timezone, status, deadline_at, run_count, created_at, modified_at,
+    failure_backoff_max_seconds, consecutive_failures, paused_reason)
 SELECT gen_random_uuid(), %(scheduler)s, NULL, '{{}}'::jsonb, 0, '', 3600, 'UTC', 'ACTIVE',
        now() + interval '1 hour' + (g %% 3600) * interval '1 second', 0,
-       now() - interval '30 days' + g * interval '1 millisecond', now()
+       now() - interval '30 days' + g * interval '1 millisecond', now(), 86400, 0, ''
 FROM generate_series(%(first)s, %(last)s) AS g
 """
 # Random rows among those that never ran, so due rows are spread over the table's pages;
