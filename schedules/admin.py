@@ -11,28 +11,10 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from schedules import services, timing
-from schedules.models import Schedule, ScheduleStatus
+from schedules.models import SCHEDULE_SETTABLE, Schedule, ScheduleStatus
 from tasks.admin import DataKeySearch, ObjectButtons, run_each, status_history, to_the_second
 
-EDITABLE = [
-    "name",
-    "hash",
-    "data",
-    "priority",
-    "cron",
-    "interval_seconds",
-    "run_at",
-    "timezone",
-    "start_at",
-    "end_at",
-    "min_interval_seconds",
-    "max_interval_seconds",
-    "backoff_factor",
-    "expire_seconds",
-    "failure_backoff_factor",
-    "failure_backoff_max_seconds",
-    "max_consecutive_failures",
-]
+EDITABLE = SCHEDULE_SETTABLE  # the API's writable fields (schedules.models)
 
 
 class _DefaultingIntegerField(forms.IntegerField):

@@ -296,3 +296,26 @@ class ScheduleEvent(StatusEvent):
 
     class Meta(StatusEvent.Meta):
         indexes = [models.Index(fields=["schedule", "at"], name="schedule_event_idx")]
+
+
+# What an operator sets on a schedule (besides its queue, on creation), through the API, the
+# CLI and the admin alike: one list, so that they cannot disagree.
+SCHEDULE_SETTABLE = (
+    "name",
+    "hash",
+    "data",
+    "priority",
+    "cron",
+    "interval_seconds",
+    "run_at",
+    "timezone",
+    "start_at",
+    "end_at",
+    "min_interval_seconds",
+    "max_interval_seconds",
+    "backoff_factor",
+    "expire_seconds",
+    "failure_backoff_factor",
+    "failure_backoff_max_seconds",
+    "max_consecutive_failures",
+)

@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from scheduler_site.api_input import StrictTypes
 from schedules import timing
-from schedules.models import Schedule
+from schedules.models import SCHEDULE_SETTABLE, Schedule
 from tasks.models import Scheduler
 from tasks.serializers import JSONObjectField
 
@@ -21,24 +21,8 @@ class ScheduleSerializer(StrictTypes, serializers.ModelSerializer):
         fields = [
             "id",
             "scheduler",
-            "name",
-            "hash",
-            "data",
-            "priority",
-            "cron",
+            *SCHEDULE_SETTABLE,
             "cron_description",
-            "interval_seconds",
-            "run_at",
-            "timezone",
-            "start_at",
-            "end_at",
-            "min_interval_seconds",
-            "max_interval_seconds",
-            "backoff_factor",
-            "expire_seconds",
-            "failure_backoff_factor",
-            "failure_backoff_max_seconds",
-            "max_consecutive_failures",
             "consecutive_failures",
             "paused_reason",
             "status",

@@ -15,7 +15,9 @@ from django.test import Client
 from time_machine import TimeMachineFixture
 
 from schedules import services
+from schedules.admin import EDITABLE
 from schedules.models import Schedule, ScheduleStatus
+from schedules.serializers import ScheduleSerializer
 from tasks import services as task_services
 from tasks.models import Scheduler, Task, TaskStatus
 from tests.schedules.helpers import T0
@@ -221,3 +223,13 @@ def test_admin_changelist__newest_first_to_the_second(
     assert '<td class="field-created">2030-01-01 10:05:07</td>' in page
     assert '<td class="field-deadline">2030-01-01 10:05:07</td>' in page  # due at once
     assert '<td class="field-last_run">-</td>' in page
+
+
+def test_schedule_admin__edits_exactly_the_apis_writable_fields() -> None:
+    # One list (schedules.models.SCHEDULE_SETTABLE) serves the serializer, the CLI and the admin.
+    writable = {
+        name
+        for name, field in ScheduleSerializer().get_fields().items()
+        if not field.read_only and name not in {"id", "scheduler"}
+    }
+    assert set(EDITABLE) == writable
