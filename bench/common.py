@@ -91,6 +91,14 @@ def table(model: Any) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 
+def sql(template: str) -> str:
+    """A statement with the models' table names filled in ({schedule}, {task}, {event})."""
+    from schedules.models import Schedule
+    from tasks.models import Task, TaskEvent
+
+    return template.format(schedule=table(Schedule), task=table(Task), event=table(TaskEvent))
+
+
 def execute(sql: str, params: Any = None) -> None:
     from django.db import connection
 

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench.common import sql
+
 
 def setup(name: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=f"flow-control pop cost: {name}")
@@ -63,7 +65,7 @@ def seed(scheduler_id: str, count: int, data: Callable[[int], dict[str, Any]]) -
         ]
         queue.insert_queued(rows, actor="bench", note="seeded", at=now)
     with connection.cursor() as cursor:
-        cursor.execute("ANALYZE tasks_task")
+        cursor.execute(sql("ANALYZE {task}"))
 
 
 def pop_cost_us(scheduler_id: str, pops: int) -> float:

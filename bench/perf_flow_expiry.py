@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+from bench.common import sql
+
 PREDICATE = "AND (t.expires_at IS NULL OR t.expires_at > %(now)s)"
 SCHEDULER = "bench-expiry"
 PLAIN = "bench-expiry-plain"  # the expired-head cell's twin queue, without the expired head
@@ -70,11 +72,11 @@ def setup_django() -> None:
     call_command("migrate", verbosity=0, interactive=False)
 
 
-def execute(sql: str, params: dict[str, Any] | None = None) -> None:
+def execute(template: str, params: dict[str, Any] | None = None) -> None:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql(template), params)
 
 
 def seed(count: int, expiry: str, scheduler: str = SCHEDULER) -> None:
@@ -106,7 +108,7 @@ def seed(count: int, expiry: str, scheduler: str = SCHEDULER) -> None:
             params[f"d_{field.column}"] = field.get_db_prep_save(field.get_default(), connection)
             values.append(f"%(d_{field.column})s")
     execute(
-        f"INSERT INTO tasks_task ({', '.join(names)}) SELECT {', '.join(values)} "
+        f"INSERT INTO {{task}} ({', '.join(names)}) SELECT {', '.join(values)} "
         "FROM generate_series(1, %(count)s) AS g",
         params,
     )
@@ -117,13 +119,13 @@ def reset() -> None:
 
     for scheduler in (SCHEDULER, PLAIN):
         execute(
-            "DELETE FROM tasks_taskevent e USING tasks_task t "
+            "DELETE FROM {event} e USING {task} t "
             "WHERE e.task_id = t.id AND t.scheduler_id = %(s)s",
             {"s": scheduler},
         )
-        execute("DELETE FROM tasks_task WHERE scheduler_id = %(s)s", {"s": scheduler})
+        execute("DELETE FROM {task} WHERE scheduler_id = %(s)s", {"s": scheduler})
     with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE tasks_task")
+        cursor.execute(sql("VACUUM ANALYZE {task}"))
 
 
 def statements() -> dict[str, str]:
@@ -157,7 +159,7 @@ def run_cell(size: int, expiry: str, pops: int) -> dict[str, Any]:
     if expiry == "expired-head":
         seed(size, "none", scheduler=PLAIN)
         queues["without"] = PLAIN
-    execute("VACUUM ANALYZE tasks_task")
+    execute("VACUUM ANALYZE {task}")
     sqls = statements()
     times: dict[str, list[float]] = {"with": [], "without": []}
     for name in times:  # warm-up: plans cached, pages in memory

@@ -29,10 +29,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.common import sql
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULER = "perf"
 SEED_SQL = """
-    INSERT INTO tasks_task (id, scheduler_id, status, priority, data, error, traceback,
+    INSERT INTO {task} (id, scheduler_id, status, priority, data, error, traceback,
         attempts, not_before, worker, lease_token, lock_waits, created_at, modified_at)
     SELECT gen_random_uuid(), %(scheduler)s, 'QUEUED', 0, jsonb_build_object('n', g), '', '',
         0, now() - interval '1 minute', '', '', 0, now() + g * interval '1 microsecond', now()
@@ -68,10 +70,10 @@ def prepare(count: int) -> str:
     call_command("migrate", verbosity=0, interactive=False)
     Scheduler.objects.update_or_create(id=SCHEDULER, defaults={"paused": False})
     with connection.cursor() as cursor:
-        cursor.execute("DELETE FROM tasks_taskevent")
-        cursor.execute("DELETE FROM tasks_task")
-        cursor.execute(SEED_SQL, {"scheduler": SCHEDULER, "count": count})
-        cursor.execute("VACUUM ANALYZE tasks_task")
+        cursor.execute(sql("DELETE FROM {event}"))
+        cursor.execute(sql("DELETE FROM {task}"))
+        cursor.execute(sql(SEED_SQL), {"scheduler": SCHEDULER, "count": count})
+        cursor.execute(sql("VACUUM ANALYZE {task}"))
     user, _ = User.objects.get_or_create(username="perf-runner")
     user.groups.add(Group.objects.get(name=RUNNERS))
     accounts.runner_grants_set(user=user, scheduler_ids=[SCHEDULER])

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from bench import perf_http
+from bench.common import sql
 
 SCHEDULER = "longpoll"
 
@@ -42,8 +43,8 @@ def tokens() -> tuple[str, str]:
     call_command("migrate", verbosity=0, interactive=False)
     Scheduler.objects.update_or_create(id=SCHEDULER, defaults={"paused": False})
     with connection.cursor() as cursor:
-        cursor.execute("DELETE FROM tasks_taskevent")
-        cursor.execute("DELETE FROM tasks_task")
+        cursor.execute(sql("DELETE FROM {event}"))
+        cursor.execute(sql("DELETE FROM {task}"))
     made = []
     for name, role in (("lp-runner", RUNNERS), ("lp-operator", OPERATORS)):
         user, _ = User.objects.get_or_create(username=name)

@@ -20,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import sql
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULER = "perfpop"
 SEED_SQL = """
-    INSERT INTO tasks_task (id, scheduler_id, status, priority, data, error, traceback,
+    INSERT INTO {task} (id, scheduler_id, status, priority, data, error, traceback,
         attempts, not_before, worker, lease_token, lock_waits, created_at, modified_at)
     SELECT gen_random_uuid(), %(scheduler)s, %(status)s, 0, jsonb_build_object('n', g), '', '',
         0, now() - interval '1 minute', '', '', 0, now() + g * interval '1 microsecond', now()
@@ -32,14 +34,14 @@ SEED_SQL = """
 OLD_INDEXES = (
     "DROP INDEX IF EXISTS task_hash_idx",
     "DROP INDEX IF EXISTS task_schedule_idx",
-    "CREATE INDEX task_hash_idx ON tasks_task (hash)",
-    "CREATE INDEX task_schedule_idx ON tasks_task (schedule_id, created_at)",
+    "CREATE INDEX task_hash_idx ON {task} (hash)",
+    "CREATE INDEX task_schedule_idx ON {task} (schedule_id, created_at)",
 )
 NEW_INDEXES = (
     "DROP INDEX IF EXISTS task_hash_idx",
     "DROP INDEX IF EXISTS task_schedule_idx",
-    "CREATE INDEX task_hash_idx ON tasks_task (hash) WHERE hash IS NOT NULL",
-    "CREATE INDEX task_schedule_idx ON tasks_task (schedule_id, created_at) "
+    "CREATE INDEX task_hash_idx ON {task} (hash) WHERE hash IS NOT NULL",
+    "CREATE INDEX task_schedule_idx ON {task} (schedule_id, created_at) "
     "WHERE schedule_id IS NOT NULL",
 )
 VARIANTS = {
@@ -64,7 +66,7 @@ def execute(*statements: str, params: dict | None = None) -> None:
 
     with connection.cursor() as cursor:
         for statement in statements:
-            cursor.execute(statement, params)
+            cursor.execute(sql(statement), params)
 
 
 def seed(queued: int, finished: int) -> None:
@@ -74,11 +76,11 @@ def seed(queued: int, finished: int) -> None:
 
     call_command("migrate", verbosity=0, interactive=False)
     Scheduler.objects.update_or_create(id=SCHEDULER, defaults={"paused": False})
-    execute("DELETE FROM tasks_taskevent", "DELETE FROM tasks_task")
+    execute("DELETE FROM {event}", "DELETE FROM {task}")
     for status, count in (("QUEUED", queued), ("COMPLETED", finished)):
         params = {"scheduler": SCHEDULER, "status": status, "count": count}
         execute(SEED_SQL, params=params)
-    execute("VACUUM ANALYZE tasks_task")
+    execute("VACUUM ANALYZE {task}")
 
 
 def process_cpu(pid: int) -> float:

@@ -43,6 +43,7 @@ from bench.common import (
     fetchone,
     log,
     server_version,
+    sql,
     table,
     uptime,
     vacuum,
@@ -115,16 +116,6 @@ def configure_environment() -> None:
 def setup_django(*, migrate: bool) -> None:
     common.setup_django("tick_bench", migrate=migrate)
 
-
-def sql(template: str) -> str:
-    """A statement with the models' table names filled in."""
-    from schedules.models import Schedule
-    from tasks.models import Task, TaskEvent
-
-    return template.format(schedule=table(Schedule), task=table(Task), event=table(TaskEvent))
-
-
-# --- database state --------------------------------------------------------------------------
 
 # --- database state --------------------------------------------------------------------------
 
