@@ -47,8 +47,9 @@ def production_environment() -> dict[str, str]:
     }
 
 
-def configure_environment(bench: str, *, redis: bool = False) -> None:
-    """Production settings over DATABASE_URL (a throwaway PostgreSQL), before django.setup()."""
+def configure_environment(bench: str, *, redis: bool = False, run_as: str = "") -> None:
+    """Production settings over DATABASE_URL (a throwaway PostgreSQL), before django.setup().
+    `run_as`: how to start a bench that has no make target (said when the database is wrong)."""
     env = production_environment()
     os.environ.update(env)
     os.environ["BENCH_SECRET_KEY"] = env["SECRET_KEY"]  # forked children and servers share it
@@ -62,7 +63,25 @@ def configure_environment(bench: str, *, redis: bool = False) -> None:
             problems.append(f"TEST_REDIS_URL must point at a Redis (got {broker or 'nothing'!r})")
         os.environ["CELERY_BROKER_URL"] = broker
     if problems:
-        sys.exit(f"{bench}: " + "; ".join(problems) + f". Run it as `make {bench_target(bench)}`.")
+        how = run_as or f"make {bench_target(bench)}"
+        sys.exit(f"{bench}: " + "; ".join(problems) + f". Run it as `{how}`.")
+
+
+def standalone(bench: str) -> str:
+    """How a bench without a make target runs: on a throwaway PostgreSQL of its own."""
+    return f"scripts/with-postgres.sh --required -- .venv/bin/python -m bench.{bench}"
+
+
+def fresh_queue(scheduler_id: str) -> None:
+    """Migrate, and (re)create the pull queue `scheduler_id` with no tasks and no events."""
+    from django.core.management import call_command
+
+    from tasks.models import Scheduler
+
+    call_command("migrate", verbosity=0, interactive=False)
+    Scheduler.objects.update_or_create(id=scheduler_id, defaults={"paused": False})
+    execute(sql("DELETE FROM {event}"))
+    execute(sql("DELETE FROM {task}"))
 
 
 def bench_target(bench: str) -> str:

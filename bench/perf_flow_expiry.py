@@ -23,13 +23,12 @@ that is measured). Its cost grows with that backlog, not with the queue's size.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import statistics
 import sys
 import time
 from typing import Any
 
+from bench import common
 from bench.common import sql
 
 PREDICATE = "AND (t.expires_at IS NULL OR t.expires_at > %(now)s)"
@@ -48,17 +47,7 @@ EXPIRIES = {
 
 
 def configure_environment() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
-    os.environ.setdefault("DEBUG", "1")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    if os.environ["DEBUG"].strip().lower() in {"0", "false", "no", "off", ""}:
-        os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(48))
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://", "pgsql://")):
-        sys.exit(
-            "perf_flow_expiry: DATABASE_URL must point at a throwaway PostgreSQL database; run\n"
-            "  scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_flow_expiry"
-        )
+    common.configure_environment("perf_flow_expiry", run_as=common.standalone("perf_flow_expiry"))
 
 
 def setup_django() -> None:

@@ -18,7 +18,6 @@ import http.client
 import json
 import multiprocessing
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -29,7 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from bench.common import sql
+from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULER = "perf"
@@ -43,15 +44,9 @@ SEED_SQL = """
 
 
 def configure_environment() -> None:
-    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.perf_settings"
-    os.environ["DEBUG"] = "0"
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(48))
-    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost")
-    os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    common.configure_environment("perf_http", run_as=common.standalone("perf_http"))
+    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.perf_settings"  # adds the plain view's URL
     os.environ.setdefault("API_THROTTLE_USER", "100000000/min")
-    if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
-        sys.exit("perf_http: DATABASE_URL must point at a throwaway PostgreSQL database")
 
 
 def prepare(count: int) -> str:
@@ -60,34 +55,20 @@ def prepare(count: int) -> str:
 
     django.setup()
     from django.contrib.auth.models import Group, User
-    from django.core.management import call_command
     from django.db import connection
 
     from tasks import accounts
-    from tasks.models import Scheduler
     from tasks.roles import RUNNERS
 
-    call_command("migrate", verbosity=0, interactive=False)
-    Scheduler.objects.update_or_create(id=SCHEDULER, defaults={"paused": False})
-    with connection.cursor() as cursor:
-        cursor.execute(sql("DELETE FROM {event}"))
-        cursor.execute(sql("DELETE FROM {task}"))
-        cursor.execute(sql(SEED_SQL), {"scheduler": SCHEDULER, "count": count})
-        cursor.execute(sql("VACUUM ANALYZE {task}"))
+    common.fresh_queue(SCHEDULER)
+    common.execute(sql(SEED_SQL), {"scheduler": SCHEDULER, "count": count})
+    common.execute(sql("VACUUM ANALYZE {task}"))
     user, _ = User.objects.get_or_create(username="perf-runner")
     user.groups.add(Group.objects.get(name=RUNNERS))
     accounts.runner_grants_set(user=user, scheduler_ids=[SCHEDULER])
     token = accounts.token_create(user=user)[1]
     connection.close()
     return token
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -21,8 +21,7 @@ import statistics
 import time
 from typing import Any
 
-from bench import perf_http
-from bench.common import sql
+from bench import common, perf_http
 
 SCHEDULER = "longpoll"
 
@@ -33,18 +32,12 @@ def tokens() -> tuple[str, str]:
 
     django.setup()
     from django.contrib.auth.models import Group, User
-    from django.core.management import call_command
     from django.db import connection
 
     from tasks import accounts
-    from tasks.models import Scheduler
     from tasks.roles import OPERATORS, RUNNERS
 
-    call_command("migrate", verbosity=0, interactive=False)
-    Scheduler.objects.update_or_create(id=SCHEDULER, defaults={"paused": False})
-    with connection.cursor() as cursor:
-        cursor.execute(sql("DELETE FROM {event}"))
-        cursor.execute(sql("DELETE FROM {task}"))
+    common.fresh_queue(SCHEDULER)
     made = []
     for name, role in (("lp-runner", RUNNERS), ("lp-operator", OPERATORS)):
         user, _ = User.objects.get_or_create(username=name)

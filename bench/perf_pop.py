@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench import common
 from bench.common import sql
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +52,7 @@ VARIANTS = {
 
 
 def configure_environment() -> None:
-    os.environ["DJANGO_SETTINGS_MODULE"] = "scheduler_site.settings"
-    os.environ["DEBUG"] = "0"
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(48))
-    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
-        sys.exit("perf_pop: DATABASE_URL must point at a throwaway PostgreSQL database")
+    common.configure_environment("perf_pop", run_as=common.standalone("perf_pop"))
 
 
 def execute(*statements: str, params: dict | None = None) -> None:
