@@ -188,7 +188,12 @@ def start_servers(args: argparse.Namespace, needed: set[str]) -> dict[str, Serve
     for name, app in (("api", "scheduler_site.wsgi"), ("plain", "bench.plain_wsgi")):
         if name in needed:
             log_file = Path(common.RESULTS_DIR / f"gunicorn-{name}.log")
-            server = ServerProcess(env, log_file, app=app, workers=args.http_workers, threads=1)
+            server_env = dict(env)
+            if os.environ.get("BENCH_PROFILE_DIR"):  # cProfile in each worker (profile_wsgi)
+                server_env["BENCH_PROFILE_APP"], app = app, "bench.profile_wsgi"
+            server = ServerProcess(
+                server_env, log_file, app=app, workers=args.http_workers, threads=1
+            )
             server.start()
             for _ in range(args.http_workers * 4):  # every worker loads the app and connects
                 server.wait_until_up()
