@@ -19,7 +19,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
-from scheduler_site.api_input import CursorPagination, StrictBodyMixin
+from scheduler_site.api_input import (
+    CursorPagination,
+    StrictBodyMixin,
+    body_errors,
+    validated_body,
+)
 from scheduler_site.permissions import (
     ModelActionPermissions,
     QueueScopePermission,
@@ -182,9 +187,8 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     def push(self, request: Request, pk: str) -> Response:
         if isinstance(request.data, list):
             return self._push_many(request, pk)
-        body = TaskPushSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        task = services.task_push(scheduler_id=pk, actor=actor(request), **body.validated_data)
+        body = validated_body(TaskPushSerializer, request.data)
+        task = services.task_push(scheduler_id=pk, actor=actor(request), **body)
         return Response(render_tasks([task])[0], status=status.HTTP_201_CREATED)
 
     def _push_many(self, request: Request, pk: str) -> Response:
@@ -192,14 +196,12 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
         if not 1 <= len(items) <= batches.BATCH_MAX:
             message = f"A batch push takes 1 to {batches.BATCH_MAX} task objects."
             raise ValidationError({"non_field_errors": [message]})
-        bodies = [TaskPushSerializer(data=item) for item in items]
-        valid = [body.validated_data for body in bodies if body.is_valid()]
+        bodies = [body_errors(TaskPushSerializer, item) for item in items]
+        valid = [body for body, errors in bodies if errors is None]
         outcomes = iter(batches.task_push_many(scheduler_id=pk, pushes=valid, actor=actor(request)))
         results = [
-            _push_result(next(outcomes))
-            if not body.errors
-            else {"status": 400, "errors": body.errors}
-            for body in bodies
+            _push_result(next(outcomes)) if errors is None else {"status": 400, "errors": errors}
+            for _body, errors in bodies
         ]
         return Response({"results": results})
 
@@ -214,9 +216,8 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def pop(self, request: Request, pk: str) -> Response:
-        body = PopSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body.validated_data)
+        body = validated_body(PopSerializer, request.data)
+        tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body)
         workers.runner_seen(request, scheduler_id=pk)
         # The pop's answer is the one place a runner learns its lease tokens.
         return Response({"results": render_tasks(tasks, popped=True)})
@@ -265,9 +266,7 @@ class TaskViewSet(
         responses={200: TaskSerializer, 400: ERROR, 404: ERROR, 409: ERROR},
     )
     def partial_update(self, request: Request, pk: str) -> Response:
-        body = TaskReportSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = dict(body.validated_data)
+        data = dict(validated_body(TaskReportSerializer, request.data))
         task = services.task_report(
             task_id=self._task_id(), actor=actor(request), proof=_proof(request, data), **data
         )
@@ -286,11 +285,10 @@ class TaskViewSet(
     )
     @action(detail=False, methods=["post"])
     def report(self, request: Request) -> Response:
-        body = BatchReportSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
+        body = validated_body(BatchReportSerializer, request.data)
         workers.runner_seen(request)
         outcomes = batches.tasks_report_many(
-            reports=body.validated_data["reports"],
+            reports=body["reports"],
             actor=actor(request),
             operator=_is_operator(request),
             queues=queue_scope(request),
@@ -302,9 +300,7 @@ class TaskViewSet(
     )
     @action(detail=True, methods=["post"])
     def heartbeat(self, request: Request, pk: str) -> Response:
-        body = HeartbeatSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = dict(body.validated_data)
+        data = dict(validated_body(HeartbeatSerializer, request.data))
         task = services.task_heartbeat(task_id=self._task_id(), proof=_proof(request, data), **data)
         return self._render(task)
 
@@ -315,9 +311,7 @@ class TaskViewSet(
     def release(self, request: Request, pk: str) -> Response:
         """Hand a leased task back to the queue without spending its attempt (a runner that
         is shutting down)."""
-        body = ReleaseSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = dict(body.validated_data)
+        data = dict(validated_body(ReleaseSerializer, request.data))
         task = services.task_hand_back(
             task_id=self._task_id(), actor=actor(request), proof=_proof(request, data), **data
         )
