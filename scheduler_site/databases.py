@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.db.backends.postgresql.base import ServerBindingCursor
 
 from scheduler_site.env import env_str
@@ -67,6 +68,35 @@ def prepared_cursor() -> Any:
     connection.ensure_connection()
     with connection.wrap_database_errors:
         return connection._prepare_cursor(ServerBindingCursor(connection.connection))
+
+
+T = TypeVar("T")
+
+
+def read_as_health_check(read: Callable[[], T]) -> T:
+    """Run `read` (one read-only statement, safe to run twice) as the connection's health
+    check. With CONN_HEALTH_CHECKS, Django sends `SELECT 1` before the first statement of each
+    request: a round trip of its own, on every API request. The request's first statement (the
+    token check) can be that check: if it fails because the connection is dead (the server
+    restarted, a proxy dropped it), the connection is closed and `read` runs once more on a
+    new one, which is what the health check would have done; an error on a live connection is
+    raised as it is. Outside a transaction only (nothing to lose by reconnecting)."""
+    if (
+        connection.vendor != "postgresql"
+        or not connection.health_check_enabled
+        or connection.health_check_done
+        or connection.in_atomic_block
+        or connection.connection is None  # a new connection is checked by connecting
+    ):
+        return read()
+    connection.health_check_done = True
+    try:
+        return read()
+    except (OperationalError, InterfaceError):
+        if connection.is_usable():
+            raise
+        connection.close()
+        return read()
 
 
 def use_generic_plans(sender: Any, connection: Any, **_: Any) -> None:

@@ -31,7 +31,7 @@ from django.db.models.functions import Concat, TruncHour
 from django.utils import timezone
 from knox.models import AuthToken
 
-from scheduler_site.databases import prepared_cursor
+from scheduler_site.databases import prepared_cursor, read_as_health_check
 from tasks.exceptions import TaskNotFound
 from tasks.models import (
     LEASED_STATUSES,
@@ -131,10 +131,14 @@ def token_candidates(token_key: str) -> list[AuthToken]:
     sql, params, at = _token_sql()
     params = [*params]
     params[at] = token_key
-    with prepared_cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    return [_token_from_row(row) for row in rows]
+
+    def read() -> list[Any]:
+        with prepared_cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+
+    # The request's first statement: it stands in for Django's `SELECT 1` health check.
+    return [_token_from_row(row) for row in read_as_health_check(read)]
 
 
 def _token_from_row(row: Sequence[Any]) -> AuthToken:

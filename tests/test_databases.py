@@ -4,9 +4,11 @@ ORM's queries are not prepared at all."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connection
+from django.db import connection, connections
+from rest_framework.test import APIClient
 
 from scheduler_site.databases import prepare_threshold
 from tasks import services
@@ -44,3 +46,56 @@ def test_prepared_cursor__the_pop_is_prepared_with_its_generic_plan_the_orm_is_n
     assert popped == [(3, 0)]
     # The pushes ran as often through the ORM (client-side binding): never prepared.
     assert [row[0] for row in prepared if "'popped'" not in row[0]] == []
+
+
+def _terminate(pid: int) -> None:
+    """End a backend from another session, as a server restart or a dropped proxy would."""
+    params = connection.get_connection_params()
+    wanted = {k: params[k] for k in ("dbname", "user", "password", "host", "port") if k in params}
+    with psycopg.connect(**wanted, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+def _new_request() -> None:
+    """What the start of each request does to the connection (close_old_connections), which
+    the test client leaves out."""
+    connection.close_if_unusable_or_obsolete()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_read_as_health_check__the_token_check_is_the_requests_health_check(
+    runner_client: APIClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services.scheduler_create(id="hc")
+    checks: list[int] = []
+    wrapper = type(connections["default"])
+    usable = wrapper.is_usable
+
+    def counted(self: object) -> bool:
+        checks.append(1)
+        return usable(self)
+
+    monkeypatch.setattr(wrapper, "is_usable", counted)
+    _new_request()
+    assert runner_client.post("/api/schedulers/hc/pop/", {}, format="json").status_code == 200
+    assert checks == []  # no `SELECT 1` of its own
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_read_as_health_check__a_dead_connection_is_replaced_not_a_500(
+    runner_client: APIClient,
+) -> None:
+    services.scheduler_create(id="hc")
+    services.task_push(scheduler_id="hc")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [pid] = cursor.fetchone()
+    _terminate(pid)
+    _new_request()
+    response = runner_client.post("/api/schedulers/hc/pop/", {}, format="json")
+    assert response.status_code == 200 and len(response.json()["results"]) == 1
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
