@@ -82,7 +82,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    # Django's messages (the admin's notices), not set up for /api/, which never shows any.
+    "scheduler_site.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: turns a locked-out login into its 429 page.
     "axes.middleware.AxesMiddleware",
@@ -184,6 +185,8 @@ REST_FRAMEWORK = {
     # The API takes JSON only: a JSON field (a task's data) cannot be sent as a form field.
     # Nested at most 64 deep: deeper, Python's decoder ran out of stack (a 500).
     "DEFAULT_PARSER_CLASSES": ["scheduler_site.api_input.JSONParser"],
+    # DRF's, with the common Accept headers answered without parsing them.
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "scheduler_site.api_input.ContentNegotiation",
     # Strict query parameters: a bad or empty filter, limit or offset is a 400, not ignored.
     "DEFAULT_FILTER_BACKENDS": ["scheduler_site.api_input.FilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "scheduler_site.schema.AutoSchema",

@@ -475,3 +475,40 @@ def test_body__larger_than_the_upload_limit_is_a_json_400(
     assert response.status_code == 400
     assert response["Content-Type"] == "application/json"
     assert "1000 bytes" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("accept", "query"),
+    [
+        (None, ""),
+        ("*/*", ""),
+        ("application/json", ""),
+        ("application/json", "?format=api"),
+        ("text/html", ""),
+        ("application/json; indent=4", ""),
+        ("text/html,application/xhtml+xml,*/*;q=0.8", ""),
+        ("image/png", ""),
+    ],
+)
+def test_content_negotiation__answers_as_drfs_own(accept: str | None, query: str) -> None:
+    """The shortcut for JSON and */* picks what DRF's matching picks; the rest is DRF's."""
+    from django.test import RequestFactory
+    from rest_framework.exceptions import NotAcceptable
+    from rest_framework.negotiation import DefaultContentNegotiation
+    from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
+    from rest_framework.request import Request
+
+    from scheduler_site.api_input import ContentNegotiation
+
+    headers = {} if accept is None else {"HTTP_ACCEPT": accept}
+    request = Request(RequestFactory().post(f"/api/x/{query}", **headers))
+    renderers = [JSONRenderer(), BrowsableAPIRenderer()]
+
+    def pick(negotiator: Any) -> Any:
+        try:
+            renderer, media_type = negotiator.select_renderer(request, renderers)
+        except NotAcceptable:
+            return "406"
+        return type(renderer), media_type
+
+    assert pick(ContentNegotiation()) == pick(DefaultContentNegotiation())
