@@ -1,6 +1,8 @@
 """The pop bench's reference: plain Django views (no DRF, no authentication, no permission
 check) doing the same service calls as the API's pop, push and report, rendering the tasks
 with JsonResponse. What the HTTP path costs beyond this is DRF's and our API's share.
+`plain-auth/…/pop/` adds the API's own token check and permission test (the same function,
+without DRF): what the token check itself costs, apart from DRF's machinery.
 Served by bench/plain_wsgi.py; never part of the product."""
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
+from rest_framework.exceptions import AuthenticationFailed
 
+from scheduler_site.permissions import TokenAuthentication
 from tasks import services
 from tasks.leases import LeaseProof
 from tasks.models import Task
@@ -44,6 +48,19 @@ def pop(request: HttpRequest, scheduler_id: str) -> JsonResponse:
 
 @csrf_exempt
 @require_POST
+def pop_authenticated(request: HttpRequest, scheduler_id: str) -> JsonResponse:
+    _prefix, _, key = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+    try:
+        user, _token = TokenAuthentication().authenticate_credentials(key.encode())
+    except AuthenticationFailed:
+        return JsonResponse({"detail": "Invalid token."}, status=401)
+    if not user.has_perm("tasks.pop_task"):
+        return JsonResponse({"detail": "Forbidden."}, status=403)
+    return pop(request, scheduler_id)
+
+
+@csrf_exempt
+@require_POST
 def push(request: HttpRequest, scheduler_id: str) -> JsonResponse:
     body = json.loads(request.body or b"{}")
     task = services.task_push(scheduler_id=scheduler_id, data=body.get("data"), actor="plain")
@@ -70,4 +87,8 @@ plain = [
     path("tasks/<uuid:task_id>/", report),
 ]
 # The product's URLs (for /healthz) and the plain views beside them.
-urlpatterns = [path("plain/", include(plain)), path("", include("scheduler_site.urls"))]
+urlpatterns = [
+    path("plain/", include(plain)),
+    path("plain-auth/schedulers/<str:scheduler_id>/pop/", pop_authenticated),
+    path("", include("scheduler_site.urls")),
+]

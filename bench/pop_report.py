@@ -39,6 +39,8 @@ RATIOS = (
     ("ours-100", "raw-100", "ours limit 100 / lean raw loop batch 100", math.nan),
     ("ours-100-1m", "ours-100", "ours limit 100 at 1M finished / at 0 finished", 0.9),
     ("http-pop-1", "plain-pop-1", "HTTP pop 1 / plain Django view", 0.9),
+    ("http-pop-1", "plain-auth-pop-1", "HTTP pop 1 / plain view with the token check", math.nan),
+    ("plain-auth-pop-1", "plain-pop-1", "plain view with the token check / without", math.nan),
     ("http-pop-100", "plain-pop-100", "HTTP pop 100 / plain Django view", 0.9),
     ("http-push-1", "plain-push-1", "HTTP push / plain Django view", 0.9),
     ("http-report-1", "plain-report-1", "HTTP report / plain Django view", 0.9),
