@@ -62,11 +62,11 @@ RUNNER_PERMS = ["tasks.report_task"]
 OPERATOR_PERM = "tasks.change_task"
 
 
-def _is_operator(request: Request) -> bool:
+def _is_operator(request: Any) -> bool:
     return request.user.has_perm(OPERATOR_PERM)
 
 
-def _proof(request: Request, body: dict[str, Any]) -> LeaseProof:
+def _proof(request: Any, body: dict[str, Any]) -> LeaseProof:
     """The caller's claim to a task's lease: the token in the body (taken out of it), or, for
     an operator, none at all (an override the event records). A holder's call is also how its
     runner is seen alive (GET /api/workers/)."""
@@ -93,6 +93,67 @@ def _report_result(outcome: batches.ReportOutcome) -> dict[str, Any]:
     if outcome.detail:
         result["detail"] = outcome.detail
     return result
+
+
+# The hot endpoints' work, shared by their DRF actions below and their lean views
+# (tasks/api_lean.py): each takes the request (a DRF or a Django one, authenticated), the
+# URL's kwargs and the parsed body, and returns (HTTP status, payload).
+Answer = tuple[int, Any]
+
+
+def _response(answer: Answer) -> Response:
+    code, payload = answer
+    return Response(payload, status=code)
+
+
+def pop_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
+    pk = kwargs["pk"]
+    body = validated_body(PopSerializer, data)
+    tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body)
+    workers.runner_seen(request, scheduler_id=pk)
+    # The pop's answer is the one place a runner learns its lease tokens.
+    return 200, {"results": render_tasks(tasks, popped=True)}
+
+
+def push_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
+    if isinstance(data, list):
+        return 200, {"results": _push_many(request, kwargs["pk"], data)}
+    body = validated_body(TaskPushSerializer, data)
+    task = services.task_push(scheduler_id=kwargs["pk"], actor=actor(request), **body)
+    return status.HTTP_201_CREATED, render_tasks([task])[0]
+
+
+def _push_many(request: Any, pk: str, items: list[Any]) -> list[dict[str, Any]]:
+    if not 1 <= len(items) <= batches.BATCH_MAX:
+        message = f"A batch push takes 1 to {batches.BATCH_MAX} task objects."
+        raise ValidationError({"non_field_errors": [message]})
+    bodies = [body_errors(TaskPushSerializer, item) for item in items]
+    valid = [body for body, errors in bodies if errors is None]
+    outcomes = iter(batches.task_push_many(scheduler_id=pk, pushes=valid, actor=actor(request)))
+    return [
+        _push_result(next(outcomes)) if errors is None else {"status": 400, "errors": errors}
+        for _body, errors in bodies
+    ]
+
+
+def report_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
+    body = dict(validated_body(TaskReportSerializer, data))
+    task = services.task_report(
+        task_id=uuid.UUID(kwargs["pk"]), actor=actor(request), proof=_proof(request, body), **body
+    )
+    return 200, render_tasks([task], show_lease_token=_is_operator(request))[0]
+
+
+def batch_report_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
+    body = validated_body(BatchReportSerializer, data)
+    workers.runner_seen(request)
+    outcomes = batches.tasks_report_many(
+        reports=body["reports"],
+        actor=actor(request),
+        operator=_is_operator(request),
+        queues=queue_scope(request),
+    )
+    return 200, {"results": [_report_result(outcome) for outcome in outcomes]}
 
 
 PUSH_REQUEST = PolymorphicProxySerializer(
@@ -185,25 +246,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def push(self, request: Request, pk: str) -> Response:
-        if isinstance(request.data, list):
-            return self._push_many(request, pk)
-        body = validated_body(TaskPushSerializer, request.data)
-        task = services.task_push(scheduler_id=pk, actor=actor(request), **body)
-        return Response(render_tasks([task])[0], status=status.HTTP_201_CREATED)
-
-    def _push_many(self, request: Request, pk: str) -> Response:
-        items = request.data
-        if not 1 <= len(items) <= batches.BATCH_MAX:
-            message = f"A batch push takes 1 to {batches.BATCH_MAX} task objects."
-            raise ValidationError({"non_field_errors": [message]})
-        bodies = [body_errors(TaskPushSerializer, item) for item in items]
-        valid = [body for body, errors in bodies if errors is None]
-        outcomes = iter(batches.task_push_many(scheduler_id=pk, pushes=valid, actor=actor(request)))
-        results = [
-            _push_result(next(outcomes)) if errors is None else {"status": 400, "errors": errors}
-            for _body, errors in bodies
-        ]
-        return Response({"results": results})
+        return _response(push_answer(request, {"pk": pk}, request.data))
 
     @extend_schema(
         request=PopSerializer,
@@ -216,11 +259,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def pop(self, request: Request, pk: str) -> Response:
-        body = validated_body(PopSerializer, request.data)
-        tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body)
-        workers.runner_seen(request, scheduler_id=pk)
-        # The pop's answer is the one place a runner learns its lease tokens.
-        return Response({"results": render_tasks(tasks, popped=True)})
+        return _response(pop_answer(request, {"pk": pk}, request.data))
 
 
 class TaskViewSet(
@@ -266,11 +305,7 @@ class TaskViewSet(
         responses={200: TaskSerializer, 400: ERROR, 404: ERROR, 409: ERROR},
     )
     def partial_update(self, request: Request, pk: str) -> Response:
-        data = dict(validated_body(TaskReportSerializer, request.data))
-        task = services.task_report(
-            task_id=self._task_id(), actor=actor(request), proof=_proof(request, data), **data
-        )
-        return self._render(task)
+        return _response(report_answer(request, {"pk": pk}, request.data))
 
     @extend_schema(
         request=BatchReportSerializer,
@@ -285,15 +320,7 @@ class TaskViewSet(
     )
     @action(detail=False, methods=["post"])
     def report(self, request: Request) -> Response:
-        body = validated_body(BatchReportSerializer, request.data)
-        workers.runner_seen(request)
-        outcomes = batches.tasks_report_many(
-            reports=body["reports"],
-            actor=actor(request),
-            operator=_is_operator(request),
-            queues=queue_scope(request),
-        )
-        return Response({"results": [_report_result(outcome) for outcome in outcomes]})
+        return _response(batch_report_answer(request, {}, request.data))
 
     @extend_schema(
         request=HeartbeatSerializer, responses={200: TaskSerializer, 404: ERROR, 409: ERROR}
