@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import QuerySet
 from django.db.models.fields.json import KeyTransform
 
-from scheduler_site.databases import prepared_cursor
+from scheduler_site.databases import hot_rows
 from tasks.models import (
     Scheduler,
     Task,
@@ -88,17 +88,21 @@ def _fetch_tasks(
     most of a claim's Python time. `prepared`: a fixed statement text run on every pop, claim
     or report, which PostgreSQL may then keep planned (see prepared_cursor)."""
     attnames = [f.attname for f in Task._meta.concrete_fields]
-    with prepared_cursor() if prepared else connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+    db = connections[DEFAULT_DB_ALIAS]  # the `connection` proxy costs a lookup per use
+    if prepared:
+        rows = hot_rows(sql, params)
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
     converters = _converters()
     tasks = []
     for row in rows:
         values = list(row)
         for index, funcs, column in converters:
             for func in funcs:
-                values[index] = func(values[index], column, connection)
-        task = Task.from_db(connection.alias, attnames, values[: len(attnames)])
+                values[index] = func(values[index], column, db)
+        task = Task.from_db(db.alias, attnames, values[: len(attnames)])
         for name, value in zip(extras, values[len(attnames) :], strict=True):
             setattr(task, name, value)
         tasks.append(task)
