@@ -64,6 +64,8 @@ def test_hot_rows__a_pop_read_in_binary_equals_the_orm_row() -> None:
     stored = Task.objects.get(id=pushed.id)
     assert _fields(popped) == _fields(stored)
     assert popped.data == data
+    assert (popped._state.adding, popped._state.db) == (False, "default")
+    assert popped.scheduler.id == "hot"
     # Django's text loader gives the connection's tzinfo; the binary one is set to the same.
     assert popped.modified_at.tzinfo is stored.modified_at.tzinfo
 
