@@ -83,7 +83,7 @@ def claim(
     get `values_at(now)` (status DISPATCHED, lease, …) and a "QUEUED → DISPATCHED" event.
     With `lease_seconds` (and `mint_token`: a lease token per task) `values_at` is that
     hand-out, which PostgreSQL can then do in one statement (tasks.queue.handout)."""
-    if scheduler.kind == SchedulerKind.PULL:
+    if scheduler.kind == SchedulerKind.PULL and _pick(scheduler) is not None:
         _HINTS[scheduler.id] = scheduler
     if lease_seconds is not None and not filters:
         fast = _one_statement(scheduler, limit, actor, note, lease_seconds, mint_token)
@@ -138,6 +138,7 @@ def pop_hinted(
     hint = _HINTS.get(scheduler_id)
     if hint is None or not queue.ONE_STATEMENT_WRITES:
         return None
+    # Not _CHANGED: the statement found the row as `hint` says, so the locked path may use it.
     fast = _one_statement(hint, limit, worker, "popped", hint.lease_seconds, True)
     if fast is None:
         return claim(
@@ -157,13 +158,18 @@ _CHANGED = Handout([])  # the scheduler's row no longer matches (or is paused, o
 _PICKS = {(False, False): "order", (True, False): "concurrency", (False, True): "fair"}
 
 
+def _pick(scheduler: Scheduler) -> str | None:
+    """The one-statement hand-out's kind of pick for this queue; None: it has none."""
+    return _PICKS.get((bool(scheduler.concurrency_key), bool(scheduler.fair_key)))
+
+
 def _one_statement(
     scheduler: Scheduler, limit: int, actor: str, note: str, lease_seconds: int, mint_token: bool
 ) -> Handout | None:
     """PostgreSQL: the hand-out in one statement when its kind has one (not concurrency and
     fair share together); None when it must take the locked path (stale snapshot, rate
     full, a crowded head, …), _CHANGED when the settings did not match the row."""
-    pick = _PICKS.get((bool(scheduler.concurrency_key), bool(scheduler.fair_key)))
+    pick = _pick(scheduler)
     if not queue.ONE_STATEMENT_WRITES or pick is None:
         return None
     rate = parse_rate(scheduler.rate_limit)

@@ -108,9 +108,68 @@ def _order_pick() -> str:
         ), verdict AS (SELECT 'empty' AS why), new_cursor AS (SELECT NULL::text AS v)"""
 
 
+def _walk(column: str, *, has_room: str, wanted: str, start: str) -> str:
+    """A recursive walk over the queue's values of `column` from the cursor (after the last
+    value, wrapping once to the first), one index seek per value and one for its head: each
+    row is a value and its due head when `has_room(value)` (SQL over `{v}`), stopping once
+    `wanted` heads are found or FAIR_EXTRA_STEPS values more than that were passed."""
+    values = (
+        f"SELECT MIN(q.{column}) FROM {{task}} q WHERE q.scheduler_id = %(sid)s "
+        f"AND q.status = 'QUEUED' AND q.{column} IS NOT NULL"
+    )
+    head = (
+        f"CASE WHEN {has_room} THEN (SELECT h.id FROM {{task}} h WHERE h.scheduler_id = %(sid)s"
+        f" AND h.status = 'QUEUED' AND h.{column} = {{v}}"
+        " AND h.not_before <= (SELECT now FROM room)"
+        " AND (h.expires_at IS NULL OR h.expires_at > (SELECT now FROM room))"
+        " ORDER BY h.priority, h.created_at, h.id LIMIT 1) END"
+    )
+    cursor = "(SELECT fair_cursor FROM room)"
+    found = "w.found + (w.head IS NOT NULL)::int"
+    return f""", walk(v, head, steps, wrapped, found) AS (
+            SELECT f.v, {head.replace("{v}", "f.v")}, 1, f.wrapped, 0
+            FROM (SELECT COALESCE(n.v, a.v) AS v, n.v IS NULL AS wrapped
+                FROM ({values} AND ({cursor} IS NULL OR q.{column} > {cursor})) n(v),
+                    ({values}) a(v)) f
+            WHERE {start} AND f.v IS NOT NULL
+            UNION ALL
+            SELECT x.v, {head.replace("{v}", "x.v")}, w.steps + 1, x.wrapped, {found}
+            FROM walk w, LATERAL (
+                SELECT COALESCE(n.v, CASE WHEN w.wrapped THEN NULL ELSE a.v END) AS v,
+                    w.wrapped OR n.v IS NULL AS wrapped
+                FROM ({values} AND q.{column} > w.v) n(v), ({values}) a(v)) x
+            WHERE x.v IS NOT NULL AND NOT {_revisit("x")}
+                AND {found} < {wanted} AND w.steps < {wanted} + {FAIR_EXTRA_STEPS}
+        ), heads AS MATERIALIZED (
+            SELECT w.v, w.head, w.steps FROM walk w WHERE w.head IS NOT NULL AND NOT {_revisit("w")}
+        ), walk_cut AS MATERIALIZED (
+            SELECT COALESCE(MAX(steps), 0) >= {wanted} + {FAIR_EXTRA_STEPS} AS yes FROM walk
+        )"""
+
+
+def _revisit(row: str) -> str:
+    """Past the last value and back beyond the cursor, where the turn began."""
+    cursor = "(SELECT fair_cursor FROM room)"
+    return f"({row}.wrapped AND ({cursor} IS NULL OR {row}.v > {cursor}))"
+
+
 def _concurrency_pick() -> str:
     """Queue order for a bounded stretch, each task counted against its value's active tasks
-    and the ones before it in the stretch; a full stretch that fills nothing is 'more'."""
+    and the ones before it in the stretch. When blocked values fill the whole stretch, the
+    heads of the values with room, one per value, walking from the queue's cursor (so a
+    value with 100,000 queued tasks at its limit is passed at one seek, never read)."""
+    scan = f"(SELECT allowed * {SCAN_FACTOR} + {SCAN_EXTRA} FROM room)"
+    short = "((SELECT allowed FROM room) - (SELECT COUNT(*) FROM first))"
+    room = (
+        "(NOT EXISTS (SELECT 1 FROM first WHERE first.v = {v}) AND COALESCE("
+        "(SELECT active.n FROM active WHERE active.v = {v}), 0) < %(climit)s)"
+    )
+    walk = _walk(
+        "concurrency_value",
+        has_room=room,
+        wanted=short,
+        start=f"{short} > 0 AND (SELECT COUNT(*) FROM head) = {scan}",
+    )
     return f""", active AS MATERIALIZED (
             SELECT a.concurrency_value AS v, COUNT(*) AS n FROM {{task}} a
             WHERE a.scheduler_id = %(sid)s AND a.status IN ('DISPATCHED', 'RUNNING')
@@ -121,69 +180,39 @@ def _concurrency_pick() -> str:
             WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED'
                 AND t.not_before <= (SELECT now FROM room)
                 AND (t.expires_at IS NULL OR t.expires_at > (SELECT now FROM room))
-            ORDER BY t.priority, t.created_at, t.id
-            LIMIT (SELECT allowed * {SCAN_FACTOR} + {SCAN_EXTRA} FROM room)
+            ORDER BY t.priority, t.created_at, t.id LIMIT {scan}
         ), ranked AS (
             SELECT h.id, h.priority, h.created_at, h.v, COALESCE(a.n, 0) AS n,
                 row_number() OVER (PARTITION BY h.v ORDER BY h.priority, h.created_at, h.id) AS rn
             FROM head h LEFT JOIN active a ON a.v = h.v
-        ), picked AS MATERIALIZED (
-            SELECT t.id FROM {{task}} t WHERE t.id IN (
-                SELECT r.id FROM ranked r WHERE r.v IS NULL OR r.rn + r.n <= %(climit)s
-                ORDER BY r.priority, r.created_at, r.id LIMIT (SELECT allowed FROM room))
+        ), first AS MATERIALIZED (
+            SELECT r.id, r.v FROM ranked r WHERE r.v IS NULL OR r.rn + r.n <= %(climit)s
+            ORDER BY r.priority, r.created_at, r.id LIMIT (SELECT allowed FROM room)
+        ){walk}, picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t
+            WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM heads)
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
-            SELECT CASE WHEN (SELECT COUNT(*) FROM head)
-                = (SELECT allowed * {SCAN_FACTOR} + {SCAN_EXTRA} FROM room)
-                THEN 'more' ELSE 'empty' END AS why
-        ), new_cursor AS (SELECT NULL::text AS v)"""
+            SELECT CASE WHEN (SELECT yes FROM walk_cut) THEN 'more' ELSE 'empty' END AS why
+        ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
 
 
 def _fair_pick() -> str:
     """Round robin over the fair values from the cursor: the next value is one seek of
     task_fair_idx, its head another; a batch takes one head per value (a batch that needs
     second heads, or a long run of values with nothing due, is tasks.flow's loop)."""
-    values = (
-        "SELECT MIN(q.fair_value) FROM {task} q WHERE q.scheduler_id = %(sid)s "
-        "AND q.status = 'QUEUED' AND q.fair_value IS NOT NULL"
+    walk = _walk(
+        "fair_value",
+        has_room="TRUE",
+        wanted="(SELECT allowed FROM room)",
+        start="(SELECT allowed FROM room) > 0",
     )
-    head = (
-        "(SELECT h.id FROM {task} h WHERE h.scheduler_id = %(sid)s AND h.status = 'QUEUED' "
-        "AND h.fair_value = {value} AND h.not_before <= (SELECT now FROM room) "
-        "AND (h.expires_at IS NULL OR h.expires_at > (SELECT now FROM room)) "
-        "ORDER BY h.priority, h.created_at, h.id LIMIT 1)"
-    )
-    cursor = "(SELECT fair_cursor FROM room)"
-
-    def revisit(row: str) -> str:  # past the last value, back beyond where the turn began
-        return f"({row}.wrapped AND ({cursor} IS NULL OR {row}.v > {cursor}))"
-
-    return f""", walk(v, head, steps, wrapped, found) AS (
-            SELECT f.v, {head.format(task="{task}", value="f.v")}, 1, f.wrapped, 0
-            FROM (SELECT COALESCE(n.v, a.v) AS v, n.v IS NULL AS wrapped
-                FROM ({values} AND ({cursor} IS NULL OR q.fair_value > {cursor})) n(v),
-                    ({values}) a(v)) f
-            WHERE (SELECT allowed FROM room) > 0 AND f.v IS NOT NULL
-            UNION ALL
-            SELECT x.v, {head.format(task="{task}", value="x.v")}, w.steps + 1, x.wrapped,
-                w.found + (w.head IS NOT NULL)::int
-            FROM walk w, LATERAL (
-                SELECT COALESCE(n.v, CASE WHEN w.wrapped THEN NULL ELSE a.v END) AS v,
-                    w.wrapped OR n.v IS NULL AS wrapped
-                FROM ({values} AND q.fair_value > w.v) n(v), ({values}) a(v)) x
-            WHERE x.v IS NOT NULL AND NOT {revisit("x")}
-                AND w.found + (w.head IS NOT NULL)::int < (SELECT allowed FROM room)
-                AND w.steps < (SELECT allowed + {FAIR_EXTRA_STEPS} FROM room)
-        ), heads AS MATERIALIZED (
-            SELECT w.v, w.head, w.steps FROM walk w WHERE w.head IS NOT NULL AND NOT {revisit("w")}
-        ), picked AS MATERIALIZED (
+    return f"""{walk}, picked AS MATERIALIZED (
             SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT head FROM heads)
                 AND (SELECT COUNT(*) FROM heads) = (SELECT allowed FROM room)
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
-            SELECT CASE WHEN (SELECT COUNT(*) FROM heads) = 0
-                AND (SELECT COALESCE(MAX(steps), 0) FROM walk)
-                    < (SELECT allowed + {FAIR_EXTRA_STEPS} FROM room)
+            SELECT CASE WHEN (SELECT COUNT(*) FROM heads) = 0 AND NOT (SELECT yes FROM walk_cut)
                 THEN 'empty' ELSE 'more' END AS why
         ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
 
@@ -243,7 +272,7 @@ def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
         task = connection.ops.quote_name(Task._meta.db_table)
         body = PICKS[pick]().replace("{task}", task)
         head = _head_sql(rate=rate, concurrency=pick == "concurrency")
-        if pick == "fair":  # its walk refers to itself
+        if pick != "order":  # the walk refers to itself
             head = head.replace("WITH s AS", "WITH RECURSIVE s AS", 1)
         return head + body + _tail_sql(rate=rate, mint_token=mint_token)
 
