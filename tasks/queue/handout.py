@@ -124,13 +124,15 @@ def _walk(column: str, *, has_room: str, wanted: str, start: str) -> str:
         " AND (h.expires_at IS NULL OR h.expires_at > (SELECT now FROM room))"
         " ORDER BY h.priority, h.created_at, h.id LIMIT 1) END"
     )
+    # The cursor's bound stays a plain `>` (an index condition: `cursor IS NULL OR …` would
+    # filter every entry up to it, O(tasks before the cursor)).
     cursor = "(SELECT fair_cursor FROM room)"
     found = "w.found + (w.head IS NOT NULL)::int"
     return f""", walk(v, head, steps, wrapped, found) AS (
             SELECT f.v, {head.replace("{v}", "f.v")}, 1, f.wrapped, 0
             FROM (SELECT COALESCE(n.v, a.v) AS v, n.v IS NULL AS wrapped
-                FROM ({values} AND ({cursor} IS NULL OR q.{column} > {cursor})) n(v),
-                    ({values}) a(v)) f
+                FROM ({values}) a(v), LATERAL (SELECT CASE WHEN {cursor} IS NULL THEN a.v
+                    ELSE ({values} AND q.{column} > {cursor}) END) n(v)) f
             WHERE {start} AND f.v IS NOT NULL
             UNION ALL
             SELECT x.v, {head.replace("{v}", "x.v")}, w.steps + 1, x.wrapped, {found}
