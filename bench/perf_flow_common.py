@@ -4,8 +4,9 @@
     scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_flow_fair [--quick]
 
 It writes to the database in DATABASE_URL (a throwaway one: it seeds and deletes queues).
-Each cell seeds a queue, pops `pops` single tasks from it and prints the median microseconds
-per pop and the ratio to the plain queue of the same size. Figures only, no assertion.
+Each cell seeds a queue beside a plain one of the same size, pops `pops` single tasks from
+each in alternating blocks, and prints the median microseconds per pop and the ratio to the
+plain queue. Figures only, no assertion.
 """
 
 from __future__ import annotations
@@ -66,18 +67,22 @@ def seed(scheduler_id: str, count: int, data: Callable[[int], dict[str, Any]]) -
         cursor.execute(sql("ANALYZE {task}"))
 
 
-def pop_cost_us(scheduler_id: str, pops: int) -> float:
-    """Median microseconds of a pop of one task (the first few pops warm the caches)."""
+def pop_costs_us(scheduler_ids: list[str], pops: int, block: int = 10) -> list[float]:
+    """Median microseconds of a pop of one task from each queue, measured in alternating
+    blocks of `block` pops (so that the machine's load, which moves, weighs on each alike);
+    the first block of each warms the caches and is not counted."""
     from tasks import services
 
-    costs = []
-    for _ in range(pops + 10):
-        started = time.perf_counter()
-        got = services.task_pop(scheduler_id=scheduler_id, limit=1, worker="bench")
-        costs.append((time.perf_counter() - started) * 1e6)
-        if not got:
-            raise SystemExit(f"{scheduler_id}: queue ran dry; seed more")
-    return statistics.median(costs[10:])
+    costs: dict[str, list[float]] = {scheduler_id: [] for scheduler_id in scheduler_ids}
+    for _ in range(pops // block + 1):
+        for scheduler_id in scheduler_ids:
+            for _ in range(block):
+                started = time.perf_counter()
+                got = services.task_pop(scheduler_id=scheduler_id, limit=1, worker="bench")
+                costs[scheduler_id].append((time.perf_counter() - started) * 1e6)
+                if not got:
+                    raise SystemExit(f"{scheduler_id}: queue ran dry; seed more")
+    return [statistics.median(costs[scheduler_id][block:]) for scheduler_id in scheduler_ids]
 
 
 def report(rows: list[tuple[str, int, float, float]]) -> None:

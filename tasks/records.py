@@ -42,7 +42,9 @@ class FlowHandout(models.Model):
     total = models.BigIntegerField(default=0, db_default=0)
 
     class Meta:
-        indexes = [models.Index(fields=["scheduler", "at_us"], name="flow_handout_idx")]
+        # With `total`: the window's oldest batch is the first entry after its start, read
+        # in order (ties of at_us in hand-out order) instead of sorting the window's rows.
+        indexes = [models.Index(fields=["scheduler", "at_us", "total"], name="flow_handout_idx")]
 
     def __str__(self) -> str:
         return f"{self.scheduler_id}: {self.count} at {self.at_us}"

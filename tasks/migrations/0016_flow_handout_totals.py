@@ -33,4 +33,9 @@ class Migration(migrations.Migration):
             field=models.BigIntegerField(default=0, db_default=0),
         ),
         *(migrations.RunSQL(sql, migrations.RunSQL.noop) for sql in BACKFILL),
+        migrations.RemoveIndex(model_name="flowhandout", name="flow_handout_idx"),
+        migrations.AddIndex(
+            model_name="flowhandout",
+            index=models.Index(fields=["scheduler", "at_us", "total"], name="flow_handout_idx"),
+        ),
     ]
