@@ -38,4 +38,14 @@ class Migration(migrations.Migration):
             model_name="flowhandout",
             index=models.Index(fields=["scheduler", "at_us", "total"], name="flow_handout_idx"),
         ),
+        migrations.AddIndex(
+            model_name="task",
+            index=models.Index(
+                condition=models.Q(
+                    ("concurrency_value__isnull", False), ("status__in", ["DISPATCHED", "RUNNING"])
+                ),
+                fields=["scheduler", "concurrency_value"],
+                name="task_active_value_idx",
+            ),
+        ),
     ]

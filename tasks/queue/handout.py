@@ -155,6 +155,11 @@ def _revisit(row: str) -> str:
     return f"({row}.wrapped AND ({cursor} IS NULL OR {row}.v > {cursor}))"
 
 
+# The active tasks of one concurrency value: a count over task_active_value_idx.
+_ACTIVE = """(SELECT COUNT(*) FROM {task} a WHERE a.scheduler_id = %(sid)s
+    AND a.status IN ('DISPATCHED', 'RUNNING') AND a.concurrency_value = {v})"""
+
+
 def _concurrency_pick() -> str:
     """Queue order for a bounded stretch, each task counted against its value's active tasks
     and the ones before it in the stretch. When blocked values fill the whole stretch, the
@@ -162,27 +167,22 @@ def _concurrency_pick() -> str:
     value with 100,000 queued tasks at its limit is passed at one seek, never read)."""
     scan = f"(SELECT allowed * {SCAN_FACTOR} + {SCAN_EXTRA} FROM room)"
     short = "((SELECT allowed FROM room) - (SELECT COUNT(*) FROM first))"
-    room = (
-        "(NOT EXISTS (SELECT 1 FROM first WHERE first.v = {v}) AND COALESCE("
-        "(SELECT active.n FROM active WHERE active.v = {v}), 0) < %(climit)s)"
-    )
+    room = f"(NOT EXISTS (SELECT 1 FROM first WHERE first.v = {{v}}) AND {_ACTIVE} < %(climit)s)"
     walk = _walk(
         "concurrency_value",
         has_room=room,
         wanted=short,
         start=f"{short} > 0 AND (SELECT COUNT(*) FROM head) = {scan}",
     )
-    return f""", active AS MATERIALIZED (
-            SELECT a.concurrency_value AS v, COUNT(*) AS n FROM {{task}} a
-            WHERE a.scheduler_id = %(sid)s AND a.status IN ('DISPATCHED', 'RUNNING')
-                AND a.concurrency_value IS NOT NULL AND (SELECT allowed FROM room) > 0
-            GROUP BY a.concurrency_value
-        ), head AS MATERIALIZED (
+    return f""", head AS MATERIALIZED (
             SELECT t.id, t.concurrency_value AS v, t.priority, t.created_at FROM {{task}} t
             WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED'
                 AND t.not_before <= (SELECT now FROM room)
                 AND (t.expires_at IS NULL OR t.expires_at > (SELECT now FROM room))
             ORDER BY t.priority, t.created_at, t.id LIMIT {scan}
+        ), active AS MATERIALIZED (
+            SELECT d.v, {_ACTIVE.replace("{v}", "d.v")} AS n
+            FROM (SELECT DISTINCT head.v FROM head WHERE head.v IS NOT NULL) d
         ), ranked AS (
             SELECT h.id, h.priority, h.created_at, h.v, COALESCE(a.n, 0) AS n,
                 row_number() OVER (PARTITION BY h.v ORDER BY h.priority, h.created_at, h.id) AS rn
