@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connection
+from django.db import DataError, connection
+from django.test.utils import CaptureQueriesContext
 
-from scheduler_site.databases import prepare_threshold
+from scheduler_site.databases import hot_rows, prepare_threshold
 from tasks import services
+from tasks.models import Task
 
 
 @pytest.mark.parametrize(("text", "wanted"), [("5", 5), ("0", 0), ("off", None), (" ", None)])
@@ -44,3 +46,57 @@ def test_prepared_cursor__the_pop_is_prepared_with_its_generic_plan_the_orm_is_n
     assert popped == [(3, 0)]
     # The pushes ran as often through the ORM (client-side binding): never prepared.
     assert [row[0] for row in prepared if "'popped'" not in row[0]] == []
+
+
+def _fields(task: Task) -> dict[str, object]:
+    return {f.attname: getattr(task, f.attname) for f in Task._meta.concrete_fields}
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_hot_rows__a_pop_read_in_binary_equals_the_orm_row() -> None:
+    services.scheduler_create(id="hot")
+    data = {"n": 1, "nested": {"é": [1.5, None, True]}, "text": "a\nb"}
+    pushed = services.task_push(scheduler_id="hot", data=data, priority=3)
+
+    [popped] = services.task_pop(scheduler_id="hot", worker="w")
+
+    stored = Task.objects.get(id=pushed.id)
+    assert _fields(popped) == _fields(stored)
+    assert popped.data == data
+    assert (popped._state.adding, popped._state.db) == (False, "default")
+    assert popped.scheduler.id == "hot"
+    # Django's text loader gives the connection's tzinfo; the binary one is set to the same.
+    assert popped.modified_at.tzinfo is stored.modified_at.tzinfo
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_hot_rows__an_observed_connection_runs_it_through_djangos_cursor() -> None:
+    services.scheduler_create(id="hot")
+    services.task_push(scheduler_id="hot")
+
+    with CaptureQueriesContext(connection) as queries:
+        assert len(services.task_pop(scheduler_id="hot", worker="w")) == 1
+
+    assert ["'popped'" in query["sql"] for query in queries.captured_queries] == [True]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_hot_rows__a_new_connection_gets_a_new_cursor() -> None:
+    services.scheduler_create(id="hot")
+    services.task_push(scheduler_id="hot")
+    services.task_push(scheduler_id="hot")
+    assert len(services.task_pop(scheduler_id="hot", worker="w")) == 1
+
+    connection.close()
+
+    assert len(services.task_pop(scheduler_id="hot", worker="w")) == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_hot_rows__database_errors_are_djangos() -> None:
+    with pytest.raises(DataError, match="division by zero"):
+        hot_rows("SELECT 1 / %(zero)s", {"zero": 0})
