@@ -148,26 +148,35 @@ def task_push(
     """Queue a task. Refuses a second active task with the same hash, and a full queue. A
     task not handed out by `expires_at` never runs (the reaper ends it EXPIRED)."""
     now = timezone.now()
+    fields = {
+        "data": data or {},
+        "priority": priority,
+        "hash": hash or None,
+        "not_before": not_before or now,
+        "expires_at": expires_at,
+        "created_at": now,
+        "modified_at": now,
+        "trace_context": tracing.current_traceparent(),
+        **(extra or {}),
+    }
+    scheduler = get_scheduler(scheduler_id)
+    check_task_data(scheduler, fields["data"])
+    if queue.ONE_STATEMENT_WRITES and not scheduler.max_queue_size:
+        # The hot path: one statement (insert, event, NOTIFY), which commits by itself.
+        task = Task(scheduler=scheduler, **fields)
+        note = tracing.noted("pushed", task.trace_context)
+        channel = wakeups.channel_for(scheduler.kind)
+        if not queue.insert_one_queued(task, actor=actor, note=note, at=now, wake_channel=channel):
+            raise _duplicate_of(scheduler_id, hash)
+        notify_queued(scheduler, announced=True)
+        return task
     with transaction.atomic():
-        scheduler = get_scheduler(scheduler_id)
-        check_task_data(scheduler, data or {})
         if scheduler.max_queue_size:
             # Bounded queues serialise their pushes so two cannot both take the last slot;
             # unbounded ones need no lock (dedup is the unique index's job).
             scheduler = get_scheduler(scheduler_id, for_update=True)
             _check_room(scheduler)
-        task = Task(
-            scheduler=scheduler,
-            data=data or {},
-            priority=priority,
-            hash=hash or None,
-            not_before=not_before or now,
-            expires_at=expires_at,
-            created_at=now,
-            modified_at=now,
-            trace_context=tracing.current_traceparent(),
-            **(extra or {}),
-        )
+        task = Task(scheduler=scheduler, **fields)
         try:
             with transaction.atomic():
                 task.save(force_insert=True)
