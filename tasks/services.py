@@ -10,7 +10,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -260,6 +260,12 @@ def _pop(
     the rate did not stop the pop)."""
     now = timezone.now()
     if not filters and queue.ONE_STATEMENT_WRITES:
+        # A flow-controlled queue this process popped before: its own one statement.
+        hinted = flow.pop_hinted(
+            scheduler_id=scheduler_id, limit=limit, worker=worker, values_for=_hinted_values(worker)
+        )
+        if hinted is not None:
+            return hinted.tasks, hinted.retry_in
         # The hot path: one round trip; an empty answer says why in a second query.
         tasks = queue.pop_in_one_statement(
             scheduler_id=scheduler_id, limit=limit, now=now, worker=worker[:200]
@@ -283,11 +289,17 @@ def _pop(
             actor=worker,
             note="popped",
             filters=filters,
+            lease_seconds=scheduler.lease_seconds,
+            mint_token=True,
         )
         return handout.tasks, handout.retry_in
     if not filters and queue.ONE_STATEMENT_WRITES:
         return [], math.inf
     return _pop_filtered(scheduler, limit=limit, filters=filters, worker=worker, now=now), math.inf
+
+
+def _hinted_values(worker: str) -> Callable[[Scheduler, datetime], dict[str, Any]]:
+    return lambda scheduler, now: _pop_values(scheduler, worker=worker, now=now)
 
 
 def _pop_values(scheduler: Scheduler, *, worker: str, now: datetime) -> dict[str, Any]:
