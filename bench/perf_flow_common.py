@@ -4,8 +4,9 @@
     scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_flow_fair [--quick]
 
 It writes to the database in DATABASE_URL (a throwaway one: it seeds and deletes queues).
-Each cell seeds a queue, pops `pops` single tasks from it and prints the median microseconds
-per pop and the ratio to the plain queue of the same size. Figures only, no assertion.
+Each cell seeds a queue beside a plain one of the same size, pops `pops` single tasks from
+each in alternating blocks, and prints the median microseconds per pop and the ratio to the
+plain queue. Figures only, no assertion.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from bench import common
 from bench.common import sql
 
 
@@ -26,12 +27,10 @@ def setup(name: str) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small queues, fewer pops")
     parser.add_argument("--pops", type=int, default=300)
     args = parser.parse_args()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
-    os.environ.setdefault("DEBUG", "1")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    # Production settings (DEBUG off: with it on, Django logs every query, a cost per
+    # statement that the plain pop's one statement pays less of than a flow hand-out).
+    common.configure_environment(name, run_as=common.standalone(name))
     os.environ.setdefault("CELERY_BROKER_URL", "filesystem://")
-    if not os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
-        sys.exit(f"{name}: DATABASE_URL must point at a throwaway PostgreSQL database.")
     import django
     from django.core.management import call_command
 
@@ -68,18 +67,22 @@ def seed(scheduler_id: str, count: int, data: Callable[[int], dict[str, Any]]) -
         cursor.execute(sql("ANALYZE {task}"))
 
 
-def pop_cost_us(scheduler_id: str, pops: int) -> float:
-    """Median microseconds of a pop of one task (the first few pops warm the caches)."""
+def pop_costs_us(scheduler_ids: list[str], pops: int, block: int = 10) -> list[float]:
+    """Median microseconds of a pop of one task from each queue, measured in alternating
+    blocks of `block` pops (so that the machine's load, which moves, weighs on each alike);
+    the first block of each warms the caches and is not counted."""
     from tasks import services
 
-    costs = []
-    for _ in range(pops + 10):
-        started = time.perf_counter()
-        got = services.task_pop(scheduler_id=scheduler_id, limit=1, worker="bench")
-        costs.append((time.perf_counter() - started) * 1e6)
-        if not got:
-            raise SystemExit(f"{scheduler_id}: queue ran dry; seed more")
-    return statistics.median(costs[10:])
+    costs: dict[str, list[float]] = {scheduler_id: [] for scheduler_id in scheduler_ids}
+    for _ in range(pops // block + 1):
+        for scheduler_id in scheduler_ids:
+            for _ in range(block):
+                started = time.perf_counter()
+                got = services.task_pop(scheduler_id=scheduler_id, limit=1, worker="bench")
+                costs[scheduler_id].append((time.perf_counter() - started) * 1e6)
+                if not got:
+                    raise SystemExit(f"{scheduler_id}: queue ran dry; seed more")
+    return [statistics.median(costs[scheduler_id][block:]) for scheduler_id in scheduler_ids]
 
 
 def report(rows: list[tuple[str, int, float, float]]) -> None:

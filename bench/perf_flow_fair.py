@@ -3,7 +3,7 @@ bench/perf_flow_common.py to run it): the cost per pop should stay flat."""
 
 from __future__ import annotations
 
-from bench.perf_flow_common import fresh_queue, pop_cost_us, report, seed, setup
+from bench.perf_flow_common import fresh_queue, pop_costs_us, report, seed, setup
 
 
 def main() -> None:
@@ -11,13 +11,15 @@ def main() -> None:
     size = 5_000 if args.quick else 30_000
     fresh_queue("flow-plain")
     seed("flow-plain", size, lambda n: {"org": n})
-    plain = pop_cost_us("flow-plain", args.pops)
-    rows = [("plain", size, plain, plain)]
+    ids = ["flow-plain"]
     for values in (10, 1_000, 10_000):
-        fresh_queue("flow-fair", fair_key="org")
+        fresh_queue(f"flow-fair-{values}", fair_key="org")
         # One value holds half the queue (the skewed case); the rest spread over the others.
-        seed("flow-fair", size, lambda n, v=values: {"org": "big" if n % 2 else n % v})
-        cost = pop_cost_us("flow-fair", args.pops)
+        seed(f"flow-fair-{values}", size, lambda n, v=values: {"org": "big" if n % 2 else n % v})
+        ids.append(f"flow-fair-{values}")
+    plain, *costs = pop_costs_us(ids, args.pops)
+    rows = [("plain", size, plain, plain)]
+    for values, cost in zip((10, 1_000, 10_000), costs, strict=True):
         rows.append((f"fair_key, {values} values", size, cost, plain))
     report(rows)
 

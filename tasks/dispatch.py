@@ -90,6 +90,7 @@ def _dispatch_flow(scheduler: Scheduler, room: int) -> list[Task]:
         actor=services.DISPATCHER,
         note="dispatched",
         retry_by_dispatch=True,
+        lease_seconds=settings.TASK_CLAIM_TIMEOUT_SECONDS,  # as _dispatch_values
     )
     if handout.send_retry:
         countdown, scheduler_id = handout.retry_in, scheduler.id

@@ -33,7 +33,14 @@ from django.utils import timezone
 
 from tasks import queue
 from tasks.flowkeys import Rate, parse_rate
-from tasks.models import ACTIVE_STATUSES, Scheduler, Task, TaskStatus, flow_value
+from tasks.models import (
+    ACTIVE_STATUSES,
+    Scheduler,
+    SchedulerKind,
+    Task,
+    TaskStatus,
+    flow_value,
+)
 
 # How far down the queue a concurrency-limited pick reads in order before it switches to one
 # seek per value: enough that a blocked value or two at the head costs nothing extra.
@@ -68,10 +75,20 @@ def claim(
     note: str,
     filters: Mapping[str, Any] | None = None,
     retry_by_dispatch: bool = False,
+    lease_seconds: int | None = None,
+    mint_token: bool = False,
 ) -> Handout:
     """Hand out up to `limit` due tasks of a flow-controlled scheduler: as many as its rate
     allows now, none whose concurrency value is at its limit, in fair-share turns. The tasks
-    get `values_at(now)` (status DISPATCHED, lease, …) and a "QUEUED → DISPATCHED" event."""
+    get `values_at(now)` (status DISPATCHED, lease, …) and a "QUEUED → DISPATCHED" event.
+    With `lease_seconds` (and `mint_token`: a lease token per task) `values_at` is that
+    hand-out, which PostgreSQL can then do in one statement (tasks.queue.handout)."""
+    if scheduler.kind == SchedulerKind.PULL and _pick(scheduler) is not None:
+        _HINTS[scheduler.id] = scheduler
+    if lease_seconds is not None and not filters:
+        fast = _one_statement(scheduler, limit, actor, note, lease_seconds, mint_token)
+        if fast is not None:
+            return fast
     with transaction.atomic():
         state = _lock(scheduler.id)
         # Active counts first, then the clock: an attempt they saw end ended before `now`,
@@ -102,6 +119,83 @@ def claim(
     return Handout(tasks)
 
 
+# The flow-controlled pull queues this process popped from, by id: a pop of one tries the
+# one-statement hand-out first, which checks these settings against the row (a changed
+# queue answers "other", and the pop reads the row as for any queue).
+_HINTS: dict[str, Scheduler] = {}
+
+
+def pop_hinted(
+    *,
+    scheduler_id: str,
+    limit: int,
+    worker: str,
+    values_for: Callable[[Scheduler, datetime], Mapping[str, Any]],
+) -> Handout | None:
+    """A pop of a flow-controlled pull queue seen before, without the plain pop statement
+    and the scheduler read; None when this process knows no such queue by that id (or its
+    settings changed: the caller then pops as for any queue)."""
+    hint = _HINTS.get(scheduler_id)
+    if hint is None or not queue.ONE_STATEMENT_WRITES:
+        return None
+    # Not _CHANGED: the statement found the row as `hint` says, so the locked path may use it.
+    fast = _one_statement(hint, limit, worker, "popped", hint.lease_seconds, True)
+    if fast is None:
+        return claim(
+            scheduler=hint,
+            limit=limit,
+            values_at=lambda at: values_for(hint, at),
+            actor=worker,
+            note="popped",
+        )
+    if fast is _CHANGED:
+        _HINTS.pop(scheduler_id, None)
+        return None
+    return fast
+
+
+_CHANGED = Handout([])  # the scheduler's row no longer matches (or is paused, or gone)
+_PICKS = {(False, False): "order", (True, False): "concurrency", (False, True): "fair"}
+
+
+def _pick(scheduler: Scheduler) -> str | None:
+    """The one-statement hand-out's kind of pick for this queue; None: it has none."""
+    return _PICKS.get((bool(scheduler.concurrency_key), bool(scheduler.fair_key)))
+
+
+def _one_statement(
+    scheduler: Scheduler, limit: int, actor: str, note: str, lease_seconds: int, mint_token: bool
+) -> Handout | None:
+    """PostgreSQL: the hand-out in one statement when its kind has one (not concurrency and
+    fair share together); None when it must take the locked path (stale snapshot, rate
+    full, a crowded head, …), _CHANGED when the settings did not match the row."""
+    pick = _pick(scheduler)
+    if not queue.ONE_STATEMENT_WRITES or pick is None:
+        return None
+    rate = parse_rate(scheduler.rate_limit)
+    params: dict[str, Any] = {
+        "sid": scheduler.id,
+        "kind": scheduler.kind,
+        "rate": scheduler.rate_limit,
+        "ckey": scheduler.concurrency_key,
+        "climit": scheduler.concurrency_limit,
+        "fkey": scheduler.fair_key,
+        "scheduler_lease": scheduler.lease_seconds,
+        "limit": limit,
+        "lease_seconds": lease_seconds,
+        "worker": actor[:200],
+        "note": note,
+        "now": timezone.now(),  # the statement may move it later (see tasks.queue.handout)
+    }
+    if rate is not None:
+        params |= {"rate_count": rate.count, "window_us": rate.window_us}
+    result = queue.handout(pick=pick, rate=rate is not None, mint_token=mint_token, params=params)
+    if result.status in {"ok", queue.HANDOUT_EMPTY}:
+        result.tasks.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
+        return Handout(result.tasks)
+    return _CHANGED if result.status == queue.HANDOUT_OTHER else None
+
+
 def _rate_only(scheduler: Scheduler, filters: Mapping[str, Any] | None) -> bool:
     return not (scheduler.concurrency_key or scheduler.fair_key or filters)
 
@@ -126,9 +220,11 @@ def _save(scheduler_id: str, cursor: str | None, redispatch_at_us: int | None) -
     queue.flow_execute("flow_state_save", [cursor, redispatch_at_us, scheduler_id])
 
 
-def _log(scheduler_id: str, now: datetime, count: int, rate: Rate) -> None:
-    queue.flow_execute("flow_window_add", [scheduler_id, _us(now), count])
-    queue.flow_execute("flow_window_prune", [scheduler_id, _us(now) - rate.window_us])
+def _log(scheduler_id: str, now: datetime, count: int, rate: Rate | None) -> None:
+    if rate is not None:
+        queue.flow_execute("flow_window_add", [scheduler_id, _us(now), count, count, scheduler_id])
+        queue.flow_execute("flow_window_prune", [scheduler_id, _us(now) - rate.window_us])
+    queue.flow_execute("flow_state_bump", [count, scheduler_id])
 
 
 def next_token_in(window: list[tuple[int, int]], rate: Rate, now: datetime) -> float:
@@ -176,14 +272,20 @@ def _take(
     if queue.ONE_STATEMENT_WRITES:
         window = None if rate is None else (scheduler.id, _us(now), _us(now) - rate.window_us)
         rows = queue.flow_claim_ids(
-            **claims, values=values, actor=actor, note=note, now=now, window_log=window
+            **claims,
+            scheduler_id=scheduler.id,
+            values=values,
+            actor=actor,
+            note=note,
+            now=now,
+            window_log=window,
         )
         if "in_order" in claims:
             return rows
     else:
         rows = queue.cas_update(task_ids=ids, expected=TaskStatus.QUEUED, values=values)
         queue.record_events(rows, from_status=TaskStatus.QUEUED, actor=actor, note=note, at=now)
-        if rate is not None and rows:
+        if rows:
             _log(scheduler.id, now, len(rows), rate)
     order = {uuid.UUID(str(task_id)): index for index, task_id in enumerate(ids)}
     rows.sort(key=lambda task: order[task.id])

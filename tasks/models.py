@@ -422,6 +422,13 @@ class Task(models.Model):
                 condition=Q(status="QUEUED", concurrency_value__isnull=False),
                 name="task_concurrency_idx",
             ),
+            # A value's active count (the concurrency hand-out): O(that value's active tasks),
+            # not a read of every active task of the queue, or (task_lease_idx) of all queues.
+            models.Index(
+                fields=["scheduler", "concurrency_value"],
+                condition=Q(status__in=["DISPATCHED", "RUNNING"], concurrency_value__isnull=False),
+                name="task_active_value_idx",
+            ),
         ]
         constraints = [
             # Dedup is the database's job: check-then-insert loses under concurrency.

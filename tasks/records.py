@@ -22,6 +22,9 @@ class FlowState(models.Model):
     redispatch_at_us = models.BigIntegerField(
         null=True, blank=True, help_text="A delayed dispatch is due then (rate-limited queues)."
     )
+    # Tasks handed out so far (rate-limited queues): with FlowHandout.total it gives the
+    # window's count from two rows, whatever the number of batches in the window.
+    handed_out = models.BigIntegerField(default=0, db_default=0)
 
     def __str__(self) -> str:
         return f"flow state of {self.scheduler_id}"
@@ -34,9 +37,14 @@ class FlowHandout(models.Model):
     scheduler = models.ForeignKey("tasks.Scheduler", on_delete=models.CASCADE, db_index=False)
     at_us = models.BigIntegerField()
     count = models.PositiveIntegerField()
+    # FlowState.handed_out after this batch: the window's count is the queue's total minus
+    # (total - count) of the window's oldest row, two index reads instead of a sum.
+    total = models.BigIntegerField(default=0, db_default=0)
 
     class Meta:
-        indexes = [models.Index(fields=["scheduler", "at_us"], name="flow_handout_idx")]
+        # With `total`: the window's oldest batch is the first entry after its start, read
+        # in order (ties of at_us in hand-out order) instead of sorting the window's rows.
+        indexes = [models.Index(fields=["scheduler", "at_us", "total"], name="flow_handout_idx")]
 
     def __str__(self) -> str:
         return f"{self.scheduler_id}: {self.count} at {self.at_us}"

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -148,26 +148,35 @@ def task_push(
     """Queue a task. Refuses a second active task with the same hash, and a full queue. A
     task not handed out by `expires_at` never runs (the reaper ends it EXPIRED)."""
     now = timezone.now()
+    fields = {
+        "data": data or {},
+        "priority": priority,
+        "hash": hash or None,
+        "not_before": not_before or now,
+        "expires_at": expires_at,
+        "created_at": now,
+        "modified_at": now,
+        "trace_context": tracing.current_traceparent(),
+        **(extra or {}),
+    }
+    scheduler = get_scheduler(scheduler_id)
+    check_task_data(scheduler, fields["data"])
+    if queue.ONE_STATEMENT_WRITES and not scheduler.max_queue_size:
+        # The hot path: one statement (insert, event, NOTIFY), which commits by itself.
+        task = Task(scheduler=scheduler, **fields)
+        note = tracing.noted("pushed", task.trace_context)
+        channel = wakeups.channel_for(scheduler.kind)
+        if not queue.insert_one_queued(task, actor=actor, note=note, at=now, wake_channel=channel):
+            raise _duplicate_of(scheduler_id, hash)
+        notify_queued(scheduler, announced=True)
+        return task
     with transaction.atomic():
-        scheduler = get_scheduler(scheduler_id)
-        check_task_data(scheduler, data or {})
         if scheduler.max_queue_size:
             # Bounded queues serialise their pushes so two cannot both take the last slot;
             # unbounded ones need no lock (dedup is the unique index's job).
             scheduler = get_scheduler(scheduler_id, for_update=True)
             _check_room(scheduler)
-        task = Task(
-            scheduler=scheduler,
-            data=data or {},
-            priority=priority,
-            hash=hash or None,
-            not_before=not_before or now,
-            expires_at=expires_at,
-            created_at=now,
-            modified_at=now,
-            trace_context=tracing.current_traceparent(),
-            **(extra or {}),
-        )
+        task = Task(scheduler=scheduler, **fields)
         try:
             with transaction.atomic():
                 task.save(force_insert=True)
@@ -251,6 +260,12 @@ def _pop(
     the rate did not stop the pop)."""
     now = timezone.now()
     if not filters and queue.ONE_STATEMENT_WRITES:
+        # A flow-controlled queue this process popped before: its own one statement.
+        hinted = flow.pop_hinted(
+            scheduler_id=scheduler_id, limit=limit, worker=worker, values_for=_hinted_values(worker)
+        )
+        if hinted is not None:
+            return hinted.tasks, hinted.retry_in
         # The hot path: one round trip; an empty answer says why in a second query.
         tasks = queue.pop_in_one_statement(
             scheduler_id=scheduler_id, limit=limit, now=now, worker=worker[:200]
@@ -274,11 +289,17 @@ def _pop(
             actor=worker,
             note="popped",
             filters=filters,
+            lease_seconds=scheduler.lease_seconds,
+            mint_token=True,
         )
         return handout.tasks, handout.retry_in
     if not filters and queue.ONE_STATEMENT_WRITES:
         return [], math.inf
     return _pop_filtered(scheduler, limit=limit, filters=filters, worker=worker, now=now), math.inf
+
+
+def _hinted_values(worker: str) -> Callable[[Scheduler, datetime], dict[str, Any]]:
+    return lambda scheduler, now: _pop_values(scheduler, worker=worker, now=now)
 
 
 def _pop_values(scheduler: Scheduler, *, worker: str, now: datetime) -> dict[str, Any]:

@@ -43,11 +43,13 @@ def get_scheduler(scheduler_id: str, *, for_update: bool = False) -> Scheduler:
         raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.") from None
 
 
-def notify_queued(scheduler: Scheduler) -> None:
+def notify_queued(scheduler: Scheduler, *, announced: bool = False) -> None:
     """After commit, tell the hooks that `scheduler` has new QUEUED tasks. They get the row the
     caller already holds, so a hook that only cares about some queues needs no query. Pops
-    waiting on a pull queue are woken with the commit (tasks.wakeups)."""
-    wakeups.announce(scheduler.id, scheduler.kind)
+    waiting on a pull queue are woken with the commit (tasks.wakeups), unless the caller's own
+    statement `announced` it already."""
+    if not announced:
+        wakeups.announce(scheduler.id, scheduler.kind)
     for hook in on_queued_hooks:
         transaction.on_commit(lambda hook=hook: hook(scheduler))
 

@@ -22,10 +22,15 @@ CHANNEL = "scheduler_queued"
 SQLITE_POLL_SECONDS = 0.2
 
 
+def channel_for(kind: str) -> str:
+    """The channel a statement that queues tasks of a `kind` queue NOTIFYs itself ("" none)."""
+    return CHANNEL if kind == SchedulerKind.PULL and connection.vendor == "postgresql" else ""
+
+
 def announce(scheduler_id: str, kind: str) -> None:
     """Wake the pops waiting on a pull queue: sent with the caller's transaction (PostgreSQL
     delivers a NOTIFY at commit, or not at all on rollback)."""
-    if kind != SchedulerKind.PULL or connection.vendor != "postgresql":
+    if not channel_for(kind):
         return
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, scheduler_id])

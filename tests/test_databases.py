@@ -34,7 +34,7 @@ def test_prepare_threshold__anything_else_names_the_variable(
 
 @pytest.mark.postgres
 @pytest.mark.django_db
-def test_prepared_cursor__the_pop_is_prepared_with_its_generic_plan_the_orm_is_not() -> None:
+def test_prepared_cursor__pop_and_push_are_prepared_with_generic_plans_the_orm_is_not() -> None:
     services.scheduler_create(id="prep")
     for _ in range(8):
         services.task_push(scheduler_id="prep")
@@ -46,8 +46,14 @@ def test_prepared_cursor__the_pop_is_prepared_with_its_generic_plan_the_orm_is_n
     # psycopg prepares it once it has run 5 times (the test settings keep the default): runs
     # 6 to 8 are its generic plan, none a custom one.
     assert popped == [(3, 0)]
-    # The pushes ran as often through the ORM (client-side binding): never prepared.
-    assert [row[0] for row in prepared if "'popped'" not in row[0]] == []
+    # The pushes ran as often, as their one hot statement: prepared too. Nothing else (the
+    # ORM binds on the client): never prepared.
+    others = [row[0] for row in prepared if "'popped'" not in row[0]]
+    assert len(others) == 1 and "ON CONFLICT DO NOTHING" in others[0]
+    services.task_cancel(task_id=services.task_push(scheduler_id="prep").id)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cursor.fetchone()[0] == len(prepared)  # the cancel's ORM statements: none
 
 
 def _fields(task: Task) -> dict[str, object]:

@@ -26,6 +26,9 @@ from tasks.queue.flow import (
     flow_walk_sql,
     prep_ids,
 )
+from tasks.queue.handout import EMPTY as HANDOUT_EMPTY
+from tasks.queue.handout import OTHER as HANDOUT_OTHER
+from tasks.queue.handout import handout, handout_sql
 from tasks.queue.pop import (
     _pop_sql,
     lease_expired_ids,
@@ -39,6 +42,7 @@ from tasks.queue.rows import (
     cas_update,
     claim_queued,
     data_filter,
+    insert_one_queued,
     insert_queued,
     insert_queued_new,
     new_lease_token,
@@ -54,9 +58,13 @@ STATUS_STATEMENTS: dict[str, Any] = {
     "start": _start_sql,
     "complete": _complete_sql,
     "expire": _expire_sql,
+    # One text per kind of pick; the claim (its UPDATE) is the same in each.
+    "flow_handout": lambda: handout_sql(pick="order", rate=True, mint_token=True),
 }
 
 __all__ = [
+    "HANDOUT_EMPTY",
+    "HANDOUT_OTHER",
     "ONE_STATEMENT_WRITES",
     "STATUS_STATEMENTS",
     "Sql",
@@ -73,6 +81,9 @@ __all__ = [
     "flow_prep_now",
     "flow_sql",
     "flow_walk_sql",
+    "handout",
+    "handout_sql",
+    "insert_one_queued",
     "insert_queued",
     "insert_queued_new",
     "lease_expired_ids",

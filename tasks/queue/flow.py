@@ -57,8 +57,13 @@ def _flow_sql(name: str) -> str:
         # (at most `count` rows, one per batch).
         "flow_window": f"SELECT at_us, count FROM {n['handout']} "
         "WHERE scheduler_id = %s AND at_us > %s ORDER BY at_us",
-        "flow_window_add": f"INSERT INTO {n['handout']} (scheduler_id, at_us, count) "
-        "VALUES (%s, %s, %s)",
+        # The batch's row carries the queue's running total (see FlowHandout.total).
+        "flow_window_add": f"INSERT INTO {n['handout']} (scheduler_id, at_us, count, total) "
+        f"SELECT %s, %s, %s, handed_out + %s FROM {n['state']} WHERE scheduler_id = %s",
+        # Every hand-out changes the state row: the one-statement hand-out (queue/handout.py)
+        # tells by it that its snapshot predates a hand-out it waited for.
+        "flow_state_bump": f"UPDATE {n['state']} SET handed_out = handed_out + %s "
+        "WHERE scheduler_id = %s",
         "flow_window_prune": f"DELETE FROM {n['handout']} WHERE scheduler_id = %s AND at_us <= %s",
         # Active tasks per concurrency value: O(active), through task_status_idx.
         "flow_active": f"SELECT concurrency_value, COUNT(*) FROM {n['task']} "
@@ -157,6 +162,7 @@ def prep_ids(ids: Iterable[Any]) -> list[Any]:
 
 def flow_claim_ids(
     *,
+    scheduler_id: str,
     task_ids: Sequence[Any] = (),
     in_order: tuple[str, int] | None = None,
     values: Mapping[str, Any],
@@ -198,16 +204,24 @@ def flow_claim_ids(
         params = [*pick_params, *set_params, _prep("modified_at", now)]
     params += [actor[:200], note]
     if window_log is not None:
-        scheduler_id, now_us, start_us = window_log
+        _, now_us, start_us = window_log
         sql += (
-            f", logged AS (INSERT INTO {n['handout']} (scheduler_id, at_us, count) "
-            "SELECT %s, %s, COUNT(*) FROM claimed HAVING COUNT(*) > 0), "
+            f", logged AS (INSERT INTO {n['handout']} (scheduler_id, at_us, count, total) "
+            f"SELECT %s, %s, COUNT(*), (SELECT handed_out FROM {n['state']} "
+            "WHERE scheduler_id = %s) + COUNT(*) FROM claimed HAVING COUNT(*) > 0), "
             f"pruned AS (DELETE FROM {n['handout']} WHERE scheduler_id = %s AND at_us <= %s)"
         )
-        params += [scheduler_id, now_us, scheduler_id, start_us]
-    if cursor_save is not None:  # fair share: where the next hand-out's turn starts
-        sql += f", saved AS (UPDATE {n['state']} SET fair_cursor = %s WHERE scheduler_id = %s)"
-        params += [cursor_save[1], cursor_save[0]]
+        params += [scheduler_id, now_us, scheduler_id, scheduler_id, start_us]
+    # The state row changes with every hand-out (its total, and fair share's cursor): one
+    # UPDATE, as a second one of the same row in this statement would be ignored.
+    keep = cursor_save is None
+    sql += (
+        f", saved AS (UPDATE {n['state']} SET handed_out = handed_out + "
+        "(SELECT COUNT(*) FROM claimed), "
+        "fair_cursor = CASE WHEN %s THEN fair_cursor ELSE %s END "
+        "WHERE scheduler_id = %s AND EXISTS (SELECT 1 FROM claimed))"
+    )
+    params += [keep, None if cursor_save is None else cursor_save[1], scheduler_id]
     rows = _fetch_tasks(sql + " SELECT * FROM claimed", params)
     rows.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
     return rows

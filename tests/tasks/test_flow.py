@@ -188,3 +188,17 @@ def test_scheduler_command__flow_options() -> None:
     scheduler = services.get_scheduler("q")
     assert (scheduler.rate_limit, scheduler.concurrency_key) == ("100/s", "org")
     assert (scheduler.concurrency_limit, scheduler.fair_key) == (3, "org")
+
+
+def test_task_pop__a_queue_whose_flow_settings_changed_pops_by_the_new_ones() -> None:
+    # PostgreSQL: the process remembers the queue from its first pop and tries its one
+    # statement first; the statement finds the settings changed and the pop reads the row.
+    scheduler = services.scheduler_create(id="changes", rate_limit="1000/s")
+    seed_queued("changes", 6, data={"org": "a"})
+    assert len(_pop("changes")) == 1
+    services.scheduler_update(scheduler=scheduler, rate_limit="", concurrency_key="org")
+    assert len(_pop("changes", limit=5)) == 0  # "a" already has its one active task
+    services.scheduler_update(scheduler=scheduler, concurrency_limit=3)
+    assert len(_pop("changes", limit=5)) == 2
+    services.scheduler_update(scheduler=scheduler, paused=True)
+    assert _pop("changes", limit=5) == []

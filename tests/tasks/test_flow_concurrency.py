@@ -4,11 +4,13 @@ the rate allows in any window, every value served in its turn under fair_key."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
+from django.db import connection, transaction
 from django.db.models import Count
 
 from tasks import services
@@ -154,3 +156,51 @@ def test_task_pop__concurrent_poppers_serve_every_fair_value_in_turn() -> None:
         .values_list("task__fair_value", flat=True)
     )
     assert len(set(order[:51])) == 51  # every value within the first 51 hand-outs
+
+
+def _pop_in_thread(scheduler_id: str, out: list[list[Task]]) -> None:
+    try:
+        out.append(services.task_pop(scheduler_id=scheduler_id, limit=2, worker="late"))
+    finally:
+        connection.close()
+
+
+def _wait_until_blocked_on_a_lock() -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")  # else one per transaction
+            cursor.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+            if cursor.fetchone()[0]:
+                return
+        time.sleep(0.01)
+    raise AssertionError("the second pop never waited for the flow lock")
+
+
+def test_task_pop__a_pop_that_waited_for_the_lock_counts_what_the_holder_handed_out() -> None:
+    """The one-statement hand-out's snapshot predates its wait for the queue's lock, so the
+    holder's hand-outs are not in it: here the holder (a transaction, as a dispatch is) takes
+    the last slot of "b", then a task of "a" pushed after the waiter's snapshot. The waiter
+    must see that and count again under the lock, not take a second task of "a"."""
+    services.scheduler_create(id="stale", concurrency_key="org", concurrency_limit=1)
+    seed_queued("stale", 2, data={"org": "b"}, priority=5)
+    seed_queued("stale", 1, data={"org": "a"}, priority=5)
+    seed_queued("stale", 1, data={"org": "c"}, priority=0)
+    services.task_pop(scheduler_id="stale", limit=1, worker="warm")  # "c": the state row
+    out: list[list[Task]] = []
+    with transaction.atomic():  # the holder: the lock until it commits
+        held = services.task_pop(scheduler_id="stale", limit=1, worker="holder")
+        late = threading.Thread(target=_pop_in_thread, args=("stale", out))
+        late.start()
+        _wait_until_blocked_on_a_lock()
+        seed_queued("stale", 1, data={"org": "a"}, priority=0)
+        held += services.task_pop(scheduler_id="stale", limit=1, worker="holder")
+    late.join(30)
+
+    assert [task.data["org"] for task in held] == ["b", "a"]
+    assert out == [[]]
+    active = Task.objects.filter(status=TaskStatus.DISPATCHED)
+    assert sorted(active.values_list("concurrency_value", flat=True)) == ["a", "b", "c"]

@@ -8,14 +8,16 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from django.db import connection, connections
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from tasks import services
-from tasks.exceptions import InvalidRequest
+from tasks import services, wakeups
+from tasks.exceptions import DuplicateTask, InvalidRequest
 from tasks.models import Task
+from tests.support.processes import database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -108,3 +110,21 @@ def test_api_pop_wait__bad_values_are_400(runner_client: APIClient, wait: Any) -
     response = runner_client.post("/api/schedulers/lp/pop/", {"wait": wait}, format="json")
     assert response.status_code == 400 and "wait" in response.json()
     assert not Task.objects.exists()
+
+
+@pytest.mark.postgres
+def test_push__notifies_only_for_a_new_task_of_a_pull_queue() -> None:
+    services.scheduler_create(id="lp")
+    services.scheduler_create(id="cq", kind="celery", handler="demo.echo", paused=True)
+    url = database_url(connection.settings_dict, "postgresql")  # the test database
+    listener = psycopg.connect(url, autocommit=True)
+    listener.execute(f"LISTEN {wakeups.CHANNEL}")
+
+    services.task_push(scheduler_id="lp", hash="h")
+    with pytest.raises(DuplicateTask):
+        services.task_push(scheduler_id="lp", hash="h")
+    services.task_push(scheduler_id="cq")
+
+    heard = [notice.payload for notice in listener.notifies(timeout=1)]
+    listener.close()
+    assert heard == ["lp"]

@@ -86,7 +86,8 @@ def test_sql__only_the_queue_module_writes_task_status_in_sql() -> None:
 @pytest.mark.parametrize("name", sorted(queue.STATUS_STATEMENTS))
 def test_sql__each_status_statement_moves_only_along_the_table(name: str) -> None:
     sql = queue.STATUS_STATEMENTS[name]()
-    update = sql[sql.upper().index("UPDATE") :]
+    # The UPDATE statement, not a row lock (`FOR UPDATE`) of a CTE before it.
+    update = sql[re.search(r"(?<!FOR )\bUPDATE\b", sql, re.I).start() :]
     [to_status] = SET_STATUS.findall(update)
     # The UPDATE's own WHERE: up to its RETURNING (later CTEs read other rows' statuses).
     where = update[update.upper().index("WHERE") : update.upper().index("RETURNING")]

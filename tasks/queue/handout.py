@@ -1,0 +1,292 @@
+"""Flow control's one-statement hand-out (PostgreSQL, DESIGN §9.4): a queue with a rate limit,
+a concurrency key or a fair key hands out in one statement, like the plain pop, instead of
+tasks.flow's transaction of four to six.
+
+The statement locks the queue's FlowState row (`FOR UPDATE`), checks the rate window (two
+index reads: running totals, see FlowHandout.total), picks (queue order, the active count per
+concurrency value, or the next fair values after the cursor), claims by compare-and-swap,
+writes the events, the window's row and the state row's new total and cursor.
+
+One statement has one snapshot, taken before it waits for the lock: if the previous holder
+committed while it waited, the counts it read are old. Every hand-out (this statement or
+tasks.flow's) updates the state row, so that case shows: the locked row (the newest version)
+is not the one the snapshot sees. The statement then takes nothing and answers "stale", and
+the caller hands out under the lock taken first, in statements of their own (tasks.flow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connection
+
+from tasks.models import FlowHandout, FlowState, Task
+from tasks.queue.rows import _fetch_tasks, _hot_sql, _names, _returned, new_lease_token
+
+# How far the concurrency pick reads the queue in order (as tasks.flow's SCAN_FACTOR and
+# SCAN_EXTRA); a stretch that is all blocked values is tasks.flow's, which walks the values.
+SCAN_FACTOR, SCAN_EXTRA = 2, 16
+# The fair walk visits at most this many values more than it takes: values with nothing due
+# lose their turn at two seeks each; a longer run of them is tasks.flow's loop.
+FAIR_EXTRA_STEPS = 16
+
+# Why a statement took nothing: "empty" (nothing due, or nothing allowed by the concurrency
+# limits) is the answer; the others send the caller to tasks.flow's path.
+EMPTY, OTHER = "empty", "other"  # also: "stale", "blocked", "more", "nostate"
+
+
+@dataclass(frozen=True)
+class HandoutResult:
+    tasks: list[Task]
+    status: str  # "ok" when tasks were taken, else one of the reasons above
+
+
+# The attempts of a queue that ended (reports, the reaper; a retry is QUEUED again) after the
+# caller read its clock: the hand-out's time is then theirs, so that every hand-out's events
+# show the limit held (a count that saw an attempt end reads a clock at or after its end).
+_LAST_END = """(SELECT MAX(e.modified_at) FROM {task} e WHERE e.scheduler_id = %(sid)s
+    AND e.status IN ('COMPLETED', 'FAILED', 'DEAD', 'CANCELLED', 'QUEUED')
+    AND e.modified_at > %(now)s AND (e.status <> 'QUEUED' OR e.attempts > 0))"""
+
+
+def _head_sql(*, rate: bool, concurrency: bool) -> str:
+    """The scheduler check, the lock, the freshness test, the clock and the rate's room."""
+    n = {
+        **_names(),
+        "state": connection.ops.quote_name(FlowState._meta.db_table),
+        "handout": connection.ops.quote_name(FlowHandout._meta.db_table),
+    }
+    # The window's count: the total now minus the total before the window's oldest batch.
+    used = (
+        f"gate.handed_out - COALESCE((SELECT h.total - h.count FROM {n['handout']} h "
+        "WHERE h.scheduler_id = %(sid)s AND h.at_us > gate.now_us - %(window_us)s "
+        "ORDER BY h.at_us, h.total LIMIT 1), gate.handed_out)"
+    )
+    room = f"LEAST(%(limit)s, %(rate_count)s - ({used}))" if rate else "%(limit)s"
+    # The clock: the caller's, or a later hand-out or end it did not see (so that the window
+    # log, in lock order, is in time order too, and the events show every limit held).
+    clocks = ["%(now)s::timestamptz"]
+    if rate:
+        clocks.append(
+            f"(SELECT timestamptz 'epoch' + h.at_us * interval '1 microsecond' "
+            f"FROM {n['handout']} h WHERE h.scheduler_id = %(sid)s ORDER BY h.at_us DESC LIMIT 1)"
+        )
+    if concurrency:
+        clocks.append(_LAST_END.replace("{task}", n["task"]))
+    return f"""
+        WITH s AS MATERIALIZED (
+            SELECT 1 FROM {n["scheduler"]} sc
+            WHERE sc.id = %(sid)s AND NOT sc.paused AND sc.kind = %(kind)s
+                AND sc.rate_limit = %(rate)s AND sc.concurrency_key = %(ckey)s
+                AND sc.concurrency_limit = %(climit)s AND sc.fair_key = %(fkey)s
+                AND sc.lease_seconds = %(scheduler_lease)s
+        ), lock AS MATERIALIZED (
+            SELECT st.xmin AS seen, st.fair_cursor, st.handed_out FROM {n["state"]} st
+            WHERE st.scheduler_id = %(sid)s AND EXISTS (SELECT 1 FROM s) FOR UPDATE
+        ), gate AS MATERIALIZED (
+            SELECT lock.fair_cursor, lock.handed_out, c.now,
+                floor(extract(epoch FROM c.now) * 1000000)::bigint AS now_us,
+                lock.seen = (SELECT o.xmin FROM {n["state"]} o
+                    WHERE o.scheduler_id = %(sid)s) AS fresh
+            FROM lock, (SELECT GREATEST({", ".join(clocks)}) AS now) c
+        ), room AS MATERIALIZED (
+            SELECT gate.*, CASE WHEN gate.fresh THEN GREATEST(0, {room}) ELSE 0 END AS allowed
+            FROM gate
+        )"""
+
+
+def _order_pick() -> str:
+    return """, picked AS MATERIALIZED (
+            SELECT t.id FROM {task} t
+            WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED'
+                AND t.not_before <= (SELECT now FROM room)
+                AND (t.expires_at IS NULL OR t.expires_at > (SELECT now FROM room))
+            ORDER BY t.priority, t.created_at, t.id
+            LIMIT (SELECT allowed FROM room) FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (SELECT 'empty' AS why), new_cursor AS (SELECT NULL::text AS v)"""
+
+
+def _walk(column: str, *, has_room: str, wanted: str, start: str) -> str:
+    """A recursive walk over the queue's values of `column` from the cursor (after the last
+    value, wrapping once to the first), one index seek per value and one for its head: each
+    row is a value and its due head when `has_room(value)` (SQL over `{v}`), stopping once
+    `wanted` heads are found or FAIR_EXTRA_STEPS values more than that were passed."""
+    values = (
+        f"SELECT MIN(q.{column}) FROM {{task}} q WHERE q.scheduler_id = %(sid)s "
+        f"AND q.status = 'QUEUED' AND q.{column} IS NOT NULL"
+    )
+    head = (
+        f"CASE WHEN {has_room} THEN (SELECT h.id FROM {{task}} h WHERE h.scheduler_id = %(sid)s"
+        f" AND h.status = 'QUEUED' AND h.{column} = {{v}}"
+        " AND h.not_before <= (SELECT now FROM room)"
+        " AND (h.expires_at IS NULL OR h.expires_at > (SELECT now FROM room))"
+        " ORDER BY h.priority, h.created_at, h.id LIMIT 1) END"
+    )
+    # The cursor's bound stays a plain `>` (an index condition: `cursor IS NULL OR …` would
+    # filter every entry up to it, O(tasks before the cursor)).
+    cursor = "(SELECT fair_cursor FROM room)"
+    found = "w.found + (w.head IS NOT NULL)::int"
+    return f""", walk(v, head, steps, wrapped, found) AS (
+            SELECT f.v, {head.replace("{v}", "f.v")}, 1, f.wrapped, 0
+            FROM (SELECT COALESCE(n.v, a.v) AS v, n.v IS NULL AS wrapped
+                FROM ({values}) a(v), LATERAL (SELECT CASE WHEN {cursor} IS NULL THEN a.v
+                    ELSE ({values} AND q.{column} > {cursor}) END) n(v)) f
+            WHERE {start} AND f.v IS NOT NULL
+            UNION ALL
+            SELECT x.v, {head.replace("{v}", "x.v")}, w.steps + 1, x.wrapped, {found}
+            FROM walk w, LATERAL (
+                SELECT COALESCE(n.v, CASE WHEN w.wrapped THEN NULL ELSE a.v END) AS v,
+                    w.wrapped OR n.v IS NULL AS wrapped
+                FROM ({values} AND q.{column} > w.v) n(v), ({values}) a(v)) x
+            WHERE x.v IS NOT NULL AND NOT {_revisit("x")}
+                AND {found} < {wanted} AND w.steps < {wanted} + {FAIR_EXTRA_STEPS}
+        ), heads AS MATERIALIZED (
+            SELECT w.v, w.head, w.steps FROM walk w WHERE w.head IS NOT NULL AND NOT {_revisit("w")}
+        ), walk_cut AS MATERIALIZED (
+            SELECT COALESCE(MAX(steps), 0) >= {wanted} + {FAIR_EXTRA_STEPS} AS yes FROM walk
+        )"""
+
+
+def _revisit(row: str) -> str:
+    """Past the last value and back beyond the cursor, where the turn began."""
+    cursor = "(SELECT fair_cursor FROM room)"
+    return f"({row}.wrapped AND ({cursor} IS NULL OR {row}.v > {cursor}))"
+
+
+# The active tasks of one concurrency value: a count over task_active_value_idx.
+_ACTIVE = """(SELECT COUNT(*) FROM {task} a WHERE a.scheduler_id = %(sid)s
+    AND a.status IN ('DISPATCHED', 'RUNNING') AND a.concurrency_value = {v})"""
+
+
+def _concurrency_pick() -> str:
+    """Queue order for a bounded stretch, each task counted against its value's active tasks
+    and the ones before it in the stretch. When blocked values fill the whole stretch, the
+    heads of the values with room, one per value, walking from the queue's cursor (so a
+    value with 100,000 queued tasks at its limit is passed at one seek, never read)."""
+    scan = f"(SELECT allowed * {SCAN_FACTOR} + {SCAN_EXTRA} FROM room)"
+    short = "((SELECT allowed FROM room) - (SELECT COUNT(*) FROM first))"
+    room = f"(NOT EXISTS (SELECT 1 FROM first WHERE first.v = {{v}}) AND {_ACTIVE} < %(climit)s)"
+    walk = _walk(
+        "concurrency_value",
+        has_room=room,
+        wanted=short,
+        start=f"{short} > 0 AND (SELECT COUNT(*) FROM head) = {scan}",
+    )
+    return f""", head AS MATERIALIZED (
+            SELECT t.id, t.concurrency_value AS v, t.priority, t.created_at FROM {{task}} t
+            WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED'
+                AND t.not_before <= (SELECT now FROM room)
+                AND (t.expires_at IS NULL OR t.expires_at > (SELECT now FROM room))
+            ORDER BY t.priority, t.created_at, t.id LIMIT {scan}
+        ), active AS MATERIALIZED (
+            SELECT d.v, {_ACTIVE.replace("{v}", "d.v")} AS n
+            FROM (SELECT DISTINCT head.v FROM head WHERE head.v IS NOT NULL) d
+        ), ranked AS (
+            SELECT h.id, h.priority, h.created_at, h.v, COALESCE(a.n, 0) AS n,
+                row_number() OVER (PARTITION BY h.v ORDER BY h.priority, h.created_at, h.id) AS rn
+            FROM head h LEFT JOIN active a ON a.v = h.v
+        ), first AS MATERIALIZED (
+            SELECT r.id, r.v FROM ranked r WHERE r.v IS NULL OR r.rn + r.n <= %(climit)s
+            ORDER BY r.priority, r.created_at, r.id LIMIT (SELECT allowed FROM room)
+        ){walk}, picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t
+            WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM heads)
+            FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (
+            SELECT CASE WHEN (SELECT yes FROM walk_cut) THEN 'more' ELSE 'empty' END AS why
+        ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
+
+
+def _fair_pick() -> str:
+    """Round robin over the fair values from the cursor: the next value is one seek of
+    task_fair_idx, its head another; a batch takes one head per value (a batch that needs
+    second heads, or a long run of values with nothing due, is tasks.flow's loop)."""
+    walk = _walk(
+        "fair_value",
+        has_room="TRUE",
+        wanted="(SELECT allowed FROM room)",
+        start="(SELECT allowed FROM room) > 0",
+    )
+    return f"""{walk}, picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT head FROM heads)
+                AND (SELECT COUNT(*) FROM heads) = (SELECT allowed FROM room)
+            FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (
+            SELECT CASE WHEN (SELECT COUNT(*) FROM heads) = 0 AND NOT (SELECT yes FROM walk_cut)
+                THEN 'empty' ELSE 'more' END AS why
+        ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
+
+
+def _tail_sql(*, rate: bool, mint_token: bool) -> str:
+    """Claim by compare-and-swap, events, the window's row and pruning (rate), the state row
+    (total and cursor: every hand-out changes it, which is what `fresh` tests); then the
+    claimed rows, or one row of NULLs that says why nothing was taken."""
+    n = {
+        **_names(),
+        "state": connection.ops.quote_name(FlowState._meta.db_table),
+        "handout": connection.ops.quote_name(FlowHandout._meta.db_table),
+    }
+    token = f", lease_token = {new_lease_token().text}" if mint_token else ""
+    window = ""
+    if rate:
+        window = f""", logged AS (
+            INSERT INTO {n["handout"]} (scheduler_id, at_us, count, total)
+            SELECT %(sid)s, room.now_us, c.n, room.handed_out + c.n
+            FROM room, (SELECT COUNT(*) AS n FROM claimed) c WHERE c.n > 0
+        ), pruned AS (
+            DELETE FROM {n["handout"]} WHERE scheduler_id = %(sid)s
+                AND at_us <= (SELECT now_us FROM room) - %(window_us)s
+                AND EXISTS (SELECT 1 FROM claimed)
+        )"""
+    nulls = ", ".join(["NULL"] * len(Task._meta.concrete_fields))
+    return f""", claimed AS (
+            UPDATE {n["task"]} t SET status = 'DISPATCHED', attempts = t.attempts + 1,
+                lease_expires_at = room.now + make_interval(secs => %(lease_seconds)s),
+                worker = %(worker)s, modified_at = room.now{token}
+            FROM room WHERE t.id IN (SELECT id FROM picked) AND t.status = 'QUEUED'
+            RETURNING {_returned("t")}
+        ), events AS (
+            INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
+            SELECT id, 'QUEUED', 'DISPATCHED', modified_at, %(worker)s, %(note)s FROM claimed
+        ){window}, bumped AS (
+            UPDATE {n["state"]} SET handed_out = handed_out + (SELECT COUNT(*) FROM claimed),
+                fair_cursor = COALESCE((SELECT v FROM new_cursor), fair_cursor)
+            WHERE scheduler_id = %(sid)s AND EXISTS (SELECT 1 FROM claimed)
+        )
+        SELECT claimed.*, 'ok' AS why FROM claimed
+        UNION ALL
+        SELECT {nulls}, CASE
+            WHEN NOT EXISTS (SELECT 1 FROM s) THEN 'other'
+            WHEN NOT EXISTS (SELECT 1 FROM room) THEN 'nostate'
+            WHEN NOT (SELECT fresh FROM room) THEN 'stale'
+            WHEN (SELECT allowed FROM room) <= 0 THEN 'blocked'
+            ELSE (SELECT why FROM verdict) END
+        WHERE NOT EXISTS (SELECT 1 FROM claimed)"""
+
+
+PICKS = {"order": _order_pick, "concurrency": _concurrency_pick, "fair": _fair_pick}
+
+
+def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
+    def build() -> str:
+        task = connection.ops.quote_name(Task._meta.db_table)
+        body = PICKS[pick]().replace("{task}", task)
+        head = _head_sql(rate=rate, concurrency=pick == "concurrency")
+        if pick != "order":  # the walk refers to itself
+            head = head.replace("WITH s AS", "WITH RECURSIVE s AS", 1)
+        return head + body + _tail_sql(rate=rate, mint_token=mint_token)
+
+    return _hot_sql(f"handout:{pick}:{rate}:{mint_token}", build)
+
+
+def handout(*, pick: str, rate: bool, mint_token: bool, params: Mapping[str, Any]) -> HandoutResult:
+    """Run the one-statement hand-out (`params`: see the statement's %(name)s); the tasks in
+    queue order (fair: in turn order), or why none were taken."""
+    sql = handout_sql(pick=pick, rate=rate, mint_token=mint_token)
+    rows = _fetch_tasks(sql, params, extras=("why",), prepared=True)
+    tasks = [task for task in rows if task.why == "ok"]
+    if not tasks:
+        return HandoutResult([], rows[0].why if rows else OTHER)
+    return HandoutResult(tasks, "ok")
