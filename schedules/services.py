@@ -242,7 +242,7 @@ def _orchestrate_scheduler(scheduler_id: str, *, now: datetime, batch_size: int)
             made = _materialize(scheduler, picked, now=now) if picked else 0
         created += made
         if made:
-            task_services.notify_queued(scheduler)
+            task_services.notify_queued(scheduler, count=made)
         if len(picked) < room:
             if created:
                 logger.info("scheduler %s: %d tasks from due schedules", scheduler_id, created)

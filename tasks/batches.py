@@ -53,7 +53,7 @@ def task_push_many(
         created = queue.insert_queued_new(planned, actor=actor, note=note, at=now)
         _settle_conflicts(scheduler, outcomes, created)
         if created:
-            notify_queued(scheduler)
+            notify_queued(scheduler, count=len(created))
     return outcomes
 
 

@@ -108,7 +108,7 @@ def scheduler_set_paused(*, scheduler_id: str, paused: bool, actor: str = "") ->
                 "scheduler %s %s by %s", scheduler_id, "paused" if paused else "resumed", actor
             )
     if not paused:
-        notify_queued(scheduler)
+        notify_queued(scheduler, count=wakeups.EVERY_WAITER)  # all it holds may be due
     return scheduler
 
 
@@ -241,7 +241,7 @@ def task_pop(
         tracing.record_handouts("task.pop", tasks)
         return tasks
     deadline = time.monotonic() + wait
-    with wakeups.listening():
+    with wakeups.listening(scheduler_id) as listener:
         while True:
             with POP_SECONDS.labels(scheduler_id).time():
                 tasks, next_token_in = _pop(**pop)
@@ -250,7 +250,9 @@ def task_pop(
                 tracing.record_handouts("task.pop", tasks)
                 return tasks
             # A rate-limited queue: the wait also ends when its next token is due.
-            wakeups.wait_for_work(scheduler_id, timeout=min(remaining, next_token_in))
+            wakeups.wait_for_work(
+                scheduler_id, timeout=min(remaining, next_token_in), listener=listener
+            )
 
 
 def _pop(

@@ -43,13 +43,13 @@ def get_scheduler(scheduler_id: str, *, for_update: bool = False) -> Scheduler:
         raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.") from None
 
 
-def notify_queued(scheduler: Scheduler, *, announced: bool = False) -> None:
+def notify_queued(scheduler: Scheduler, *, announced: bool = False, count: int = 1) -> None:
     """After commit, tell the hooks that `scheduler` has new QUEUED tasks. They get the row the
     caller already holds, so a hook that only cares about some queues needs no query. Pops
-    waiting on a pull queue are woken with the commit (tasks.wakeups), unless the caller's own
-    statement `announced` it already."""
+    waiting on a pull queue are woken with the commit (tasks.wakeups), `count` of them (the
+    tasks queued), unless the caller's own statement `announced` it already."""
     if not announced:
-        wakeups.announce(scheduler.id, scheduler.kind)
+        wakeups.announce(scheduler.id, scheduler.kind, count)
     for hook in on_queued_hooks:
         transaction.on_commit(lambda hook=hook: hook(scheduler))
 

@@ -9,7 +9,7 @@ from django.contrib.auth.models import Group, User
 from django.db import connection
 from rest_framework.test import APIClient
 
-from tasks import accounts, services
+from tasks import accounts, services, wakeups
 from tasks.models import Scheduler, Task
 from tasks.roles import OPERATORS, RUNNERS
 
@@ -32,6 +32,14 @@ def _remove_test_broker_folder() -> Iterator[None]:
     from django.conf import settings
 
     shutil.rmtree(settings.CELERY_BROKER_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
+    """pytest-django's, and before it drops the test database: close the long-poll listener
+    (tasks.wakeups), whose LISTEN connection would keep the database in use."""
+    yield
+    wakeups.stop_listener()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from tasks import services, wakeups
+from tasks.batches import task_push_many
 from tasks.exceptions import DuplicateTask, InvalidRequest
 from tasks.models import Task
 from tests.support.processes import database_url
@@ -128,3 +129,87 @@ def test_push__notifies_only_for_a_new_task_of_a_pull_queue() -> None:
     heard = [notice.payload for notice in listener.notifies(timeout=1)]
     listener.close()
     assert heard == ["lp"]
+
+
+def _waiting(count: int) -> list[_Waiter]:
+    waiters = [_Waiter(wait=20) for _ in range(count)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.8)  # each has popped nothing and waits
+    return waiters
+
+
+@pytest.mark.postgres
+def test_pop_wait__a_push_wakes_one_waiter_of_the_process_not_all() -> None:
+    services.scheduler_create(id="lp")
+    waiters = _waiting(3)
+    asleep = [waiter.statements for waiter in waiters]
+
+    first = services.task_push(scheduler_id="lp")
+    time.sleep(1.5)
+
+    done = [waiter for waiter in waiters if not waiter.is_alive()]
+    assert [[task.id for task in waiter.result or []] for waiter in done] == [[first.id]]
+    # The other two were not woken: not one statement since they began waiting.
+    still = [(waiter.statements, before) for waiter, before in zip(waiters, asleep, strict=True)]
+    assert [
+        now == before
+        for (now, before), waiter in zip(still, waiters, strict=True)
+        if waiter.is_alive()
+    ] == [True, True]
+    second = services.task_push(scheduler_id="lp")
+    third = services.task_push(scheduler_id="lp")
+    for waiter in waiters:
+        waiter.join(15)
+    popped = sorted(str(task.id) for waiter in waiters for task in waiter.result or [])
+    assert popped == sorted(str(task.id) for task in (first, second, third))
+
+
+@pytest.mark.postgres
+def test_pop_wait__a_batch_wakes_as_many_waiters_as_it_queued() -> None:
+    services.scheduler_create(id="lp")
+    waiters = _waiting(2)
+
+    outcomes = task_push_many(scheduler_id="lp", pushes=[{"data": {"n": n}} for n in range(2)])
+    for waiter in waiters:
+        waiter.join(15)
+
+    assert all(waiter.error is None and not waiter.is_alive() for waiter in waiters)
+    popped = sorted(str(task.id) for waiter in waiters for task in waiter.result or [])
+    assert popped == sorted(str(outcome.task.id) for outcome in outcomes if outcome.task)
+    assert all(waiter.took < 10 for waiter in waiters), "woken, not at the end of the wait"
+
+
+@pytest.mark.postgres
+def test_pop_wait__the_listener_reconnects_and_its_waiters_are_still_woken() -> None:
+    services.scheduler_create(id="lp")
+    waiters = _waiting(1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query = %s AND pid <> pg_backend_pid()",
+            [f"LISTEN {wakeups.CHANNEL}"],
+        )
+        assert cursor.fetchall() == [(True,)]
+    time.sleep(1.5)  # reconnected (meanwhile its waiters re-check every 0.2 s)
+
+    pushed = services.task_push(scheduler_id="lp")
+    waiters[0].join(15)
+
+    assert [task.id for task in waiters[0].result or []] == [pushed.id]
+    assert waiters[0].took < 10
+
+
+@pytest.mark.postgres
+def test_pop_wait__resuming_a_queue_wakes_all_its_waiters() -> None:
+    services.scheduler_create(id="lp", paused=True)
+    pushed = [services.task_push(scheduler_id="lp", data={"n": n}) for n in range(2)]
+    waiters = _waiting(2)
+
+    services.scheduler_set_paused(scheduler_id="lp", paused=False)
+    for waiter in waiters:
+        waiter.join(15)
+
+    popped = sorted(str(task.id) for waiter in waiters for task in waiter.result or [])
+    assert popped == sorted(str(task.id) for task in pushed)
+    assert all(waiter.took < 10 for waiter in waiters), "woken, not at the end of the wait"
