@@ -100,9 +100,9 @@ class Listener(threading.Thread):
             if not self.waiting:
                 self.idle_since = time.monotonic()
 
-    def wait(self, scheduler_id: str, timeout: float) -> bool:
-        """Until a wake-up for the queue (True) or `timeout` (False); polls while the listener
-        is not connected, since a NOTIFY may then be lost."""
+    def wait(self, scheduler_id: str, timeout: float) -> None:
+        """Until a wake-up for the queue (taking it) or `timeout`; polls while the listener is
+        not connected, since a NOTIFY may then be lost."""
         if not self.ready.is_set():
             timeout = min(timeout, SQLITE_POLL_SECONDS)
         with self.guard:
@@ -111,8 +111,6 @@ class Listener(threading.Thread):
                 waker.wait(timeout)
             if self.pending[scheduler_id]:
                 self.pending[scheduler_id] -= 1
-                return True
-            return False
 
     def wake(self, scheduler_id: str, count: int = 1) -> None:
         with self.guard:
@@ -208,17 +206,17 @@ def listening(scheduler_id: str) -> Iterator[Listener | None]:
         listener.unregister(scheduler_id)
 
 
-def wait_for_work(scheduler_id: str, *, timeout: float, listener: Listener | None) -> bool:
-    """Return when `scheduler_id` may have a due task (True when woken by a push), or after
+def wait_for_work(scheduler_id: str, *, timeout: float, listener: Listener | None) -> None:
+    """Return when `scheduler_id` may have a due task, or after
     `timeout` seconds: a wake-up for it, or the moment its next delayed task (a retry's
     backoff) falls due."""
     timeout = min(timeout, _seconds_to_next_due(scheduler_id))
     if timeout <= 0:
-        return False
+        return
     if listener is None:
         time.sleep(min(timeout, SQLITE_POLL_SECONDS))
-        return False
-    return listener.wait(scheduler_id, timeout)
+        return
+    listener.wait(scheduler_id, timeout)
 
 
 def _seconds_to_next_due(scheduler_id: str) -> float:

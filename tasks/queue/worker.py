@@ -115,6 +115,27 @@ def _complete_sql() -> str:
     """
 
 
+def _fenced_params(
+    task_id: uuid.UUID,
+    attempt: int | None,
+    lease_token: str | None,
+    *,
+    now: datetime,
+    actor: str,
+    note: str,
+) -> dict[str, Any]:
+    """The parameters the start and complete statements share: the task, its fence (attempt
+    and lease token, each checked when given), the time and the event's actor and note."""
+    return {
+        "id": _prep("id", task_id),
+        "attempt": attempt,
+        "token": lease_token,
+        "now": _prep("modified_at", now),
+        "actor": actor[:200],
+        "note": note,
+    }
+
+
 def start_dispatched(
     *,
     task_id: uuid.UUID,
@@ -142,15 +163,8 @@ def start_dispatched(
             actor=actor,
             note=note,
         )
-    params = {
-        "id": _prep("id", task_id),
-        "attempt": attempt,
-        "token": lease_token,
-        "mint": mint_token,
-        "now": _prep("modified_at", now),
-        "actor": actor[:200],
-        "note": note,
-    }
+    params = _fenced_params(task_id, attempt, lease_token, now=now, actor=actor, note=note)
+    params["mint"] = mint_token
     rows = _fetch_tasks(
         _hot_sql("start", _start_sql),
         params,
@@ -183,15 +197,8 @@ def complete_leased(
             actor=actor,
             note=note,
         )
-    params = {
-        "id": _prep("id", task_id),
-        "attempt": attempt,
-        "token": lease_token,
-        "now": _prep("modified_at", now),
-        "result": _prep("result", result),
-        "actor": actor[:200],
-        "note": note,
-    }
+    params = _fenced_params(task_id, attempt, lease_token, now=now, actor=actor, note=note)
+    params["result"] = _prep("result", result)
     rows = _fetch_tasks(
         _hot_sql("complete", _complete_sql), params, extras=("from_status",), prepared=True
     )
