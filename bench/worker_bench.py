@@ -37,6 +37,9 @@ Figures only: nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import pstats
 import sys
 from pathlib import Path
 
@@ -53,9 +56,21 @@ from bench.worker_throughput import measure_celery_floor, measure_throughput
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200, help="latency samples a leg")
-    parser.add_argument("--tasks", type=int, default=3_000, help="throughput tasks")
+    parser.add_argument("--tasks", type=int, default=3_000, help="throughput tasks a round")
     parser.add_argument("--warmup", type=int, default=100, help="throughput warm-up tasks")
     parser.add_argument("--threshold", type=int, default=50, help="throughput dispatch_threshold")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=int(os.environ.get("BENCH_ROUNDS", "3")),
+        help="interleaved throughput rounds, A B C A B C (default BENCH_ROUNDS or 3)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="cProfile our worker's pool processes into this folder (and report the top "
+        "statements when PostgreSQL loaded pg_stat_statements); profiled figures are slower",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 samples, 500 tasks")
     parser.add_argument(
         "--no-embedded", action="store_true", help="skip the SQLite + filesystem broker leg"
@@ -64,9 +79,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.tasks = 30, 500
-    if args.samples < 1 or args.tasks < 1 or args.threshold < 1:
-        parser.error("--samples, --tasks and --threshold must be positive")
+    if min(args.samples, args.tasks, args.threshold, args.rounds) < 1:
+        parser.error("--samples, --tasks, --threshold and --rounds must be positive")
     return args
+
+
+def run_round(run: Run, number: int) -> None:
+    """One round of the three throughput contenders, one after the other: ours, procrastinate's
+    worker, Celery alone. Rounds repeat the same order, so drifting load hits each alike."""
+    args = run.args
+    common.log(f"round {number}/{args.rounds}")
+    profile = args.profile if number == 1 else None
+    try:
+        result, notes = measure_throughput(args.tasks, args.threshold, args.warmup, profile)
+        run.throughput.append(result)
+        run.notes += [f"round {number}: {note}" for note in notes]
+    except RuntimeError as exc:
+        run.notes.append(f"round {number}: throughput failed: {exc}".replace("\n", " / ")[:2000])
+    peer = measure_procrastinate_worker(args.tasks, args.warmup)
+    if isinstance(peer, str):
+        if number == 1:
+            run.notes.append(f"procrastinate's worker left out: {peer}")
+    else:
+        run.peer.append(peer)
+    try:
+        run.floor.append(measure_celery_floor(args.tasks, args.warmup))
+    except RuntimeError as exc:
+        run.notes.append(f"round {number}: Celery floor failed: {exc}".replace("\n", " / ")[:2000])
+    run.loads.append(common.uptime())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,25 +122,33 @@ def main(argv: list[str] | None = None) -> int:
         run.latency.append(measure_latency("PostgreSQL + Redis", args.samples))
     except RuntimeError as exc:
         run.latency.append(LatencyResult("PostgreSQL + Redis", run.versions, "-", error=str(exc)))
-    try:
-        run.throughput, notes = measure_throughput(args.tasks, args.threshold, args.warmup)
-        run.notes += notes
-    except RuntimeError as exc:
-        run.notes.append(f"throughput leg failed: {exc}".replace("\n", " / ")[:2000])
-    try:
-        run.floor = measure_celery_floor(args.tasks, args.warmup)
-    except RuntimeError as exc:
-        run.notes.append(f"Celery floor failed: {exc}".replace("\n", " / ")[:2000])
-    peer = measure_procrastinate_worker(args.tasks, args.warmup)
-    if isinstance(peer, str):
-        run.notes.append(f"procrastinate's worker left out: {peer}")
-    else:
-        run.peer = peer
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    for number in range(1, args.rounds + 1):
+        run_round(run, number)
+    if args.profile:
+        run.profile = profile_summary(args.profile)
     if not args.no_embedded:
         common.log("embedded leg: SQLite + filesystem broker, in a child process")
         run.latency.append(run_embedded_leg(args.samples))
     common.write_result("worker_bench", report(run))
     return 0
+
+
+def profile_summary(folder: Path, top: int = 30) -> str:
+    """The pool processes' profiles merged, and the main process's: the functions with the
+    most CPU time, cumulative and own."""
+    out = io.StringIO()
+    for kind in ("worker", "main"):
+        files = sorted(folder.glob(f"{kind}.*.pstats"))
+        if not files:
+            out.write(f"no {kind} profile written\n")
+            continue
+        out.write(f"--- {kind} process{'es' if kind == 'worker' else ''} ---\n")
+        stats = pstats.Stats(*map(str, files), stream=out)
+        stats.sort_stats("cumulative").print_stats(top)
+        stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from bench.common import percentile, uptime
 from bench.worker_setup import (
@@ -25,6 +28,8 @@ from bench.worker_setup import (
     ThroughputResult,
     sessions_text,
 )
+
+R = TypeVar("R", ThroughputResult, FloorResult)
 
 
 def fmt(value: float, digits: int = 1) -> str:
@@ -155,22 +160,90 @@ def cpu_row(label: str, cpu: dict[str, float], completed: int) -> str:
     )
 
 
-def cpu_table(
-    t: ThroughputResult | None, floor: FloorResult | None, peer: FloorResult | None = None
-) -> list[str]:
+def median_cpu(results: Sequence[ThroughputResult | FloorResult]) -> tuple[dict[str, float], int]:
+    """CPU seconds by side of the round with the median worker CPU per task, and its tasks."""
+    done = [r for r in results if r.completed]
+    if not done:
+        return {}, 0
+    ranked = sorted(done, key=lambda r: r.cpu_ms_per_task("worker"))
+    middle = ranked[len(ranked) // 2]
+    return middle.cpu, middle.completed
+
+
+def cpu_table(run: Run) -> list[str]:
     lines = [
-        "| run | worker (main + pool) | PostgreSQL (all backends) | Redis "
+        "| run (median round) | worker (main + pool) | PostgreSQL (all backends) | Redis "
         "| bench (dispatcher, polling; or producer) | other work on the machine % "
         "| CPU-bound ceiling tasks/s | same, worker + PostgreSQL + Redis only |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    if t is not None:
-        lines.append(cpu_row(f"`{HANDLER}`", t.cpu, t.completed))
-    if floor is not None:
-        lines.append(cpu_row("Celery floor", floor.cpu, floor.completed))
-    if peer is not None:
-        lines.append(cpu_row("procrastinate worker", peer.cpu, peer.completed))
+    for label, results in (
+        (f"`{HANDLER}`", run.throughput),
+        ("Celery floor", run.floor),
+        ("procrastinate worker", run.peer),
+    ):
+        cpu, completed = median_cpu(results)
+        if completed:
+            lines.append(cpu_row(label, cpu, completed))
     return lines
+
+
+def rounds_table(run: Run) -> list[str]:
+    """Each round's tasks/s of the three contenders, their ratios and the load after it; then
+    the medians (of each column, so a median ratio is the median of the rounds' ratios)."""
+    lines = [
+        "| round | ours tasks/s | procrastinate's worker | Celery alone | ours / procrastinate "
+        "| ours / Celery | ours worker CPU ms a task | load average after the round |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    columns: list[list[float]] = [[] for _ in range(6)]
+    for number in range(len(run.loads)):
+        ours, peer, floor = (_nth(x, number) for x in (run.throughput, run.peer, run.floor))
+        values = [ours, peer, floor, ours / peer, ours / floor]
+        values.append(_nth_cpu(run.throughput, number))
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+        load = run.loads[number].split("load average:")[-1].strip()
+        lines.append(f"| {number + 1} | " + " | ".join(_cells(values)) + f" | {load} |")
+    medians = [_median(c) for c in columns]
+    lines.append("| **median** | " + " | ".join(f"**{c}**" for c in _cells(medians)) + " | |")
+    return lines
+
+
+def median_round(results: Sequence[R]) -> R | None:
+    """The round whose tasks/s is the median (the upper one of an even count)."""
+    ranked = sorted(results, key=lambda r: r.rate if not math.isnan(r.rate) else -1.0)
+    return ranked[len(ranked) // 2] if ranked else None
+
+
+def _nth(results: Sequence[ThroughputResult | FloorResult], number: int) -> float:
+    return results[number].rate if number < len(results) else math.nan
+
+
+def _nth_cpu(results: Sequence[ThroughputResult], number: int) -> float:
+    return results[number].cpu_ms_per_task("worker") if number < len(results) else math.nan
+
+
+def _cells(values: Sequence[float]) -> list[str]:
+    return (
+        [fmt(v, 0) for v in values[:3]]
+        + [f"{fmt(v, 2)}x" for v in values[3:5]]
+        + [fmt(v, 2) for v in values[5:]]
+    )
+
+
+def _median(values: Sequence[float]) -> float:
+    clean = [v for v in values if not math.isnan(v)]
+    return statistics.median(clean) if clean else math.nan
+
+
+def median_ratio(run: Run, peers: Sequence[FloorResult]) -> float:
+    ratios = [
+        ours.rate / peer.rate
+        for ours, peer in zip(run.throughput, peers, strict=False)
+        if peer.rate > 0
+    ]
+    return _median(ratios)
 
 
 def target_row(figure: str, target: str, measured: float, unit: str, met: bool) -> str:
@@ -215,19 +288,19 @@ def targets_table(latency: list[LatencyResult], t: ThroughputResult | None) -> l
 
 
 def ratio_rows(run: Run) -> list[str]:
-    """Ours against procrastinate's worker and Celery alone, from the same run."""
-    t = run.throughput
+    """Ours against procrastinate's worker and Celery alone: the median of the rounds' ratios
+    (each round's contenders ran back to back)."""
     rows = []
-    for peer, label, target in (
+    for peers, label, target in (
         (run.peer, "procrastinate's worker", 1.2),
         (run.floor, "Celery alone (the floor)", 0.5),
     ):
-        if t is None or peer is None or not peer.rate > 0:
+        ratio = median_ratio(run, peers)
+        if math.isnan(ratio):
             continue
-        ratio = t.rate / peer.rate
         rows.append(
-            f"| no-op tasks/s, ours / {label} | ≥ {target:g}x | {ratio:.2f}x "
-            f"| {'yes' if ratio >= target else 'NO'} |"
+            f"| no-op tasks/s, ours / {label} (median of {len(run.loads)} rounds) "
+            f"| ≥ {target:g}x | {ratio:.2f}x | {'yes' if ratio >= target else 'NO'} |"
         )
     return rows
 
@@ -236,7 +309,7 @@ def observations(run: Run) -> list[str]:
     """What the figures say about themselves: connection churn, and the CPU cost per task
     against what the throughput target allows on this machine."""
     notes = []
-    t, floor = run.throughput, run.floor
+    t, floor = median_round(run.throughput), median_round(run.floor)
     churn = [
         (r.label, r.sessions / (len(r.samples) + r.lost + LATENCY_WARMUP))
         for r in run.latency
@@ -268,6 +341,25 @@ def observations(run: Run) -> list[str]:
             f"Celery itself (the floor) takes {fmt(floor_ms, 1)} ms."
         )
     return notes
+
+
+def profile_sections(run: Run) -> list[str]:
+    """--profile: round 1's statements (pg_stat_statements) and the pool processes' profile."""
+    lines: list[str] = []
+    first = run.throughput[0] if run.throughput else None
+    if first is not None and first.statements:
+        lines += [
+            "",
+            "## Statements of round 1 (ours), by server time (pg_stat_statements)",
+            "",
+            "| calls a task | ms a task | rows a call | statement |",
+            "|---:|---:|---:|---|",
+            *first.statements,
+        ]
+    if run.profile:
+        lines += ["", "## Profile of round 1's pool processes (cProfile)", "", "```"]
+        lines += [run.profile.rstrip(), "```"]
+    return lines
 
 
 def report(run: Run) -> str:
@@ -306,13 +398,20 @@ def report(run: Run) -> str:
         "`received` is the worker's Celery log line (millisecond stamps), so the two steps "
         "around it are ±1 ms.",
     ]
-    t, floor = run.throughput, run.floor
+    t, floor = median_round(run.throughput), median_round(run.floor)
     if t is not None or floor is not None:
         lines += [
             "",
             "## Throughput of no-op tasks, PostgreSQL + Redis",
             "",
-            *throughput_table(t, floor, run.peer),
+            f"{len(run.loads)} interleaved rounds (ours, procrastinate's worker, Celery alone; "
+            "again), each contender on its own fresh worker processes:",
+            "",
+            *rounds_table(run),
+            "",
+            "The median round of each contender:",
+            "",
+            *throughput_table(t, floor, median_round(run.peer)),
             "",
         ]
     if t is not None:
@@ -347,7 +446,7 @@ def report(run: Run) -> str:
             "CPU ms per task over the measured window, from /proc (process trees, so the "
             "PostgreSQL backends forked and gone meanwhile count too):",
             "",
-            *cpu_table(t, floor, run.peer),
+            *cpu_table(run),
             "",
             "CPU-bound ceiling = tasks/s if all CPUs did nothing but these processes' work. "
             "The bench's CPU is its dispatcher (as beat's periodic job would run it) and its "
@@ -357,9 +456,11 @@ def report(run: Run) -> str:
     notes = [*run.notes, *observations(run)]
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
+    lines += profile_sections(run)
     lines += [
         "",
         f"Run: `python -m bench.worker_bench{' --quick' if args.quick else ''}` "
-        f"({args.samples} latency samples, {args.tasks:,} throughput tasks).",
+        f"({args.samples} latency samples, {args.tasks:,} throughput tasks a round, "
+        f"{len(run.loads)} rounds{', profiled' if args.profile else ''}).",
     ]
     return "\n".join(lines) + "\n"

@@ -89,13 +89,19 @@ def worker_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_worker(name: str, *, pool: str, concurrency: int) -> Iterator[WorkerProcess]:
-    """A real `celery worker` (tests/support/processes.py), the broker purged around it."""
+def running_worker(
+    name: str, *, pool: str, concurrency: int, profile_dir: Path | None = None
+) -> Iterator[WorkerProcess]:
+    """A real `celery worker` (tests/support/processes.py), the broker purged around it;
+    with `profile_dir`, its pool processes profiled by cProfile (bench/profiled_celery.py)."""
     purge_broker()
+    env, app = worker_env(), "scheduler_site"
+    if profile_dir is not None:
+        env["BENCH_PROFILE_DIR"], app = str(profile_dir), "bench.profiled_celery"
     try:
         worker = WorkerProcess(
-            f"{name}-{os.getpid()}", worker_env(), pool, concurrency,
-            ready_seconds=WORKER_READY_SECONDS,
+            f"{name}-{os.getpid()}", env, pool, concurrency,
+            ready_seconds=WORKER_READY_SECONDS, app=app,
         )  # fmt: skip
     except AssertionError as exc:
         raise RuntimeError(str(exc)) from None
@@ -303,6 +309,7 @@ class ThroughputResult:
     dispatched_by_bench: int = 0
     sessions: int | None = None  # PostgreSQL sessions opened over the measured window
     celery_schedulers: int = 0  # what each dispatch_all() visits
+    statements: list[str] = field(default_factory=list)  # pg_stat_statements rows, --profile
 
     @property
     def rate(self) -> float:
@@ -351,7 +358,10 @@ class Run:
     load_start: str = ""
     versions: str = ""
     latency: list[LatencyResult] = field(default_factory=list)
-    throughput: ThroughputResult | None = None
-    floor: FloorResult | None = None
-    peer: FloorResult | None = None  # procrastinate's worker on the same no-op load
+    # One entry a round, in the order they ran (A B C A B C ...).
+    throughput: list[ThroughputResult] = field(default_factory=list)
+    floor: list[FloorResult] = field(default_factory=list)
+    peer: list[FloorResult] = field(default_factory=list)  # procrastinate's worker
+    loads: list[str] = field(default_factory=list)  # the load average after each round
+    profile: str = ""  # the worker's pool processes' top functions, --profile
     notes: list[str] = field(default_factory=list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from bench.common import log
 from bench.worker_setup import (
@@ -75,7 +76,10 @@ def drain(count: int, timeout: float) -> tuple[float, list[int], int, int, str]:
 
 
 def measure_throughput(
-    count: int, threshold: int, warmup: int = THROUGHPUT_WARMUP
+    count: int,
+    threshold: int,
+    warmup: int = THROUGHPUT_WARMUP,
+    profile_dir: Path | None = None,
 ) -> tuple[ThroughputResult, list[str]]:
     from tasks.models import Scheduler
 
@@ -83,7 +87,9 @@ def measure_throughput(
     reset_scheduler(THROUGHPUT_SCHEDULER, threshold=threshold)
     result = ThroughputResult(tasks=count, threshold=threshold)
     timeout = max(120.0, count / 20)
-    with running_worker("throughput", pool="prefork", concurrency=THROUGHPUT_CONCURRENCY) as w:
+    with running_worker(
+        "throughput", pool="prefork", concurrency=THROUGHPUT_CONCURRENCY, profile_dir=profile_dir
+    ) as w:
         # Warm-up: both pool processes import everything and open their connections.
         seed_queued(THROUGHPUT_SCHEDULER, warmup)
         *_, problem = drain(warmup, timeout)
@@ -95,9 +101,11 @@ def measure_throughput(
         log(f"throughput: {count:,} tasks queued; dispatching")
         mark = len(w.lines)
         sessions_before = pg_sessions()
+        statements_reset()
         watch = CpuWatch.begin(w)
         started, depths, calls, sent, problem = drain(count, timeout)
         result.cpu = watch.end()
+        result.statements = statement_costs(count)
         if problem:
             notes.append(f"throughput: {problem}")
         result.body_seconds = [
@@ -122,6 +130,47 @@ def measure_throughput(
         f"{result.max_depth_events} from events"
     )
     return result, notes
+
+
+def _has_statements() -> bool:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('shared_preload_libraries', true)")
+        if "pg_stat_statements" not in (cursor.fetchone()[0] or ""):
+            return False
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    return True
+
+
+def statements_reset() -> None:
+    """Forget the statements seen so far (when pg_stat_statements is loaded: --profile)."""
+    from django.db import connection
+
+    if _has_statements():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_statements_reset()")
+
+
+def statement_costs(tasks: int, top: int = 12) -> list[str]:
+    """The statements that took the most server time since the reset: calls and ms per
+    task, one markdown row each (none unless pg_stat_statements is loaded)."""
+    from django.db import connection
+
+    if not _has_statements():
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT calls, total_exec_time + total_plan_time, rows, query "
+            "FROM pg_stat_statements ORDER BY 2 DESC LIMIT %s",
+            [top],
+        )
+        rows = cursor.fetchall()
+    return [
+        f"| {calls / tasks:.2f} | {ms / tasks:.3f} | {n / max(calls, 1):.1f} "
+        f"| `{' '.join(query.split())[:160].replace('|', '/')}` |"
+        for calls, ms, n, query in rows
+    ]
 
 
 def send_noops(count: int) -> None:

@@ -29,6 +29,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
 
 # `filesystem://` means our atomic-put variant of kombu's transport (see kombu_filesystem).
 TRANSPORT_ALIASES["filesystem"] = "scheduler_site.kombu_filesystem:Transport"
+# `redis://` and `rediss://`: kombu's Redis transport with one client kept per channel rather
+# than one built per publish and per ack (see kombu_redis).
+TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "scheduler_site.kombu_redis:Transport"
 
 app = Celery("scheduler_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -63,6 +63,9 @@ trap cleanup EXIT INT TERM
   >"$workdir/initdb.log" 2>&1 || { cat "$workdir/initdb.log" >&2; skip_or_fail "initdb failed"; }
 
 options="-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$workdir -c max_connections=200"
+# WITH_POSTGRES_OPTIONS: more server options (the worker bench's --profile loads
+# pg_stat_statements with it).
+options="$options ${WITH_POSTGRES_OPTIONS:-}"
 if [[ $tuned -eq 1 ]]; then
   options="$options -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 fi

@@ -74,7 +74,7 @@ def test_worker_bench__tiny_run_measures_latency_and_throughput() -> None:
     assert redis, "the PostgreSQL leg runs with scripts/with-redis.sh: TEST_REDIS_URL is missing"
     out = run_bench(
         "bench.worker_bench",
-        *("--samples", "3", "--tasks", "20", "--warmup", "5", "--no-embedded"),
+        *("--samples", "3", "--tasks", "20", "--warmup", "5", "--rounds", "1", "--no-embedded"),
     )
     assert "| PostgreSQL + Redis (PostgreSQL " in out
     assert "| 20 | `demo.echo` via `tasks.run_task`" in out

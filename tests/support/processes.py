@@ -124,12 +124,13 @@ class WorkerProcess(_Child):
         queues: Sequence[str] = (),
         options: Sequence[str] = (),
         ready_seconds: float = 60,
+        app: str = "scheduler_site",
     ) -> None:
         self.name = name
         self.lines: list[str] = []
         self.ready = threading.Event()
         command = [
-            CELERY, "-A", "scheduler_site", "worker", "-l", "INFO", "-n", f"{name}@%h",
+            CELERY, "-A", app, "worker", "-l", "INFO", "-n", f"{name}@%h",
             "--pool", pool, "--concurrency", str(concurrency),
             "--without-gossip", "--without-mingle", "--without-heartbeat", *options,
         ]  # fmt: skip
