@@ -10,8 +10,10 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from django.conf import settings
+from django.db import connection
 from kombu.simple import SimpleQueue
 from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
@@ -20,6 +22,7 @@ from scheduler_site.celery import app
 from tasks import dispatch, services
 from tasks.exceptions import TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tests.support.processes import database_url
 from tests.tasks.helpers import T0, fresh, history, snapshot
 
 S = TaskStatus
@@ -488,3 +491,57 @@ def test_task_start__no_broker_room_when_nothing_is_queued(celery_queue: Schedul
     assert _count(S.QUEUED) == 0
 
     assert _claim_next().broker_room is None
+
+
+def _round_headers(queue_name: str = "") -> list[dict[str, Any]]:
+    """The headers of every message on a queue, taken off it."""
+    taken = []
+    with app.connection_for_write() as conn:
+        queue = SimpleQueue(conn, queue_name or app.conf.task_default_queue)
+        try:
+            while True:
+                try:
+                    message = queue.get_nowait()
+                except SimpleQueue.Empty:
+                    break
+                taken.append(dict(message.headers))
+                message.ack()
+        finally:
+            queue.close()
+    return taken
+
+
+def test_dispatch_scheduler__every_message_of_a_round_arrives_with_its_args_shown(
+    make_scheduler: Callable[..., Scheduler], django_capture_on_commit_callbacks: Any
+) -> None:
+    make_scheduler("echo", kind="celery", handler="demo.echo", dispatch_threshold=5)
+    _push(5)
+    with django_capture_on_commit_callbacks(execute=True):  # the round's sends, on commit
+        assert dispatch.dispatch_scheduler("echo") == 5
+
+    headers = _round_headers()
+    tasks = Task.objects.filter(scheduler_id="echo", status=S.DISPATCHED)
+    expected = {f"['{task.id}', {task.attempts}]" for task in tasks}
+    assert {h["argsrepr"] for h in headers} == expected, "all five, each with its own args"
+    assert {h["kwargsrepr"] for h in headers} == {"{}"}
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_dispatch_scheduler__skip_if_busy_leaves_a_locked_queue_to_its_dispatcher(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    make_scheduler("echo", kind="celery", handler="demo.echo", dispatch_threshold=3, paused=True)
+    _push(4)  # paused: no fast path
+    Scheduler.objects.filter(id="echo").update(paused=False)
+    other = psycopg.connect(database_url(connection.settings_dict, "postgresql"))
+    try:
+        other.execute("SELECT 1 FROM tasks_scheduler WHERE id = 'echo' FOR NO KEY UPDATE")
+
+        assert dispatch.dispatch_scheduler("echo", skip_if_busy=True) == 0  # no wait
+        assert _count(S.QUEUED) == 4
+    finally:
+        other.rollback()
+        other.close()
+    assert dispatch.dispatch_scheduler("echo", skip_if_busy=True) == 3
+    assert (_count(S.DISPATCHED), _count(S.QUEUED)) == (3, 1)
