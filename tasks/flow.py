@@ -189,11 +189,35 @@ def _one_statement(
     }
     if rate is not None:
         params |= {"rate_count": rate.count, "window_us": rate.window_us}
-    result = queue.handout(pick=pick, rate=rate is not None, mint_token=mint_token, params=params)
+    result = _handout(pick, limit, rate is not None, mint_token, params)
     if result.status in {"ok", queue.HANDOUT_EMPTY}:
         result.tasks.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
         return Handout(result.tasks)
     return _CHANGED if result.status == queue.HANDOUT_OTHER else None
+
+
+def _handout(
+    pick: str, limit: int, rate: bool, mint_token: bool, params: Mapping[str, Any]
+) -> queue.HandoutResult:
+    """A pop of one takes the single-task pick (lazy: it reads the one head it takes, where
+    the full pick reads a stretch or walks values); when that answers "more" (a stretch of
+    blocked values, or of values with nothing due), the full pick runs."""
+    sid = params["sid"]
+    if limit == 1 and pick in {"concurrency", "fair"} and not _FULL_PICKS.get(sid):
+        single = queue.handout(pick=f"{pick}1", rate=rate, mint_token=mint_token, params=params)
+        if single.status != "more":
+            return single
+        # A crowded head usually stays crowded for a while: its next pops go straight to
+        # the full pick rather than paying for both statements.
+        _FULL_PICKS[sid] = FULL_PICK_RUN
+    elif _FULL_PICKS.get(sid):
+        _FULL_PICKS[sid] -= 1
+    return queue.handout(pick=pick, rate=rate, mint_token=mint_token, params=params)
+
+
+# Pops of one that take the full pick after the single-task pick answered "more", by queue.
+FULL_PICK_RUN = 16
+_FULL_PICKS: dict[str, int] = {}
 
 
 def _rate_only(scheduler: Scheduler, filters: Mapping[str, Any] | None) -> bool:
