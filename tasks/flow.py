@@ -199,23 +199,30 @@ def _one_statement(
 def _handout(
     pick: str, limit: int, rate: bool, mint_token: bool, params: Mapping[str, Any]
 ) -> queue.HandoutResult:
-    """A pop of one takes the single-task pick (lazy: it reads the one head it takes, where
-    the full pick reads a stretch or walks values); when that answers "more" (a stretch of
-    blocked values, or of values with nothing due), the full pick runs."""
-    sid = params["sid"]
-    if limit == 1 and pick in {"concurrency", "fair"} and not _FULL_PICKS.get(sid):
-        single = queue.handout(pick=f"{pick}1", rate=rate, mint_token=mint_token, params=params)
-        if single.status != "more":
-            return single
-        # A crowded head usually stays crowded for a while: its next pops go straight to
-        # the full pick rather than paying for both statements.
-        _FULL_PICKS[sid] = FULL_PICK_RUN
-    elif _FULL_PICKS.get(sid):
+    """A pop of one takes a single-task pick (lazy: it reads the one head it takes, where
+    the full pick reads a stretch). When the lean one answers "more" (a head crowded by
+    blocked values, or values with nothing due), the next in SINGLE_PICKS runs, and the
+    queue's next FULL_PICK_RUN pops of one start there: a crowded head stays crowded a while,
+    and the smaller plan's run is then a statement wasted."""
+    if limit != 1 or pick not in SINGLE_PICKS:
+        return queue.handout(pick=pick, rate=rate, mint_token=mint_token, params=params)
+    sid, picks = params["sid"], SINGLE_PICKS[pick]
+    if _FULL_PICKS.get(sid):
         _FULL_PICKS[sid] -= 1
-    return queue.handout(pick=pick, rate=rate, mint_token=mint_token, params=params)
+        picks = picks[1:]
+    for kind in picks[:-1]:
+        result = queue.handout(pick=kind, rate=rate, mint_token=mint_token, params=params)
+        if result.status != "more":
+            return result
+        _FULL_PICKS[sid] = FULL_PICK_RUN
+    return queue.handout(pick=picks[-1], rate=rate, mint_token=mint_token, params=params)
 
 
-# Pops of one that take the full pick after the single-task pick answered "more", by queue.
+# The picks a pop of one tries in turn: the leaner first, the full one last.
+SINGLE_PICKS = {
+    "concurrency": ("concurrency1", "concurrency1w", "concurrency"),
+    "fair": ("fair1", "fair"),
+}
 FULL_PICK_RUN = 16
 _FULL_PICKS: dict[str, int] = {}
 

@@ -271,26 +271,35 @@ def _tail_sql(*, rate: bool, mint_token: bool) -> str:
 # blocked values, or of values with nothing due, is for the full pick or tasks.flow's loop).
 SINGLE_SCAN = 32
 # The single-task concurrency pick's stretch in queue order (then it walks the values).
-SINGLE_STRETCH = 8
+SINGLE_STRETCH = 4
 _DUE = """{t}.not_before <= (SELECT now FROM room)
     AND ({t}.expires_at IS NULL OR {t}.expires_at > (SELECT now FROM room))"""
 
 
-def _concurrency_single_pick() -> str:
+def _concurrency_single_pick(*, walk: bool) -> str:
     """One task (the pops of one): the first in queue order whose value has room, reading
     a short stretch lazily (a value's active tasks counted only when its task comes up: a
     pop whose head has room counts one value, where the full pick counts every value of its
-    stretch). A stretch of blocked values walks the values from the cursor until one has
-    room and a due head, as the full pick does, in a plan a fraction of its size."""
+    stretch). A stretch of blocked values answers "more", or (`walk`) walks the values from
+    the cursor until one has room and a due head, as the full pick does, in a plan a
+    fraction of its size. Without the walk the plan is smaller still: PostgreSQL sets up
+    every node of a plan on each run, whether it runs or not (tasks.flow picks the variant)."""
     stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
         WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
         ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}"""
-    return f""", first AS MATERIALIZED (
+    first = f""", first AS MATERIALIZED (
             SELECT x.id FROM ({stretch}) x
             WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
             LIMIT (SELECT allowed FROM room)
-        ){_single_walk(f"(SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}")},
-        picked AS MATERIALIZED (
+        )"""
+    crowded = f"(SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}"
+    if not walk:
+        return f"""{first}, picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT id FROM first)
+            FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (SELECT CASE WHEN {crowded} THEN 'more' ELSE 'empty' END AS why),
+        new_cursor AS (SELECT NULL::text AS v)"""
+    return f"""{first}{_single_walk(crowded)}, picked AS MATERIALIZED (
             SELECT t.id FROM {{task}} t
             WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM walk)
             FOR UPDATE OF t SKIP LOCKED
@@ -371,7 +380,8 @@ PICKS = {
     "order": _order_pick,
     "concurrency": _concurrency_pick,
     "fair": _fair_pick,
-    "concurrency1": _concurrency_single_pick,
+    "concurrency1": lambda: _concurrency_single_pick(walk=False),
+    "concurrency1w": lambda: _concurrency_single_pick(walk=True),
     "fair1": _fair_single_pick,
 }
 
@@ -381,7 +391,7 @@ def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
         task = connection.ops.quote_name(Task._meta.db_table)
         body = PICKS[pick]().replace("{task}", task)
         head = _head_sql(rate=rate, concurrency=pick.startswith("concurrency"))
-        if pick not in {"order", "fair1"}:  # the walks refer to themselves
+        if pick not in {"order", "fair1", "concurrency1"}:  # the walks refer to themselves
             head = head.replace("WITH s AS", "WITH RECURSIVE s AS", 1)
         return head + body + _tail_sql(rate=rate, mint_token=mint_token)
 

@@ -88,7 +88,7 @@ def test_task_pop__concurrency_limit_reaches_past_a_crowded_head() -> None:
 
 def test_task_pop__pops_of_one_reach_past_a_crowded_head() -> None:
     services.scheduler_create(id="conc", concurrency_key="org", concurrency_limit=1)
-    seed_queued("conc", 40, data={"org": "big"}, priority=0)
+    seed_queued("conc", 20, data={"org": "big"}, priority=0)
     _push("conc", 2, data={"org": "late"}, priority=1)
 
     # The first pop takes "big"; after it, the head is all "big" at its limit (longer than
