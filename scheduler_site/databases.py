@@ -116,7 +116,7 @@ class _JsonbBinaryAsText(Loader):
         return raw[1:].decode()
 
 
-def hot_rows(sql: str, params: Any) -> list[tuple[Any, ...]]:
+def hot_rows(sql: str, params: Any, *, db: Any = None) -> list[tuple[Any, ...]]:
     """The rows of one of the statements run on every pop, claim and report. On PostgreSQL
     through one psycopg cursor kept per connection, binding on the server (so preparable, see
     prepared_cursor) and reading binary results: measured, a single-task pop spent 40 % of its
@@ -125,8 +125,10 @@ def hot_rows(sql: str, params: Any) -> list[tuple[Any, ...]]:
     the connection's health check runs as for any cursor. While something observes the
     queries (connection.queries under DEBUG or a test's CaptureQueriesContext, an
     execute_wrapper), the statement goes through Django's cursor instead, so it is seen and
-    counted like every other."""
-    db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per attribute
+    counted like every other. `db`: the caller's connections[DEFAULT_DB_ALIAS], if it has it
+    (that lookup goes through asgiref's Local: a few microseconds a call)."""
+    if db is None:
+        db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per use
     if db.vendor != "postgresql" or db.queries_logged or db.execute_wrappers:
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DataError, connection, connections
+from django.db.models.signals import post_init
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
@@ -76,6 +77,28 @@ def test_hot_rows__a_pop_read_in_binary_equals_the_orm_row() -> None:
     assert popped.scheduler.id == "hot"
     # Django's text loader gives the connection's tzinfo; the binary one is set to the same.
     assert popped.modified_at.tzinfo is stored.modified_at.tzinfo
+
+
+@pytest.mark.django_db
+def test_hot_rows__a_popped_task_is_built_by_from_db_while_init_signals_have_receivers() -> None:
+    # The pop builds its Tasks without Model.__init__ (rows._built_task) only while nobody
+    # listens to pre_init/post_init: a receiver must still see every popped task.
+    services.scheduler_create(id="hot")
+    pushed = services.task_push(scheduler_id="hot", data={"n": 1})
+    seen: list[object] = []
+
+    def receiver(sender: type, instance: Task, **_: object) -> None:
+        seen.append(instance.id)
+
+    post_init.connect(receiver, sender=Task)
+    try:
+        [popped] = services.task_pop(scheduler_id="hot", worker="w")
+    finally:
+        post_init.disconnect(receiver, sender=Task)
+
+    assert seen == [pushed.id]
+    assert popped.id == pushed.id and popped.status == "DISPATCHED"
+    assert not post_init.receivers  # what the fast path checks: nothing left connected
 
 
 @pytest.mark.postgres
