@@ -230,3 +230,34 @@ def test_task_pop__a_queue_whose_flow_settings_changed_pops_by_the_new_ones() ->
     assert len(_pop("changes", limit=5)) == 2
     services.scheduler_update(scheduler=scheduler, paused=True)
     assert _pop("changes", limit=5) == []
+
+
+# The one-statement hand-out's clock (PostgreSQL): the caller's, moved on to the last hand-out
+# in the window log or the last end of an attempt it may have counted, so that the log stays
+# in time order and the events show every limit held (docs/flow-control.md).
+@pytest.mark.postgres
+def test_task_pop__a_clock_behind_the_window_log_hands_out_at_the_logs_time() -> None:
+    services.scheduler_create(id="rated", rate_limit="100/s")
+    seed_queued("rated", 3)
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        [first] = _pop("rated")
+    with time_machine.travel(start - timedelta(seconds=5), tick=False):
+        [second] = _pop("rated")
+
+    assert second.modified_at == first.modified_at == start
+
+
+@pytest.mark.postgres
+def test_task_pop__a_clock_behind_an_end_it_counted_hands_out_after_it() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org", concurrency_limit=1)
+    seed_queued("conc", 2, data={"org": "a"})
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        [first] = _pop("conc")
+        services.task_complete(task_id=first.id, result=None, attempt=1)
+    with time_machine.travel(start - timedelta(seconds=5), tick=False):
+        [second] = _pop("conc")
+
+    ended = TaskEvent.objects.get(task_id=first.id, to_status=TaskStatus.COMPLETED).at
+    assert second.modified_at == ended == start
