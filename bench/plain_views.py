@@ -113,11 +113,12 @@ plain = [
     path("schedulers/<str:scheduler_id>/push/", push),
     path("tasks/<uuid:task_id>/", report),
 ]
-# The product's URLs (for /healthz) and the plain views beside them.
+# The product's URLs (for /healthz) and the plain views beside them, under /api/ as the API's
+# (its middleware skips the messages' set-up there: the same middleware work for both).
 urlpatterns = [
-    path("plain/", include(plain)),
-    path("plain-auth/schedulers/<str:scheduler_id>/pop/", pop_authenticated),
-    path("plain-auth/schedulers/<str:scheduler_id>/push/", push_authenticated),
-    path("plain-auth/tasks/<uuid:task_id>/", report_authenticated),
+    path("api/plain/", include(plain)),
+    path("api/plain-auth/schedulers/<str:scheduler_id>/pop/", pop_authenticated),
+    path("api/plain-auth/schedulers/<str:scheduler_id>/push/", push_authenticated),
+    path("api/plain-auth/tasks/<uuid:task_id>/", report_authenticated),
     path("", include("scheduler_site.urls")),
 ]
