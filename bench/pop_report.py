@@ -124,8 +124,16 @@ def ratio_rows(run: Run) -> list[list[str]]:
             verdict = f"≥ {target:g}x: {'yes' if middle >= target else 'NO'}"
         of_medians = ratio(median(rates(run.results[ours])), median(rates(run.results[theirs])))
         low, high = min(per_round), max(per_round)
-        rows.append([what, f"**{middle:.2f}x**", f"{low:.2f}-{high:.2f}", of_medians, verdict])
+        cpu = _cpu_ratio(run, ours, theirs)
+        rows.append([what, f"**{middle:.2f}x**", f"{low:.2f}-{high:.2f}", of_medians, cpu, verdict])
     return rows
+
+
+def _cpu_ratio(run: Run, ours: str, theirs: str) -> str:
+    """Between two HTTP cells: the peer's gunicorn CPU per call over ours, what the rate ratio
+    tends to on a machine too loaded for its rates to mean much ("-" elsewhere)."""
+    mine, peer = (cpu_ms(run.results[key], "server_cpu") for key in (ours, theirs))
+    return f"{peer / mine:.2f}x" if mine > 0 and peer > 0 else "-"
 
 
 def report(run: Run) -> str:
@@ -163,7 +171,14 @@ def report(run: Run) -> str:
         "## Ratios (median of the per-round ratios)",
         "",
         *markdown_table(
-            ("ours / peer", "median", "min-max", "ratio of the medians", "target"),
+            (
+                "ours / peer",
+                "median",
+                "min-max",
+                "ratio of the medians",
+                "gunicorn CPU a call, peer / ours",
+                "target",
+            ),
             ratio_rows(run),
         ),
     ]
