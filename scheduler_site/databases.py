@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -10,7 +11,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connection, connections
 from django.db.backends.postgresql.base import ServerBindingCursor
-from psycopg import Cursor, DataError, pq
+from psycopg import Cursor, DataError, RawCursor, pq
 from psycopg.adapt import Loader
 
 from scheduler_site.env import env_str
@@ -115,7 +116,7 @@ class _JsonbBinaryAsText(Loader):
         return raw[1:].decode()
 
 
-def hot_rows(sql: str, params: Any) -> list[tuple[Any, ...]]:
+def hot_rows(sql: str, params: Any, *, db: Any = None) -> list[tuple[Any, ...]]:
     """The rows of one of the statements run on every pop, claim and report. On PostgreSQL
     through one psycopg cursor kept per connection, binding on the server (so preparable, see
     prepared_cursor) and reading binary results: measured, a single-task pop spent 40 % of its
@@ -124,28 +125,73 @@ def hot_rows(sql: str, params: Any) -> list[tuple[Any, ...]]:
     the connection's health check runs as for any cursor. While something observes the
     queries (connection.queries under DEBUG or a test's CaptureQueriesContext, an
     execute_wrapper), the statement goes through Django's cursor instead, so it is seen and
-    counted like every other."""
-    db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per attribute
+    counted like every other. `db`: the caller's connections[DEFAULT_DB_ALIAS], if it has it
+    (that lookup goes through asgiref's Local: a few microseconds a call)."""
+    if db is None:
+        db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per use
     if db.vendor != "postgresql" or db.queries_logged or db.execute_wrappers:
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchall()
-    cursor = _hot_cursor(db)
+    native = _native_query(sql) if isinstance(params, Mapping) else None
+    if native is not None:
+        text, names = native
+        sql, params = text, [params[name] for name in names]
+    cursor = _hot_cursor(db, raw=native is not None)
     with db.wrap_database_errors:
         cursor.execute(sql, params, binary=True)
         return cursor.fetchall()
 
 
-def _hot_cursor(db: Any) -> Cursor:
+def _hot_cursor(db: Any, *, raw: bool = False) -> Cursor:
     db.close_if_health_check_failed()
     db.ensure_connection()
-    raw = db.connection
-    cursor = getattr(db, "_hot_cursor", None)
-    if cursor is None or cursor.connection is not raw or cursor.closed:
-        cursor = Cursor(raw)
+    connected = db.connection
+    slot = "_hot_raw_cursor" if raw else "_hot_cursor"
+    cursor = getattr(db, slot, None)
+    if cursor is None or cursor.connection is not connected or cursor.closed:
+        cursor = (RawCursor if raw else Cursor)(connected)
         cursor.adapters.register_loader("jsonb", _JsonbBinaryAsText)
-        db._hot_cursor = cursor
+        setattr(db, slot, cursor)
     return cursor
+
+
+# psycopg keeps the conversion of a text's %(name)s placeholders to $n only for texts of at
+# most 4096 characters (psycopg._queries.MAX_CACHED_STATEMENT_LENGTH); flow control's
+# hand-outs are 4-9 kB, and converting one again on every pop (a regex pass, a part per
+# placeholder) cost more client CPU than the rest of the pop's Python. A longer hot text is
+# converted here once, and runs through a RawCursor, which takes $n as they are.
+NATIVE_FROM_LENGTH = 4096
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s|%")
+_NATIVE: dict[str, tuple[str, tuple[str, ...]] | None] = {}
+
+
+def _native_query(sql: str) -> tuple[str, tuple[str, ...]] | None:
+    """A long text with named placeholders only, as $n, and the names in $n order; None for
+    a short text (psycopg caches those) or one with another kind of placeholder."""
+    if len(sql) <= NATIVE_FROM_LENGTH:
+        return None
+    if sql not in _NATIVE:
+        _NATIVE[sql] = _to_native(sql)
+    return _NATIVE[sql]
+
+
+def _to_native(sql: str) -> tuple[str, tuple[str, ...]] | None:
+    names: list[str] = []
+    parts: list[str] = []
+    end = 0
+    for match in _PLACEHOLDER.finditer(sql):
+        if match.group(0) == "%":  # %s, %b, %t: positional, left to psycopg
+            return None
+        parts.append(sql[end : match.start()])
+        end = match.end()
+        if match.group(1) is None:  # %%
+            parts.append("%")
+            continue
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        parts.append(f"${names.index(match.group(1)) + 1}")
+    return "".join([*parts, sql[end:]]), tuple(names)
 
 
 def use_generic_plans(sender: Any, connection: Any, **_: Any) -> None:

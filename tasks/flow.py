@@ -189,11 +189,42 @@ def _one_statement(
     }
     if rate is not None:
         params |= {"rate_count": rate.count, "window_us": rate.window_us}
-    result = queue.handout(pick=pick, rate=rate is not None, mint_token=mint_token, params=params)
+    result = _handout(pick, limit, rate is not None, mint_token, params)
     if result.status in {"ok", queue.HANDOUT_EMPTY}:
         result.tasks.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
         return Handout(result.tasks)
     return _CHANGED if result.status == queue.HANDOUT_OTHER else None
+
+
+def _handout(
+    pick: str, limit: int, rate: bool, mint_token: bool, params: Mapping[str, Any]
+) -> queue.HandoutResult:
+    """A pop of one takes a single-task pick (lazy: it reads the one head it takes, where
+    the full pick reads a stretch). When the lean one answers "more" (a head crowded by
+    blocked values, or values with nothing due), the next in SINGLE_PICKS runs, and the
+    queue's next FULL_PICK_RUN pops of one start there: a crowded head stays crowded a while,
+    and the smaller plan's run is then a statement wasted."""
+    if limit != 1 or pick not in SINGLE_PICKS:
+        return queue.handout(pick=pick, rate=rate, mint_token=mint_token, params=params)
+    sid, picks = params["sid"], SINGLE_PICKS[pick]
+    if _FULL_PICKS.get(sid):
+        _FULL_PICKS[sid] -= 1
+        picks = picks[1:]
+    for kind in picks[:-1]:
+        result = queue.handout(pick=kind, rate=rate, mint_token=mint_token, params=params)
+        if result.status != "more":
+            return result
+        _FULL_PICKS[sid] = FULL_PICK_RUN
+    return queue.handout(pick=picks[-1], rate=rate, mint_token=mint_token, params=params)
+
+
+# The picks a pop of one tries in turn: the leaner first, the full one last.
+SINGLE_PICKS = {
+    "concurrency": ("concurrency1", "concurrency1w", "concurrency"),
+    "fair": ("fair1", "fair"),
+}
+FULL_PICK_RUN = 16
+_FULL_PICKS: dict[str, int] = {}
 
 
 def _rate_only(scheduler: Scheduler, filters: Mapping[str, Any] | None) -> bool:

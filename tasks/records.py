@@ -34,7 +34,12 @@ class FlowHandout(models.Model):
     """One hand-out batch of a rate-limited scheduler, kept for one rate window: the
     sliding window's log (at: microseconds since the epoch)."""
 
-    scheduler = models.ForeignKey("tasks.Scheduler", on_delete=models.CASCADE, db_index=False)
+    # No foreign key constraint in the database: its check on every hand-out's insert locked
+    # the scheduler row (FOR KEY SHARE, a WAL record) and ran a query of its own. The rows
+    # go with their scheduler all the same: Django's delete cascades to them.
+    scheduler = models.ForeignKey(
+        "tasks.Scheduler", on_delete=models.CASCADE, db_index=False, db_constraint=False
+    )
     at_us = models.BigIntegerField()
     count = models.PositiveIntegerField()
     # FlowState.handed_out after this batch: the window's count is the queue's total minus

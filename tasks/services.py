@@ -27,7 +27,7 @@ from tasks.exceptions import (
     QueueFull,
     TransitionRefused,
 )
-from tasks.metrics import POP_SECONDS
+from tasks.metrics import POP_SECONDS, labelled
 from tasks.models import (
     LEASED_STATUSES,
     REQUEUEABLE_STATUSES,
@@ -230,20 +230,22 @@ def task_pop(
     due or the scheduler is paused. Each popped task spends one attempt. With `wait` seconds,
     an empty queue is waited on: the answer comes as soon as a task is due (woken by
     LISTEN/NOTIFY on PostgreSQL, by polling on SQLite), or empty after `wait`."""
-    if not 1 <= limit <= settings.TASK_POP_MAX_LIMIT:
+    # The common pop (limit 1, no wait) is valid whatever the settings say: a settings lookup
+    # goes through LazySettings' __getattribute__, measurable on a pop this short.
+    if limit != 1 and not 1 <= limit <= settings.TASK_POP_MAX_LIMIT:
         raise InvalidRequest("limit", f"must be between 1 and {settings.TASK_POP_MAX_LIMIT}.")
-    if not 0 <= wait <= settings.TASK_POP_MAX_WAIT_SECONDS:
+    if wait != 0 and not 0 <= wait <= settings.TASK_POP_MAX_WAIT_SECONDS:
         raise InvalidRequest("wait", f"must be 0 to {settings.TASK_POP_MAX_WAIT_SECONDS} seconds.")
     pop = {"scheduler_id": scheduler_id, "limit": limit, "filters": filters, "worker": worker}
     if not wait:
-        with POP_SECONDS.labels(scheduler_id).time():
+        with labelled(POP_SECONDS, scheduler_id).time():
             tasks = _pop(**pop)[0]
         tracing.record_handouts("task.pop", tasks)
         return tasks
     deadline = time.monotonic() + wait
     with wakeups.listening(scheduler_id) as listener:
         while True:
-            with POP_SECONDS.labels(scheduler_id).time():
+            with labelled(POP_SECONDS, scheduler_id).time():
                 tasks, next_token_in = _pop(**pop)
             remaining = deadline - time.monotonic()
             if tasks or remaining <= 0:

@@ -8,10 +8,11 @@ import psycopg
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DataError, connection, connections
+from django.db.models.signals import post_init
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from scheduler_site.databases import hot_rows, prepare_threshold
+from scheduler_site.databases import NATIVE_FROM_LENGTH, hot_rows, prepare_threshold
 from tasks import services
 from tasks.models import Task
 
@@ -78,6 +79,28 @@ def test_hot_rows__a_pop_read_in_binary_equals_the_orm_row() -> None:
     assert popped.modified_at.tzinfo is stored.modified_at.tzinfo
 
 
+@pytest.mark.django_db
+def test_hot_rows__a_popped_task_is_built_by_from_db_while_init_signals_have_receivers() -> None:
+    # The pop builds its Tasks without Model.__init__ (rows._built_task) only while nobody
+    # listens to pre_init/post_init: a receiver must still see every popped task.
+    services.scheduler_create(id="hot")
+    pushed = services.task_push(scheduler_id="hot", data={"n": 1})
+    seen: list[object] = []
+
+    def receiver(sender: type, instance: Task, **_: object) -> None:
+        seen.append(instance.id)
+
+    post_init.connect(receiver, sender=Task)
+    try:
+        [popped] = services.task_pop(scheduler_id="hot", worker="w")
+    finally:
+        post_init.disconnect(receiver, sender=Task)
+
+    assert seen == [pushed.id]
+    assert popped.id == pushed.id and popped.status == "DISPATCHED"
+    assert not post_init.receivers  # what the fast path checks: nothing left connected
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db
 def test_hot_rows__an_observed_connection_runs_it_through_djangos_cursor() -> None:
@@ -108,6 +131,28 @@ def test_hot_rows__a_new_connection_gets_a_new_cursor() -> None:
 def test_hot_rows__database_errors_are_djangos() -> None:
     with pytest.raises(DataError, match="division by zero"):
         hot_rows("SELECT 1 / %(zero)s", {"zero": 0})
+
+
+def _long(sql: str) -> str:
+    """`sql` padded past the length psycopg caches conversions for, with a comment."""
+    return sql + " -- " + "x" * NATIVE_FROM_LENGTH
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_hot_rows__a_long_text_runs_with_native_placeholders() -> None:
+    sql = _long("SELECT %(a)s::int + %(b)s::int, %(a)s::int * 2, '100%%', %(b)s::text")
+    for _ in range(7):  # past the prepare threshold: the prepared statement answers alike
+        assert hot_rows(sql, {"a": 2, "b": 5}) == [(7, 4, "100%", "5")]
+    # The same text through Django's cursor (what an observed connection runs).
+    with CaptureQueriesContext(connection):
+        assert hot_rows(sql, {"a": 3, "b": 1}) == [(4, 6, "100%", "1")]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_hot_rows__a_long_text_with_positional_placeholders_is_psycopgs() -> None:
+    assert hot_rows(_long("SELECT %s::int + 1"), [41]) == [(42,)]
 
 
 def _terminate(pid: int) -> None:

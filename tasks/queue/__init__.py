@@ -28,7 +28,7 @@ from tasks.queue.flow import (
 )
 from tasks.queue.handout import EMPTY as HANDOUT_EMPTY
 from tasks.queue.handout import OTHER as HANDOUT_OTHER
-from tasks.queue.handout import handout, handout_sql
+from tasks.queue.handout import HandoutResult, handout, handout_sql
 from tasks.queue.pop import (
     _pop_sql,
     lease_expired_ids,
@@ -67,6 +67,7 @@ __all__ = [
     "HANDOUT_OTHER",
     "ONE_STATEMENT_WRITES",
     "STATUS_STATEMENTS",
+    "HandoutResult",
     "Sql",
     "_fetch_tasks",
     "_pop_sql",

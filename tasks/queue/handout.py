@@ -75,6 +75,7 @@ def _head_sql(*, rate: bool, concurrency: bool) -> str:
         )
     if concurrency:
         clocks.append(_LAST_END.replace("{task}", n["task"]))
+    # `OFFSET 0` keeps the clock's subquery one: pulled up, its reads ran once per use of it.
     return f"""
         WITH s AS MATERIALIZED (
             SELECT 1 FROM {n["scheduler"]} sc
@@ -90,7 +91,7 @@ def _head_sql(*, rate: bool, concurrency: bool) -> str:
                 floor(extract(epoch FROM c.now) * 1000000)::bigint AS now_us,
                 lock.seen = (SELECT o.xmin FROM {n["state"]} o
                     WHERE o.scheduler_id = %(sid)s) AS fresh
-            FROM lock, (SELECT GREATEST({", ".join(clocks)}) AS now) c
+            FROM lock, (SELECT GREATEST({", ".join(clocks)}) AS now OFFSET 0) c
         ), room AS MATERIALIZED (
             SELECT gate.*, CASE WHEN gate.fresh THEN GREATEST(0, {room}) ELSE 0 END AS allowed
             FROM gate
@@ -266,15 +267,131 @@ def _tail_sql(*, rate: bool, mint_token: bool) -> str:
         WHERE NOT EXISTS (SELECT 1 FROM claimed)"""
 
 
-PICKS = {"order": _order_pick, "concurrency": _concurrency_pick, "fair": _fair_pick}
+# How many entries the single-task picks read before they answer "more" (a longer run of
+# blocked values, or of values with nothing due, is for the full pick or tasks.flow's loop).
+SINGLE_SCAN = 32
+# The single-task concurrency pick's stretch in queue order (then it walks the values).
+SINGLE_STRETCH = 4
+_DUE = """{t}.not_before <= (SELECT now FROM room)
+    AND ({t}.expires_at IS NULL OR {t}.expires_at > (SELECT now FROM room))"""
+
+
+def _concurrency_single_pick(*, walk: bool) -> str:
+    """One task (the pops of one): the first in queue order whose value has room, reading
+    a short stretch lazily (a value's active tasks counted only when its task comes up: a
+    pop whose head has room counts one value, where the full pick counts every value of its
+    stretch). A stretch of blocked values answers "more", or (`walk`) walks the values from
+    the cursor until one has room and a due head, as the full pick does, in a plan a
+    fraction of its size. Without the walk the plan is smaller still: PostgreSQL sets up
+    every node of a plan on each run, whether it runs or not (tasks.flow picks the variant)."""
+    stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
+        WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
+        ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}"""
+    first = f""", first AS MATERIALIZED (
+            SELECT x.id FROM ({stretch}) x
+            WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
+            LIMIT (SELECT allowed FROM room)
+        )"""
+    crowded = f"(SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}"
+    if not walk:
+        return f"""{first}, picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT id FROM first)
+            FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (SELECT CASE WHEN {crowded} THEN 'more' ELSE 'empty' END AS why),
+        new_cursor AS (SELECT NULL::text AS v)"""
+    return f"""{first}{_single_walk(crowded)}, picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t
+            WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM walk)
+            FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (
+            SELECT CASE WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
+                THEN 'more' ELSE 'empty' END AS why
+        ), new_cursor AS (SELECT (SELECT v FROM walk WHERE head IS NOT NULL) AS v)"""
+
+
+def _single_walk(crowded: str) -> str:
+    """The values after the cursor (wrapping once), one seek each, until one has room and a
+    due head (`walk.head`), for a pop of one whose stretch found nothing and was `crowded`
+    (full: else there is nothing due to walk to). Each value's next is one seek of
+    task_concurrency_idx; FAIR_EXTRA_STEPS values without a head end it ("more")."""
+    values = """(SELECT MIN(q.concurrency_value) FROM {task} q WHERE q.scheduler_id = %(sid)s
+        AND q.status = 'QUEUED' AND q.concurrency_value IS NOT NULL{bound})"""
+    lowest = values.format(task="{task}", bound="")
+    after = values.format(task="{task}", bound=" AND q.concurrency_value > {after}")
+    head = f"""CASE WHEN {_ACTIVE} < %(climit)s THEN (SELECT h.id FROM {{task}} h
+        WHERE h.scheduler_id = %(sid)s AND h.status = 'QUEUED' AND h.concurrency_value = {{v}}
+            AND {_DUE.format(t="h")} ORDER BY h.priority, h.created_at, h.id LIMIT 1) END"""
+    cursor = "(SELECT fair_cursor FROM room)"
+    return f""", bounds AS MATERIALIZED (
+            SELECT {lowest} AS lo, CASE WHEN {cursor} IS NULL THEN {lowest}
+                ELSE {after.replace("{after}", cursor)} END AS next
+            WHERE (SELECT allowed FROM room) > 0 AND NOT EXISTS (SELECT 1 FROM first)
+                AND {crowded}
+        ), walk(v, head, steps, wrapped) AS (
+            SELECT x.v, {head.replace("{v}", "x.v")}, 1, x.wrapped FROM (
+                SELECT COALESCE(b.next, b.lo) AS v, b.next IS NULL AS wrapped FROM bounds b
+                OFFSET 0) x
+            WHERE x.v IS NOT NULL
+            UNION ALL
+            SELECT x.v, {head.replace("{v}", "x.v")}, w.steps + 1, x.wrapped FROM walk w,
+                LATERAL (SELECT COALESCE(n.v, CASE WHEN w.wrapped THEN NULL
+                        ELSE (SELECT lo FROM bounds) END) AS v,
+                    w.wrapped OR n.v IS NULL AS wrapped
+                FROM (SELECT {after.replace("{after}", "w.v")}) n(v) OFFSET 0) x
+            WHERE w.head IS NULL AND w.steps < {1 + FAIR_EXTRA_STEPS} AND x.v IS NOT NULL
+                AND NOT {_revisit("x")}
+        )"""
+
+
+def _fair_single_pick() -> str:
+    """One task: the first due entry of task_fair_idx after the cursor (the head of the next
+    value with a due task, as values are that index's first key), or once past the last
+    value, from the first value up to the cursor's. Lazy: a due head is one entry read. Past
+    SINGLE_SCAN entries with nothing due it answers "more" (tasks.flow's loop)."""
+    entries = """SELECT t.id, t.fair_value AS v, t.not_before, t.expires_at FROM {{task}} t
+        WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND t.fair_value IS NOT NULL{bound}
+        ORDER BY t.fair_value, t.priority, t.created_at, t.id LIMIT {n}"""
+    cursor = " AND t.fair_value > (SELECT fair_cursor FROM room)"
+    after = entries.format(bound=cursor, n=SINGLE_SCAN)
+    start = entries.format(bound="", n=SINGLE_SCAN)
+    due = _DUE.format(t="x")
+    return f""", ahead AS MATERIALIZED (
+            SELECT x.id, x.v FROM ({after}) x WHERE {due} LIMIT (SELECT allowed FROM room)
+        ), wrapped AS MATERIALIZED (
+            SELECT x.id, x.v FROM ({start}) x
+            WHERE NOT EXISTS (SELECT 1 FROM ahead)
+                AND (SELECT COUNT(*) FROM ({after}) c) < {SINGLE_SCAN}
+                AND {due} AND x.v <= COALESCE((SELECT fair_cursor FROM room), x.v)
+            LIMIT (SELECT allowed FROM room)
+        ), picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t
+            WHERE t.id IN (SELECT id FROM ahead UNION ALL SELECT id FROM wrapped)
+            FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (
+            SELECT CASE WHEN EXISTS (SELECT 1 FROM {{task}} t WHERE t.scheduler_id = %(sid)s
+                AND t.status = 'QUEUED' AND {_DUE.format(t="t")})
+                THEN 'more' ELSE 'empty' END AS why
+        ), new_cursor AS (
+            SELECT (SELECT v FROM ahead UNION ALL SELECT v FROM wrapped LIMIT 1) AS v
+        )"""
+
+
+PICKS = {
+    "order": _order_pick,
+    "concurrency": _concurrency_pick,
+    "fair": _fair_pick,
+    "concurrency1": lambda: _concurrency_single_pick(walk=False),
+    "concurrency1w": lambda: _concurrency_single_pick(walk=True),
+    "fair1": _fair_single_pick,
+}
 
 
 def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
     def build() -> str:
         task = connection.ops.quote_name(Task._meta.db_table)
         body = PICKS[pick]().replace("{task}", task)
-        head = _head_sql(rate=rate, concurrency=pick == "concurrency")
-        if pick != "order":  # the walk refers to itself
+        head = _head_sql(rate=rate, concurrency=pick.startswith("concurrency"))
+        if pick not in {"order", "fair1", "concurrency1"}:  # the walks refer to themselves
             head = head.replace("WITH s AS", "WITH RECURSIVE s AS", 1)
         return head + body + _tail_sql(rate=rate, mint_token=mint_token)
 

@@ -78,13 +78,25 @@ def _converters() -> list[tuple[int, list[Any], Any]]:
     return _CONVERTERS
 
 
+_ATTNAMES: list[str] = []
+
+
+def _attnames() -> list[str]:
+    if not _ATTNAMES:
+        _ATTNAMES.extend(f.attname for f in Task._meta.concrete_fields)
+    return _ATTNAMES
+
+
 def _built_task(alias: str, attnames: list[str], values: list[Any]) -> Task:
     """Task.from_db(alias, attnames, values) for a row of every concrete field in order,
     without Model.__init__'s walk of setattr over the fields (a fifth of a single-task pop's
     client CPU): the values go straight into the instance's dict, where __init__ puts them
     (no descriptor of a fresh instance has anything to do). __init__'s pre_init and post_init
     signals are its only other work: when something listens to them, from_db does it all."""
-    if pre_init.has_listeners(Task) or post_init.has_listeners(Task):
+    # Any receiver at all (of any sender) takes from_db: has_listeners(Task) per row cost two
+    # dispatcher lookups, and no receiver is connected to either signal unless a model has an
+    # ImageField or a project adds one.
+    if pre_init.receivers or post_init.receivers:
         return Task.from_db(alias, attnames, values)
     task = Task.__new__(Task)
     task.__dict__.update(zip(attnames, values, strict=True))
@@ -106,10 +118,10 @@ def _fetch_tasks(
     the cursor's description (an object per column) and rebuilt its converters on every call:
     most of a claim's Python time. `prepared`: a fixed statement text run on every pop, claim
     or report, which PostgreSQL may then keep planned (see prepared_cursor)."""
-    attnames = [f.attname for f in Task._meta.concrete_fields]
+    attnames = _attnames()
     db = connections[DEFAULT_DB_ALIAS]  # the `connection` proxy costs a lookup per use
     if prepared:
-        rows = hot_rows(sql, params)
+        rows = hot_rows(sql, params, db=db)
     else:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)

@@ -86,6 +86,34 @@ def test_task_pop__concurrency_limit_reaches_past_a_crowded_head() -> None:
     assert sorted(got) == ["big", "late"]
 
 
+def test_task_pop__pops_of_one_reach_past_a_crowded_head() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org", concurrency_limit=1)
+    seed_queued("conc", 20, data={"org": "big"}, priority=0)
+    _push("conc", 2, data={"org": "late"}, priority=1)
+
+    # The first pop takes "big"; after it, the head is all "big" at its limit (longer than
+    # the in-order stretch of a pop of one): the walk over the values finds "late"; then
+    # both values are at their limit.
+    got = [[task.data["org"] for task in _pop("conc")] for _ in range(3)]
+
+    assert got == [["big"], ["late"], []]
+
+
+def test_task_pop__fair_pops_of_one_go_round_the_values() -> None:
+    services.scheduler_create(id="fair", fair_key="org")
+    later = timezone.now() + timedelta(hours=1)
+    for org in ("a", "b", "c"):
+        _push("fair", 2, data={"org": org})
+    # "d" has nothing due (more tasks than a pop of one reads past the cursor): it loses
+    # its turns, and "e" after it still gets them.
+    seed_queued("fair", 40, data={"org": "d"}, not_before=later)
+    _push("fair", 2, data={"org": "e"})
+
+    handed = [task.data["org"] for _ in range(11) for task in _pop("fair")]
+
+    assert handed == ["a", "b", "c", "e", "a", "b", "c", "e"]
+
+
 def test_task_pop__fair_key_gives_every_value_its_turn() -> None:
     services.scheduler_create(id="fair", fair_key="org")
     seed_queued("fair", 2000, data={"org": "huge"}, priority=0)
@@ -202,3 +230,34 @@ def test_task_pop__a_queue_whose_flow_settings_changed_pops_by_the_new_ones() ->
     assert len(_pop("changes", limit=5)) == 2
     services.scheduler_update(scheduler=scheduler, paused=True)
     assert _pop("changes", limit=5) == []
+
+
+# The one-statement hand-out's clock (PostgreSQL): the caller's, moved on to the last hand-out
+# in the window log or the last end of an attempt it may have counted, so that the log stays
+# in time order and the events show every limit held (docs/flow-control.md).
+@pytest.mark.postgres
+def test_task_pop__a_clock_behind_the_window_log_hands_out_at_the_logs_time() -> None:
+    services.scheduler_create(id="rated", rate_limit="100/s")
+    seed_queued("rated", 3)
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        [first] = _pop("rated")
+    with time_machine.travel(start - timedelta(seconds=5), tick=False):
+        [second] = _pop("rated")
+
+    assert second.modified_at == first.modified_at == start
+
+
+@pytest.mark.postgres
+def test_task_pop__a_clock_behind_an_end_it_counted_hands_out_after_it() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org", concurrency_limit=1)
+    seed_queued("conc", 2, data={"org": "a"})
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        [first] = _pop("conc")
+        services.task_complete(task_id=first.id, result=None, attempt=1)
+    with time_machine.travel(start - timedelta(seconds=5), tick=False):
+        [second] = _pop("conc")
+
+    ended = TaskEvent.objects.get(task_id=first.id, to_status=TaskStatus.COMPLETED).at
+    assert second.modified_at == ended == start

@@ -35,12 +35,14 @@ def _pop_until_empty(index: int, scheduler_id: str, limit: int) -> list[str]:
     return popped
 
 
-def test_task_pop__concurrent_poppers_never_pass_the_concurrency_limit() -> None:
+# Pops of one take a pick of their own on PostgreSQL (tasks.queue.handout), batches another.
+@pytest.mark.parametrize("limit", [1, 2])
+def test_task_pop__concurrent_poppers_never_pass_the_concurrency_limit(limit: int) -> None:
     services.scheduler_create(id="conc", concurrency_key="org.id", concurrency_limit=3)
     for org in range(20):
         seed_queued("conc", 20, data={"org": {"id": org}})
 
-    results = run_in_processes(PROCESSES, _pop_until_empty, "conc", 2)
+    results = run_in_processes(PROCESSES, _pop_until_empty, "conc", limit)
 
     popped = [task_id for result in results for task_id in result]
     assert len(popped) == len(set(popped))  # none twice
@@ -79,12 +81,13 @@ def _pop_and_finish(index: int, scheduler_id: str, limit: int) -> dict[str, int]
     raise AssertionError("queue not drained in 120 s")
 
 
-def test_task_pop__concurrency_limit_holds_while_tasks_finish() -> None:
+@pytest.mark.parametrize("limit", [1, 3])
+def test_task_pop__concurrency_limit_holds_while_tasks_finish(limit: int) -> None:
     services.scheduler_create(id="churn", concurrency_key="org", concurrency_limit=2)
     for org in range(6):
         seed_queued("churn", 30, data={"org": f"o{org}"})
 
-    results = run_in_processes(PROCESSES, _pop_and_finish, "churn", 3)
+    results = run_in_processes(PROCESSES, _pop_and_finish, "churn", limit)
 
     assert Counter(Task.objects.values_list("status", flat=True)) == {TaskStatus.COMPLETED: 180}
     assert max(n for most in results for n in most.values()) <= 2
@@ -158,9 +161,9 @@ def test_task_pop__concurrent_poppers_serve_every_fair_value_in_turn() -> None:
     assert len(set(order[:51])) == 51  # every value within the first 51 hand-outs
 
 
-def _pop_in_thread(scheduler_id: str, out: list[list[Task]]) -> None:
+def _pop_in_thread(scheduler_id: str, limit: int, out: list[list[Task]]) -> None:
     try:
-        out.append(services.task_pop(scheduler_id=scheduler_id, limit=2, worker="late"))
+        out.append(services.task_pop(scheduler_id=scheduler_id, limit=limit, worker="late"))
     finally:
         connection.close()
 
@@ -180,7 +183,10 @@ def _wait_until_blocked_on_a_lock() -> None:
     raise AssertionError("the second pop never waited for the flow lock")
 
 
-def test_task_pop__a_pop_that_waited_for_the_lock_counts_what_the_holder_handed_out() -> None:
+@pytest.mark.parametrize("limit", [1, 2])
+def test_task_pop__a_pop_that_waited_for_the_lock_counts_what_the_holder_handed_out(
+    limit: int,
+) -> None:
     """The one-statement hand-out's snapshot predates its wait for the queue's lock, so the
     holder's hand-outs are not in it: here the holder (a transaction, as a dispatch is) takes
     the last slot of "b", then a task of "a" pushed after the waiter's snapshot. The waiter
@@ -193,7 +199,7 @@ def test_task_pop__a_pop_that_waited_for_the_lock_counts_what_the_holder_handed_
     out: list[list[Task]] = []
     with transaction.atomic():  # the holder: the lock until it commits
         held = services.task_pop(scheduler_id="stale", limit=1, worker="holder")
-        late = threading.Thread(target=_pop_in_thread, args=("stale", out))
+        late = threading.Thread(target=_pop_in_thread, args=("stale", limit, out))
         late.start()
         _wait_until_blocked_on_a_lock()
         seed_queued("stale", 1, data={"org": "a"}, priority=0)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from time_machine import TimeMachineFixture
 
 from tasks import housekeeping, services, transitions
@@ -220,6 +221,23 @@ def test_task_pop__limit_out_of_bounds(push: Push, limit: int) -> None:
         services.task_pop(scheduler_id="boefje", limit=limit)
     assert invalid.value.field == "limit"
     assert Task.objects.get().status == S.QUEUED
+
+
+@pytest.mark.django_db
+def test_task_pop__each_call_is_one_observation_of_its_schedulers_pop_histogram(
+    push: Push,
+) -> None:
+    # The histogram's child is kept per process (metrics.labelled): it must stay the one the
+    # /metrics registry reads.
+    def observed() -> float:
+        value = REGISTRY.get_sample_value("scheduler_pop_seconds_count", {"scheduler": "boefje"})
+        return value or 0.0
+
+    before = observed()
+    push()
+    services.task_pop(scheduler_id="boefje")
+    services.task_pop(scheduler_id="boefje")  # empty: still timed
+    assert observed() == before + 2
 
 
 @pytest.mark.django_db
