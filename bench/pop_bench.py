@@ -15,7 +15,9 @@ dequeue); ours-1, ours-100, ours-1-1m, ours-100-1m (`tasks.services.task_pop`, w
 --finished finished rows in the popped queue); http-pop-1, http-pop-100, http-push-1,
 http-push-100, http-report-1, http-report-100 (the API under gunicorn -w 4, a runner's token);
 plain-pop-1, plain-pop-100, plain-push-1, plain-report-1 (bench/plain_views.py, the same
-service calls without DRF), plain-auth-pop-1 (the plain pop behind the API's token check).
+service calls without DRF, without authentication), plain-auth-pop-1, plain-auth-push-1,
+plain-auth-report-1 (the same behind the API's token check, the action's permission and the
+runner's queue reach: the HTTP targets' anchor, "a plain Django view doing the same work").
 Peers whose package is missing are left out, with the reason.
 
 Figures only: nothing here asserts a timing.
@@ -117,35 +119,49 @@ def contenders() -> list[Contender]:
             "plain-pop-1",
             "plain Django view, pop 1",
             pop,
-            o.http_pop("/plain", 1, token=False),
+            o.http_pop("/api/plain", 1, token=False),
             "plain",
         ),
         Contender(
             "plain-auth-pop-1",
-            "plain Django view with the API's token check, pop 1",
+            "plain Django view with the token and permission checks, pop 1",
             pop,
-            o.http_pop("/plain-auth", 1),
+            o.http_pop("/api/plain-auth", 1),
+            "plain",
+        ),
+        Contender(
+            "plain-auth-push-1",
+            "plain Django view with the token and permission checks, push",
+            empty,
+            o.http_push("/api/plain-auth", 1),
+            "plain",
+        ),
+        Contender(
+            "plain-auth-report-1",
+            "plain Django view with the token and permission checks, report",
+            pop,
+            o.http_report("/api/plain-auth", 1),
             "plain",
         ),
         Contender(
             "plain-pop-100",
             "plain Django view, pop 100",
             pop,
-            o.http_pop("/plain", 100, token=False),
+            o.http_pop("/api/plain", 100, token=False),
             "plain",
         ),
         Contender(
             "plain-push-1",
             "plain Django view, push",
             empty,
-            o.http_push("/plain", 1, token=False),
+            o.http_push("/api/plain", 1, token=False),
             "plain",
         ),
         Contender(
             "plain-report-1",
             "plain Django view, report",
             pop,
-            o.http_report("/plain", 1, token=False),
+            o.http_report("/api/plain", 1, token=False),
             "plain",
         ),
     ]

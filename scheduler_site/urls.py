@@ -53,13 +53,15 @@ def _lean_routes(routes: list[URLPattern]) -> list[URLPattern]:
 handler404 = "scheduler_site.api_errors.not_found"
 
 urlpatterns = [
+    # First: the runners' calls, the most frequent requests, match without trying the others
+    # (their paths are the router's, which none of the patterns below match).
+    path("api/", include(_lean_routes(router.urls))),
     path("", dashboard, name="dashboard"),
     path("queues/<str:scheduler_id>/", queue_page, name="queue-page"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/health/", health_view, name="health"),
-    path("api/", include(_lean_routes(router.urls))),
     path("api/", include(router.urls)),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),

@@ -63,7 +63,11 @@ OPERATOR_PERM = "tasks.change_task"
 
 
 def _is_operator(request: Any) -> bool:
-    return request.user.has_perm(OPERATOR_PERM)
+    # Asked twice by a report (its proof, its rendering): one permission check a request.
+    known = getattr(request, "_is_operator", None)
+    if known is None:
+        known = request._is_operator = request.user.has_perm(OPERATOR_PERM)
+    return known
 
 
 def _proof(request: Any, body: dict[str, Any]) -> LeaseProof:

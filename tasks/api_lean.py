@@ -15,8 +15,10 @@ view's own code, not a copy of its rules:
 
 Any request that is not the common case (another method, content type or Accept header, a
 query string, no token, a session) goes to the DRF view untouched, and so does any request
-that the token check, a permission or a throttle refuses, before anything was done or
-counted: DRF then gives its own answer (401 with its header, 403, 429 with Retry-After).
+that the token check or a permission refuses, before anything was done or counted: DRF then
+gives its own answer (401 with its header, 403). A throttle's refusal is answered here, as DRF
+answers it (429 with Retry-After): the throttles have counted the request by then, and DRF
+would count it again.
 The OpenAPI schema is the DRF views' (they stay routed, behind these).
 """
 
@@ -28,9 +30,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, Throttled
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
@@ -75,39 +77,63 @@ def _authenticate(request: HttpRequest) -> bool:
     return True
 
 
-def _allowed(request: HttpRequest, cls: Any, view: Any) -> bool:
-    """The viewset's permission classes, then all its throttles (DRF's check_permissions and
-    check_throttles); False on any refusal, before a throttle counted this request."""
+def _permitted(request: HttpRequest, cls: Any, view: Any) -> bool:
+    """The viewset's permission classes (DRF's check_permissions); False on any refusal."""
     try:
-        if not all(p().has_permission(request, view) for p in cls.permission_classes):
-            return False
+        return all(p().has_permission(request, view) for p in cls.permission_classes)
     except (APIException, QueueError):
         return False
+
+
+def _throttled(request: HttpRequest, cls: Any, view: Any) -> Throttled | None:
+    """DRF's check_throttles: every throttle counts the request, and a refusal waits the
+    longest wait of those that refused. Answered here, not handed to the DRF view: its own
+    check would count the request a second time in each throttle that let it through."""
     throttles = [throttle() for throttle in cls.throttle_classes]
-    return all([throttle.allow_request(request, view) for throttle in throttles])
+    waits = [t.wait() for t in throttles if not t.allow_request(request, view)]
+    if not waits:
+        return None
+    return Throttled(wait=max((w for w in waits if w is not None), default=None))
 
 
-def _answer(request: HttpRequest, answer: Answer, view: Any, kwargs: dict[str, Any]) -> Response:
+def _error(request: HttpRequest, exc: Exception, view: Any, kwargs: dict[str, Any]) -> Any:
+    context = {"view": view, "args": (), "kwargs": kwargs, "request": request}
+    response = exception_handler(exc, context)
+    if response is None:
+        raise exc
+    return response
+
+
+def _answer(
+    request: HttpRequest, answer: Answer, view: Any, kwargs: dict[str, Any]
+) -> HttpResponseBase:
+    """The answer, rendered as DRF's Response with our JSON renderer would be (the same bytes
+    and Content-Type; its payload kept as `.data`, as on a DRF response), without building the
+    template response DRF renders through; an error through the exception handler."""
     try:
         data: Any = {}
         if request.body:
             stream = io.BytesIO(request.body)
             data = _parser.parse(stream, JSON, {"encoding": settings.DEFAULT_CHARSET})
         code, payload = answer(request, kwargs, data)
-        return Response(payload, status=code)
     except Exception as exc:
-        context = {"view": view, "args": (), "kwargs": kwargs, "request": request}
-        response = exception_handler(exc, context)
-        if response is None:
-            raise
-        return response
+        return _rendered(_error(request, exc, view, kwargs))
+    response = HttpResponse(_renderer.render(payload, JSON, {}), status=code, content_type=JSON)
+    response.data = payload  # type: ignore[attr-defined]
+    return response
 
 
-def _finish(response: Response, headers: dict[str, str]) -> Response:
-    """What DRF's finalize_response adds: the renderer, the Allow and Vary headers."""
+def _rendered(response: Response) -> Response:
+    """What DRF's finalize_response sets for the renderer (an error answer's own headers,
+    Retry-After, stay)."""
     response.accepted_renderer = _renderer
     response.accepted_media_type = JSON
     response.renderer_context = {}
+    return response
+
+
+def _finish(response: HttpResponseBase, headers: dict[str, str]) -> HttpResponseBase:
+    """What else DRF's finalize_response adds: the Allow and Vary headers."""
     for name, value in headers.items():
         response[name] = value
     return response
@@ -131,9 +157,11 @@ def lean(drf_view: DrfView, answer: Answer, *, method: str) -> DrfView:
         standin = SimpleNamespace(
             action=action, kwargs=kwargs, action_permissions=cls.action_permissions
         )
-        if not _allowed(request, cls, standin):
+        if not _permitted(request, cls, standin):
             vars(request).pop("_queue_scope", None)  # DRF's own check reads it afresh
             return drf_view(request, **kwargs)
+        if (throttled := _throttled(request, cls, standin)) is not None:
+            return _finish(_rendered(_error(request, throttled, standin, kwargs)), headers)
         return _finish(_answer(request, answer, standin, kwargs), headers)
 
     # No `cls` on it: drf-spectacular documents the DRF route behind it, not this one.

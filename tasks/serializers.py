@@ -279,6 +279,8 @@ class PopFiltersField(serializers.DictField):
 
 
 class PopSerializer(StrictTypes):
+    validation_is_pure = True  # the body alone decides (scheduler_site.api_input.body_errors)
+
     limit = serializers.IntegerField(
         required=False, default=1, min_value=1, max_value=settings.TASK_POP_MAX_LIMIT
     )

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 POP_KEYS = (
     "raw-1,raw-100,procrastinate-1,pgqueuer-1,pgqueuer-100,ours-1,ours-100,ours-1-1m,"
-    "http-pop-1,http-push-100,http-report-100,plain-pop-1,plain-auth-pop-1"
+    "http-pop-1,http-push-1,http-push-100,http-report-1,http-report-100,plain-pop-1,"
+    "plain-auth-pop-1,plain-auth-push-1,plain-auth-report-1"
 )
 
 
@@ -51,6 +52,8 @@ def test_pop_bench__tiny_run_measures_every_contender_and_prints_the_tables() ->
     assert "| **ours** `task_pop` limit 1 | **" in out
     assert "| HTTP batch report 100 | **" in out
     assert "| ours limit 1 at 1M finished / at 0 finished | **" in out
+    for anchored in ("pop 1", "push", "report"):  # the HTTP targets, against their anchor
+        assert f"| HTTP {anchored} / plain view with token + permissions | **" in out
     assert "error(s)" not in out
     for package, row in (
         ("procrastinate", "| procrastinate `procrastinate_fetch_job_v2` | **"),

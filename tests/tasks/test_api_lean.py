@@ -4,7 +4,9 @@ body and headers, and hand everything but the common case to them."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,11 +14,14 @@ from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.test import RequestFactory
 from rest_framework.test import APIClient
-from rest_framework.throttling import SimpleRateThrottle
+from rest_framework.throttling import AnonRateThrottle, SimpleRateThrottle
 from rest_framework.views import APIView
+from time_machine import TimeMachineFixture
 
+from scheduler_site.throttles import UserRateThrottle
 from scheduler_site.urls import _lean_routes, router
 from tasks import accounts, services
+from tasks.api import SchedulerViewSet
 from tests.tasks.helpers import Push
 
 
@@ -170,4 +175,32 @@ def test_lean_views__the_account_rate_holds(
     codes = [client.post("/api/schedulers/boefje/pop/", {}, format="json") for _ in range(5)]
     assert [r.status_code for r in codes] == [200, 200, 200, 200, 429]
     assert int(codes[-1]["Retry-After"]) >= 1
+    cache.clear()
+
+
+class _BurstThrottle(UserRateThrottle):
+    scope = "burst"
+
+
+@pytest.mark.django_db
+def test_lean_views__a_429_counts_the_request_once_in_the_other_throttles(
+    push: Push, runner: User, monkeypatch: pytest.MonkeyPatch, time_machine: TimeMachineFixture
+) -> None:
+    """One throttle refuses, another lets the request through: that one counts it once (the
+    DRF view behind used to run the throttles a second time), and the 429 is DRF's."""
+    rates = {"anon": "100/min", "user": "100/min", "burst": "1/min"}
+    monkeypatch.setattr(SimpleRateThrottle, "THROTTLE_RATES", rates)
+    throttles = [AnonRateThrottle, _BurstThrottle, UserRateThrottle]
+    monkeypatch.setattr(SchedulerViewSet, "throttle_classes", throttles)
+    time_machine.move_to(datetime(2026, 12, 1, 12, 0, 10, tzinfo=UTC), tick=False)
+    cache.clear()
+    lean, drf = _views()["scheduler-pop"]
+    key = _key(runner)
+    assert _call(lean, "POST", key, {}, pk="boefje").status_code == 200
+    refused = _call(lean, "POST", key, {}, pk="boefje")
+    window = int(time.time() // 60)
+    assert cache.get(f"throttle_user_{runner.pk}:{window}") == 2
+    assert cache.get(f"throttle_burst_{runner.pk}:{window}") == 1  # the refusal is not counted
+    _same(refused, _call(drf, "POST", key, {}, pk="boefje"))
+    assert refused.status_code == 429 and int(refused["Retry-After"]) == 50
     cache.clear()

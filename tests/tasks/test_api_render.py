@@ -74,6 +74,7 @@ BODIES: list[tuple[type[serializers.Serializer], Any]] = [
     (PopSerializer, {}),
     (PopSerializer, {"limit": 5, "filters": {"org": ["a", "b"]}, "wait": 1.5}),
     (PopSerializer, {"limit": "5"}),
+    (PopSerializer, {"limit": 3, "wait": 0}),
     (PopSerializer, {"limit": 0, "nope": 1}),
     (PopSerializer, {"filters": {"bad key": 1}}),
     (PopSerializer, None),
@@ -87,6 +88,23 @@ BODIES: list[tuple[type[serializers.Serializer], Any]] = [
     (BatchReportSerializer, {"reports": []}),
     (BatchReportSerializer, {"reports": [{"id": "x", "status": "COMPLETED"}, {"status": 1}]}),
 ]
+
+
+@pytest.mark.django_db
+def test_body_errors__a_pure_serializers_valid_body_is_remembered_by_value_and_type() -> None:
+    """A pop body validated once is answered from memory, as a copy of its own, and never
+    for another body that Python finds equal (`1 == 1.0 == True`)."""
+    for _ in range(2):  # validated, then served from memory
+        served = body_errors(PopSerializer, {"limit": 1})[0]
+        served["filters"]["org"] = "changed by the caller"
+    assert body_errors(PopSerializer, {"limit": 1}) == (
+        {"limit": 1, "wait": 0, "filters": {}},
+        None,
+    )
+    for same_in_python in ({"limit": True}, {"limit": 1.0}):
+        assert body_errors(PopSerializer, same_in_python) == _drf(PopSerializer, same_in_python)
+        assert body_errors(PopSerializer, same_in_python)[1] is not None
+    assert body_errors(PopSerializer, {"limit": 1, "x": 1})[1] == {"x": ["Unknown field."]}
 
 
 @pytest.mark.django_db
