@@ -270,8 +270,10 @@ def _tail_sql(*, rate: bool, mint_token: bool) -> str:
 # How many entries the single-task picks read before they answer "more" (a longer run of
 # blocked values, or of values with nothing due, is for the full pick or tasks.flow's loop).
 SINGLE_SCAN = 32
-# The single-task concurrency pick's stretch in queue order (then it walks the values).
-SINGLE_STRETCH = 4
+# The single-task concurrency pick's stretch in queue order (then it walks the values): the
+# full pick's for a pop of one, so both take the same task. A shorter one walked the values
+# past a due task of higher priority a few places behind a blocked head (review finding).
+SINGLE_STRETCH = SCAN_FACTOR * 1 + SCAN_EXTRA
 _DUE = """{t}.not_before <= (SELECT now FROM room)
     AND ({t}.expires_at IS NULL OR {t}.expires_at > (SELECT now FROM room))"""
 
