@@ -228,10 +228,16 @@ def refill_on_claim(task: Task) -> None:
     costs no query. Done before the handler runs, so a long handler does not leave the broker
     dry meanwhile. A full dispatch round (row lock, claim, events, send) after every single
     task made workers queue on the scheduler row."""
-    if getattr(task, "broker_room", None) is not None:
+    room = getattr(task, "broker_room", None)
+    if room is not None:
         # Another worker already dispatching this queue fills the room: waiting for its row
         # lock only to find the room gone cost a worker a third of its refills (measured).
-        _dispatch_quietly(task.scheduler_id, skip_if_busy=True)
+        # But the holder fills the room it counted when it took the lock, and the row may be
+        # held by an update or pause: the claim of the broker's last task (the room is the
+        # whole threshold) waits for the lock, else the broker could stand empty until the
+        # periodic dispatcher while tasks are QUEUED. The other claims' skipped refills are
+        # made up by the later claims', which all refill while half the room is free.
+        _dispatch_quietly(task.scheduler_id, skip_if_busy=room < task.dispatch_threshold)
 
 
 def refill_after_run(task: Task) -> None:

@@ -144,6 +144,8 @@ def test_hot_rows__a_long_text_runs_with_native_placeholders() -> None:
     sql = _long("SELECT %(a)s::int + %(b)s::int, %(a)s::int * 2, '100%%', %(b)s::text")
     for _ in range(7):  # past the prepare threshold: the prepared statement answers alike
         assert hot_rows(sql, {"a": 2, "b": 5}) == [(7, 4, "100%", "5")]
+    # It ran converted, through the RawCursor kept for such texts (not psycopg's conversion).
+    assert getattr(connections["default"], "_hot_raw_cursor", None) is not None
     # The same text through Django's cursor (what an observed connection runs).
     with CaptureQueriesContext(connection):
         assert hot_rows(sql, {"a": 3, "b": 1}) == [(4, 6, "100%", "1")]

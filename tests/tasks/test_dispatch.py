@@ -6,6 +6,7 @@ The broker is the real one of the test run (filesystem, or Redis beside PostgreS
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -545,3 +546,35 @@ def test_dispatch_scheduler__skip_if_busy_leaves_a_locked_queue_to_its_dispatche
         other.close()
     assert dispatch.dispatch_scheduler("echo", skip_if_busy=True) == 3
     assert (_count(S.DISPATCHED), _count(S.QUEUED)) == (3, 1)
+
+
+def _claimed(broker_room: int, threshold: int) -> Task:
+    """What a worker's claim gives refill_on_claim (queue.start_dispatched's extras)."""
+    task = Task(scheduler_id="echo")
+    task.broker_room, task.dispatch_threshold = broker_room, threshold
+    return task
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("broker_room", "waits"), [(3, True), (2, False)])
+def test_refill_on_claim__the_claim_that_empties_the_broker_waits_for_a_busy_queue(
+    make_scheduler: Callable[..., Scheduler], broker_room: int, waits: bool
+) -> None:
+    # The row is held by something that fills nothing (as an update or pause would): the
+    # claim that left the broker empty must still refill it once the lock is released; a
+    # claim that left tasks in the broker skips (their claims refill later).
+    make_scheduler("echo", kind="celery", handler="demo.echo", dispatch_threshold=3, paused=True)
+    _push(4)  # paused: no fast path
+    Scheduler.objects.filter(id="echo").update(paused=False)
+    other = psycopg.connect(database_url(connection.settings_dict, "postgresql"))
+    other.execute("SELECT 1 FROM tasks_scheduler WHERE id = 'echo' FOR NO KEY UPDATE")
+    release = threading.Timer(0.3, other.rollback)
+    release.start()
+    try:
+        dispatch.refill_on_claim(_claimed(broker_room, threshold=3))
+    finally:
+        release.join()
+        other.close()
+
+    assert _count(S.DISPATCHED) == (3 if waits else 0)
