@@ -14,7 +14,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from tasks import accounts, services
+from tasks import accounts, services, workers
 from tasks.models import Scheduler
 
 # Per vendor: statements of one request in the steady state (the runner already seen), inside the
@@ -37,6 +37,17 @@ def limited_runner(runner: User, runner_client: APIClient, scheduler: Scheduler)
     """A runner account limited to its queue (a grant): the costlier permission case."""
     accounts.runner_grants_set(user=runner, scheduler_ids=[scheduler.id])
     return runner_client
+
+
+@pytest.fixture(autouse=True)
+def _steady_runner_notes(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
+    """The warm-up call writes the runner's liveness note and the measured one does not, on
+    any machine: the note is written at most once per RUNNER_SEEN_WRITE_SECONDS per runner and
+    queue per process, and that memory outlives a test. Left as it was, an earlier test's note
+    made the warm-up skip its write and, 5 s after that test, the measured call make it (a CI
+    failure: 10 more statements)."""
+    monkeypatch.setattr(workers, "_runner_writes", {})
+    settings.RUNNER_SEEN_WRITE_SECONDS = 3600
 
 
 def _statements(request: Callable[[], Any]) -> tuple[int, Any]:
