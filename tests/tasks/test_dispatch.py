@@ -82,9 +82,8 @@ def _unreachable_broker() -> Iterator[None]:
         _reset_producer_pools()
 
 
-def _broker_messages(queue_name: str = "") -> list[tuple[str, list[Any], Any]]:
-    """Take every message off a queue (the default one unless named): (task name, args, time
-    limits)."""
+def _taken_messages(queue_name: str = "") -> list[Any]:
+    """Take every message off a queue (the default one unless named), acknowledged."""
     taken = []
     with app.connection_for_write() as conn:
         queue = SimpleQueue(conn, queue_name or app.conf.task_default_queue)
@@ -94,12 +93,19 @@ def _broker_messages(queue_name: str = "") -> list[tuple[str, list[Any], Any]]:
                     message = queue.get_nowait()
                 except SimpleQueue.Empty:
                     break
-                args, _kwargs, _embed = message.decode()
-                taken.append((message.headers["task"], args, message.headers.get("timelimit")))
                 message.ack()
+                taken.append(message)
         finally:
             queue.close()
     return taken
+
+
+def _broker_messages(queue_name: str = "") -> list[tuple[str, list[Any], Any]]:
+    """Take every message off a queue: (task name, args, time limits)."""
+    return [
+        (message.headers["task"], message.decode()[0], message.headers.get("timelimit"))
+        for message in _taken_messages(queue_name)
+    ]
 
 
 @pytest.fixture
@@ -496,20 +502,7 @@ def test_task_start__no_broker_room_when_nothing_is_queued(celery_queue: Schedul
 
 def _round_headers(queue_name: str = "") -> list[dict[str, Any]]:
     """The headers of every message on a queue, taken off it."""
-    taken = []
-    with app.connection_for_write() as conn:
-        queue = SimpleQueue(conn, queue_name or app.conf.task_default_queue)
-        try:
-            while True:
-                try:
-                    message = queue.get_nowait()
-                except SimpleQueue.Empty:
-                    break
-                taken.append(dict(message.headers))
-                message.ack()
-        finally:
-            queue.close()
-    return taken
+    return [dict(message.headers) for message in _taken_messages(queue_name)]
 
 
 def test_dispatch_scheduler__every_message_of_a_round_arrives_with_its_args_shown(
