@@ -32,6 +32,11 @@ def _child(
         connections.close_all()
 
 
+def shared_barrier(count: int) -> Any:
+    """A barrier the children of one `run_in_processes` call can meet at, to move in lockstep."""
+    return _FORK.Barrier(count)
+
+
 def run_in_processes(
     count: int, target: Callable[..., Any], *args: Any, timeout: float = 300
 ) -> list[Any]:

@@ -29,12 +29,13 @@ from tasks.models import (
     TaskEvent,
     TaskStatus,
 )
-from tests.processes import run_in_processes
+from tests.processes import run_in_processes, shared_barrier
 from tests.support.seed import force_status, seed_queued
 
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 
 PROCESSES = 8
+CLAIM_PHASE = 20  # claims each process makes between two meetings
 
 
 def _bulk_queue(scheduler_id: str, count: int, **fields: Any) -> None:
@@ -233,29 +234,32 @@ def _dispatched_celery_tasks(scheduler_id: str, count: int) -> list[tuple[str, i
     return [(str(i), 1) for i in Task.objects.values_list("id", flat=True)]
 
 
-def _claim_all(index: int, claims: list[tuple[str, int]]) -> list[str]:
-    # Every process walks the same tasks, each from a different starting point, as workers do
-    # when a message is delivered twice.
+def _claim_all(index: int, claims: list[tuple[str, int]], phase: Any) -> list[str]:
+    # Every process walks every task, as workers do when a message is delivered twice. Two
+    # processes start at each of four points and walk in step, so each pair claims the same
+    # task at the same moment; the others are elsewhere in the queue, so winners are spread.
     won = []
-    offset = index * len(claims) // PROCESSES
-    for task_id, attempt in claims[offset:] + claims[:offset]:
-        try:
-            services.task_start(task_id=task_id, actor=f"w{index}", attempt=attempt)
-            won.append(task_id)
-        except TransitionRefused:
-            pass
+    offset = (index // 2) * len(claims) // (PROCESSES // 2)
+    walk = claims[offset:] + claims[:offset]
+    for start in range(0, len(walk), CLAIM_PHASE):
+        for task_id, attempt in walk[start : start + CLAIM_PHASE]:
+            try:
+                services.task_start(task_id=task_id, actor=f"w{index}", attempt=attempt)
+                won.append(task_id)
+            except TransitionRefused:
+                pass
+        # SQLite's busy handler lets one process take every claim while the others back off
+        # (it failed CI twice: "only one process ever won a claim"). Meeting after each phase
+        # keeps all eight in the race.
+        phase.wait(timeout=120)
     return won
 
 
 def test_task_start__racing_claims_of_one_attempt_start_each_task_once() -> None:
-    # 400 on SQLite too: its writers queue on one lock, and a waiting one sleeps in SQLite's
-    # busy handler (backing off up to 100 ms), so with 100 claims (0.2 s of work) the first
-    # process could take them all before another woke, and the race this test is about did
-    # not happen (it failed on a loaded CI run: "only one process ever won a claim").
     total = 400
     claims = _dispatched_celery_tasks("claims", total)
 
-    results = run_in_processes(PROCESSES, _claim_all, claims)
+    results = run_in_processes(PROCESSES, _claim_all, claims, shared_barrier(PROCESSES))
 
     won = [task_id for chunk in results for task_id in chunk]
     assert sorted(won) == sorted(task_id for task_id, _ in claims), "claimed twice, or lost"
