@@ -190,7 +190,7 @@ def _one_statement(
     if rate is not None:
         params |= {"rate_count": rate.count, "window_us": rate.window_us}
     result = _handout(pick, limit, rate is not None, mint_token, params)
-    if result.status in {"ok", queue.HANDOUT_EMPTY}:
+    if result.status in queue.HANDOUT_TOOK or result.status == queue.HANDOUT_EMPTY:
         result.tasks.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
         return Handout(result.tasks)
     return _CHANGED if result.status == queue.HANDOUT_OTHER else None
@@ -202,8 +202,9 @@ def _handout(
     """A pop of one takes a single-task pick (lazy: it reads the one head it takes, where
     the full pick reads a stretch). When the lean one answers "more" (a head crowded by
     blocked values, or values with nothing due), the next in SINGLE_PICKS runs, and the
-    queue's next FULL_PICK_RUN pops of one start there: a crowded head stays crowded a while,
-    and the smaller plan's run is then a statement wasted."""
+    queue's pops of one start there until FULL_PICK_RUN of them in a row did not need it
+    (a hand-out that walked past a crowded head says so: "walked"). A crowded head stays
+    crowded a while, and the smaller plan's run is then a statement wasted."""
     if limit != 1 or pick not in SINGLE_PICKS:
         return queue.handout(pick=pick, rate=rate, mint_token=mint_token, params=params)
     sid, picks = params["sid"], SINGLE_PICKS[pick]
@@ -212,6 +213,8 @@ def _handout(
         picks = picks[1:]
     for kind in picks[:-1]:
         result = queue.handout(pick=kind, rate=rate, mint_token=mint_token, params=params)
+        if result.status == "walked":
+            _FULL_PICKS[sid] = FULL_PICK_RUN
         if result.status != "more":
             return result
         _FULL_PICKS[sid] = FULL_PICK_RUN

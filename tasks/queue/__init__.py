@@ -28,6 +28,7 @@ from tasks.queue.flow import (
 )
 from tasks.queue.handout import EMPTY as HANDOUT_EMPTY
 from tasks.queue.handout import OTHER as HANDOUT_OTHER
+from tasks.queue.handout import TOOK as HANDOUT_TOOK
 from tasks.queue.handout import HandoutResult, handout, handout_sql
 from tasks.queue.pop import (
     _pop_sql,
@@ -65,6 +66,7 @@ STATUS_STATEMENTS: dict[str, Any] = {
 __all__ = [
     "HANDOUT_EMPTY",
     "HANDOUT_OTHER",
+    "HANDOUT_TOOK",
     "ONE_STATEMENT_WRITES",
     "STATUS_STATEMENTS",
     "HandoutResult",

@@ -40,7 +40,7 @@ EMPTY, OTHER = "empty", "other"  # also: "stale", "blocked", "more", "nostate"
 @dataclass(frozen=True)
 class HandoutResult:
     tasks: list[Task]
-    status: str  # "ok" when tasks were taken, else one of the reasons above
+    status: str  # "ok" (or "walked", TOOK) when tasks were taken, else a reason above
 
 
 # The attempts of a queue that ended (reports, the reaper; a retry is QUEUED again) after the
@@ -220,10 +220,11 @@ def _fair_pick() -> str:
         ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
 
 
-def _tail_sql(*, rate: bool, mint_token: bool) -> str:
+def _tail_sql(*, rate: bool, mint_token: bool, took: str = "'ok'") -> str:
     """Claim by compare-and-swap, events, the window's row and pruning (rate), the state row
     (total and cursor: every hand-out changes it, which is what `fresh` tests); then the
-    claimed rows, or one row of NULLs that says why nothing was taken."""
+    claimed rows (with `took`, SQL: "ok", or how the pick found them), or one row of NULLs
+    that says why nothing was taken."""
     n = {
         **_names(),
         "state": connection.ops.quote_name(FlowState._meta.db_table),
@@ -256,7 +257,7 @@ def _tail_sql(*, rate: bool, mint_token: bool) -> str:
                 fair_cursor = COALESCE((SELECT v FROM new_cursor), fair_cursor)
             WHERE scheduler_id = %(sid)s AND EXISTS (SELECT 1 FROM claimed)
         )
-        SELECT claimed.*, 'ok' AS why FROM claimed
+        SELECT claimed.*, {took} AS why FROM claimed
         UNION ALL
         SELECT {nulls}, CASE
             WHEN NOT EXISTS (SELECT 1 FROM s) THEN 'other'
@@ -279,69 +280,94 @@ _DUE = """{t}.not_before <= (SELECT now FROM room)
 
 
 def _concurrency_single_pick(*, walk: bool) -> str:
-    """One task (the pops of one): the first in queue order whose value has room, reading
-    a short stretch lazily (a value's active tasks counted only when its task comes up: a
-    pop whose head has room counts one value, where the full pick counts every value of its
-    stretch). A stretch of blocked values answers "more", or (`walk`) walks the values from
-    the cursor until one has room and a due head, as the full pick does, in a plan a
-    fraction of its size. Without the walk the plan is smaller still: PostgreSQL sets up
-    every node of a plan on each run, whether it runs or not (tasks.flow picks the variant)."""
-    stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
-        WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
-        ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}"""
-    first = f""", first AS MATERIALIZED (
-            SELECT x.id FROM ({stretch}) x
-            WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
-            LIMIT (SELECT allowed FROM room)
-        )"""
-    crowded = f"(SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}"
-    if not walk:
-        return f"""{first}, picked AS MATERIALIZED (
-            SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT id FROM first)
-            FOR UPDATE OF t SKIP LOCKED
-        ), verdict AS (SELECT CASE WHEN {crowded} THEN 'more' ELSE 'empty' END AS why),
-        new_cursor AS (SELECT NULL::text AS v)"""
-    return f"""{first}{_single_walk(crowded)}, picked AS MATERIALIZED (
+    """One task (the pops of one): the first in queue order whose value has room, among a
+    short stretch. Without `walk`, a lazy filter of the stretch (a value's active tasks
+    counted when its task comes up: a head with room costs one count) that answers "more"
+    when the whole stretch is blocked; with it, the stretch is probed once per value
+    (`_probe`) and a crowded one walks the values from the cursor until one has room and a
+    due head, as the full pick does, and says so ("walked": tasks.flow keeps a crowded
+    queue on this variant). Two variants because PostgreSQL sets up every node of a plan
+    on each run, whether it runs or not: the walk's nodes would cost every pop of a queue
+    whose head has room (tasks.flow picks the variant)."""
+    if walk:
+        return f"""{_probe()}{_single_walk()}, picked AS MATERIALIZED (
             SELECT t.id FROM {{task}} t
-            WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM walk)
+            WHERE t.id = COALESCE((SELECT id FROM first), (SELECT head FROM found))
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
             SELECT CASE WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
                 THEN 'more' ELSE 'empty' END AS why
-        ), new_cursor AS (SELECT (SELECT v FROM walk WHERE head IS NOT NULL) AS v)"""
+        ), new_cursor AS (SELECT (SELECT v FROM found) AS v)"""
+    stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
+        WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
+        ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}"""
+    return f""", first AS MATERIALIZED (
+            SELECT x.id FROM ({stretch}) x
+            WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
+            LIMIT (SELECT allowed FROM room)
+        ), picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT id FROM first)
+            FOR UPDATE OF t SKIP LOCKED
+        ), verdict AS (SELECT CASE WHEN (SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}
+            THEN 'more' ELSE 'empty' END AS why),
+        new_cursor AS (SELECT NULL::text AS v)"""
 
 
-def _single_walk(crowded: str) -> str:
-    """The values after the cursor (wrapping once), one seek each, until one has room and a
-    due head (`walk.head`), for a pop of one whose stretch found nothing and was `crowded`
-    (full: else there is nothing due to walk to). Each value's next is one seek of
-    task_concurrency_idx; FAIR_EXTRA_STEPS values without a head end it ("more")."""
-    values = """(SELECT MIN(q.concurrency_value) FROM {task} q WHERE q.scheduler_id = %(sid)s
-        AND q.status = 'QUEUED' AND q.concurrency_value IS NOT NULL{bound})"""
-    lowest = values.format(task="{task}", bound="")
-    after = values.format(task="{task}", bound=" AND q.concurrency_value > {after}")
-    head = f"""CASE WHEN {_ACTIVE} < %(climit)s THEN (SELECT h.id FROM {{task}} h
-        WHERE h.scheduler_id = %(sid)s AND h.status = 'QUEUED' AND h.concurrency_value = {{v}}
-            AND {_DUE.format(t="h")} ORDER BY h.priority, h.created_at, h.id LIMIT 1) END"""
-    cursor = "(SELECT fair_cursor FROM room)"
-    return f""", bounds AS MATERIALIZED (
-            SELECT {lowest} AS lo, CASE WHEN {cursor} IS NULL THEN {lowest}
-                ELSE {after.replace("{after}", cursor)} END AS next
-            WHERE (SELECT allowed FROM room) > 0 AND NOT EXISTS (SELECT 1 FROM first)
-                AND {crowded}
-        ), walk(v, head, steps, wrapped) AS (
-            SELECT x.v, {head.replace("{v}", "x.v")}, 1, x.wrapped FROM (
-                SELECT COALESCE(b.next, b.lo) AS v, b.next IS NULL AS wrapped FROM bounds b
-                OFFSET 0) x
-            WHERE x.v IS NOT NULL
+def _probe() -> str:
+    """The stretch (the first SINGLE_STRETCH due tasks in queue order, read only as far as
+    needed) and `first`, the first of them whose value has room. Each step of `probe`
+    takes the next task whose value no step before found blocked and counts that value's
+    active tasks: a head crowded by one value at its limit costs one count, not one per
+    task (they were most of a crowded pop's reads)."""
+    active = _ACTIVE.replace("{v}", "x.v")
+    # What the steps so far found blocked (the first row, before any step, has no value).
+    blocked = "(CASE WHEN p.fits IS NULL THEN p.blocked ELSE p.blocked || p.v::text END)"
+    return f""", stretch AS MATERIALIZED (
+            SELECT t.id, t.concurrency_value AS v FROM {{task}} t
+            WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
+            ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}
+        ), probe(id, v, fits, blocked) AS (
+            SELECT NULL::uuid, NULL::text, NULL::boolean, ARRAY[]::text[]
+            WHERE (SELECT allowed FROM room) > 0
             UNION ALL
-            SELECT x.v, {head.replace("{v}", "x.v")}, w.steps + 1, x.wrapped FROM walk w,
-                LATERAL (SELECT COALESCE(n.v, CASE WHEN w.wrapped THEN NULL
-                        ELSE (SELECT lo FROM bounds) END) AS v,
-                    w.wrapped OR n.v IS NULL AS wrapped
-                FROM (SELECT {after.replace("{after}", "w.v")}) n(v) OFFSET 0) x
-            WHERE w.head IS NULL AND w.steps < {1 + FAIR_EXTRA_STEPS} AND x.v IS NOT NULL
-                AND NOT {_revisit("x")}
+            SELECT x.id, x.v, x.v IS NULL OR {active} < %(climit)s, {blocked}
+            FROM probe p, LATERAL (SELECT s.id, s.v FROM stretch s
+                WHERE s.v IS NULL OR s.v <> ALL {blocked} LIMIT 1) x
+            WHERE NOT p.fits OR p.fits IS NULL
+        ), first AS MATERIALIZED (SELECT probe.id FROM probe WHERE probe.fits)"""
+
+
+def _single_walk() -> str:
+    """The values after the cursor (wrapping once), one seek of task_concurrency_idx each,
+    when the stretch found nothing and was full (else there is nothing due to walk to);
+    `found` is the first value with room and a due head. The walk runs only as far as
+    `found` reads it (FAIR_EXTRA_STEPS values without a head end it: "more"), from a first
+    row that carries the cursor and the clock, and each value's next, count and head
+    appear once in the plan: the walk's nodes were most of a crowded pop's cost."""
+    after = """(SELECT MIN(q.concurrency_value) FROM {task} q WHERE q.scheduler_id = %(sid)s
+        AND q.status = 'QUEUED' AND q.concurrency_value IS NOT NULL{bound} OFFSET 0)"""
+    lowest = after.replace("{bound}", "")
+    after = after.replace("{bound}", " AND q.concurrency_value > w.v")
+    head = """SELECT h.id FROM {task} h WHERE h.scheduler_id = %(sid)s AND h.status = 'QUEUED'
+        AND h.concurrency_value = w.v AND h.not_before <= w.now
+        AND (h.expires_at IS NULL OR h.expires_at > w.now)
+        ORDER BY h.priority, h.created_at, h.id LIMIT 1"""
+    # The first row is the cursor itself (steps 0; none: start from the lowest value); past
+    # the last value the walk wraps to the lowest, and ends on coming back past the cursor.
+    return f""", walk(v, steps, wrapped, cursor, now) AS (
+            SELECT r.fair_cursor::text, 0, FALSE, r.fair_cursor::text, r.now FROM room r
+            WHERE r.allowed > 0 AND NOT EXISTS (SELECT 1 FROM first)
+                AND (SELECT COUNT(*) FROM stretch) = {SINGLE_STRETCH}
+            UNION ALL
+            SELECT x.v, w.steps + 1, x.wrapped, w.cursor, w.now FROM walk w,
+                LATERAL (SELECT COALESCE(n.v, CASE WHEN w.wrapped THEN NULL ELSE {lowest} END)
+                        AS v, w.wrapped OR (n.v IS NULL AND w.v IS NOT NULL) AS wrapped
+                    FROM (SELECT {after} OFFSET 0) n(v)) x
+            WHERE w.steps < {1 + FAIR_EXTRA_STEPS} AND x.v IS NOT NULL
+                AND NOT (x.wrapped AND (w.cursor IS NULL OR x.v > w.cursor))
+        ), found AS MATERIALIZED (
+            SELECT w.v, h.id AS head FROM walk w, LATERAL ({head}) h
+            WHERE w.steps > 0 AND {_ACTIVE.replace("{v}", "w.v")} < %(climit)s LIMIT 1
         )"""
 
 
@@ -388,6 +414,12 @@ PICKS = {
 }
 
 
+# How a pick's hand-out says it found its tasks: "walked" when the single-task concurrency
+# pick passed a crowded stretch (tasks.flow then keeps that queue on the variant that walks).
+TOOK = {"ok", "walked"}
+_TOOK = {"concurrency1w": "(CASE WHEN EXISTS (SELECT 1 FROM found) THEN 'walked' ELSE 'ok' END)"}
+
+
 def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
     def build() -> str:
         task = connection.ops.quote_name(Task._meta.db_table)
@@ -395,7 +427,8 @@ def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
         head = _head_sql(rate=rate, concurrency=pick.startswith("concurrency"))
         if pick not in {"order", "fair1", "concurrency1"}:  # the walks refer to themselves
             head = head.replace("WITH s AS", "WITH RECURSIVE s AS", 1)
-        return head + body + _tail_sql(rate=rate, mint_token=mint_token)
+        took = _TOOK.get(pick, "'ok'")
+        return head + body + _tail_sql(rate=rate, mint_token=mint_token, took=took)
 
     return _hot_sql(f"handout:{pick}:{rate}:{mint_token}", build)
 
@@ -405,7 +438,7 @@ def handout(*, pick: str, rate: bool, mint_token: bool, params: Mapping[str, Any
     queue order (fair: in turn order), or why none were taken."""
     sql = handout_sql(pick=pick, rate=rate, mint_token=mint_token)
     rows = _fetch_tasks(sql, params, extras=("why",), prepared=True)
-    tasks = [task for task in rows if task.why == "ok"]
+    tasks = [task for task in rows if task.why in TOOK]
     if not tasks:
         return HandoutResult([], rows[0].why if rows else OTHER)
-    return HandoutResult(tasks, "ok")
+    return HandoutResult(tasks, tasks[0].why)

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import time_machine
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from tasks import dispatch, flow, services
@@ -290,3 +292,26 @@ def test_task_pop__a_clock_behind_an_end_it_counted_hands_out_after_it() -> None
 
     ended = TaskEvent.objects.get(task_id=first.id, to_status=TaskStatus.COMPLETED).at
     assert second.modified_at == ended == start
+
+
+# A pop of one tries the lean single-task pick first and, when a crowded head makes it answer
+# "more", the pick that walks the values (tasks.flow._handout): a statement each. A queue whose
+# pops walked starts with the walking pick, as long as its pops keep walking.
+@pytest.mark.postgres
+def test_task_pop__a_crowded_queue_keeps_to_the_walking_pick_while_its_pops_walk() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org", concurrency_limit=1)
+    seed_queued("conc", 30, data={"org": "big"}, priority=0)
+    for n in range(2 * flow.FULL_PICK_RUN + 4):
+        _push("conc", 1, data={"org": f"small-{n:02}"}, priority=5)
+    assert [task.data["org"] for task in _pop("conc")] == ["big"]  # now the head is crowded
+
+    statements = []
+    for _ in range(2 * flow.FULL_PICK_RUN + 2):
+        with CaptureQueriesContext(connection) as queries:
+            [task] = _pop("conc")
+        assert task.data["org"].startswith("small")
+        statements.append(len(queries))
+
+    # The first crowded pop runs both picks; every later one only the walking pick, also
+    # past FULL_PICK_RUN pops (each walked, so the memory was renewed).
+    assert statements == [2] + [1] * (2 * flow.FULL_PICK_RUN + 1)
