@@ -315,3 +315,30 @@ def test_task_pop__a_crowded_queue_keeps_to_the_walking_pick_while_its_pops_walk
     # The first crowded pop runs both picks; every later one only the walking pick, also
     # past FULL_PICK_RUN pops (each walked, so the memory was renewed).
     assert statements == [2] + [1] * (2 * flow.FULL_PICK_RUN + 1)
+
+
+@pytest.mark.postgres
+def test_task_pop__a_queue_whose_head_cleared_goes_back_to_the_lean_pick() -> None:
+    services.scheduler_create(id="conc", concurrency_key="org", concurrency_limit=1)
+    seed_queued("conc", 20, data={"org": "big"}, priority=0)
+    for n in range(flow.FULL_PICK_RUN + 2):
+        _push("conc", 1, data={"org": f"small-{n:02}"}, priority=5)
+    assert [task.data["org"] for task in _pop("conc")] == ["big"]
+    with CaptureQueriesContext(connection) as crowded:
+        _pop("conc")  # the lean pick's "more", then the walking pick
+    queued_big = Task.objects.filter(scheduler_id="conc", status=TaskStatus.QUEUED, data__org="big")
+    for task in queued_big:
+        services.task_cancel(task_id=task.id)
+    # The head has room again: these pops take it in queue order without walking, and
+    # after FULL_PICK_RUN of them the queue's memory of the walk has run out.
+    assert (
+        len([task for _ in range(flow.FULL_PICK_RUN) for task in _pop("conc")])
+        == flow.FULL_PICK_RUN
+    )
+    seed_queued("conc", 20, data={"org": "big2"}, priority=0)
+    assert [task.data["org"] for task in _pop("conc")] == ["big2"]
+    with CaptureQueriesContext(connection) as crowded_again:
+        [task] = _pop("conc")
+
+    assert task.data["org"].startswith("small")
+    assert (len(crowded), len(crowded_again)) == (2, 2)
