@@ -208,7 +208,7 @@ def _handout(
     if limit != 1 or pick not in SINGLE_PICKS:
         return queue.handout(pick=pick, rate=rate, mint_token=mint_token, params=params)
     sid, picks = params["sid"], SINGLE_PICKS[pick]
-    if _FULL_PICKS.get(sid):
+    if _FULL_PICKS.get(sid) and len(picks) > 1:  # (its settings may have changed since)
         _FULL_PICKS[sid] -= 1
         picks = picks[1:]
     for kind in picks[:-1]:
@@ -221,8 +221,10 @@ def _handout(
     return queue.handout(pick=picks[-1], rate=rate, mint_token=mint_token, params=params)
 
 
-# The picks a pop of one tries in turn: the leaner first, the full one last.
+# The picks a pop of one tries in turn: the leaner first, the full one last (a rate limit
+# alone: the same pick as a batch's, claiming by an equality on the one id).
 SINGLE_PICKS = {
+    "order": ("order1",),
     "concurrency": ("concurrency1", "concurrency1w", "concurrency"),
     "fair": ("fair1", "fair"),
 }
