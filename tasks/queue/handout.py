@@ -396,7 +396,7 @@ def _fair_single_pick() -> str:
             LIMIT (SELECT allowed FROM room)
         ), picked AS MATERIALIZED (
             SELECT t.id FROM {{task}} t
-            WHERE t.id IN (SELECT id FROM ahead UNION ALL SELECT id FROM wrapped)
+            WHERE t.id = COALESCE((SELECT id FROM ahead), (SELECT id FROM wrapped))
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
             SELECT CASE WHEN EXISTS (SELECT 1 FROM {{task}} t WHERE t.scheduler_id = %(sid)s
