@@ -31,9 +31,14 @@ RUN_TASK = "tasks.run_task"
 class Sendable(Protocol):
     """What a task's message needs: a Task, or a dispatch round's queue.Dispatched."""
 
-    id: Any
-    attempts: int
-    trace_context: str | None
+    @property
+    def id(self) -> Any: ...
+
+    @property
+    def attempts(self) -> int: ...
+
+    @property
+    def trace_context(self) -> str | None: ...
 
 
 def _round_options(celery_queue: str, scheduler_id: str) -> dict[str, Any]:
