@@ -10,7 +10,7 @@ from django.db.models import Q
 from pilots import services
 from pilots.models import ACTIVE_PILOT_STATUSES, VirtualOrganisation
 from tasks import services as task_services
-from tasks.exceptions import DuplicateTask
+from tasks.exceptions import DuplicateTask, QueueFull
 from tasks.models import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -69,4 +69,8 @@ def start_cycle(cycle: str) -> list[str]:
             queued.append(vo or cycle)
         except DuplicateTask:
             logger.info("%s for %s still running: skipped this cycle", cycle, vo or "all")
+        except QueueFull:
+            # An operator bounded the queue (max_queue_size): the VOs already queued keep their
+            # turn, and the beat job ends without an error that would repeat every cycle.
+            logger.warning("%s: queue %s is full; skipped %s this cycle", cycle, queue_id, vo)
     return queued

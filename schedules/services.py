@@ -417,34 +417,41 @@ def schedule_task_failed(task: Task) -> None:
     if schedule is None:
         return
     failures = schedule.consecutive_failures + 1
-    values: dict[str, Any] = {"consecutive_failures": failures, "modified_at": now}
-    event: tuple[str, str] | None = None
-    limit = schedule.max_consecutive_failures
-    if schedule.status == ScheduleStatus.ACTIVE and limit and failures >= limit:
-        reason = (
-            f"{failures} failed run{'s' if failures > 1 else ''} in a row "
-            f"(max_consecutive_failures is {limit}); last: "
-            f"task {task.id} {task.status}: {task.error or 'no error text'}"
-        )[:300]
-        values |= {"status": ScheduleStatus.PAUSED, "deadline_at": None, "paused_reason": reason}
-        event = (ScheduleStatus.PAUSED, reason)
-    elif schedule.status == ScheduleStatus.ACTIVE and schedule.failure_backoff_factor:
-        deadline = cooldown_deadline(schedule, failures=failures, now=now)
-        if deadline is not None and (
-            schedule.deadline_at is None or deadline > schedule.deadline_at
-        ):
-            values["deadline_at"] = deadline
-            event = (
-                ScheduleStatus.ACTIVE,
-                f"failed run {failures} in a row: cooldown until {deadline.isoformat()}",
-            )
-    Schedule.objects.filter(id=schedule.id).update(**values)
+    values, event = _failure_policy(schedule, task, failures=failures, now=now)
+    Schedule.objects.filter(id=schedule.id).update(
+        consecutive_failures=failures, modified_at=now, **values
+    )
     if event is not None:
         to_status, note = event
         record_events(
             [(schedule.id, schedule.status, to_status)], actor=FAILURE_POLICY, note=note, at=now
         )
         logger.info("schedule %s: %s", schedule.id, note)
+
+
+def _failure_policy(
+    schedule: Schedule, task: Task, *, failures: int, now: datetime
+) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """What the failure policy changes on an active schedule after its `failures`-th failed
+    run in a row (the fields, and the event's status and note), or nothing."""
+    limit = schedule.max_consecutive_failures
+    if schedule.status != ScheduleStatus.ACTIVE:
+        return {}, None
+    if limit and failures >= limit:
+        reason = (
+            f"{failures} failed run{'s' if failures > 1 else ''} in a row "
+            f"(max_consecutive_failures is {limit}); last: "
+            f"task {task.id} {task.status}: {task.error or 'no error text'}"
+        )[:300]
+        paused = {"status": ScheduleStatus.PAUSED, "deadline_at": None, "paused_reason": reason}
+        return paused, (ScheduleStatus.PAUSED, reason)
+    if not schedule.failure_backoff_factor:
+        return {}, None
+    deadline = cooldown_deadline(schedule, failures=failures, now=now)
+    if deadline is None or (schedule.deadline_at is not None and deadline <= schedule.deadline_at):
+        return {}, None
+    note = f"failed run {failures} in a row: cooldown until {deadline.isoformat()}"
+    return {"deadline_at": deadline}, (ScheduleStatus.ACTIVE, note)
 
 
 def cooldown_deadline(schedule: Schedule, *, failures: int, now: datetime) -> datetime | None:

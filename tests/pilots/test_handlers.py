@@ -15,7 +15,7 @@ from pilots.models import PilotReport, PilotStatus, PilotSubmission
 from tasks import dispatch, execution, housekeeping, locks
 from tasks import services as task_services
 from tasks.locks import MutexLock
-from tasks.models import Lock, Task, TaskStatus
+from tasks.models import Lock, Scheduler, Task, TaskStatus
 from tests.pilots.helpers import T0, active_on, make_ce, make_pilot
 
 P, S = PilotStatus, TaskStatus
@@ -145,6 +145,19 @@ def test_submit_pilot__lock_of_another_ce_does_not_block() -> None:
 
 
 # --- submit_pilots, check_pilots, pilot_report -----------------------------------------------
+
+
+def test_start_cycle__a_full_queue_skips_the_rest_of_the_vos_without_failing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    make_ce("ce-a", capacity=2, vos=["lhcb", "atlas"])
+    queue = Scheduler.objects.get(id=services.SUBMIT_PILOTS_QUEUE)
+    task_services.scheduler_update(scheduler=queue, max_queue_size=1)
+
+    assert queues.start_cycle("submit_pilots") == ["atlas"]
+
+    assert Task.objects.filter(scheduler_id=services.SUBMIT_PILOTS_QUEUE).count() == 1
+    assert "is full; skipped lhcb" in caplog.text
 
 
 def test_submit_pilots__cycle_pushes_submit_tasks_which_create_pilots() -> None:

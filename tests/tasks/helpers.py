@@ -11,7 +11,7 @@ from django.db.models import QuerySet
 from rest_framework.test import APIClient
 
 from pilots.queues import QUEUES
-from tasks import services
+from tasks import dispatch, services
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tasks.retry import RetrySpec
 
@@ -100,4 +100,25 @@ def snapshot() -> tuple[Any, ...]:
         list(Task.objects.order_by("id").values()),
         list(Scheduler.objects.order_by("id").values()),
         TaskEvent.objects.count(),
+    )
+
+
+def celery_queue(scheduler_id: str, handler: str, **fields: Any) -> Scheduler:
+    """A celery queue whose own retry policy differs from every demo handler's, so a test sees
+    which one applied."""
+    fields.setdefault("retry_policy", "none")
+    fields.setdefault("dead_letter", False)
+    return services.scheduler_create(id=scheduler_id, kind="celery", handler=handler, **fields)
+
+
+def dispatched_task(scheduler_id: str, **data: Any) -> Task:
+    task = services.task_push(scheduler_id=scheduler_id, data=data)
+    assert dispatch.dispatch_scheduler(scheduler_id) == 1
+    return fresh(task)
+
+
+def running_task(scheduler_id: str, **data: Any) -> Task:
+    task = dispatched_task(scheduler_id, **data)
+    return services.task_start(
+        task_id=task.id, actor="test", attempt=task.attempts, mint_token=True
     )

@@ -17,43 +17,29 @@ from typing import Any
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from django.contrib.auth.models import User
 from django.db import OperationalError, connections
 from django.utils import timezone
-from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
 
 from scheduler_site.celery import app
 from tasks import dispatch, execution, housekeeping, locks, services, transitions
-from tasks.exceptions import TransitionRefused
 from tasks.locks import MutexLock
-from tasks.models import Lock, Scheduler, Task, TaskStatus
+from tasks.models import Lock, Task, TaskStatus
 from tasks.registry import HANDLERS, TaskContext, register
 from tasks.retry import RetrySpec
-from tests.tasks.helpers import T0, fresh, history, snapshot
+from tests.tasks.helpers import (
+    T0,
+    celery_queue,
+    dispatched_task,
+    fresh,
+    history,
+    running_task,
+    snapshot,
+)
 
 S = TaskStatus
 
 pytestmark = pytest.mark.usefixtures("restore_handlers")
-
-
-@pytest.fixture
-def frozen(time_machine: TimeMachineFixture) -> TimeMachineFixture:
-    time_machine.move_to(T0, tick=False)
-    return time_machine
-
-
-def _celery(scheduler_id: str, handler: str, **fields: Any) -> Scheduler:
-    # The queue's own policy differs from every demo handler's: tests see which one applied.
-    fields.setdefault("retry_policy", "none")
-    fields.setdefault("dead_letter", False)
-    return services.scheduler_create(id=scheduler_id, kind="celery", handler=handler, **fields)
-
-
-def _dispatched(scheduler_id: str, **data: Any) -> Task:
-    task = services.task_push(scheduler_id=scheduler_id, data=data)
-    assert dispatch.dispatch_scheduler(scheduler_id) == 1
-    return fresh(task)
 
 
 def _run(task: Task) -> str:
@@ -65,8 +51,8 @@ def _run(task: Task) -> str:
 
 @pytest.mark.django_db
 def test_execute__success_completes_with_the_result() -> None:
-    _celery("echo", "demo.echo")
-    task = _dispatched("echo", n=7)
+    celery_queue("echo", "demo.echo")
+    task = dispatched_task("echo", n=7)
 
     assert _run(task) == "completed"
 
@@ -90,8 +76,8 @@ def test_execute__handler_error_retries_by_the_handlers_policy_then_dead(
     frozen: TimeMachineFixture,
 ) -> None:
     # demo.sleep: fixed 1 s, 3 attempts, dead-letters; the queue says no retry, no dead letter.
-    _celery("sleepy", "demo.sleep")
-    task = _dispatched("sleepy", seconds=0, fail="boom")
+    celery_queue("sleepy", "demo.sleep")
+    task = dispatched_task("sleepy", seconds=0, fail="boom")
 
     for attempt in (1, 2):
         assert _run(task) == "failed"
@@ -117,8 +103,8 @@ def test_execute__soft_time_limit_is_a_failed_attempt() -> None:
         raise SoftTimeLimitExceeded()
 
     register("test.overrun", retry=RetrySpec(policy="none", dead_letter=False))(overrun)
-    _celery("slow", "test.overrun")
-    task = _dispatched("slow")
+    celery_queue("slow", "test.overrun")
+    task = dispatched_task("slow")
 
     assert _run(task) == "failed"
 
@@ -129,8 +115,8 @@ def test_execute__soft_time_limit_is_a_failed_attempt() -> None:
 @pytest.mark.django_db
 def test_execute__handler_no_longer_registered_fails_the_attempt() -> None:
     register("test.gone")(lambda ctx: None)
-    _celery("gone", "test.gone")
-    task = _dispatched("gone")
+    celery_queue("gone", "test.gone")
+    task = dispatched_task("gone")
     del HANDLERS["test.gone"]
 
     assert _run(task) == "failed"
@@ -151,8 +137,8 @@ def test_execute__late_report_after_the_lease_was_taken_back_is_lost() -> None:
     register("test.reaped", retry=RetrySpec(policy="fixed", delay_seconds=0, jitter=False))(
         reaped_meanwhile
     )
-    _celery("reaped", "test.reaped")
-    task = _dispatched("reaped")
+    celery_queue("reaped", "test.reaped")
+    task = dispatched_task("reaped")
 
     assert _run(task) == "lost"
 
@@ -195,8 +181,8 @@ def _missing(task: Task) -> tuple[Any, int]:
 def test_execute__not_claimable_is_skipped_and_changes_nothing(
     arrange: Callable[[Task], tuple[Any, int]],
 ) -> None:
-    _celery("echo", "demo.echo")
-    task_id, attempt = arrange(_dispatched("echo", n=1))
+    celery_queue("echo", "demo.echo")
+    task_id, attempt = arrange(dispatched_task("echo", n=1))
     before = snapshot()
 
     assert execution.execute(task_id, attempt, worker="test") == "skipped"
@@ -206,8 +192,8 @@ def test_execute__not_claimable_is_skipped_and_changes_nothing(
 
 @pytest.mark.django_db
 def test_execute__a_redelivered_message_runs_the_attempt_once() -> None:
-    _celery("echo", "demo.echo")
-    task = _dispatched("echo", n=1)
+    celery_queue("echo", "demo.echo")
+    task = dispatched_task("echo", n=1)
 
     assert [_run(task) for _ in range(3)] == ["completed", "skipped", "skipped"]
 
@@ -221,9 +207,9 @@ def test_execute__a_redelivered_message_runs_the_attempt_once() -> None:
 def test_execute__lock_held_defers_without_spending_the_attempt(
     frozen: TimeMachineFixture,
 ) -> None:
-    _celery("locked", "demo.locked")
+    celery_queue("locked", "demo.locked")
     locks.acquire([MutexLock("demo", "ce-1")], owner="someone-else", ttl=timedelta(hours=1))
-    task = _dispatched("locked", key="ce-1", seconds=0)
+    task = dispatched_task("locked", key="ce-1", seconds=0)
 
     assert _run(task) == "deferred"
 
@@ -244,9 +230,9 @@ def test_execute__each_lock_wait_doubles_the_delay_up_to_the_cap(
     frozen: TimeMachineFixture, settings: Any
 ) -> None:
     settings.LOCK_WAIT_MAX_SECONDS = 2
-    _celery("locked", "demo.locked")
+    celery_queue("locked", "demo.locked")
     locks.acquire([MutexLock("demo", "ce-1")], owner="someone-else", ttl=timedelta(hours=1))
-    task = _dispatched("locked", key="ce-1", seconds=0)
+    task = dispatched_task("locked", key="ce-1", seconds=0)
     delays = []
 
     for _ in range(4):
@@ -279,10 +265,10 @@ def test_execute__holds_the_handlers_locks_while_running_and_releases_them() -> 
         retry=RetrySpec(policy="none", dead_letter=False),
         locks=lambda data: [MutexLock("ce", data["ce"]), MutexLock("vo", "lhcb")],
     )(peek)
-    _celery("peek", "test.peek")
+    celery_queue("peek", "test.peek")
 
     for fail in (False, True):
-        task = _dispatched("peek", ce=f"ce-{fail}", fail=fail)
+        task = dispatched_task("peek", ce=f"ce-{fail}", fail=fail)
         assert _run(task) == ("failed" if fail else "completed")
         assert seen["held"] == {f"ce:ce-{fail}": str(task.id), "vo:lhcb": str(task.id)}
         assert not Lock.objects.exists(), "locks left behind after the run"
@@ -303,7 +289,7 @@ def _terminate_this_connections_backend() -> None:
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)  # the worker's own connection is killed and replaced
 def test_execute__reconnects_when_the_database_dropped_the_connection_between_tasks() -> None:
-    _celery("echo", "demo.echo")
+    celery_queue("echo", "demo.echo")
     pushed = services.task_push(scheduler_id="echo", data={"n": 1})  # fast path: DISPATCHED
     with contextlib.suppress(Exception):
         app.control.purge()
@@ -350,7 +336,7 @@ def _wait_until(condition: Callable[[], bool], *, timeout: float = 20) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_execute__cancel_requested_while_running_ends_cancelled() -> None:
-    _celery("slow", "demo.sleep")
+    celery_queue("slow", "demo.sleep")
     # Committed for real here: the push's fast path dispatches it (its message, which no worker
     # reads, is purged at the end).
     task = fresh(services.task_push(scheduler_id="slow", data={"seconds": 60}))
@@ -381,20 +367,13 @@ def test_execute__cancel_requested_while_running_ends_cancelled() -> None:
     assert "cancel was requested" in history(task)[-1][2]
 
 
-def _running_task(scheduler_id: str, **data: Any) -> Task:
-    task = _dispatched(scheduler_id, **data)
-    return services.task_start(
-        task_id=task.id, actor="test", attempt=task.attempts, mint_token=True
-    )
-
-
 @pytest.mark.django_db
 def test_heartbeat__extends_the_lease_and_the_locks(
     frozen: TimeMachineFixture, settings: Any
 ) -> None:
     settings.WORKER_HEARTBEAT_SECONDS = 5
-    _celery("echo", "demo.echo")
-    task = _running_task("echo")
+    celery_queue("echo", "demo.echo")
+    task = running_task("echo")
     names = locks.acquire([MutexLock("x")], owner=str(task.id), ttl=timedelta(seconds=15))
     frozen.shift(timedelta(seconds=10))
 
@@ -408,8 +387,8 @@ def test_heartbeat__extends_the_lease_and_the_locks(
 
 @pytest.mark.django_db
 def test_heartbeat__refused_after_a_cancel_request_flags_the_task() -> None:
-    _celery("echo", "demo.echo")
-    task = _running_task("echo")
+    celery_queue("echo", "demo.echo")
+    task = running_task("echo")
     services.task_cancel(task_id=task.id)
 
     beat = execution.Heartbeat(task, [])
@@ -422,7 +401,7 @@ def test_heartbeat__refused_after_a_cancel_request_flags_the_task() -> None:
 @pytest.mark.django_db(transaction=True)  # the beater thread reads with its own connection
 def test_beater__beats_a_registered_task_when_due_and_never_after_stop(settings: Any) -> None:
     settings.WORKER_HEARTBEAT_SECONDS = 1
-    _celery("echo", "demo.echo")
+    celery_queue("echo", "demo.echo")
     pushed = services.task_push(scheduler_id="echo")  # committed: the fast path dispatches it
     with contextlib.suppress(Exception):
         app.control.purge()
@@ -501,7 +480,7 @@ def test_execute__a_failing_completion_hook_does_not_undo_or_repeat_the_report(
         raise RuntimeError("hook failed")
 
     monkeypatch.setattr(transitions, "on_completed_hooks", [broken_hook])
-    _celery("echo", "demo.echo")
+    celery_queue("echo", "demo.echo")
     pushed = services.task_push(scheduler_id="echo")  # committed: the fast path dispatches it
     with contextlib.suppress(Exception):
         app.control.purge()
@@ -513,197 +492,28 @@ def test_execute__a_failing_completion_hook_does_not_undo_or_repeat_the_report(
     assert [to for _, to, _ in history(task)].count(S.COMPLETED) == 1
 
 
-# --- task_hand_back --------------------------------------------------------------------------
-
-
-@pytest.mark.django_db
-def test_task_hand_back__running_task_back_to_the_queue_attempt_not_spent(
-    frozen: TimeMachineFixture,
-) -> None:
-    _celery("echo", "demo.echo")
-    task = _running_task("echo")
-
-    handed = services.task_hand_back(
-        task_id=task.id, reason="runner stopping", actor="r1", attempt=1
-    )
-
-    assert handed.status == S.QUEUED
-    task = fresh(task)
-    assert (task.status, task.attempts, task.lock_waits, task.worker) == (S.QUEUED, 0, 0, "")
-    assert (task.not_before, task.lease_expires_at) == (T0, None)
-    assert history(task)[-1] == (
-        S.RUNNING,
-        S.QUEUED,
-        "handed back, attempt not spent: runner stopping",
-    )
-
-
-@pytest.mark.django_db
-def test_task_hand_back__stale_attempt_is_refused() -> None:
-    _celery("echo", "demo.echo")
-    task = _running_task("echo")
-    before = snapshot()
-
-    with pytest.raises(TransitionRefused, match="not 2"):
-        services.task_hand_back(task_id=task.id, reason="x", attempt=2)
-
-    assert snapshot() == before
-
-
-@pytest.mark.django_db
-def test_task_hand_back__not_leased_is_refused() -> None:
-    _celery("echo", "demo.echo", paused=True)
-    task = services.task_push(scheduler_id="echo")
-    before = snapshot()
-
-    with pytest.raises(TransitionRefused, match="it is QUEUED"):
-        services.task_hand_back(task_id=task.id, reason="x")
-
-    assert snapshot() == before
-
-
-@pytest.mark.django_db
-def test_task_hand_back__cancel_requested_ends_cancelled() -> None:
-    _celery("echo", "demo.echo")
-    task = _running_task("echo")
-    services.task_cancel(task_id=task.id)
-
-    services.task_hand_back(task_id=task.id, reason="runner stopping", attempt=1)
-
-    task = fresh(task)
-    assert (task.status, task.lease_expires_at) == (S.CANCELLED, None)
-    assert "cancel was requested" in history(task)[-1][2]
-
-
-# --- POST /api/tasks/{id}/release/ -----------------------------------------------------------
-
-
-@pytest.fixture
-def leased(scheduler: Scheduler) -> Task:
-    services.task_push(scheduler_id=scheduler.id, data={"n": 1})
-    [popped] = services.task_pop(scheduler_id=scheduler.id, worker="runner")
-    return services.task_start(task_id=popped.id, actor="runner", attempt=1)
-
-
-@pytest.mark.django_db
-def test_release__runner_hands_its_task_back(runner_client: APIClient, leased: Task) -> None:
-    response = runner_client.post(
-        f"/api/tasks/{leased.id}/release/",
-        {"attempt": 1, "reason": "r1 stopping", "lease_token": leased.lease_token},
-        format="json",
-    )
-
-    assert response.status_code == 200, response.content
-    assert (response.json()["status"], response.json()["attempts"]) == ("QUEUED", 0)
-    assert history(leased)[-1] == (
-        S.RUNNING,
-        S.QUEUED,
-        "handed back, attempt not spent: r1 stopping",
-    )
-    assert fresh(leased).events.last().actor == "runner"
-
-
-@pytest.mark.django_db
-def test_release__default_reason(runner_client: APIClient, leased: Task) -> None:
-    response = runner_client.post(
-        f"/api/tasks/{leased.id}/release/", {"lease_token": leased.lease_token}, format="json"
-    )
-
-    assert response.status_code == 200
-    assert history(leased)[-1][2] == "handed back, attempt not spent: released by its runner"
-
-
-@pytest.mark.django_db
-@pytest.mark.parametrize("reason", ["", "\r", "  \n "])
-def test_release__blank_reason_means_the_default(
-    runner_client: APIClient, leased: Task, reason: str
-) -> None:
-    # Found by schemathesis: "\r" is a schema-valid string that trimming made blank, and a
-    # blank reason was refused with a 400.
-    response = runner_client.post(
-        f"/api/tasks/{leased.id}/release/",
-        {"attempt": 1, "reason": reason, "lease_token": leased.lease_token},
-        format="json",
-    )
-
-    assert response.status_code == 200, response.json()
-    assert history(leased)[-1][2] == "handed back, attempt not spent: released by its runner"
-
-
-def test_release__needs_the_runner_permission(leased: Task, anon_client: APIClient) -> None:
-    viewer = User.objects.create_user(username="viewer")
-    client = APIClient()
-    client.force_authenticate(viewer)
-    before = snapshot()
-
-    assert client.post(f"/api/tasks/{leased.id}/release/", {}, format="json").status_code == 403
-    assert (
-        anon_client.post(f"/api/tasks/{leased.id}/release/", {}, format="json").status_code == 401
-    )
-
-    assert snapshot() == before
-
-
-@pytest.mark.django_db
-def test_release__stale_attempt_is_409(runner_client: APIClient, leased: Task) -> None:
-    before = snapshot()
-
-    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {"attempt": 2}, format="json")
-
-    assert response.status_code == 409
-    assert response.json()["status"] == S.RUNNING
-    assert snapshot() == before
-
-
-@pytest.mark.django_db
-def test_release__not_leased_is_409(runner_client: APIClient, leased: Task) -> None:
-    services.task_complete(task_id=leased.id, result=1, attempt=1)
-    before = snapshot()
-
-    response = runner_client.post(f"/api/tasks/{leased.id}/release/", {}, format="json")
-
-    assert response.status_code == 409
-    assert response.json()["status"] == S.COMPLETED
-    assert snapshot() == before
-
-
-@pytest.mark.django_db
-def test_release__cancel_requested_is_cancelled(runner_client: APIClient, leased: Task) -> None:
-    services.task_cancel(task_id=leased.id, actor="operator")
-
-    response = runner_client.post(
-        f"/api/tasks/{leased.id}/release/",
-        {"attempt": 1, "lease_token": leased.lease_token},
-        format="json",
-    )
-
-    assert response.status_code == 200
-    assert response.json()["status"] == S.CANCELLED
-    assert fresh(leased).status == S.CANCELLED
-
-
 # --- the reaper's policy for celery tasks ----------------------------------------------------
 
 
 @pytest.mark.django_db
 def test_retry_spec_for__celery_task_follows_its_handler_pull_task_its_queue() -> None:
-    celery_queue = _celery("sleepy", "demo.sleep")
+    sleepy = celery_queue("sleepy", "demo.sleep")
     pull_queue = services.scheduler_create(id="pull", retry_policy="none", dead_letter=False)
-    celery_task = services.task_push(scheduler_id=celery_queue.id)
+    celery_task = services.task_push(scheduler_id=sleepy.id)
     pull_task = services.task_push(scheduler_id=pull_queue.id)
 
     assert services.retry_spec_for(fresh(celery_task)) == HANDLERS["demo.sleep"].retry
     assert services.retry_spec_for(fresh(pull_task)) == RetrySpec.for_scheduler(pull_queue)
     del HANDLERS["demo.sleep"]
-    assert services.retry_spec_for(fresh(celery_task)) == RetrySpec.for_scheduler(celery_queue)
+    assert services.retry_spec_for(fresh(celery_task)) == RetrySpec.for_scheduler(sleepy)
 
 
 @pytest.mark.django_db
 def test_reaper__lost_celery_task_retries_by_its_handlers_policy(
     frozen: TimeMachineFixture,
 ) -> None:
-    _celery("sleepy", "demo.sleep", lease_seconds=60)
-    task = _running_task("sleepy", seconds=30)
+    celery_queue("sleepy", "demo.sleep", lease_seconds=60)
+    task = running_task("sleepy", seconds=30)
 
     for attempt in (1, 2, 3):
         frozen.shift(timedelta(seconds=61))

@@ -27,12 +27,6 @@ from tests.tasks.helpers import (
 S = TaskStatus
 
 
-@pytest.fixture
-def frozen(time_machine: TimeMachineFixture) -> TimeMachineFixture:
-    time_machine.move_to(T0, tick=False)
-    return time_machine
-
-
 # --- cancel ----------------------------------------------------------------------------------
 
 

@@ -21,12 +21,6 @@ MINUTE = stats.epoch_minute(T0)
 
 
 @pytest.fixture
-def frozen(time_machine: TimeMachineFixture) -> TimeMachineFixture:
-    time_machine.move_to(T0, tick=False)
-    return time_machine
-
-
-@pytest.fixture
 def admin_client(db: None) -> Client:
     client = Client()
     client.force_login(User.objects.create_superuser("boss", "boss@example.org", "x"))
