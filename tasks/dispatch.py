@@ -20,9 +20,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from scheduler_site import tracing
-from scheduler_site.celery import app
 from tasks import flow, queue, services
+from tasks.dispatch_messages import Sendable, round_sender, send_all
 from tasks.exceptions import TransitionRefused
 from tasks.metrics import DISPATCH_SECONDS
 from tasks.models import Scheduler, SchedulerKind, Task, TaskStatus
@@ -30,15 +29,45 @@ from tasks.registry import HANDLERS
 
 logger = logging.getLogger(__name__)
 
-# The Celery name of tasks.jobs.run_task, which takes it from here: one spelling of it.
-RUN_TASK = "tasks.run_task"
-
 
 def dispatch_scheduler(scheduler_id: str, *, skip_if_busy: bool = False) -> int:
     """Dispatch what fits under the threshold; the number of tasks sent. `skip_if_busy`:
     send nothing when another process holds the queue's row lock (it is dispatching, and
     fills the room itself) rather than wait for it and then find the room gone."""
-    with DISPATCH_SECONDS.labels(scheduler_id).time(), transaction.atomic():
+    with DISPATCH_SECONDS.labels(scheduler_id).time():
+        if queue.ONE_STATEMENT_WRITES:
+            sent = _dispatch_in_one_round_trip(scheduler_id, skip_if_busy=skip_if_busy)
+            if sent is not None:
+                return sent
+        return _dispatch_locked(scheduler_id, skip_if_busy=skip_if_busy)
+
+
+def _dispatch_in_one_round_trip(scheduler_id: str, *, skip_if_busy: bool) -> int | None:
+    """PostgreSQL, a plain queue: the round in one query (tasks.queue.refill); None for a
+    flow-controlled queue, which takes the ORM path of tasks.flow."""
+    now = timezone.now()
+    done = queue.dispatch_round(
+        scheduler_id=scheduler_id,
+        skip_if_busy=skip_if_busy,
+        now=now,
+        lease_until=_dispatch_values(now)["lease_expires_at"],
+        actor=services.DISPATCHER,
+        note="dispatched",
+    )
+    if done.flow:
+        return None
+    if done.tasks:
+        tasks, handler_name, celery_queue = done.tasks, done.handler, done.celery_queue
+        # Committed already in autocommit (the hook runs at once); inside a caller's atomic
+        # block, once it commits, as before.
+        transaction.on_commit(lambda: _send(tasks, handler_name, celery_queue, scheduler_id))
+    return len(done.tasks)
+
+
+def _dispatch_locked(scheduler_id: str, *, skip_if_busy: bool) -> int:
+    """The round through the ORM, in a transaction holding the queue's row lock: SQLite, and
+    flow-controlled queues on PostgreSQL."""
+    with transaction.atomic():
         scheduler = (
             Scheduler.objects.select_for_update(no_key=True, skip_locked=skip_if_busy)
             .filter(id=scheduler_id, kind=SchedulerKind.CELERY, paused=False)
@@ -51,14 +80,14 @@ def dispatch_scheduler(scheduler_id: str, *, skip_if_busy: bool = False) -> int:
         if room <= 0:
             return 0
         if scheduler.flow_controlled:
-            tasks = _dispatch_flow(scheduler, room)
+            tasks: Sequence[Sendable] = _dispatch_flow(scheduler, room)
         else:
             now = timezone.now()
-            tasks = queue.claim_queued(
+            tasks = claimed = queue.claim_queued(
                 scheduler_id=scheduler.id, limit=room, now=now, values=_dispatch_values(now)
             )
             queue.record_events(
-                tasks,
+                claimed,
                 from_status=TaskStatus.QUEUED,
                 actor=services.DISPATCHER,
                 note="dispatched",
@@ -108,41 +137,20 @@ def _dispatch_flow(scheduler: Scheduler, room: int) -> list[Task]:
 
 
 def _send(
-    tasks: Sequence[Task], handler_name: str, celery_queue: str, scheduler_id: str = ""
+    tasks: Sequence[Sendable], handler_name: str, celery_queue: str, scheduler_id: str = ""
 ) -> None:
     handler = HANDLERS.get(handler_name)
-    # The scheduler's own Celery queue: the workers started with `-Q` for it run its tasks,
-    # so a queue of slow handlers has its own pool and delays nobody else's.
-    # The scheduler travels in a header, for the worker's log fields (LOG_FORMAT=json).
-    options: dict[str, object] = {"queue": celery_queue, "headers": {"scheduler": scheduler_id}}
+    limits = {}
     if handler is not None:
-        options |= {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
+        limits = {"soft_time_limit": handler.soft_time_limit, "time_limit": handler.time_limit}
     try:
-        # One producer for the round, its messages sent together (one Redis round trip).
-        with app.producer_or_acquire() as producer, producer.batch():
-            for number, task in enumerate(tasks):
-                # In the task's own trace (stored at push): the message carries it on to
-                # the worker, whichever process dispatches and whenever. By name, not through
-                # tasks.jobs (which imports this module): the worker runs whatever is
-                # registered as tasks.run_task. No result is stored or awaited.
-                args = [str(task.id), task.attempts]
-                with tracing.handout_span("task.dispatch", task.trace_context, **_span(task)):
-                    app.send_task(
-                        RUN_TASK,
-                        args=args,
-                        producer=producer,
-                        ignore_result=True,
-                        # The args' display form (Celery's documented argsrepr/kwargsrepr), as
-                        # its saferepr would write them (an id and a number need no
-                        # truncation), without saferepr and its two settings lookups a message.
-                        argsrepr=repr(args),
-                        kwargsrepr="{}",
-                        # The round's first message declares the queue (kombu caches it);
-                        # the rest go to the same queue, and skip kombu's per-message
-                        # declaration check, which builds a retry wrapper each time.
-                        **({} if number == 0 else {"declare": []}),
-                        **options,
-                    )
+        # The scheduler's own Celery queue: the workers started with `-Q` for it run its
+        # tasks, so a queue of slow handlers has its own pool and delays nobody else's. The
+        # scheduler travels in a header, for the worker's log fields (LOG_FORMAT=json). By
+        # name, not through tasks.jobs (which imports this module): the worker runs whatever
+        # is registered as tasks.run_task. No result is stored or awaited.
+        with round_sender(celery_queue=celery_queue, scheduler_id=scheduler_id, **limits) as send:
+            send_all(tasks, send)
     except Exception as exc:  # the broker is outside our control: hand back, not lose
         # Which messages got through is uncertain (a batch fails as a whole, and some of its
         # commands may have run), so all the round's tasks go back. A message that did arrive
@@ -154,11 +162,7 @@ def _send(
             _hand_back_quietly(task, reason=f"broker unavailable: {exc}")
 
 
-def _span(task: Task) -> dict[str, object]:
-    return {"scheduler.task.id": str(task.id), "scheduler.task.attempt": task.attempts}
-
-
-def _hand_back_quietly(task: Task, *, reason: str) -> int:
+def _hand_back_quietly(task: Sendable, *, reason: str) -> int:
     # Refused: it already moved on (claimed, reaped or cancelled): nothing to hand back.
     # No fast path: it would dispatch the task again at once, to the broker that just failed,
     # over and over; the periodic dispatcher sends it once the broker is back. Any other error

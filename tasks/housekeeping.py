@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks import queue, services
@@ -84,11 +84,17 @@ def _prune_one(scheduler_id: str, status: str, cutoff: datetime, batch_size: int
     deleted = 0
     while True:
         with transaction.atomic():
-            ids = list(
-                Task.objects.filter(
-                    scheduler_id=scheduler_id, status=status, modified_at__lt=cutoff
-                ).values_list("id", flat=True)[:batch_size]
+            doomed = Task.objects.filter(
+                scheduler_id=scheduler_id, status=status, modified_at__lt=cutoff
             )
+            if connection.features.has_select_for_update_skip_locked:
+                # Locked until deleted: Django's delete removes tasks by id alone, so a task
+                # requeued in between (by an operator, at that moment) would go, with the
+                # event its requeue wrote (events have no database constraint to refuse
+                # that). A row someone holds waits for the next prune. (SQLite: the
+                # IMMEDIATE transaction already keeps every other writer out.)
+                doomed = doomed.select_for_update(skip_locked=True)
+            ids = list(doomed.values_list("id", flat=True)[:batch_size])
             if ids:
                 TaskEvent.objects.filter(task_id__in=ids).delete()
                 Task.objects.filter(id__in=ids, status=status).delete()

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
-from tasks import dispatch, execution, housekeeping, stats
+from tasks import dispatch, dispatch_messages, execution, housekeeping, stats
 
 
 @shared_task(name="tasks.reap_expired_leases", ignore_result=True)
@@ -23,7 +23,7 @@ def prune_finished_tasks() -> int:
     return housekeeping.tasks_prune()
 
 
-@shared_task(name=dispatch.RUN_TASK, bind=True, ignore_result=True, acks_late=True)
+@shared_task(name=dispatch_messages.RUN_TASK, bind=True, ignore_result=True, acks_late=True)
 def run_task(self: Any, task_id: str, attempt: int) -> str:
     """Run one dispatched attempt of a task (which also refills its queue's broker share)."""
     return execution.execute(

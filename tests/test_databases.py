@@ -7,14 +7,15 @@ from __future__ import annotations
 import psycopg
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DataError, connection, connections
+from django.db import DataError, connection, connections, transaction
 from django.db.models.signals import post_init
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from scheduler_site.databases import NATIVE_FROM_LENGTH, hot_rows, prepare_threshold
+from scheduler_site.databases import NATIVE_FROM_LENGTH, _to_native, hot_rows, prepare_threshold
 from tasks import services
 from tasks.models import Task
+from tasks.queue.pop import _pop_sql
 
 
 @pytest.mark.parametrize(("text", "wanted"), [("5", 5), ("0", 0), ("off", None), (" ", None)])
@@ -208,3 +209,25 @@ def test_read_as_health_check__a_dead_connection_is_replaced_not_a_500(
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         assert cursor.fetchone()[0] != pid
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_pop_statement__its_generic_plan_updates_the_picked_rows_by_tid() -> None:
+    # The pick's row locks keep each locked version in place, so the UPDATE joins on the
+    # picked ctids: a TID scan per row, where a primary-key lookup was a three-page descent.
+    # The generic plan (what every prepared pop runs), on this test's tiny table too.
+    services.scheduler_create(id="tid")
+    services.task_push(scheduler_id="tid")
+    text, names = _to_native(_pop_sql())
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute(f"PREPARE tid_pop AS {text}")
+        arguments = {"scheduler": "'tid'", "now": "now()", "limit": "100", "worker": "'w'"}
+        cursor.execute(f"EXPLAIN EXECUTE tid_pop({', '.join(arguments[n] for n in names)})")
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        cursor.execute("DEALLOCATE tid_pop")
+    update = plan[plan.index("Update on") : plan.index("Insert on")]
+    assert "Tid Scan on" in update and "Seq Scan" not in update, plan
+    assert "tasks_task_pkey" not in update, plan
+    assert Task.objects.get().status == "QUEUED"  # EXPLAIN alone popped nothing

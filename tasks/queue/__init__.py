@@ -9,7 +9,8 @@ task and never wait on each other. SQLite ignores row locks; there the IMMEDIATE
 (see scheduler_site.databases) makes the statement run with the write lock held.
 
 Modules, by noun: `rows` (CAS, inserts, the ORM claim, row conversion), `pop`, `worker` (claim
-and report in one statement each), `flow` (flow control's hand-outs), `expiry`, `locks`.
+and report in one statement each), `refill` (a dispatch round in one round trip), `flow`
+(flow control's hand-outs), `expiry`, `locks`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tasks.queue.pop import (
     pop_in_one_statement,
     unclaimed_expired,
 )
+from tasks.queue.refill import Dispatched, Round, dispatch_claim_sql, dispatch_round
 from tasks.queue.rows import (
     ONE_STATEMENT_WRITES,
     Sql,
@@ -59,6 +61,7 @@ STATUS_STATEMENTS: dict[str, Any] = {
     "start": _start_sql,
     "complete": _complete_sql,
     "expire": _expire_sql,
+    "dispatch": dispatch_claim_sql,
     # One text per kind of pick; the claim (its UPDATE) is the same in each.
     "flow_handout": lambda: handout_sql(pick="order", rate=True, mint_token=True),
 }
@@ -69,7 +72,9 @@ __all__ = [
     "HANDOUT_TOOK",
     "ONE_STATEMENT_WRITES",
     "STATUS_STATEMENTS",
+    "Dispatched",
     "HandoutResult",
+    "Round",
     "Sql",
     "_fetch_tasks",
     "_pop_sql",
@@ -77,6 +82,7 @@ __all__ = [
     "claim_queued",
     "complete_leased",
     "data_filter",
+    "dispatch_round",
     "expire_due",
     "flow_claim_ids",
     "flow_execute",

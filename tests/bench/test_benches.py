@@ -82,3 +82,10 @@ def test_worker_bench__tiny_run_measures_latency_and_throughput() -> None:
     assert "| PostgreSQL + Redis (PostgreSQL " in out
     assert "| 20 | `demo.echo` via `tasks.run_task`" in out
     assert "failed" not in out
+
+
+def test_perf_worker_round__tiny_run_prints_each_path() -> None:
+    assert os.environ.get("TEST_REDIS_URL", ""), "the PostgreSQL leg runs with with-redis.sh"
+    out = run_bench("bench.perf_worker_round", "--rounds", "2", "--size", "3")
+    for path in ("round, ORM", "round, one query", "messages, send_task", "messages, round_sender"):
+        assert f"| {path} | " in out

@@ -197,6 +197,24 @@ def test_transition__deleted_task_is_refused(task_in: Callable[[str], Task]) -> 
 
 
 @pytest.mark.django_db
+def test_task_event__no_database_constraint_yet_deleting_a_task_deletes_its_events(
+    task_in: Callable[[str], Task],
+) -> None:
+    # The events' foreign key has no constraint in the database (its check cost a lookup and a
+    # row lock of the task per event); the ORM's on_delete still takes a task's events with it.
+    task, other = task_in(S.QUEUED), task_in(S.QUEUED)
+    services.transition(task, to_status=S.DISPATCHED, actor="x")
+    assert TaskEvent.objects.filter(task_id=task.id).count() == 2
+    [field] = [f for f in TaskEvent._meta.concrete_fields if f.name == "task"]
+    assert field.db_constraint is False
+
+    Task.objects.filter(id=task.id).delete()
+
+    assert not TaskEvent.objects.filter(task_id=task.id).exists()
+    assert TaskEvent.objects.filter(task_id=other.id).count() == 1
+
+
+@pytest.mark.django_db
 def test_task__is_active_and_can_transition_to(task_in: Callable[[str], Task]) -> None:
     for status in S.values:
         task = task_in(status)

@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+import psycopg
 import pytest
+from django.db import connection
 from time_machine import TimeMachineFixture
 
 from tasks import housekeeping, selectors, services
 from tasks.exceptions import DuplicateTask, SchedulerNotFound, TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tests.support.processes import database_url
 from tests.support.seed import force_status
 from tests.tasks.helpers import (
     T0,
@@ -220,6 +223,30 @@ def test_tasks_reap_expired__in_batches(push: Push, frozen: TimeMachineFixture) 
 
 
 # --- prune -----------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_tasks_prune__skips_a_task_someone_holds_and_keeps_its_events(
+    push: Push, time_machine: TimeMachineFixture
+) -> None:
+    # A requeue holds the row while it writes its event; the prune must not delete the task
+    # under it (Django's delete goes by id alone, and no constraint guards the events).
+    time_machine.move_to(T0, tick=False)
+    held, other = finish(push, S.FAILED), finish(push, S.FAILED)
+    time_machine.shift(timedelta(days=8))
+    holder = psycopg.connect(database_url(connection.settings_dict, "postgresql"))
+    try:
+        holder.execute("SELECT 1 FROM tasks_task WHERE id = %s FOR UPDATE", [held.id])
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '2s'")  # waiting on the holder fails the test
+        assert housekeeping.tasks_prune() == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    assert set(Task.objects.values_list("id", flat=True)) == {held.id}
+    assert TaskEvent.objects.filter(task_id=held.id).exists()
+    assert not TaskEvent.objects.filter(task_id=other.id).exists()
 
 
 @pytest.mark.django_db

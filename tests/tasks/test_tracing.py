@@ -63,6 +63,9 @@ def _run_as_a_worker(message: Any) -> Any:
     """What a worker does with the message: its headers are the task's request."""
     args, kwargs, _embed = message.decode()
     request = {**message.headers, "hostname": "w-test", "delivery_info": {"is_eager": False}}
+    # A worker imports the task modules at start (autodiscovery); a test process has imported
+    # them only if an earlier test did (it failed when run alone: NotRegistered).
+    app.loader.import_default_modules()
     task = app.tasks[message.headers["task"]]
     return build_tracer(task.name, task, app=app, eager=False)(
         message.headers["id"], args, kwargs, request

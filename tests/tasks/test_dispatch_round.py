@@ -1,0 +1,172 @@
+"""A dispatch round's two halves on their fast paths: on PostgreSQL the round is one query
+(tasks.queue.refill) that concurrent dispatchers cannot overfill the broker with, and its
+messages are those Celery's send_task would have sent (tasks.dispatch_messages)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from kombu.simple import SimpleQueue
+
+from scheduler_site.celery import app
+from tasks import dispatch, services
+from tasks.dispatch_messages import RUN_TASK, round_sender, send_all
+from tasks.exceptions import TransitionRefused
+from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
+from tests.processes import run_in_processes, shared_barrier
+from tests.support.seed import seed_queued
+
+S = TaskStatus
+
+
+def _purge() -> None:
+    with contextlib.suppress(Exception):  # an empty filesystem broker may have no folder yet
+        app.control.purge()
+
+
+@pytest.fixture(autouse=True)
+def _empty_broker() -> Iterator[None]:
+    _purge()
+    yield
+    _purge()
+
+
+def _taken_messages() -> list[Any]:
+    taken = []
+    with app.connection_for_write() as conn:
+        queue = SimpleQueue(conn, app.conf.task_default_queue)
+        try:
+            while True:
+                try:
+                    message = queue.get_nowait()
+                except SimpleQueue.Empty:
+                    return taken
+                message.ack()
+                taken.append(message)
+        finally:
+            queue.close()
+
+
+# --- the messages ------------------------------------------------------------------------------
+
+# Set per message (a fresh id, its args), or by the transport on delivery.
+PER_MESSAGE_HEADERS = {"id", "root_id", "argsrepr"}
+PER_MESSAGE_PROPERTIES = {"correlation_id", "delivery_tag", "argsrepr"}
+
+
+@pytest.mark.django_db
+def test_round_sender__messages_are_what_send_task_sends(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    make_scheduler("slow", kind="celery", handler="demo.sleep")
+    [task] = [services.task_push(scheduler_id="slow", data={})]
+    args = [str(task.id), 1]
+    app.send_task(  # what tasks.dispatch sent before it built its rounds' messages
+        RUN_TASK,
+        args=args,
+        ignore_result=True,
+        argsrepr=repr(args),
+        kwargsrepr="{}",
+        queue="celery",
+        headers={"scheduler": "slow"},
+        soft_time_limit=120,
+        time_limit=None,
+    )
+    task.attempts = 1
+    with round_sender(
+        celery_queue="celery", scheduler_id="slow", soft_time_limit=120, time_limit=None
+    ) as send:
+        send_all([task], send)
+
+    old, new = _taken_messages()
+    assert new.decode() == old.decode()
+    assert old.decode()[:2] == [args, {}]
+    assert new.headers["id"] != old.headers["id"]
+    assert [m.headers["root_id"] == m.headers["id"] for m in (old, new)] == [True, True]
+    assert _without(new.headers, PER_MESSAGE_HEADERS) == _without(old.headers, PER_MESSAGE_HEADERS)
+    assert new.headers["argsrepr"] == old.headers["argsrepr"] == repr(args)
+    assert _without(new.properties, PER_MESSAGE_PROPERTIES) == _without(
+        old.properties, PER_MESSAGE_PROPERTIES
+    )
+    assert (new.content_type, new.delivery_info) == (old.content_type, old.delivery_info)
+
+
+def _without(fields: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if name not in names}
+
+
+# --- the round in one query ----------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_dispatch_scheduler__a_plain_round_is_one_query_on_postgresql(
+    make_scheduler: Callable[..., Scheduler], django_capture_on_commit_callbacks: Any
+) -> None:
+    make_scheduler("echo", kind="celery", handler="demo.echo", dispatch_threshold=3, paused=True)
+    seed_queued("echo", 5)
+    Scheduler.objects.filter(id="echo").update(paused=False)
+
+    with (
+        django_capture_on_commit_callbacks(execute=True),  # the round's sends, on commit
+        CaptureQueriesContext(connection) as queries,
+    ):
+        assert dispatch.dispatch_scheduler("echo") == 3
+
+    assert len(queries) == 1, [q["sql"][:80] for q in queries]
+    assert Counter(TaskEvent.objects.values_list("to_status", flat=True)) == {
+        S.QUEUED: 5,
+        S.DISPATCHED: 3,
+    }
+    assert len(_taken_messages()) == 3
+
+
+THRESHOLD = 10
+DISPATCHERS = 8
+ROUNDS = 15
+
+
+def _dispatch_and_start(index: int, phase: Any) -> tuple[int, int]:
+    """Each round: every process dispatches at once, then starts one DISPATCHED task (making
+    room for the next round); (tasks it dispatched, most DISPATCHED it ever saw)."""
+    sent = deepest = 0
+    for _ in range(ROUNDS):
+        phase.wait(timeout=120)
+        sent += dispatch.dispatch_scheduler("conc")
+        deepest = max(deepest, Task.objects.filter(status=S.DISPATCHED).count())
+        for task_id, attempt in Task.objects.filter(status=S.DISPATCHED).values_list(
+            "id", "attempts"
+        )[:3]:
+            with contextlib.suppress(TransitionRefused):
+                services.task_start(task_id=task_id, actor=f"w{index}", attempt=attempt)
+                break
+    return sent, deepest
+
+
+@pytest.mark.postgres
+@pytest.mark.concurrency
+@pytest.mark.django_db(transaction=True)
+def test_dispatch_scheduler__concurrent_rounds_never_overfill_the_broker() -> None:
+    services.scheduler_create(
+        id="conc", kind="celery", handler="demo.echo", dispatch_threshold=THRESHOLD, paused=True
+    )
+    seed_queued("conc", 400)
+    Scheduler.objects.filter(id="conc").update(paused=False)
+
+    results = run_in_processes(
+        DISPATCHERS, _dispatch_and_start, shared_barrier(DISPATCHERS), timeout=240
+    )
+
+    assert max(deepest for _, deepest in results) <= THRESHOLD
+    dispatched = Counter(
+        TaskEvent.objects.filter(to_status=S.DISPATCHED).values_list("task_id", flat=True)
+    )
+    assert sum(sent for sent, _ in results) == len(dispatched) > THRESHOLD
+    assert set(dispatched.values()) == {1}, "each task dispatched once"
+    assert Task.objects.filter(status=S.DISPATCHED).count() <= THRESHOLD
