@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from scheduler_site import tracing
@@ -128,7 +129,22 @@ def scheduler_delete(*, scheduler_id: str) -> None:
                 "the scheduler and let them finish before deleting it.",
                 current_status="ACTIVE",
             )
+        tasks_lock_for_delete(scheduler.tasks.all())
         scheduler.delete()
+
+
+def tasks_lock_for_delete(tasks: QuerySet[Task]) -> None:
+    """Lock the tasks a cascade is about to delete, in the caller's transaction. Django deletes
+    the events first and the tasks after, by id; events have no database constraint (0018),
+    so a status change committed in between (its event with it: a requeue, a worker's report)
+    would leave an event naming no task. Locked, a writer waits and then finds no row; one
+    that had already written commits before the lock is granted, and its event is deleted
+    with the others. (SQLite: the IMMEDIATE transaction keeps every other writer out. The
+    admin deletes no task: events are append-only there, so it refuses any cascade to them.)"""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("tasks_lock_for_delete locks for the caller's transaction: use atomic()")
+    if connection.features.has_select_for_update:
+        list(tasks.select_for_update().values_list("id", flat=True))
 
 
 # --- push and pop ----------------------------------------------------------------------------

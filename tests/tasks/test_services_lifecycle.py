@@ -3,12 +3,14 @@ scheduler housekeeping."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from time_machine import TimeMachineFixture
 
 from tasks import housekeeping, selectors, services
@@ -242,11 +244,51 @@ def test_tasks_prune__skips_a_task_someone_holds_and_keeps_its_events(
             cursor.execute("SET lock_timeout = '2s'")  # waiting on the holder fails the test
         assert housekeeping.tasks_prune() == 1
     finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")  # the connection serves the later tests
         holder.rollback()
         holder.close()
     assert set(Task.objects.values_list("id", flat=True)) == {held.id}
     assert TaskEvent.objects.filter(task_id=held.id).exists()
     assert not TaskEvent.objects.filter(task_id=other.id).exists()
+
+
+def _delete_scheduler_in_a_thread(scheduler_id: str) -> threading.Thread:
+    def delete() -> None:
+        try:
+            services.scheduler_delete(scheduler_id=scheduler_id)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=delete)
+    thread.start()
+    return thread
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_scheduler_delete__an_event_written_meanwhile_goes_with_its_task(push: Push) -> None:
+    # A writer (a requeue, a report) has changed a task and written its event, not yet
+    # committed, when the queue is deleted. Django deletes the events, then the tasks; without
+    # the tasks locked first, the task's delete waited for the writer and the event it
+    # committed stayed behind, naming no task (events have no database constraint).
+    task = finish(push, S.FAILED)
+    holder = psycopg.connect(database_url(connection.settings_dict, "postgresql"))
+    holder.execute("UPDATE tasks_task SET modified_at = now() WHERE id = %s", [task.id])
+    holder.execute(
+        "INSERT INTO tasks_taskevent (task_id, from_status, to_status, at, actor, note) "
+        "VALUES (%s, 'FAILED', 'QUEUED', now(), 'writer', 'requeued')",
+        [task.id],
+    )
+    deleting = _delete_scheduler_in_a_thread(task.scheduler_id)
+    time.sleep(0.5)  # the delete reaches the writer's row lock and waits
+    holder.commit()
+    holder.close()
+    deleting.join(timeout=30)
+
+    assert not deleting.is_alive()
+    assert not Scheduler.objects.filter(id=task.scheduler_id).exists()
+    assert not TaskEvent.objects.filter(task_id=task.id).exists(), "an orphan event stayed"
 
 
 @pytest.mark.django_db
