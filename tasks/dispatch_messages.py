@@ -41,6 +41,9 @@ class Sendable(Protocol):
     def trace_context(self) -> str | None: ...
 
 
+_MESSAGE_ARGUMENTS = ("time_limit", "soft_time_limit", "expires")
+
+
 def _round_options(celery_queue: str, scheduler_id: str) -> dict[str, Any]:
     """send_task's routing of the round's messages (the routers see the task's name), with the
     registered task's own execution options under ours, as send_task merges them."""
@@ -69,6 +72,13 @@ def round_sender(
     messages sent together when the block ends (one Redis round trip)."""
     amqp = app.amqp
     options = _round_options(celery_queue, scheduler_id)
+    # Options registered on the task that create_task_message takes as arguments of its own
+    # (as send_task takes them): passed in both ways, every message failed ("multiple values
+    # for argument"). The handler's limits win; the task's own apply where it has none.
+    registered = {name: options.pop(name, None) for name in _MESSAGE_ARGUMENTS}
+    time_limit = registered["time_limit"] if time_limit is None else time_limit
+    soft_time_limit = registered["soft_time_limit"] if soft_time_limit is None else soft_time_limit
+    expires = registered["expires"]
     root_id, parent_id = _parent_ids()
     reply_to, sent_event = app.thread_oid, app.conf.task_send_sent_event
     first = [True]
@@ -78,7 +88,7 @@ def round_sender(
         message_id = uuid()
         # As send_task's call, argument for argument (positional, as it passes them).
         message = amqp.create_task_message(
-            message_id, RUN_TASK, args, {}, None, None, None, None, None, 0, None, None, None,
+            message_id, RUN_TASK, args, {}, None, None, None, None, expires, 0, None, None, None,
             reply_to, time_limit, soft_time_limit, sent_event, root_id, parent_id, None, None,
             ignore_result=True,
             # The args' display form (Celery's documented argsrepr/kwargsrepr), as its

@@ -97,6 +97,30 @@ def test_round_sender__messages_are_what_send_task_sends(
     assert (new.content_type, new.delivery_info) == (old.content_type, old.delivery_info)
 
 
+@pytest.mark.django_db
+def test_round_sender__limits_registered_on_the_task_apply_under_the_handlers(
+    make_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Options set on tasks.run_task itself (a decorator argument, task annotations) reached
+    # create_task_message twice, and every message of every round failed (review).
+    make_scheduler("slow", kind="celery", handler="demo.sleep")
+    task = services.task_push(scheduler_id="slow", data={})
+    task.attempts = 1
+    app.loader.import_default_modules()  # registers tasks.run_task, as a worker's start does
+    run_task = app.tasks[RUN_TASK]
+    monkeypatch.setattr(run_task, "time_limit", 300)
+    monkeypatch.setattr(run_task, "soft_time_limit", 200)
+    monkeypatch.setattr(run_task, "expires", 3600)
+    monkeypatch.setattr(run_task, "_exec_options", None)
+
+    with round_sender(celery_queue="celery", scheduler_id="slow", soft_time_limit=120) as send:
+        send_all([task], send)
+
+    [message] = _taken_messages()
+    assert message.headers["timelimit"] == [300, 120]  # the task's hard limit, the handler's soft
+    assert message.headers["expires"] is not None
+
+
 def _without(fields: dict[str, Any], names: set[str]) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if name not in names}
 
