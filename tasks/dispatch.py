@@ -11,6 +11,7 @@ worker finishes (to keep the pipeline full).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,16 +31,31 @@ from tasks.registry import HANDLERS
 logger = logging.getLogger(__name__)
 
 
+# Queues the one-query round found flow-controlled, and when (monotonic): for a while they
+# take the ORM round straight away. Asking costs a locked round trip of its own, every round;
+# a queue that stops being flow-controlled meanwhile is served by the ORM round just as well.
+_FLOW_QUEUES: dict[str, float] = {}
+FLOW_HINT_SECONDS = 60.0
+
+
 def dispatch_scheduler(scheduler_id: str, *, skip_if_busy: bool = False) -> int:
     """Dispatch what fits under the threshold; the number of tasks sent. `skip_if_busy`:
     send nothing when another process holds the queue's row lock (it is dispatching, and
     fills the room itself) rather than wait for it and then find the room gone."""
     with DISPATCH_SECONDS.labels(scheduler_id).time():
-        if queue.ONE_STATEMENT_WRITES:
+        if _round_in_one_query(scheduler_id):
             sent = _dispatch_in_one_round_trip(scheduler_id, skip_if_busy=skip_if_busy)
             if sent is not None:
                 return sent
+            _FLOW_QUEUES[scheduler_id] = time.monotonic()
         return _dispatch_locked(scheduler_id, skip_if_busy=skip_if_busy)
+
+
+def _round_in_one_query(scheduler_id: str) -> bool:
+    if not (queue.ONE_STATEMENT_WRITES and queue.round_in_one_query_possible()):
+        return False
+    seen = _FLOW_QUEUES.get(scheduler_id)
+    return seen is None or time.monotonic() - seen > FLOW_HINT_SECONDS
 
 
 def _dispatch_in_one_round_trip(scheduler_id: str, *, skip_if_busy: bool) -> int | None:

@@ -9,7 +9,7 @@ from django.contrib.auth.models import Group, User
 from django.db import connection
 from rest_framework.test import APIClient
 
-from tasks import accounts, services, wakeups
+from tasks import accounts, dispatch, services, wakeups
 from tasks.models import Scheduler, Task
 from tasks.roles import OPERATORS, RUNNERS
 
@@ -32,6 +32,13 @@ def _remove_test_broker_folder() -> Iterator[None]:
     from django.conf import settings
 
     shutil.rmtree(settings.CELERY_BROKER_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_hints() -> None:
+    """Each test starts with no queue remembered as flow-controlled (tasks.dispatch): test
+    databases reuse queue ids, with other settings."""
+    dispatch._FLOW_QUEUES.clear()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,13 @@ from tasks.queue.pop import (
     pop_in_one_statement,
     unclaimed_expired,
 )
-from tasks.queue.refill import Dispatched, Round, dispatch_claim_sql, dispatch_round
+from tasks.queue.refill import (
+    Dispatched,
+    Round,
+    dispatch_claim_sql,
+    dispatch_round,
+    round_in_one_query_possible,
+)
 from tasks.queue.rows import (
     ONE_STATEMENT_WRITES,
     Sql,
@@ -100,6 +106,7 @@ __all__ = [
     "pop_in_one_statement",
     "prep_ids",
     "record_events",
+    "round_in_one_query_possible",
     "start_dispatched",
     "unclaimed_expired",
 ]

@@ -17,10 +17,11 @@ client (Django's cursor), which is what lets one string carry two statements.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import connection
+from django.db import connection, transaction
 
 from tasks.queue.rows import _names, _prep
 
@@ -111,6 +112,15 @@ def dispatch_claim_sql() -> str:
 _SQL: dict[bool, str] = {}  # by skip_locked: the round's query string, built once
 
 
+def round_in_one_query_possible() -> bool:
+    """Whether this connection can carry the round's two statements in one string: only with
+    Django's client-side binding (its default); `server_side_binding` prepares each query, and
+    PostgreSQL refuses to prepare two statements at once."""
+    return connection.vendor == "postgresql" and not connection.settings_dict.get(
+        "OPTIONS", {}
+    ).get("server_side_binding")
+
+
 def dispatch_round(
     *,
     scheduler_id: str,
@@ -131,7 +141,10 @@ def dispatch_round(
         "actor": actor[:200],
         "note": note,
     }
-    with connection.cursor() as cursor:
+    # Inside a caller's transaction, a savepoint: an error here must not abort the caller's
+    # whole transaction (the dispatcher logs it and goes on). Outside one, none is needed.
+    savepoint = transaction.atomic() if connection.in_atomic_block else nullcontext()
+    with savepoint, connection.cursor() as cursor:
         cursor.execute(_SQL[skip_if_busy], params)
         locked, flow, handler, celery_queue, _setting = cursor.fetchone()
         cursor.nextset()

@@ -9,8 +9,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from kombu.simple import SimpleQueue
 
@@ -20,6 +21,7 @@ from tasks.dispatch_messages import RUN_TASK, round_sender, send_all
 from tasks.exceptions import TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.processes import run_in_processes, shared_barrier
+from tests.support.processes import database_url
 from tests.support.seed import seed_queued
 
 S = TaskStatus
@@ -143,12 +145,72 @@ def test_dispatch_scheduler__a_plain_round_is_one_query_on_postgresql(
     ):
         assert dispatch.dispatch_scheduler("echo") == 3
 
-    assert len(queries) == 1, [q["sql"][:80] for q in queries]
+    # The test runs in a transaction, so the round takes a savepoint; in autocommit it does not.
+    round_trips = [q["sql"][:80] for q in queries if "SAVEPOINT" not in q["sql"]]
+    assert len(round_trips) == 1, round_trips
     assert Counter(TaskEvent.objects.values_list("to_status", flat=True)) == {
         S.QUEUED: 5,
         S.DISPATCHED: 3,
     }
     assert len(_taken_messages()) == 3
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_dispatch_scheduler__server_side_binding_takes_the_orm_round(
+    make_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prepared statement cannot hold two statements: with server_side_binding every round
+    # in one query failed (review). The ORM round serves such a connection.
+    make_scheduler("echo", kind="celery", handler="demo.echo", dispatch_threshold=3)
+    seed_queued("echo", 2)
+    options = {**connection.settings_dict.get("OPTIONS", {}), "server_side_binding": True}
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert dispatch.dispatch_scheduler("echo") == 2
+
+    assert not any("set_config" in q["sql"] for q in queries)
+    assert Task.objects.filter(scheduler_id="echo", status=S.DISPATCHED).count() == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_dispatch_scheduler__a_flow_controlled_queue_is_asked_once(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    # The one-query round finds a flow-controlled queue, commits nothing and hands it to the
+    # ORM round; the next rounds go there at once, without that extra locked round trip.
+    make_scheduler("rated", kind="celery", handler="demo.echo", rate_limit="1000/s")
+    seed_queued("rated", 4)
+
+    with CaptureQueriesContext(connection) as queries:
+        dispatch.dispatch_scheduler("rated")
+        dispatch.dispatch_scheduler("rated")
+
+    assert sum("set_config" in q["sql"] for q in queries) == 1
+    assert Task.objects.filter(scheduler_id="rated", status=S.DISPATCHED).count() == 4
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_dispatch_scheduler__a_failed_round_leaves_the_callers_transaction_usable(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    make_scheduler("echo", kind="celery", handler="demo.echo")
+    holder = psycopg.connect(database_url(connection.settings_dict, "postgresql"))
+    try:
+        holder.execute("SELECT 1 FROM tasks_scheduler WHERE id = 'echo' FOR UPDATE")
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '100ms'")
+            with pytest.raises(OperationalError):
+                dispatch.dispatch_scheduler("echo")  # waits on the holder's lock, times out
+            # Without the round's savepoint: "current transaction is aborted".
+            assert Scheduler.objects.filter(id="echo").exists()
+    finally:
+        holder.rollback()
+        holder.close()
 
 
 THRESHOLD = 10
