@@ -72,5 +72,7 @@ def start_cycle(cycle: str) -> list[str]:
         except QueueFull:
             # An operator bounded the queue (max_queue_size): the VOs already queued keep their
             # turn, and the beat job ends without an error that would repeat every cycle.
-            logger.warning("%s: queue %s is full; skipped %s this cycle", cycle, queue_id, vo)
+            logger.warning(
+                "%s: queue %s is full; skipped %s this cycle", cycle, queue_id, vo or "all"
+            )
     return queued
