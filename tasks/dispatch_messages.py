@@ -55,6 +55,20 @@ def _round_options(celery_queue: str, scheduler_id: str) -> dict[str, Any]:
     return app.amqp.router.route(options, RUN_TASK, None, None, registered)
 
 
+def _message_limits(
+    options: dict[str, Any], time_limit: Any, soft_time_limit: Any
+) -> tuple[Any, Any, Any]:
+    """(time_limit, soft_time_limit, expires), taken out of `options`: create_task_message
+    takes them as arguments of its own (as send_task does), and passed both ways every message
+    failed ("multiple values for argument"). The handler's limits win over the task's own."""
+    registered = {name: options.pop(name, None) for name in _MESSAGE_ARGUMENTS}
+    return (
+        registered["time_limit"] if time_limit is None else time_limit,
+        registered["soft_time_limit"] if soft_time_limit is None else soft_time_limit,
+        registered["expires"],
+    )
+
+
 def _parent_ids() -> tuple[str | None, str | None]:
     """(root_id, parent_id) as send_task sets them: those of the worker task running now, if
     any (a refill on claim); none for a dispatcher outside a task."""
@@ -72,13 +86,7 @@ def round_sender(
     messages sent together when the block ends (one Redis round trip)."""
     amqp = app.amqp
     options = _round_options(celery_queue, scheduler_id)
-    # Options registered on the task that create_task_message takes as arguments of its own
-    # (as send_task takes them): passed in both ways, every message failed ("multiple values
-    # for argument"). The handler's limits win; the task's own apply where it has none.
-    registered = {name: options.pop(name, None) for name in _MESSAGE_ARGUMENTS}
-    time_limit = registered["time_limit"] if time_limit is None else time_limit
-    soft_time_limit = registered["soft_time_limit"] if soft_time_limit is None else soft_time_limit
-    expires = registered["expires"]
+    time_limit, soft_time_limit, expires = _message_limits(options, time_limit, soft_time_limit)
     root_id, parent_id = _parent_ids()
     reply_to, sent_event = app.thread_oid, app.conf.task_send_sent_event
     first = [True]
