@@ -8,7 +8,7 @@ import pytest
 from time_machine import TimeMachineFixture
 
 from tasks.registry import HANDLERS
-from tests.tasks.helpers import T0
+from tests.tasks.helpers import T0, purge_broker
 
 
 @pytest.fixture
@@ -25,3 +25,11 @@ def frozen(time_machine: TimeMachineFixture) -> TimeMachineFixture:
     """The clock stopped at T0."""
     time_machine.move_to(T0, tick=False)
     return time_machine
+
+
+@pytest.fixture
+def empty_broker() -> Iterator[None]:
+    """The broker holds no message when the test starts, nor after it."""
+    purge_broker()
+    yield
+    purge_broker()

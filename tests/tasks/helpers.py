@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from django.db.models import QuerySet
+from kombu.simple import SimpleQueue
 from rest_framework.test import APIClient
 
 from pilots.queues import QUEUES
+from scheduler_site.celery import app
 from tasks import dispatch, services
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tasks.retry import RetrySpec
@@ -122,3 +125,26 @@ def running_task(scheduler_id: str, **data: Any) -> Task:
     return services.task_start(
         task_id=task.id, actor="test", attempt=task.attempts, mint_token=True
     )
+
+
+def purge_broker() -> None:
+    with contextlib.suppress(Exception):  # an empty filesystem broker may have no folder yet
+        app.control.purge()
+
+
+def taken_messages(queue_name: str = "") -> list[Any]:
+    """Take every message off a queue (the default one unless named), acknowledged."""
+    taken = []
+    with app.connection_for_write() as conn:
+        queue = SimpleQueue(conn, queue_name or app.conf.task_default_queue)
+        try:
+            while True:
+                try:
+                    message = queue.get_nowait()
+                except SimpleQueue.Empty:
+                    break
+                message.ack()
+                taken.append(message)
+        finally:
+            queue.close()
+    return taken

@@ -15,7 +15,6 @@ import psycopg
 import pytest
 from django.conf import settings
 from django.db import connection
-from kombu.simple import SimpleQueue
 from rest_framework.test import APIClient
 from time_machine import TimeMachineFixture
 
@@ -24,24 +23,12 @@ from tasks import dispatch, services
 from tasks.exceptions import TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.support.processes import database_url
-from tests.tasks.helpers import T0, fresh, history, snapshot
+from tests.tasks.helpers import T0, fresh, history, snapshot, taken_messages
 
 S = TaskStatus
 UNREACHABLE = "redis://127.0.0.1:1/0"
 
-pytestmark = pytest.mark.django_db
-
-
-def _purge() -> None:
-    with contextlib.suppress(Exception):  # an empty filesystem broker may have no folder yet
-        app.control.purge()
-
-
-@pytest.fixture(autouse=True)
-def _empty_broker() -> Iterator[None]:
-    _purge()
-    yield
-    _purge()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_broker")]
 
 
 def _reset_producer_pools() -> None:
@@ -82,29 +69,11 @@ def _unreachable_broker() -> Iterator[None]:
         _reset_producer_pools()
 
 
-def _taken_messages(queue_name: str = "") -> list[Any]:
-    """Take every message off a queue (the default one unless named), acknowledged."""
-    taken = []
-    with app.connection_for_write() as conn:
-        queue = SimpleQueue(conn, queue_name or app.conf.task_default_queue)
-        try:
-            while True:
-                try:
-                    message = queue.get_nowait()
-                except SimpleQueue.Empty:
-                    break
-                message.ack()
-                taken.append(message)
-        finally:
-            queue.close()
-    return taken
-
-
 def _broker_messages(queue_name: str = "") -> list[tuple[str, list[Any], Any]]:
     """Take every message off a queue: (task name, args, time limits)."""
     return [
         (message.headers["task"], message.decode()[0], message.headers.get("timelimit"))
-        for message in _taken_messages(queue_name)
+        for message in taken_messages(queue_name)
     ]
 
 
@@ -502,7 +471,7 @@ def test_task_start__no_broker_room_when_nothing_is_queued(celery_queue: Schedul
 
 def _round_headers(queue_name: str = "") -> list[dict[str, Any]]:
     """The headers of every message on a queue, taken off it."""
-    return [dict(message.headers) for message in _taken_messages(queue_name)]
+    return [dict(message.headers) for message in taken_messages(queue_name)]
 
 
 def test_dispatch_scheduler__every_message_of_a_round_arrives_with_its_args_shown(

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
-from kombu.simple import SimpleQueue
 
 from scheduler_site.celery import app
 from tasks import dispatch, services
@@ -23,36 +22,11 @@ from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.processes import run_in_processes, shared_barrier
 from tests.support.processes import database_url
 from tests.support.seed import seed_queued
+from tests.tasks.helpers import taken_messages
 
 S = TaskStatus
 
-
-def _purge() -> None:
-    with contextlib.suppress(Exception):  # an empty filesystem broker may have no folder yet
-        app.control.purge()
-
-
-@pytest.fixture(autouse=True)
-def _empty_broker() -> Iterator[None]:
-    _purge()
-    yield
-    _purge()
-
-
-def _taken_messages() -> list[Any]:
-    taken = []
-    with app.connection_for_write() as conn:
-        queue = SimpleQueue(conn, app.conf.task_default_queue)
-        try:
-            while True:
-                try:
-                    message = queue.get_nowait()
-                except SimpleQueue.Empty:
-                    return taken
-                message.ack()
-                taken.append(message)
-        finally:
-            queue.close()
+pytestmark = pytest.mark.usefixtures("empty_broker")
 
 
 # --- the messages ------------------------------------------------------------------------------
@@ -86,7 +60,7 @@ def test_round_sender__messages_are_what_send_task_sends(
     ) as send:
         send_all([task], send)
 
-    old, new = _taken_messages()
+    old, new = taken_messages()
     assert new.decode() == old.decode()
     assert old.decode()[:2] == [args, {}]
     assert new.headers["id"] != old.headers["id"]
@@ -118,7 +92,7 @@ def test_round_sender__limits_registered_on_the_task_apply_under_the_handlers(
     with round_sender(celery_queue="celery", scheduler_id="slow", soft_time_limit=120) as send:
         send_all([task], send)
 
-    [message] = _taken_messages()
+    [message] = taken_messages()
     assert message.headers["timelimit"] == [300, 120]  # the task's hard limit, the handler's soft
     assert message.headers["expires"] is not None
 
@@ -152,7 +126,7 @@ def test_dispatch_scheduler__a_plain_round_is_one_query_on_postgresql(
         S.QUEUED: 5,
         S.DISPATCHED: 3,
     }
-    assert len(_taken_messages()) == 3
+    assert len(taken_messages()) == 3
 
 
 @pytest.mark.postgres
