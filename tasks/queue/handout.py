@@ -12,6 +12,14 @@ committed while it waited, the counts it read are old. Every hand-out (this stat
 tasks.flow's) updates the state row, so that case shows: the locked row (the newest version)
 is not the one the snapshot sees. The statement then takes nothing and answers "stale", and
 the caller hands out under the lock taken first, in statements of their own (tasks.flow).
+
+The picks do not lock the tasks they choose (no `FOR UPDATE SKIP LOCKED`, unlike the plain
+pop): every hand-out of the queue holds its FlowState lock, so no other hand-out can be
+choosing them, and the claim's `status = 'QUEUED'` is the compare-and-swap (a row that a
+cancel or the expiry batch holds is waited for, then re-checked). A row lock is a WAL record
+and a write of the task's page on every pop; it was a tenth of a crowded pop's cost.
+Executor set-up is paid per plan node on every run, taken or not: the statements keep their
+nodes few (one row for the answer, a join with `room` rather than a subquery per field).
 """
 
 from __future__ import annotations
@@ -86,15 +94,13 @@ def _head_sql(*, rate: bool, concurrency: bool) -> str:
         ), lock AS MATERIALIZED (
             SELECT st.xmin AS seen, st.fair_cursor, st.handed_out FROM {n["state"]} st
             WHERE st.scheduler_id = %(sid)s AND EXISTS (SELECT 1 FROM s) FOR UPDATE
-        ), gate AS MATERIALIZED (
-            SELECT lock.fair_cursor, lock.handed_out, c.now,
+        ), room AS MATERIALIZED (
+            SELECT gate.*, CASE WHEN gate.fresh THEN GREATEST(0, {room}) ELSE 0 END AS allowed
+            FROM (SELECT lock.fair_cursor, lock.handed_out, c.now,
                 floor(extract(epoch FROM c.now) * 1000000)::bigint AS now_us,
                 lock.seen = (SELECT o.xmin FROM {n["state"]} o
                     WHERE o.scheduler_id = %(sid)s) AS fresh
-            FROM lock, (SELECT GREATEST({", ".join(clocks)}) AS now OFFSET 0) c
-        ), room AS MATERIALIZED (
-            SELECT gate.*, CASE WHEN gate.fresh THEN GREATEST(0, {room}) ELSE 0 END AS allowed
-            FROM gate
+            FROM lock, (SELECT GREATEST({", ".join(clocks)}) AS now OFFSET 0) c OFFSET 0) gate
         )"""
 
 
@@ -104,8 +110,7 @@ def _order_pick() -> str:
             WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED'
                 AND t.not_before <= (SELECT now FROM room)
                 AND (t.expires_at IS NULL OR t.expires_at > (SELECT now FROM room))
-            ORDER BY t.priority, t.created_at, t.id
-            LIMIT (SELECT allowed FROM room) FOR UPDATE OF t SKIP LOCKED
+            ORDER BY t.priority, t.created_at, t.id LIMIT (SELECT allowed FROM room)
         ), verdict AS (SELECT 'empty' AS why), new_cursor AS (SELECT NULL::text AS v)"""
 
 
@@ -192,9 +197,7 @@ def _concurrency_pick() -> str:
             SELECT r.id, r.v FROM ranked r WHERE r.v IS NULL OR r.rn + r.n <= %(climit)s
             ORDER BY r.priority, r.created_at, r.id LIMIT (SELECT allowed FROM room)
         ){walk}, picked AS MATERIALIZED (
-            SELECT t.id FROM {{task}} t
-            WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM heads)
-            FOR UPDATE OF t SKIP LOCKED
+            SELECT id FROM first UNION ALL SELECT head FROM heads
         ), verdict AS (
             SELECT CASE WHEN (SELECT yes FROM walk_cut) THEN 'more' ELSE 'empty' END AS why
         ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
@@ -211,9 +214,8 @@ def _fair_pick() -> str:
         start="(SELECT allowed FROM room) > 0",
     )
     return f"""{walk}, picked AS MATERIALIZED (
-            SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT head FROM heads)
-                AND (SELECT COUNT(*) FROM heads) = (SELECT allowed FROM room)
-            FOR UPDATE OF t SKIP LOCKED
+            SELECT head AS id FROM heads
+            WHERE (SELECT COUNT(*) FROM heads) = (SELECT allowed FROM room)
         ), verdict AS (
             SELECT CASE WHEN (SELECT COUNT(*) FROM heads) = 0 AND NOT (SELECT yes FROM walk_cut)
                 THEN 'empty' ELSE 'more' END AS why
@@ -224,9 +226,11 @@ def _tail_sql(*, rate: bool, mint_token: bool, single: bool, took: str = "'ok'")
     """Claim by compare-and-swap, events, the window's row and pruning (rate), the state row
     (total and cursor: every hand-out changes it, which is what `fresh` tests); then the
     claimed rows (with `took`, SQL: "ok", or how the pick found them), or one row of NULLs
-    that says why nothing was taken. `single`: the pick takes one task at most, claimed by
-    an equality on its id (`IN` planned a hash aggregate, whose set-up on every run cost a
-    pop of one some 35 µs of the backend's CPU)."""
+    that says why nothing was taken (a left join of `room` and `claimed`: the UNION ALL of
+    the claimed rows and a row of NULLs with a subquery per reason it replaced cost a
+    crowded pop of one some 10 % of its server time). `single`: the pick takes one task at
+    most, claimed by an equality on its id (`IN` planned a hash aggregate, whose set-up on
+    every run cost a pop of one some 35 µs of the backend's CPU)."""
     n = {
         **_names(),
         "state": connection.ops.quote_name(FlowState._meta.db_table),
@@ -244,7 +248,6 @@ def _tail_sql(*, rate: bool, mint_token: bool, single: bool, took: str = "'ok'")
                 AND at_us <= (SELECT now_us FROM room) - %(window_us)s
                 AND EXISTS (SELECT 1 FROM claimed)
         )"""
-    nulls = ", ".join(["NULL"] * len(Task._meta.concrete_fields))
     claim = "= (SELECT id FROM picked LIMIT 1)" if single else "IN (SELECT id FROM picked)"
     return f""", claimed AS (
             UPDATE {n["task"]} t SET status = 'DISPATCHED', attempts = t.attempts + 1,
@@ -260,15 +263,13 @@ def _tail_sql(*, rate: bool, mint_token: bool, single: bool, took: str = "'ok'")
                 fair_cursor = COALESCE((SELECT v FROM new_cursor), fair_cursor)
             WHERE scheduler_id = %(sid)s AND EXISTS (SELECT 1 FROM claimed)
         )
-        SELECT claimed.*, {took} AS why FROM claimed
-        UNION ALL
-        SELECT {nulls}, CASE
-            WHEN NOT EXISTS (SELECT 1 FROM s) THEN 'other'
-            WHEN NOT EXISTS (SELECT 1 FROM room) THEN 'nostate'
-            WHEN NOT (SELECT fresh FROM room) THEN 'stale'
-            WHEN (SELECT allowed FROM room) <= 0 THEN 'blocked'
-            ELSE (SELECT why FROM verdict) END
-        WHERE NOT EXISTS (SELECT 1 FROM claimed)"""
+        SELECT c.*, CASE WHEN c.id IS NOT NULL THEN {took}
+            WHEN r.fresh IS NULL THEN CASE WHEN EXISTS (SELECT 1 FROM s) THEN 'nostate'
+                ELSE 'other' END
+            WHEN NOT r.fresh THEN 'stale'
+            WHEN r.allowed <= 0 THEN 'blocked'
+            ELSE (SELECT why FROM verdict) END AS why
+        FROM (SELECT 1) one LEFT JOIN room r ON TRUE LEFT JOIN claimed c ON TRUE"""
 
 
 # How many entries the single-task picks read before they answer "more" (a longer run of
@@ -294,9 +295,7 @@ def _concurrency_single_pick(*, walk: bool) -> str:
     whose head has room (tasks.flow picks the variant)."""
     if walk:
         return f"""{_probe()}{_single_walk()}, picked AS MATERIALIZED (
-            SELECT t.id FROM {{task}} t
-            WHERE t.id = COALESCE((SELECT id FROM first), (SELECT head FROM found))
-            FOR UPDATE OF t SKIP LOCKED
+            SELECT COALESCE((SELECT id FROM first), (SELECT head FROM found)) AS id
         ), verdict AS (
             SELECT CASE WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
                 THEN 'more' ELSE 'empty' END AS why
@@ -308,9 +307,7 @@ def _concurrency_single_pick(*, walk: bool) -> str:
             SELECT x.id FROM ({stretch}) x
             WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
             LIMIT (SELECT allowed FROM room)
-        ), picked AS MATERIALIZED (
-            SELECT t.id FROM {{task}} t WHERE t.id = (SELECT id FROM first)
-            FOR UPDATE OF t SKIP LOCKED
+        ), picked AS MATERIALIZED (SELECT id FROM first
         ), verdict AS (SELECT CASE WHEN (SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}
             THEN 'more' ELSE 'empty' END AS why),
         new_cursor AS (SELECT NULL::text AS v)"""
@@ -365,7 +362,7 @@ def _single_walk() -> str:
             SELECT x.v, w.steps + 1, x.wrapped, w.cursor, w.now FROM walk w,
                 LATERAL (SELECT COALESCE(n.v, CASE WHEN w.wrapped THEN NULL ELSE {lowest} END)
                         AS v, w.wrapped OR (n.v IS NULL AND w.v IS NOT NULL) AS wrapped
-                    FROM (SELECT {after} OFFSET 0) n(v)) x
+                    FROM (SELECT {after} OFFSET 0) n(v) OFFSET 0) x
             WHERE w.steps < {1 + FAIR_EXTRA_STEPS} AND x.v IS NOT NULL
                 AND NOT (x.wrapped AND (w.cursor IS NULL OR x.v > w.cursor))
         ), found AS MATERIALIZED (
@@ -395,9 +392,7 @@ def _fair_single_pick() -> str:
                 AND {due} AND x.v <= COALESCE((SELECT fair_cursor FROM room), x.v)
             LIMIT (SELECT allowed FROM room)
         ), picked AS MATERIALIZED (
-            SELECT t.id FROM {{task}} t
-            WHERE t.id = COALESCE((SELECT id FROM ahead), (SELECT id FROM wrapped))
-            FOR UPDATE OF t SKIP LOCKED
+            SELECT COALESCE((SELECT id FROM ahead), (SELECT id FROM wrapped)) AS id
         ), verdict AS (
             SELECT CASE WHEN EXISTS (SELECT 1 FROM {{task}} t WHERE t.scheduler_id = %(sid)s
                 AND t.status = 'QUEUED' AND {_DUE.format(t="t")})
