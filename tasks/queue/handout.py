@@ -299,7 +299,7 @@ def _concurrency_single_pick(*, walk: bool) -> str:
         ), verdict AS (
             SELECT CASE WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
                 THEN 'more' ELSE 'empty' END AS why
-        ), new_cursor AS (SELECT (SELECT v FROM found) AS v)"""
+        ), new_cursor AS (SELECT v FROM found)"""
     stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
         WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
         ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}"""
@@ -344,8 +344,9 @@ def _single_walk() -> str:
     `found` reads it (FAIR_EXTRA_STEPS values without a head end it: "more"), from a first
     row that carries the cursor and the clock, and each value's next, count and head
     appear once in the plan: the walk's nodes were most of a crowded pop's cost."""
-    after = """(SELECT MIN(q.concurrency_value) FROM {task} q WHERE q.scheduler_id = %(sid)s
-        AND q.status = 'QUEUED' AND q.concurrency_value IS NOT NULL{bound} OFFSET 0)"""
+    after = """(SELECT q.concurrency_value FROM {task} q WHERE q.scheduler_id = %(sid)s
+        AND q.status = 'QUEUED' AND q.concurrency_value IS NOT NULL{bound}
+        ORDER BY q.concurrency_value LIMIT 1)"""
     lowest = after.replace("{bound}", "")
     after = after.replace("{bound}", " AND q.concurrency_value > w.v")
     head = """SELECT h.id FROM {task} h WHERE h.scheduler_id = %(sid)s AND h.status = 'QUEUED'
