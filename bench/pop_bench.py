@@ -16,9 +16,10 @@ procrastinate-id-1 (`procrastinate_fetch_job_v2` reading only the id); pgqueuer-
 --finished finished rows in the popped queue); http-pop-1, http-pop-100, http-push-1,
 http-push-100, http-report-1, http-report-100 (the API under gunicorn -w 4, a runner's token);
 plain-pop-1, plain-pop-100, plain-push-1, plain-report-1 (bench/plain_views.py, the same
-service calls without DRF, without authentication), plain-auth-pop-1, plain-auth-push-1,
-plain-auth-report-1 (the same behind the API's token check, the action's permission and the
-runner's queue reach: the HTTP targets' anchor, "a plain Django view doing the same work").
+service calls without DRF, without authentication), plain-auth-pop-1, plain-auth-pop-100,
+plain-auth-push-1, plain-auth-report-1 (the same behind the API's token check, the action's
+permission and the runner's queue reach: the HTTP targets' anchor, "a plain Django view doing
+the same work").
 Peers whose package is missing are left out, with the reason.
 
 Figures only: nothing here asserts a timing.
@@ -135,6 +136,13 @@ def contenders() -> list[Contender]:
             "plain Django view with the token and permission checks, pop 1",
             pop,
             o.http_pop("/api/plain-auth", 1),
+            "plain",
+        ),
+        Contender(
+            "plain-auth-pop-100",
+            "plain Django view with the token and permission checks, pop 100",
+            pop,
+            o.http_pop("/api/plain-auth", 100),
             "plain",
         ),
         Contender(

@@ -60,7 +60,13 @@ RATIOS = (
         "plain view, pop: with token + permissions / without",
         math.nan,
     ),
-    ("http-pop-100", "plain-pop-100", "HTTP pop 100 / plain Django view", 0.9),
+    (
+        "http-pop-100",
+        "plain-auth-pop-100",
+        "HTTP pop 100 / plain view with token + permissions",
+        0.9,
+    ),
+    ("http-pop-100", "plain-pop-100", "HTTP pop 100 / plain view without auth", math.nan),
     ("http-pop-1", "ours-1", "HTTP pop 1 / the service call", math.nan),
 )
 

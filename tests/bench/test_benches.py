@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 POP_KEYS = (
     "raw-1,raw-100,procrastinate-1,procrastinate-id-1,pgqueuer-1,pgqueuer-100,ours-1,ours-100,ours-1-1m,"
     "http-pop-1,http-push-1,http-push-100,http-report-1,http-report-100,plain-pop-1,"
-    "plain-auth-pop-1,plain-auth-push-1,plain-auth-report-1"
+    "plain-auth-pop-1,plain-auth-pop-100,plain-auth-push-1,plain-auth-report-1"
 )
 
 
