@@ -210,3 +210,29 @@ def test_task_pop__a_pop_that_waited_for_the_lock_counts_what_the_holder_handed_
     assert out == [[]]
     active = Task.objects.filter(status=TaskStatus.DISPATCHED)
     assert sorted(active.values_list("concurrency_value", flat=True)) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_task_pop__a_task_a_cancel_holds_is_waited_for_and_never_handed_out(limit: int) -> None:
+    """The one-statement hand-out does not lock the task it picks (the queue's FlowState
+    lock keeps every other hand-out out): a picked task that a cancel is changing is waited
+    for, and the claim's status test, the compare-and-swap, then refuses it."""
+    services.scheduler_create(id="cas", concurrency_key="org", concurrency_limit=5)
+    seed_queued("cas", 1, data={"org": "w"}, priority=0)
+    seed_queued("cas", 1, data={"org": "a"}, priority=1)
+    seed_queued("cas", 1, data={"org": "b"}, priority=5)
+    services.task_pop(scheduler_id="cas", limit=1, worker="warm")  # "w": the state row
+    head = Task.objects.get(scheduler_id="cas", data__org="a")
+    out: list[list[Task]] = []
+    with transaction.atomic():  # the cancel holds the head's row until it commits
+        services.task_cancel(task_id=head.id, actor="operator")
+        late = threading.Thread(target=_pop_in_thread, args=("cas", limit, out))
+        late.start()
+        _wait_until_blocked_on_a_lock()
+    late.join(30)
+
+    assert [[task.data["org"] for task in tasks] for tasks in out] == [["b"][: limit - 1]]
+    head.refresh_from_db()
+    assert head.status == TaskStatus.CANCELLED
+    handed = TaskEvent.objects.filter(task_id=head.id, to_status=TaskStatus.DISPATCHED)
+    assert not handed.exists()
