@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threshold", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up tasks a leg")
     parser.add_argument("--no-floor", action="store_true", help="only our path")
     parser.add_argument("--variant", action="append", default=[], help="NAME=worker options")
     return parser.parse_args(argv)
@@ -103,8 +104,8 @@ def run_ours(folder: Path, options: list[str], env: dict[str, str], args: Any) -
     reset_scheduler(THROUGHPUT_SCHEDULER, threshold=args.threshold)
     worker = _worker("waits", folder, options, env)
     try:
-        seed_queued(THROUGHPUT_SCHEDULER, 100)
-        drain(100, 120)
+        seed_queued(THROUGHPUT_SCHEDULER, args.warmup)
+        drain(args.warmup, 120)
         clear_tasks(THROUGHPUT_SCHEDULER)
         seed_queued(THROUGHPUT_SCHEDULER, args.tasks)
         vacuum_tasks()
@@ -124,8 +125,8 @@ def run_floor(folder: Path, options: list[str], env: dict[str, str], args: Any) 
     worker = _worker("waits-floor", folder, options, env)
     try:
         mark = len(worker.lines)
-        send_noops(100)
-        wait_succeeded(worker, mark, 100, 60)
+        send_noops(args.warmup)
+        wait_succeeded(worker, mark, args.warmup, 60)
         mark, started = len(worker.lines), time.time()
         send_noops(args.tasks)
         wait_succeeded(worker, mark, args.tasks, max(60.0, args.tasks / 20))
@@ -189,7 +190,8 @@ def analyse(folder: Path, since: float) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    common.configure_environment("worker_waits", redis=True, run_as="see the docstring")
+    how = "scripts/with-postgres.sh --required -- scripts/with-redis.sh --required -- python"
+    common.configure_environment("worker_waits", redis=True, run_as=f"{how} -m bench.worker_waits")
     common.setup_django("worker_waits")
     variants: list[tuple[str, list[str], dict[str, str]]] = [("base", [], {})]
     for spec in args.variant:
