@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.worker_peers import measure_procrastinate_worker
 from bench.worker_setup import (
     THROUGHPUT_CONCURRENCY,
     THROUGHPUT_SCHEDULER,
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=100, help="warm-up tasks a leg")
     parser.add_argument("--no-floor", action="store_true", help="only our path")
+    parser.add_argument(
+        "--peer", action="store_true", help="procrastinate's worker too, once a round (its rate)"
+    )
     parser.add_argument("--variant", action="append", default=[], help="NAME=worker options")
     return parser.parse_args(argv)
 
@@ -211,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                     figures = analyse(Path(tmp), since)
                 results[f"{leg}/{name}"].append(figures)
                 common.log(f"round {number} {leg}/{name}: {figures['tasks/s']:.0f} tasks/s")
+        if args.peer:
+            peer = measure_procrastinate_worker(args.tasks, args.warmup)
+            if not isinstance(peer, str):
+                results["procrastinate"].append({"tasks/s": peer.rate, "tasks": peer.completed})
         common.log(common.uptime())
     report(results)
     return 0
