@@ -259,6 +259,10 @@ DISPATCH_INTERVAL_SECONDS = env_int("DISPATCH_INTERVAL_SECONDS", 2, minimum=1)
 # A worker extends a running task's lease (and its locks) by 3x this, every this many seconds:
 # a killed worker's task is reaped within about 3x this plus the reaper's interval.
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
+# A worker's claim (DISPATCHED -> RUNNING) commits without waiting for its WAL flush on
+# PostgreSQL; a database crash may lose a claim, and the task then runs again
+# (tasks.queue.worker.start_dispatched). 0: every claim waits for its flush.
+WORKER_CLAIM_ASYNC_COMMIT = env_bool("WORKER_CLAIM_ASYNC_COMMIT", True)
 # A pull runner counts as live this long after its last call (it idles in long-poll pops and
 # between polls); its calls are recorded at most once per RUNNER_SEEN_WRITE_SECONDS each.
 RUNNER_LOST_AFTER_SECONDS = env_int("RUNNER_LOST_AFTER_SECONDS", 90, minimum=1)

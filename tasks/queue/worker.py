@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.conf import settings
+from django.db import connection, transaction
 
 from tasks.models import (
     Scheduler,
@@ -37,7 +38,7 @@ from tasks.queue.rows import (
 # then reads the task to say why.
 
 
-def _start_sql() -> str:
+def _start_sql(*, async_commit: bool = False) -> str:
     # The lease is the scheduler's, so the UPDATE joins it; its handler comes back with the
     # row, sparing the worker a second read. attempts = COALESCE(...) is the fence: a caller
     # that names an attempt only claims that one.
@@ -49,7 +50,11 @@ def _start_sql() -> str:
     # tasks only when there is room. A worker's claim mints the lease token (the dispatcher
     # handed the task to the broker, not to a holder); a runner's RUNNING report keeps the
     # token its pop minted, and must show it (or be an operator's override: token NULL).
+    # `async_commit`: the statement's own transaction commits without waiting for its WAL
+    # flush (set_config local to it, read at commit; only when the claim matched a row, so
+    # only a claim's commit). See start_dispatched for why a worker's claim may.
     n = _names()
+    relaxed = "WHERE set_config('synchronous_commit', 'off', true) = 'off'" if async_commit else ""
     return f"""
         WITH started AS (
             UPDATE {n["task"]} t SET status = 'RUNNING', modified_at = %(now)s,
@@ -81,8 +86,12 @@ def _start_sql() -> str:
                     WHERE q.scheduler_id = started.scheduler_id AND q.status = 'QUEUED'
                 ) THEN room.free END
             END FROM room) AS broker_room
-        FROM started
+        FROM started {relaxed}
     """
+
+
+def _start_async_sql() -> str:
+    return _start_sql(async_commit=True)
 
 
 def _complete_sql() -> str:
@@ -152,7 +161,18 @@ def start_dispatched(
     minted (a runner's RUNNING report). The task also carries `handler_name` (its scheduler's
     handler), its scheduler's `dispatch_threshold`, and `broker_room`: when the broker share of
     its unpaused celery queue should be topped up (half the threshold or more free, and
-    something QUEUED), the room left after this claim; else None."""
+    something QUEUED), the room left after this claim; else None.
+
+    A worker's claim (`mint_token`, outside a caller's transaction, WORKER_CLAIM_ASYNC_COMMIT)
+    commits asynchronously on PostgreSQL: no wait for the WAL flush, which under concurrent
+    workers was where their database backends waited most (pg_stat_activity: WALSync and
+    WALWrite, issue 12). The claim is durable once any later commit flushes the WAL (the
+    report's, a lock's, a heartbeat's: WAL is flushed in order) or the WAL writer does (within
+    3 x wal_writer_delay). A database crash before that loses the claim and its event
+    together; the task is DISPATCHED on the same attempt again, the worker's report and
+    heartbeats carry the lost claim's token and are refused, and the claim timeout sends the
+    task again: it runs again, as after a worker's death. Nothing reported is lost: the
+    report, and every other status write, commits synchronously."""
     if not ONE_STATEMENT_WRITES:
         return _start_dispatched_sqlite(
             task_id=task_id,
@@ -165,8 +185,9 @@ def start_dispatched(
         )
     params = _fenced_params(task_id, attempt, lease_token, now=now, actor=actor, note=note)
     params["mint"] = mint_token
+    relaxed = mint_token and settings.WORKER_CLAIM_ASYNC_COMMIT and not connection.in_atomic_block
     rows = _fetch_tasks(
-        _hot_sql("start", _start_sql),
+        _hot_sql("start_async", _start_async_sql) if relaxed else _hot_sql("start", _start_sql),
         params,
         extras=("handler_name", "dispatch_threshold", "broker_room"),
         prepared=True,

@@ -85,6 +85,18 @@ def test_worker_bench__tiny_run_measures_latency_and_throughput() -> None:
     assert "failed" not in out
 
 
+def test_worker_waits__tiny_run_times_the_stages_of_each_variant() -> None:
+    assert os.environ.get("TEST_REDIS_URL", ""), "the PostgreSQL leg runs with with-redis.sh"
+    out = run_bench(
+        "bench.worker_waits",
+        *("--tasks", "20", "--warmup", "5", "--rounds", "1", "--no-floor"),
+        *("--variant", "sync=WORKER_CLAIM_ASYNC_COMMIT=0"),
+    )
+    assert "| figure | ours/base | ours/sync |" in out
+    assert "| prerun>started | " in out
+    assert "ours/sync rounds tasks/s:" in out
+
+
 def test_perf_worker_round__tiny_run_prints_each_path() -> None:
     assert os.environ.get("TEST_REDIS_URL", ""), "the PostgreSQL leg runs with with-redis.sh"
     out = run_bench("bench.perf_worker_round", "--rounds", "2", "--size", "3")

@@ -1,0 +1,114 @@
+"""The worker's claim and report statements (tasks/queue/worker.py): which commits wait for
+their WAL flush on PostgreSQL, and what happens to a task whose claim a database crash lost
+(issue 12: a worker's claim commits asynchronously, every report synchronously)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from time_machine import TimeMachineFixture
+
+from tasks import dispatch, execution, services
+from tasks.leases import LeaseProof
+from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.registry import TaskContext, register
+from tasks.retry import RetrySpec
+from tests.support.seed import force_status
+from tests.tasks.helpers import celery_queue, dispatched_task, fresh
+
+S = TaskStatus
+ASYNC = "set_config('synchronous_commit', 'off', true)"
+
+pytestmark = pytest.mark.usefixtures("restore_handlers")
+
+
+def _dispatched(scheduler_id: str, **data: Any) -> Task:
+    """A pushed task, DISPATCHED: in autocommit the push's fast path dispatches it at once."""
+    task = services.task_push(scheduler_id=scheduler_id, data=data)
+    dispatch.dispatch_scheduler(scheduler_id)
+    task = fresh(task)
+    assert task.status == S.DISPATCHED
+    return task
+
+
+def _statements(queries: CaptureQueriesContext, start: str) -> list[str]:
+    return [q["sql"] for q in queries if q["sql"].lstrip().startswith(start)]
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("empty_broker")
+@pytest.mark.django_db(transaction=True)  # autocommit, as on a worker
+def test_start_dispatched__a_workers_claim_commits_asynchronously_its_report_does_not() -> None:
+    celery_queue("echo", "demo.echo")
+    task = _dispatched("echo", n=1)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert execution.execute(task.id, task.attempts, worker="test") == "completed"
+
+    (claim,) = _statements(queries, "WITH started AS")
+    (report,) = _statements(queries, "WITH previous AS")
+    assert ASYNC in claim
+    assert "synchronous_commit" not in report
+    assert fresh(task).status == S.COMPLETED
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("empty_broker")
+@pytest.mark.django_db(transaction=True)
+def test_start_dispatched__the_setting_off_and_a_runners_report_wait_for_the_flush(
+    settings: Any,
+) -> None:
+    celery_queue("echo", "demo.echo")
+    settings.WORKER_CLAIM_ASYNC_COMMIT = False
+    task = _dispatched("echo", n=1)
+    with CaptureQueriesContext(connection) as queries:
+        assert execution.execute(task.id, task.attempts, worker="test") == "completed"
+    settings.WORKER_CLAIM_ASYNC_COMMIT = True
+    popped = _dispatched("echo", n=2)  # a runner's RUNNING report keeps its pop's token
+    Task.objects.filter(id=popped.id).update(lease_token="t" * 64)
+    with CaptureQueriesContext(connection) as reported:
+        services.task_start(task_id=popped.id, actor="runner", proof=LeaseProof.holder("t" * 64))
+
+    (claim,) = _statements(queries, "WITH started AS")
+    (report,) = _statements(reported, "WITH started AS")
+    assert "synchronous_commit" not in claim
+    assert "synchronous_commit" not in report
+    assert fresh(popped).status == S.RUNNING
+
+
+@pytest.mark.django_db
+def test_execute__a_claim_lost_in_a_database_crash_is_refused_then_sent_again(
+    frozen: TimeMachineFixture,
+) -> None:
+    # The crash is played by putting back the row and events as they were before the claim
+    # (what a lost asynchronous commit leaves): the worker's report carries the lost claim's
+    # token and is refused; the claim timeout hands the task back and it runs again.
+    def crash_after_the_claim(ctx: TaskContext) -> str:
+        runs.append(ctx.attempt)
+        if len(runs) > 1:
+            return "ok"
+        force_status([ctx.task_id], S.DISPATCHED, **before)
+        TaskEvent.objects.filter(task_id=ctx.task_id, to_status=S.RUNNING).delete()
+        return "side effect done"
+
+    register("test.crash", retry=RetrySpec(policy="none", dead_letter=False))(crash_after_the_claim)
+    celery_queue("crash", "test.crash")
+    task = dispatched_task("crash")
+    before = Task.objects.values("lease_token", "lease_expires_at", "worker").get(id=task.id)
+    runs: list[int] = []
+
+    assert execution.execute(task.id, task.attempts, worker="test") == "lost"
+    assert (fresh(task).status, fresh(task).result) == (S.DISPATCHED, None)
+
+    frozen.move_to(timezone.now() + timedelta(minutes=1))  # past the claim timeout
+    assert dispatch.hand_back_unclaimed() == 1
+    assert dispatch.dispatch_scheduler("crash") == 1
+    again = fresh(task)
+    assert execution.execute(again.id, again.attempts, worker="test") == "completed"
+    assert (fresh(task).status, fresh(task).result) == (S.COMPLETED, "ok")
+    assert runs == [1, 1]  # handing back spent no attempt: the lost claim was not the task's
