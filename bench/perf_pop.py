@@ -229,7 +229,8 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
     first = next(iter(results.values()))
     for name, values in results.items():
         rates = [value[0] for value in values]
-        ratio = statistics.median(v[0] / f[0] for v, f in zip(values, first, strict=True))
+        ratios = [v[0] / f[0] for v, f in zip(values, first, strict=True) if f[0]]
+        ratio = statistics.median(ratios) if ratios else float("nan")  # a queue run dry
         client, pg, pages = (statistics.median(value[i] for value in values) for i in (1, 2, 3))
         print(
             f"| {name} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} "
