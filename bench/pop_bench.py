@@ -10,14 +10,16 @@ process's share of pushes or reports is sent) or the time cap passes. Before eac
 tables are refilled and vacuumed, so every round starts from the same state.
 
 Contenders (keys for --only): raw-1, raw-100 (the lean psycopg loop, own minimal table,
-autocommit); procrastinate-1 (`procrastinate_fetch_job_v2`); pgqueuer-1, pgqueuer-100 (its
-dequeue); ours-1, ours-100, ours-1-1m, ours-100-1m (`tasks.services.task_pop`, with 0 and
+autocommit); procrastinate-1 (its manager's `fetch_job`: the query, a dict row, a `Job`),
+procrastinate-id-1 (`procrastinate_fetch_job_v2` reading only the id); pgqueuer-1, pgqueuer-100
+(its dequeue); ours-1, ours-100, ours-1-1m, ours-100-1m (`tasks.services.task_pop`, with 0 and
 --finished finished rows in the popped queue); http-pop-1, http-pop-100, http-push-1,
 http-push-100, http-report-1, http-report-100 (the API under gunicorn -w 4, a runner's token);
 plain-pop-1, plain-pop-100, plain-push-1, plain-report-1 (bench/plain_views.py, the same
-service calls without DRF, without authentication), plain-auth-pop-1, plain-auth-push-1,
-plain-auth-report-1 (the same behind the API's token check, the action's permission and the
-runner's queue reach: the HTTP targets' anchor, "a plain Django view doing the same work").
+service calls without DRF, without authentication), plain-auth-pop-1, plain-auth-pop-100,
+plain-auth-push-1, plain-auth-report-1 (the same behind the API's token check, the action's
+permission and the runner's queue reach: the HTTP targets' anchor, "a plain Django view doing
+the same work").
 Peers whose package is missing are left out, with the reason.
 
 Figures only: nothing here asserts a timing.
@@ -75,9 +77,16 @@ def contenders() -> list[Contender]:
         ),
         Contender(
             "procrastinate-1",
-            "procrastinate `procrastinate_fetch_job_v2`",
+            "procrastinate `fetch_job` (its query, dict row, `Job`)",
             pop_peers.procrastinate_fill,
-            pop_peers.procrastinate_connect,
+            pop_peers.procrastinate_connect(whole_job=True),
+            package="procrastinate",
+        ),
+        Contender(
+            "procrastinate-id-1",
+            "procrastinate `procrastinate_fetch_job_v2`, id only",
+            pop_peers.procrastinate_fill,
+            pop_peers.procrastinate_connect(whole_job=False),
             package="procrastinate",
         ),
         Contender(
@@ -127,6 +136,13 @@ def contenders() -> list[Contender]:
             "plain Django view with the token and permission checks, pop 1",
             pop,
             o.http_pop("/api/plain-auth", 1),
+            "plain",
+        ),
+        Contender(
+            "plain-auth-pop-100",
+            "plain Django view with the token and permission checks, pop 100",
+            pop,
+            o.http_pop("/api/plain-auth", 100),
             "plain",
         ),
         Contender(

@@ -3,8 +3,9 @@
 - the lean raw loop: psycopg in autocommit on a minimal table of its own,
   `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED LIMIT 1)` (batch: `id IN (… LIMIT 100)`);
 - procrastinate: its schema applied as its SchemaManager would, its jobs inserted through its
-  own defer function's table (the insert triggers run), then `procrastinate_fetch_job_v2`
-  called as its worker calls it (autocommit, one job a call; it has no batch fetch);
+  own defer function's table (the insert triggers run), then its manager's `fetch_job` query
+  (`procrastinate_fetch_job_v2`) called as its worker calls it (autocommit, one job a call; it
+  has no batch fetch), the row made into its `Job`; and the same call reading only the id;
 - pgqueuer: its schema installed by its own `Queries.install()`, jobs enqueued by its
   `SyncQueries.enqueue`, then its own `Queries.dequeue` (asyncio over psycopg, as its
   worker runs), batch 1 and 100.
@@ -118,18 +119,50 @@ def procrastinate_insert(count: int) -> None:
         )
 
 
-def procrastinate_connect(spec: Spec, index: int) -> Caller:
-    conn = _connect()
-    # A worker registers itself first (procrastinate_register_worker_v1), as its worker does.
-    worker_id = conn.execute("SELECT procrastinate_register_worker_v1()").fetchone()[0]
-    sql = "SELECT id FROM procrastinate_fetch_job_v2(%s, %s)"
-    queues = [PROCRASTINATE_QUEUE]
+def procrastinate_connect(*, whole_job: bool):  # -> Callable[[Spec, int], Caller]
+    """procrastinate's fetch as its worker makes it: its manager's `fetch_job` query (the
+    job's columns), read through a dict-row cursor as its connector does, made into a `Job`
+    (`whole_job`); or only the job's id, which hands out the same job with less client work."""
+
+    def connect(spec: Spec, index: int) -> Caller:
+        conn = _connect()
+        # A worker registers itself first (procrastinate_register_worker_v1), as its worker does.
+        worker_id = conn.execute("SELECT procrastinate_register_worker_v1()").fetchone()[0]
+        params = {"queues": [PROCRASTINATE_QUEUE], "worker_id": worker_id}
+        call = _procrastinate_fetch(conn, params) if whole_job else _procrastinate_id(conn, params)
+        return Caller(call, conn.close, conn.info.backend_pid)
+
+    return connect
+
+
+def _procrastinate_fetch(conn, params: dict):  # -> Callable[[], int]
+    from procrastinate import jobs
+    from procrastinate.sql import queries
+    from psycopg.rows import dict_row
+
+    query = queries["fetch_job"]
 
     def call() -> int:
-        row = conn.execute(sql, (queues, worker_id)).fetchone()
+        # JobManager.fetch_job: one cursor per query (its connector's _get_cursor), then
+        # Job.from_row unless the function found nothing (a row of NULLs).
+        with conn.cursor(row_factory=dict_row) as cursor:
+            row = cursor.execute(query, params).fetchone()
+        if row is None or row["id"] is None:
+            return 0
+        jobs.Job.from_row(row)
+        return 1
+
+    return call
+
+
+def _procrastinate_id(conn, params: dict):  # -> Callable[[], int]
+    query = "SELECT id FROM procrastinate_fetch_job_v2(%(queues)s::varchar[], %(worker_id)s)"
+
+    def call() -> int:
+        row = conn.execute(query, params).fetchone()
         return 0 if row is None or row[0] is None else 1
 
-    return Caller(call, conn.close, conn.info.backend_pid)
+    return call
 
 
 # --- pgqueuer --------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from tests.support.processes import ROOT, database_url
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 POP_KEYS = (
-    "raw-1,raw-100,procrastinate-1,pgqueuer-1,pgqueuer-100,ours-1,ours-100,ours-1-1m,"
+    "raw-1,raw-100,procrastinate-1,procrastinate-id-1,pgqueuer-1,pgqueuer-100,ours-1,ours-100,ours-1-1m,"
     "http-pop-1,http-push-1,http-push-100,http-report-1,http-report-100,plain-pop-1,"
-    "plain-auth-pop-1,plain-auth-push-1,plain-auth-report-1"
+    "plain-auth-pop-1,plain-auth-pop-100,plain-auth-push-1,plain-auth-report-1"
 )
 
 
@@ -56,7 +56,8 @@ def test_pop_bench__tiny_run_measures_every_contender_and_prints_the_tables() ->
         assert f"| HTTP {anchored} / plain view with token + permissions | **" in out
     assert "error(s)" not in out
     for package, row in (
-        ("procrastinate", "| procrastinate `procrastinate_fetch_job_v2` | **"),
+        ("procrastinate", "| procrastinate `fetch_job` (its query, dict row, `Job`) | **"),
+        ("procrastinate", "| procrastinate `procrastinate_fetch_job_v2`, id only | **"),
         ("pgqueuer", "| pgqueuer dequeue, batch 100 | **"),
     ):
         if importlib.util.find_spec(package) is None:
