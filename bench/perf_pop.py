@@ -1,12 +1,18 @@
-"""Service-layer pop, variants side by side (issue 12): prepared statements on or off, the
-old full hash/schedule indexes or the partial ones of migration 0012.
+"""Service-layer pop, variants side by side (issue 12), one set a run (--set): `prepare`
+(prepared statements on or off, the old full hash/schedule indexes or the partial ones of
+migration 0012), `queue-index` (the queue index with or without its id tie-breaker),
+`source` (this checkout against another one, e.g. `git archive` of the commit before a
+change unpacked in /tmp, named by BENCH_SOURCE).
 
     scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_pop
+    BENCH_SOURCE=/tmp/before scripts/with-postgres.sh --required -- \
+        .venv/bin/python -m bench.perf_pop --set source --limit 100
 
 DATABASE_URL must be a throwaway PostgreSQL database (production settings, not --tuned).
 Each cell: P processes call tasks.services.task_pop(limit=L) in a loop for T seconds; cells
 interleaved over the rounds (A B C A B C ...); medians. CPU per call: the clients' own, and
-their PostgreSQL backends' (from /proc). Figures only.
+their PostgreSQL backends' (from /proc); task_queue_idx pages read per call (its
+pg_statio counters). Figures only.
 """
 
 from __future__ import annotations
