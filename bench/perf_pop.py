@@ -1,12 +1,18 @@
-"""Service-layer pop, variants side by side (issue 12): prepared statements on or off, the
-old full hash/schedule indexes or the partial ones of migration 0012.
+"""Service-layer pop, variants side by side (issue 12), one set a run (--set): `prepare`
+(prepared statements on or off, the old full hash/schedule indexes or the partial ones of
+migration 0012), `queue-index` (the queue index with or without its id tie-breaker),
+`source` (this checkout against another one, e.g. `git archive` of the commit before a
+change unpacked in /tmp, named by BENCH_SOURCE).
 
     scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_pop
+    BENCH_SOURCE=/tmp/before scripts/with-postgres.sh --required -- \
+        .venv/bin/python -m bench.perf_pop --set source --limit 100
 
 DATABASE_URL must be a throwaway PostgreSQL database (production settings, not --tuned).
 Each cell: P processes call tasks.services.task_pop(limit=L) in a loop for T seconds; cells
 interleaved over the rounds (A B C A B C ...); medians. CPU per call: the clients' own, and
-their PostgreSQL backends' (from /proc). Figures only.
+their PostgreSQL backends' (from /proc); task_queue_idx pages read per call (its
+pg_statio counters). Figures only.
 """
 
 from __future__ import annotations
@@ -44,10 +50,39 @@ NEW_INDEXES = (
     "CREATE INDEX task_schedule_idx ON {task} (schedule_id, created_at) "
     "WHERE schedule_id IS NOT NULL",
 )
-VARIANTS = {
-    "before (no prepare, full indexes)": ({"DATABASE_PREPARE_THRESHOLD": "off"}, OLD_INDEXES),
-    "prepared, full indexes": ({"DATABASE_PREPARE_THRESHOLD": "5"}, OLD_INDEXES),
-    "after (prepared, partial indexes)": ({"DATABASE_PREPARE_THRESHOLD": "5"}, NEW_INDEXES),
+PREPARED = {"DATABASE_PREPARE_THRESHOLD": "5"}
+# The queue index rebuilt before every cell of either variant, so each starts without a dead
+# head (the pops of a cell then grow it alike). "no id": the tie-breaker out of the key.
+QUEUE_INDEX_WITH_ID = (
+    "DROP INDEX IF EXISTS task_queue_idx",
+    "CREATE INDEX task_queue_idx ON {task} (scheduler_id, priority, created_at, id) "
+    "WHERE status = 'QUEUED'",
+)
+QUEUE_INDEX_NO_ID = (
+    "DROP INDEX IF EXISTS task_queue_idx",
+    "CREATE INDEX task_queue_idx ON {task} (scheduler_id, priority, created_at) "
+    "WHERE status = 'QUEUED'",
+)
+# Each set: variant name -> (environment of the popping processes, DDL before its cell).
+# A variant's environment may name BENCH_SOURCE: another checkout of the code (e.g. a
+# `git archive` of the commit before a change) that its processes run from.
+VARIANT_SETS = {
+    "prepare": {
+        "before (no prepare, full indexes)": ({"DATABASE_PREPARE_THRESHOLD": "off"}, OLD_INDEXES),
+        "prepared, full indexes": (PREPARED, OLD_INDEXES),
+        "after (prepared, partial indexes)": (PREPARED, NEW_INDEXES),
+    },
+    "queue-index": {
+        "queue index with id": (PREPARED, QUEUE_INDEX_WITH_ID),
+        "queue index without id": (PREPARED, QUEUE_INDEX_NO_ID),
+    },
+    "source": {
+        "BENCH_SOURCE": (
+            {**PREPARED, "BENCH_SOURCE": os.environ.get("BENCH_SOURCE", "")},
+            QUEUE_INDEX_WITH_ID,
+        ),
+        "this checkout": (PREPARED, QUEUE_INDEX_WITH_ID),
+    },
 }
 
 
@@ -109,13 +144,27 @@ def child(limit: int, seconds: float) -> None:
     print(popped, time.process_time() - cpu, process_cpu(backend) - pg_cpu, flush=True)
 
 
+def queue_index_pages() -> int:
+    """Buffer reads of task_queue_idx since it was built (the cells rebuild it)."""
+    from django.db import connection
+
+    time.sleep(1)  # the children's backends report their counters as they exit
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT coalesce(sum(idx_blks_hit + idx_blks_read), 0) FROM pg_statio_user_indexes"
+            " WHERE indexrelname = 'task_queue_idx'"
+        )
+        return int(cursor.fetchone()[0])
+
+
 def run_cell(env: dict[str, str], args: argparse.Namespace) -> tuple[float, float, float]:
     command = [sys.executable, "-m", "bench.perf_pop", "--child", str(args.limit)]
     command.append(str(args.seconds))
     procs = [
         subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=env.get("BENCH_SOURCE") or ROOT,
             env={**os.environ, **env},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -134,7 +183,7 @@ def run_cell(env: dict[str, str], args: argparse.Namespace) -> tuple[float, floa
     popped = sum(int(out[0]) for out in outputs)
     client_cpu = sum(float(out[1]) for out in outputs)
     calls = max(popped / args.limit, 1)
-    return popped / args.seconds, 1000 * client_cpu / calls, 1000 * pg_cpu / calls
+    return popped / args.seconds, 1000 * client_cpu / calls, 1000 * pg_cpu / calls, calls
 
 
 def main() -> None:
@@ -149,6 +198,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1)
     parser.add_argument("--finished", type=int, default=10_000)
     parser.add_argument("--queued", type=int, default=400_000)
+    parser.add_argument("--set", choices=sorted(VARIANT_SETS), default="prepare")
     args = parser.parse_args()
     configure_environment()
     import django
@@ -157,35 +207,40 @@ def main() -> None:
     seed(args.queued, args.finished)
     results: dict[str, list[tuple[float, float, float]]] = {}
     for number in range(args.rounds):
-        for name, (env, ddl) in VARIANTS.items():
+        for name, (env, ddl) in VARIANT_SETS[args.set].items():
             execute(*ddl)
-            results.setdefault(name, []).append(outcome := run_cell(env, args))
+            outcome = run_cell(env, args)
+            pages = queue_index_pages() / max(outcome[3], 1)
+            results.setdefault(name, []).append((*outcome[:3], pages))
             print(
                 f"round {number + 1} {name}: {outcome[0]:.0f} tasks/s, client "
-                f"{outcome[1]:.3f} + PostgreSQL {outcome[2]:.3f} ms CPU/call",
+                f"{outcome[1]:.3f} + PostgreSQL {outcome[2]:.3f} ms CPU/call, "
+                f"{pages:.1f} queue index pages/call; {os.getloadavg()[0]:.2f} load",
                 flush=True,
             )
-    execute(*NEW_INDEXES)
     report(results, args)
 
 
-def report(results: dict[str, list[tuple[float, float, float]]], args: argparse.Namespace) -> None:
+def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace) -> None:
     print(
         f"\n{args.processes} processes, limit {args.limit}, {args.finished} finished rows, "
-        f"{args.rounds} rounds x {args.seconds:.0f} s interleaved, medians (min-max)"
+        f"{args.rounds} rounds x {args.seconds:.0f} s interleaved, medians (min-max); ratio: "
+        "median of the per-round ratios to the first variant"
     )
-    print("| variant | tasks/s | min-max | client ms CPU/call | PostgreSQL ms CPU/call |")
-    print("|---|---:|---:|---:|---:|")
-    first = None
+    print(
+        "| variant | tasks/s | min-max | ratio | client ms CPU/call | PostgreSQL ms CPU/call "
+        "| queue index pages/call |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    first = next(iter(results.values()))
     for name, values in results.items():
         rates = [value[0] for value in values]
-        rate = statistics.median(rates)
-        first = first or rate
-        client = statistics.median(value[1] for value in values)
-        pg = statistics.median(value[2] for value in values)
+        ratios = [v[0] / f[0] for v, f in zip(values, first, strict=True) if f[0]]
+        ratio = statistics.median(ratios) if ratios else float("nan")  # a queue run dry
+        client, pg, pages = (statistics.median(value[i] for value in values) for i in (1, 2, 3))
         print(
-            f"| {name} | {rate:.0f} ({rate / first:.2f}x) | {min(rates):.0f}-{max(rates):.0f} "
-            f"| {client:.3f} | {pg:.3f} |"
+            f"| {name} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} "
+            f"| {ratio:.2f}x | {client:.3f} | {pg:.3f} | {pages:.1f} |"
         )
 
 
