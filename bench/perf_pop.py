@@ -145,7 +145,8 @@ def child(limit: int, seconds: float) -> None:
 
 
 def queue_index_pages() -> int:
-    """Buffer reads of task_queue_idx since it was built (the cells rebuild it)."""
+    """Buffer reads of task_queue_idx so far (statistics survive a cell whose DDL leaves the
+    index alone: main() takes the difference around each cell)."""
     from django.db import connection
 
     time.sleep(1)  # the children's backends report their counters as they exit
@@ -158,7 +159,7 @@ def queue_index_pages() -> int:
         return int(cursor.fetchone()[0])
 
 
-def run_cell(env: dict[str, str], args: argparse.Namespace) -> tuple[float, float, float]:
+def run_cell(env: dict[str, str], args: argparse.Namespace) -> tuple[float, float, float, int]:
     command = [sys.executable, "-m", "bench.perf_pop", "--child", str(args.limit)]
     command.append(str(args.seconds))
     procs = [
@@ -200,6 +201,8 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=400_000)
     parser.add_argument("--set", choices=sorted(VARIANT_SETS), default="prepare")
     args = parser.parse_args()
+    if args.set == "source" and not os.environ.get("BENCH_SOURCE"):
+        parser.error("--set source compares with another checkout: set BENCH_SOURCE to it")
     configure_environment()
     import django
 
@@ -209,8 +212,9 @@ def main() -> None:
     for number in range(args.rounds):
         for name, (env, ddl) in VARIANT_SETS[args.set].items():
             execute(*ddl)
+            before = queue_index_pages()
             outcome = run_cell(env, args)
-            pages = queue_index_pages() / max(outcome[3], 1)
+            pages = (queue_index_pages() - before) / max(outcome[3], 1)
             results.setdefault(name, []).append((*outcome[:3], pages))
             print(
                 f"round {number + 1} {name}: {outcome[0]:.0f} tasks/s, client "

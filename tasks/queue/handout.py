@@ -13,11 +13,12 @@ tasks.flow's) updates the state row, so that case shows: the locked row (the new
 is not the one the snapshot sees. The statement then takes nothing and answers "stale", and
 the caller hands out under the lock taken first, in statements of their own (tasks.flow).
 
-The picks do not lock the tasks they choose (no `FOR UPDATE SKIP LOCKED`, unlike the plain
-pop): every hand-out of the queue holds its FlowState lock, so no other hand-out can be
-choosing them, and the claim's `status = 'QUEUED'` is the compare-and-swap (a row that a
-cancel or the expiry batch holds is waited for, then re-checked). A row lock is a WAL record
-and a write of the task's page on every pop; it was a tenth of a crowded pop's cost.
+The picks lock the tasks they choose with `FOR UPDATE SKIP LOCKED`, as the plain pop does,
+although every hand-out of the queue holds its FlowState lock: a pick that waited for a row
+another transaction holds would wait while holding FlowState, and a writer that locks
+queued tasks first (a key change's restamp, a cancel and a pop in one transaction) would
+deadlock with it, or hand a task out under the key it had before the change. Skipping a
+locked row costs a WAL record and a page write per pop (about a tenth of a crowded pop).
 Executor set-up is paid per plan node on every run, taken or not: the statements keep their
 nodes few (one row for the answer, a join with `room` rather than a subquery per field).
 """
@@ -110,7 +111,8 @@ def _order_pick() -> str:
             WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED'
                 AND t.not_before <= (SELECT now FROM room)
                 AND (t.expires_at IS NULL OR t.expires_at > (SELECT now FROM room))
-            ORDER BY t.priority, t.created_at, t.id LIMIT (SELECT allowed FROM room)
+            ORDER BY t.priority, t.created_at, t.id
+            LIMIT (SELECT allowed FROM room) FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (SELECT 'empty' AS why), new_cursor AS (SELECT NULL::text AS v)"""
 
 
@@ -197,7 +199,9 @@ def _concurrency_pick() -> str:
             SELECT r.id, r.v FROM ranked r WHERE r.v IS NULL OR r.rn + r.n <= %(climit)s
             ORDER BY r.priority, r.created_at, r.id LIMIT (SELECT allowed FROM room)
         ){walk}, picked AS MATERIALIZED (
-            SELECT id FROM first UNION ALL SELECT head FROM heads
+            SELECT t.id FROM {{task}} t
+            WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM heads)
+            FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
             SELECT CASE WHEN (SELECT yes FROM walk_cut) THEN 'more' ELSE 'empty' END AS why
         ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
@@ -214,8 +218,9 @@ def _fair_pick() -> str:
         start="(SELECT allowed FROM room) > 0",
     )
     return f"""{walk}, picked AS MATERIALIZED (
-            SELECT head AS id FROM heads
-            WHERE (SELECT COUNT(*) FROM heads) = (SELECT allowed FROM room)
+            SELECT t.id FROM {{task}} t WHERE t.id IN (SELECT head FROM heads)
+                AND (SELECT COUNT(*) FROM heads) = (SELECT allowed FROM room)
+            FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
             SELECT CASE WHEN (SELECT COUNT(*) FROM heads) = 0 AND NOT (SELECT yes FROM walk_cut)
                 THEN 'empty' ELSE 'more' END AS why
@@ -295,7 +300,9 @@ def _concurrency_single_pick(*, walk: bool) -> str:
     whose head has room (tasks.flow picks the variant)."""
     if walk:
         return f"""{_probe()}{_single_walk()}, picked AS MATERIALIZED (
-            SELECT COALESCE((SELECT id FROM first), (SELECT head FROM found)) AS id
+            SELECT t.id FROM {{task}} t
+            WHERE t.id = COALESCE((SELECT id FROM first), (SELECT head FROM found))
+            FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
             SELECT CASE WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
                 THEN 'more' ELSE 'empty' END AS why
@@ -307,7 +314,9 @@ def _concurrency_single_pick(*, walk: bool) -> str:
             SELECT x.id FROM ({stretch}) x
             WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
             LIMIT (SELECT allowed FROM room)
-        ), picked AS MATERIALIZED (SELECT id FROM first
+        ), picked AS MATERIALIZED (
+            SELECT t.id FROM {{task}} t WHERE t.id = (SELECT id FROM first)
+            FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (SELECT CASE WHEN (SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}
             THEN 'more' ELSE 'empty' END AS why),
         new_cursor AS (SELECT NULL::text AS v)"""
@@ -393,7 +402,9 @@ def _fair_single_pick() -> str:
                 AND {due} AND x.v <= COALESCE((SELECT fair_cursor FROM room), x.v)
             LIMIT (SELECT allowed FROM room)
         ), picked AS MATERIALIZED (
-            SELECT COALESCE((SELECT id FROM ahead), (SELECT id FROM wrapped)) AS id
+            SELECT t.id FROM {{task}} t
+            WHERE t.id = COALESCE((SELECT id FROM ahead), (SELECT id FROM wrapped))
+            FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
             SELECT CASE WHEN EXISTS (SELECT 1 FROM {{task}} t WHERE t.scheduler_id = %(sid)s
                 AND t.status = 'QUEUED' AND {_DUE.format(t="t")})

@@ -185,7 +185,11 @@ def start_dispatched(
         )
     params = _fenced_params(task_id, attempt, lease_token, now=now, actor=actor, note=note)
     params["mint"] = mint_token
-    relaxed = mint_token and settings.WORKER_CLAIM_ASYNC_COMMIT and not connection.in_atomic_block
+    # Only where the statement is its own transaction: `set_config(…, true)` lasts until the
+    # transaction ends, so in a caller's transaction (an atomic block, or autocommit turned
+    # off) it would make whatever that transaction writes next commit without its flush.
+    own_transaction = connection.get_autocommit() and not connection.in_atomic_block
+    relaxed = mint_token and settings.WORKER_CLAIM_ASYNC_COMMIT and own_transaction
     rows = _fetch_tasks(
         _hot_sql("start_async", _start_async_sql) if relaxed else _hot_sql("start", _start_sql),
         params,

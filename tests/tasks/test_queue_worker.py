@@ -16,6 +16,7 @@ from time_machine import TimeMachineFixture
 from tasks import dispatch, execution, services
 from tasks.leases import LeaseProof
 from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.queue.worker import start_dispatched
 from tasks.registry import TaskContext, register
 from tasks.retry import RetrySpec
 from tests.support.seed import force_status
@@ -55,6 +56,50 @@ def test_start_dispatched__a_workers_claim_commits_asynchronously_its_report_doe
     assert ASYNC in claim
     assert "synchronous_commit" not in report
     assert fresh(task).status == S.COMPLETED
+
+
+def _synchronous_commit() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+def _claim(task: Task) -> Task | None:
+    return start_dispatched(
+        task_id=task.id,
+        attempt=task.attempts,
+        lease_token=None,
+        mint_token=True,
+        now=timezone.now(),
+        actor="test",
+    )
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("empty_broker")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_start_dispatched__the_asynchronous_commit_ends_with_the_claims_own_transaction(
+    autocommit: bool,
+) -> None:
+    """The session's own setting (on, as in production) is what a later write of the same
+    session gets, whether the claim ran in autocommit or in a transaction the caller opened
+    by turning autocommit off (no atomic block: the statement is not its own transaction)."""
+    celery_queue("echo", "demo.echo")
+    task = _dispatched("echo", n=1)
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit = on")  # the --tuned test cluster has off
+    connection.set_autocommit(autocommit)
+    try:
+        assert _claim(task) is not None
+        assert _synchronous_commit() == "on"
+    finally:
+        if not autocommit:
+            connection.commit()
+            connection.set_autocommit(True)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET synchronous_commit")
+    assert fresh(task).status == S.RUNNING
 
 
 @pytest.mark.postgres
