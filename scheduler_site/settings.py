@@ -262,7 +262,7 @@ WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
 # A worker's claim (DISPATCHED -> RUNNING) commits without waiting for its WAL flush on
 # PostgreSQL; a database crash may lose a claim, and the task then runs again
 # (tasks.queue.worker.start_dispatched). 0: every claim waits for its flush.
-WORKER_CLAIM_ASYNC_COMMIT = env_bool("WORKER_CLAIM_ASYNC_COMMIT", True)
+WORKER_CLAIM_ASYNC_COMMIT = env_bool("WORKER_CLAIM_ASYNC_COMMIT", False)
 # A pull runner counts as live this long after its last call (it idles in long-poll pops and
 # between polls); its calls are recorded at most once per RUNNER_SEEN_WRITE_SECONDS each.
 RUNNER_LOST_AFTER_SECONDS = env_int("RUNNER_LOST_AFTER_SECONDS", 90, minimum=1)

@@ -163,16 +163,16 @@ def start_dispatched(
     its unpaused celery queue should be topped up (half the threshold or more free, and
     something QUEUED), the room left after this claim; else None.
 
-    A worker's claim (`mint_token`, outside a caller's transaction, WORKER_CLAIM_ASYNC_COMMIT)
-    commits asynchronously on PostgreSQL: no wait for the WAL flush, which under concurrent
-    workers was where their database backends waited most (pg_stat_activity: WALSync and
-    WALWrite, issue 12). The claim is durable once any later commit flushes the WAL (the
-    report's, a lock's, a heartbeat's: WAL is flushed in order) or the WAL writer does (within
-    3 x wal_writer_delay). A database crash before that loses the claim and its event
-    together; the task is DISPATCHED on the same attempt again, the worker's report and
-    heartbeats carry the lost claim's token and are refused, and the claim timeout sends the
-    task again: it runs again, as after a worker's death. Nothing reported is lost: the
-    report, and every other status write, commits synchronously."""
+    With WORKER_CLAIM_ASYNC_COMMIT (opt-in: it can lose an event), a worker's claim
+    (`mint_token`, outside a caller's transaction) commits asynchronously on PostgreSQL: no wait
+    for the WAL flush, which under concurrent workers was where their database backends waited
+    most (pg_stat_activity: WALSync and WALWrite, issue 12). The claim is durable once any later
+    commit flushes the WAL (the report's, a lock's, a heartbeat's: WAL is flushed in order) or
+    the WAL writer does (within 3 x wal_writer_delay). A database crash before that loses the
+    claim and its event together; the task is DISPATCHED on the same attempt again, the worker's
+    report and heartbeats carry the lost claim's token and are refused, and the claim timeout
+    sends the task again: it runs again, as after a worker's death. Nothing reported is lost:
+    the report, and every other status write, commits synchronously."""
     if not ONE_STATEMENT_WRITES:
         return _start_dispatched_sqlite(
             task_id=task_id,

@@ -90,7 +90,7 @@ def test_worker_waits__tiny_run_times_the_stages_of_each_variant() -> None:
     out = run_bench(
         "bench.worker_waits",
         *("--tasks", "20", "--warmup", "5", "--rounds", "1", "--no-floor"),
-        *("--variant", "sync=WORKER_CLAIM_ASYNC_COMMIT=0"),
+        *("--variant", "async=WORKER_CLAIM_ASYNC_COMMIT=1"),
     )
     assert "| figure | ours/base | ours/sync |" in out
     assert "| prerun>started | " in out

@@ -44,7 +44,10 @@ def _statements(queries: CaptureQueriesContext, start: str) -> list[str]:
 @pytest.mark.postgres
 @pytest.mark.usefixtures("empty_broker")
 @pytest.mark.django_db(transaction=True)  # autocommit, as on a worker
-def test_start_dispatched__a_workers_claim_commits_asynchronously_its_report_does_not() -> None:
+def test_start_dispatched__opted_in_a_workers_claim_commits_asynchronously_its_report_does_not(
+    settings: Any,
+) -> None:
+    settings.WORKER_CLAIM_ASYNC_COMMIT = True
     celery_queue("echo", "demo.echo")
     task = _dispatched("echo", n=1)
 
@@ -80,11 +83,12 @@ def _claim(task: Task) -> Task | None:
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_start_dispatched__the_asynchronous_commit_ends_with_the_claims_own_transaction(
-    autocommit: bool,
+    autocommit: bool, settings: Any
 ) -> None:
     """The session's own setting (on, as in production) is what a later write of the same
     session gets, whether the claim ran in autocommit or in a transaction the caller opened
     by turning autocommit off (no atomic block: the statement is not its own transaction)."""
+    settings.WORKER_CLAIM_ASYNC_COMMIT = True
     celery_queue("echo", "demo.echo")
     task = _dispatched("echo", n=1)
     with connection.cursor() as cursor:
@@ -105,11 +109,11 @@ def test_start_dispatched__the_asynchronous_commit_ends_with_the_claims_own_tran
 @pytest.mark.postgres
 @pytest.mark.usefixtures("empty_broker")
 @pytest.mark.django_db(transaction=True)
-def test_start_dispatched__the_setting_off_and_a_runners_report_wait_for_the_flush(
+def test_start_dispatched__by_default_and_a_runners_report_wait_for_the_flush(
     settings: Any,
 ) -> None:
     celery_queue("echo", "demo.echo")
-    settings.WORKER_CLAIM_ASYNC_COMMIT = False
+    assert settings.WORKER_CLAIM_ASYNC_COMMIT is False  # the default: durable claims
     task = _dispatched("echo", n=1)
     with CaptureQueriesContext(connection) as queries:
         assert execution.execute(task.id, task.attempts, worker="test") == "completed"
