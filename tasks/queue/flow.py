@@ -180,28 +180,35 @@ def flow_claim_ids(
     _check_transition(TaskStatus.QUEUED, values["status"])
     n = _flow_names()
     set_sql, set_params = _assignments(values)
+    # SKIP LOCKED although the flow lock keeps other hand-outs of this queue out: a claim that
+    # waited for a row another transaction holds would wait holding the flow lock, and a
+    # writer that locks queued tasks first (a key change's restamp, a cancel and a pop in one
+    # transaction) would deadlock with it, or see a task it restamps handed out under the
+    # key it had before.
     if in_order is None:
-        picked = ", ".join(["%s"] * len(task_ids))
-        head, pick_params = "WITH ", prep_ids(task_ids)
-    else:  # no SKIP LOCKED: the flow lock keeps other hand-outs of this queue out
-        picked = "SELECT id FROM picked"
+        ids = ", ".join(["%s"] * len(task_ids))
+        head = (
+            f"WITH picked AS MATERIALIZED (SELECT id FROM {n['task']} WHERE id IN ({ids}) "
+            "FOR UPDATE SKIP LOCKED), "
+        )
+        pick_params = prep_ids(task_ids)
+    else:
         head = (
             f"WITH picked AS MATERIALIZED (SELECT id FROM {n['task']} WHERE scheduler_id = %s "
             "AND status = 'QUEUED' AND not_before <= %s "
             "AND (expires_at IS NULL OR expires_at > %s) ORDER BY priority, created_at, id "
-            "LIMIT %s), "
+            "LIMIT %s FOR UPDATE SKIP LOCKED), "
         )
         due = _prep("not_before", now)
         pick_params = [in_order[0], due, due, in_order[1]]
     sql = (
         f"{head}claimed AS (UPDATE {n['task']} SET {set_sql} "
-        f"WHERE id IN ({picked}) AND status = 'QUEUED' RETURNING {_columns()}), "
+        "WHERE id IN (SELECT id FROM picked) AND status = 'QUEUED' "
+        f"RETURNING {_columns()}), "
         f"events AS (INSERT INTO {n['event']} (task_id, from_status, to_status, at, actor, note) "
         "SELECT id, 'QUEUED', status, %s, %s, %s FROM claimed)"
     )
-    params: list[Any] = [*set_params, *pick_params, _prep("modified_at", now)]
-    if in_order is not None:
-        params = [*pick_params, *set_params, _prep("modified_at", now)]
+    params: list[Any] = [*pick_params, *set_params, _prep("modified_at", now)]
     params += [actor[:200], note]
     if window_log is not None:
         _, now_us, start_us = window_log

@@ -212,11 +212,19 @@ def test_task_pop__a_pop_that_waited_for_the_lock_counts_what_the_holder_handed_
     assert sorted(active.values_list("concurrency_value", flat=True)) == ["a", "b", "c"]
 
 
-def _flow_queue_behind_a_warm_head(scheduler_id: str, orgs: list[str]) -> None:
-    """A concurrency-keyed queue whose first task ("w") was handed out (the state row
-    exists), then the given values' tasks, one each, in this order."""
-    services.scheduler_create(id=scheduler_id, concurrency_key="org", concurrency_limit=5)
-    for priority, org in enumerate(["w", *orgs]):
+# Both hand-out paths: the one statement (a concurrency key alone), and the locked path's
+# statements (a concurrency key with a fair key).
+HANDOUT_PATHS = [pytest.param("", id="one-statement"), pytest.param("org", id="locked-path")]
+
+
+def _flow_queue_behind_a_warm_head(scheduler_id: str, orgs: list[str], fair_key: str) -> None:
+    """A concurrency-keyed queue whose first task ("0") was handed out (the state row
+    exists), then the given values' tasks, one each, in this order (which is also the fair
+    key's order of values)."""
+    services.scheduler_create(
+        id=scheduler_id, concurrency_key="org", concurrency_limit=5, fair_key=fair_key
+    )
+    for priority, org in enumerate(["0", *orgs]):
         seed_queued(scheduler_id, 1, data={"org": org}, priority=priority)
     services.task_pop(scheduler_id=scheduler_id, limit=1, worker="warm")
 
@@ -228,11 +236,14 @@ def _pop_beside(scheduler_id: str, limit: int) -> tuple[threading.Thread, list[l
     return thread, out
 
 
+@pytest.mark.parametrize("fair_key", HANDOUT_PATHS)
 @pytest.mark.parametrize("limit", [1, 2])
-def test_task_pop__a_task_a_cancel_holds_is_skipped_and_never_handed_out(limit: int) -> None:
+def test_task_pop__a_task_a_cancel_holds_is_skipped_and_never_handed_out(
+    limit: int, fair_key: str
+) -> None:
     """A flow pick skips a task another transaction holds (SKIP LOCKED, as the plain pop):
     waiting for it would wait while holding the queue's FlowState lock."""
-    _flow_queue_behind_a_warm_head("cas", ["a", "b"])
+    _flow_queue_behind_a_warm_head("cas", ["a", "b"], fair_key)
     head = Task.objects.get(scheduler_id="cas", data__org="a")
     with transaction.atomic():  # the cancel holds the head's row until it commits
         services.task_cancel(task_id=head.id, actor="operator")
@@ -249,10 +260,15 @@ def test_task_pop__a_task_a_cancel_holds_is_skipped_and_never_handed_out(limit: 
     assert not handed.exists()
 
 
-def test_scheduler_update__a_key_change_meanwhile_a_pop_keeps_the_new_keys_limit() -> None:
+@pytest.mark.parametrize("fair_key", HANDOUT_PATHS)
+def test_scheduler_update__a_key_change_meanwhile_a_pop_keeps_the_new_keys_limit(
+    fair_key: str,
+) -> None:
     """A pop whose snapshot has the old key must not hand out a task that the change is
     restamping (it would count it against its old value, past the new value's limit)."""
-    queue = services.scheduler_create(id="rk", concurrency_key="org", concurrency_limit=1)
+    queue = services.scheduler_create(
+        id="rk", concurrency_key="org", concurrency_limit=1, fair_key=fair_key
+    )
     seed_queued("rk", 1, data={"org": "a", "team": "T"}, priority=0)
     seed_queued("rk", 1, data={"org": "b", "team": "T"}, priority=1)
     assert [t.data["org"] for t in services.task_pop(scheduler_id="rk", worker="w")] == ["a"]
@@ -266,10 +282,13 @@ def test_scheduler_update__a_key_change_meanwhile_a_pop_keeps_the_new_keys_limit
     assert out == [[]]
 
 
-def test_task_pop__a_batch_beside_a_writer_of_two_queued_rows_does_not_deadlock() -> None:
+@pytest.mark.parametrize("fair_key", HANDOUT_PATHS)
+def test_task_pop__a_batch_beside_a_writer_of_two_queued_rows_does_not_deadlock(
+    fair_key: str,
+) -> None:
     """A writer that changes queued task x, then task a (as a restamp does, in id order),
     while a batch pop of the queue runs: the pop skips x instead of holding a and waiting."""
-    _flow_queue_behind_a_warm_head("lo", ["a", "x"])
+    _flow_queue_behind_a_warm_head("lo", ["a", "x"], fair_key)
     a, x = (Task.objects.get(scheduler_id="lo", data__org=org) for org in ("a", "x"))
     with transaction.atomic():
         Task.objects.filter(id=x.id).update(fair_value="z")
@@ -280,11 +299,12 @@ def test_task_pop__a_batch_beside_a_writer_of_two_queued_rows_does_not_deadlock(
     assert [[task.data["org"] for task in tasks] for tasks in out] == [["a"]]
 
 
+@pytest.mark.parametrize("fair_key", HANDOUT_PATHS)
 @pytest.mark.parametrize("limit", [1, 2])
 def test_task_pop__a_cancel_then_a_pop_in_one_transaction_beside_a_pop_does_not_deadlock(
-    limit: int,
+    limit: int, fair_key: str
 ) -> None:
-    _flow_queue_behind_a_warm_head("dl", ["a", "b"])
+    _flow_queue_behind_a_warm_head("dl", ["a", "b"], fair_key)
     head = Task.objects.get(scheduler_id="dl", data__org="a")
     with transaction.atomic():
         services.task_cancel(task_id=head.id, actor="operator")
