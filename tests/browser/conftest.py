@@ -222,9 +222,12 @@ def _seed_tasks(now: datetime, rng: random.Random) -> None:
                 task_services.scheduler_set_paused(
                     scheduler_id="boefje-org2", paused=True, actor="operator"
                 )
-    # Now: work waiting (QUEUED), handed out (DISPATCHED) and running (RUNNING).
+    # Now: work waiting (QUEUED), handed out (DISPATCHED) and running (RUNNING). The paused
+    # queue gets pushes of its own: the hourly rounds push next to nothing at night (their
+    # load follows the hour), and its bar must show whatever time the suite runs.
     with _at(now):
-        for scheduler_id, queued in [("boefje-org0", 14), ("boefje-org1", 8), ("normalizer", 5)]:
+        waiting = [("boefje-org0", 14), ("boefje-org1", 8), ("boefje-org2", 3), ("normalizer", 5)]
+        for scheduler_id, queued in waiting:
             for n in range(queued):
                 task_services.task_push(
                     scheduler_id=scheduler_id,
