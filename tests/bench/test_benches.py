@@ -92,9 +92,9 @@ def test_worker_waits__tiny_run_times_the_stages_of_each_variant() -> None:
         *("--tasks", "20", "--warmup", "5", "--rounds", "1", "--no-floor"),
         *("--variant", "async=WORKER_CLAIM_ASYNC_COMMIT=1"),
     )
-    assert "| figure | ours/base | ours/sync |" in out
+    assert "| figure | ours/base | ours/async |" in out
     assert "| prerun>started | " in out
-    assert "ours/sync rounds tasks/s:" in out
+    assert "ours/async rounds tasks/s:" in out
 
 
 def test_perf_worker_round__tiny_run_prints_each_path() -> None:
