@@ -55,6 +55,7 @@ from tasks.serializers import (
     TaskSerializer,
     WorkerSerializer,
     render_tasks,
+    report_body,
 )
 
 POP_RESPONSE = inline_serializer("PopResponse", {"results": PoppedTaskSerializer(many=True)})
@@ -141,7 +142,7 @@ def _push_many(request: Any, pk: str, items: list[Any]) -> list[dict[str, Any]]:
 
 
 def report_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
-    body = dict(validated_body(TaskReportSerializer, data))
+    body = report_body(data)
     task = services.task_report(
         task_id=uuid.UUID(kwargs["pk"]), actor=actor(request), proof=_proof(request, body), **body
     )
