@@ -11,7 +11,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduler_site import tracing
-from scheduler_site.api_input import QuerySerializer, StrictTypes, validated_body
+from scheduler_site.api_input import QuerySerializer, StrictTypes, body_errors, validated_body
 from tasks import selectors
 from tasks.batches import BATCH_MAX
 from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus, Worker
@@ -257,6 +257,37 @@ class TaskPushSerializer(StrictTypes):
                     {"expires_at": "Must be after not_before: the task could never run."}
                 )
         return attrs
+
+
+_PUSH_FIELDS = frozenset(("data", "priority", "hash"))  # the others' checks: the serializer's
+
+
+def _push_fast(data: Any) -> dict[str, Any] | None:
+    """TaskPushSerializer's answer for a plain push (data, priority, hash; no datetimes), or
+    None: see _report_fast."""
+    if type(data) is not dict or not data.keys() <= _PUSH_FIELDS:
+        return None
+    task_data, priority, hash = data.get("data", {}), data.get("priority", 0), data.get("hash")
+    if type(task_data) is not dict or not _plain_json(task_data):
+        return None
+    if type(priority) is not int or not -(2**31) <= priority <= 2**31 - 1:
+        return None
+    if hash is not None and (not _plain_text(hash, (1, 64)) or hash != hash.strip()):
+        return None  # a hash with spaces around it is trimmed: left to the serializer
+    return {
+        "data": task_data if "data" in data else {},
+        "priority": priority,
+        "hash": hash,
+        "not_before": None,
+        "expires_at": None,
+    }
+
+
+def push_body(data: Any) -> tuple[Any, Any]:
+    """TaskPushSerializer's (validated data, None) or (None, field errors) of one push
+    (api_input.body_errors), a plain push checked without DRF's field-by-field validation."""
+    validated = _push_fast(data)
+    return (validated, None) if validated is not None else body_errors(TaskPushSerializer, data)
 
 
 _SCALAR_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}

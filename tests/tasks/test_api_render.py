@@ -27,6 +27,7 @@ from tasks.serializers import (
     TaskPushSerializer,
     TaskReportSerializer,
     TaskSerializer,
+    push_body,
     render_tasks,
     report_body,
 )
@@ -188,3 +189,56 @@ def test_report_body__a_runners_usual_report_skips_the_serializer(monkeypatch: A
     failed = {"status": "FAILED", "lease_token": _TOKEN, "error": "boom", "traceback": "..."}
     assert report_body(usual)["status"] == "COMPLETED"
     assert report_body(failed)["traceback"] == "..."
+
+
+PUSH_BODIES: list[Any] = [
+    {},
+    {"data": {}},
+    {"data": {"n": 1, "nested": {"list": [1, "two", None, 3.5, False]}}},
+    {"data": {"n": 1}, "priority": -5, "hash": "job-1"},
+    {"priority": 2**31 - 1, "hash": "h" * 64},
+    {"priority": 2**31},
+    {"priority": -(2**31) - 1},
+    {"priority": True},
+    {"priority": 1.0},
+    {"priority": "1"},
+    {"hash": None},
+    {"hash": ""},
+    {"hash": " padded "},
+    {"hash": "h" * 65},
+    {"hash": "nul\x00"},
+    {"hash": "\ud800"},
+    {"hash": 5},
+    {"data": None},
+    {"data": [1]},
+    {"data": "text"},
+    {"data": {"nul": "\x00"}},
+    {"data": {"nul\x00": 1}},
+    {"data": {"not json": {1, 2}}},
+    {"data": {}, "not_before": None},
+    {"data": {}, "expires_at": "2000-01-01T00:00:00Z"},
+    {"data": {}, "nope": 1},
+    [],
+    None,
+]
+
+
+@pytest.mark.parametrize("data", PUSH_BODIES)
+def test_push_body__equals_the_push_serializers_is_valid(data: Any) -> None:
+    """A push's own check answers what TaskPushSerializer answers: the same validated data
+    (defaults filled) or the same errors, naming the field."""
+    ours, drf = push_body(data), _drf(TaskPushSerializer, data)
+    assert json.loads(_wire(ours)) == json.loads(_wire(drf))
+    assert ours[0] == drf[0]
+
+
+def test_push_body__a_plain_push_skips_the_serializer(monkeypatch: Any) -> None:
+    def refuse(*args: Any) -> None:
+        raise AssertionError("the serializer was asked")
+
+    monkeypatch.setattr(serializers_module, "body_errors", refuse)
+    pushed = push_body({"data": {"n": 1}, "priority": 3, "hash": "h"})
+    assert pushed == (
+        {"data": {"n": 1}, "priority": 3, "hash": "h", "not_before": None, "expires_at": None},
+        None,
+    )
