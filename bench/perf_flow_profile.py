@@ -5,6 +5,9 @@ server loads pg_stat_statements) each statement's execution time and buffers.
     scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_flow_profile \
         [--pops 1000] [--cprofile CELL]
 
+With WITH_POSTGRES_OPTIONS="-c shared_preload_libraries=pg_stat_statements -c
+pg_stat_statements.track_planning=on" it also shows how often each statement was planned and
+how long that took (a prepared flow pop is planned a few times, then runs its generic plan).
 `--cprofile CELL` also prints the top functions of this process's CPU for that cell's pops.
 Figures only, no assertion; the queues are those of perf_flow_rate/_fair/_concurrency.
 """
@@ -88,7 +91,8 @@ def _statements() -> list[tuple[Any, ...]]:
     try:
         return _rows(
             "SELECT calls, total_exec_time, shared_blks_hit + shared_blks_read, "
-            "wal_records, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) "
+            "wal_records, plans, total_plan_time, "
+            "left(regexp_replace(query, '\\s+', ' ', 'g'), 90) "
             "FROM pg_stat_statements WHERE calls >= 100 ORDER BY total_exec_time DESC LIMIT 12"
         )
     except Exception:  # the extension is optional
@@ -155,10 +159,11 @@ def _report(args: argparse.Namespace, profile: cProfile.Profile | None) -> None:
             f"{backend / (plain.backend / plain.pops * 1e6):5.2f} "
             f"{cell.wal_bytes / cell.pops:7.0f}"
         )
-    for calls, total, buffers, wal, query in _statements():
+    for calls, total, buffers, wal, plans, planning, query in _statements():
+        plan = f"{planning / plans * 1000:5.0f} us/plan x{plans}" if plans else ""
         print(
             f"{calls:6} {total / calls * 1000:7.0f} us {buffers / calls:6.1f} buf "
-            f"{wal / calls:5.1f} wal  {query}"
+            f"{wal / calls:5.1f} wal {plan} {query}"
         )
     if profile is not None:
         out = io.StringIO()

@@ -102,3 +102,10 @@ def test_perf_worker_round__tiny_run_prints_each_path() -> None:
     out = run_bench("bench.perf_worker_round", "--rounds", "2", "--size", "3")
     for path in ("round, ORM", "round, one query", "messages, send_task", "messages, round_sender"):
         assert f"| {path} | " in out
+
+
+def test_perf_worker_claim__tiny_run_completes_every_task_and_prints_its_cpu() -> None:
+    assert os.environ.get("TEST_REDIS_URL", ""), "the PostgreSQL leg runs with with-redis.sh"
+    out = run_bench("bench.perf_worker_claim", "--tasks", "60", "--batches", "2")
+    assert "2 batches of 60 tasks, 120 completed;" in out  # the refills kept the list fed
+    assert "| execute | " in out

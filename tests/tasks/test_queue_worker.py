@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from time_machine import TimeMachineFixture
@@ -16,7 +16,8 @@ from time_machine import TimeMachineFixture
 from tasks import dispatch, execution, services
 from tasks.leases import LeaseProof
 from tasks.models import Task, TaskEvent, TaskStatus
-from tasks.queue.worker import start_dispatched
+from tasks.queue import rows
+from tasks.queue.worker import _hot_prep, start_dispatched
 from tasks.registry import TaskContext, register
 from tasks.retry import RetrySpec
 from tests.support.seed import force_status
@@ -161,3 +162,17 @@ def test_execute__a_claim_lost_in_a_database_crash_is_refused_then_sent_again(
     assert execution.execute(again.id, again.attempts, worker="test") == "completed"
     assert (fresh(task).status, fresh(task).result) == (S.COMPLETED, "ok")
     assert runs == [1, 1]  # handing back spent no attempt: the lost claim was not the task's
+
+
+@pytest.mark.django_db
+def test_hot_prep__prepares_the_claims_parameters_as_the_rows_prep_does() -> None:
+    # The claim and report prepare their parameters with the field and connection object
+    # looked up once: the values bound must be the ones the shared preparation gives.
+    now = timezone.now()
+    task_id = "0b9b5f7e-3f4a-4a39-9d53-2b1f1c3c8e11"
+    db = connections["default"]
+    for field, value in (("id", task_id), ("modified_at", now), ("id", Task().id)):
+        assert _hot_prep(field, value, db) == rows._prep(field, value)
+    assert str(_hot_prep("id", task_id, db)).replace("-", "") == task_id.replace("-", "")
+    with pytest.warns(RuntimeWarning, match="naive datetime"):
+        _hot_prep("modified_at", now.replace(tzinfo=None), db)  # as Django warns
