@@ -57,7 +57,7 @@ def runner(port: int, token: str, out: Any, stop: Any) -> None:
             out.put(("error", status))
             return
         for task in json.loads(body)["results"]:
-            out.put(("popped", received - task["data"]["sent"]))
+            out.put(("popped", (task["id"], received - task["data"]["sent"])))
 
 
 def main() -> None:
@@ -73,6 +73,7 @@ def main() -> None:
     serving = argparse.Namespace(workers=args.workers, worker_class="gthread", threads=args.threads)
     latencies: list[float] = []
     pushes: list[float] = []
+    popped: dict[str, float] = {}  # task id: its push's send time
     with perf_http.gunicorn(perf_http.ROOT, serving) as (port, _pid):
         out: Any = multiprocessing.Queue()
         stop = multiprocessing.Event()
@@ -92,17 +93,44 @@ def main() -> None:
             assert status == 201, status
             kind, value = out.get(timeout=30)
             assert kind == "popped", (kind, value)
-            latencies.append(value * 1000)
+            latencies.append(value[1] * 1000)
+            popped[value[0]] = body["data"]["sent"]
             time.sleep(args.idle)
         stop.set()
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
-    report(latencies, pushes, args)
+    report(latencies, pushes, args, steps(popped))
 
 
-def report(latencies: list[float], pushes: list[float], args: argparse.Namespace) -> None:
+def steps(popped: dict[str, float]) -> dict[str, list[float]]:
+    """Where a push → popped goes, from the server's own clock in the rows (one machine, one
+    clock): the push's send → its insert's `now` (the request up to the statement), → the pop
+    statement's `now` in the woken waiter (the insert, its commit, the NOTIFY, the wake-up)."""
+    from tasks.models import TaskEvent
+
+    statuses = ["QUEUED", "DISPATCHED"]
+    rows = TaskEvent.objects.filter(task_id__in=list(popped), to_status__in=statuses)
+    at: dict[tuple[str, str], float] = {
+        (str(task_id), status): when.timestamp()
+        for task_id, status, when in rows.values_list("task_id", "to_status", "at")
+    }
+    out: dict[str, list[float]] = {"push sent → push statement": [], "→ woken pop statement": []}
+    for task_id, sent in popped.items():
+        queued, leased = at.get((task_id, "QUEUED")), at.get((task_id, "DISPATCHED"))
+        if queued is not None and leased is not None:
+            out["push sent → push statement"].append((queued - sent) * 1000)
+            out["→ woken pop statement"].append((leased - queued) * 1000)
+    return out
+
+
+def report(
+    latencies: list[float],
+    pushes: list[float],
+    args: argparse.Namespace,
+    parts: dict[str, list[float]],
+) -> None:
     print(
         f"{args.runners} runners waiting (wait 5 s each pop), gunicorn -w {args.workers} "
         f"-k gthread --threads {args.threads}, {len(latencies)} pushes at idle, "
@@ -112,6 +140,7 @@ def report(latencies: list[float], pushes: list[float], args: argparse.Namespace
     for label, values in (
         ("push sent → popped by a waiting runner", latencies),
         ("push sent → push answered", pushes),
+        *((f"of which: {label}", values) for label, values in parts.items() if values),
     ):
         ordered = sorted(values)
         p90 = ordered[int(0.9 * (len(ordered) - 1))]

@@ -22,7 +22,6 @@ from scheduler_site.api_helpers import ERROR, UUID_PATTERN, actor
 from scheduler_site.api_input import (
     CursorPagination,
     StrictBodyMixin,
-    body_errors,
     validated_body,
 )
 from scheduler_site.permissions import (
@@ -54,7 +53,9 @@ from tasks.serializers import (
     TaskReportSerializer,
     TaskSerializer,
     WorkerSerializer,
+    push_body,
     render_tasks,
+    report_body,
 )
 
 POP_RESPONSE = inline_serializer("PopResponse", {"results": PoppedTaskSerializer(many=True)})
@@ -122,7 +123,9 @@ def pop_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
 def push_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
     if isinstance(data, list):
         return 200, {"results": _push_many(request, kwargs["pk"], data)}
-    body = validated_body(TaskPushSerializer, data)
+    body, errors = push_body(data)
+    if errors is not None:
+        raise ValidationError(errors)
     task = services.task_push(scheduler_id=kwargs["pk"], actor=actor(request), **body)
     return status.HTTP_201_CREATED, render_tasks([task])[0]
 
@@ -131,7 +134,7 @@ def _push_many(request: Any, pk: str, items: list[Any]) -> list[dict[str, Any]]:
     if not 1 <= len(items) <= batches.BATCH_MAX:
         message = f"A batch push takes 1 to {batches.BATCH_MAX} task objects."
         raise ValidationError({"non_field_errors": [message]})
-    bodies = [body_errors(TaskPushSerializer, item) for item in items]
+    bodies = [push_body(item) for item in items]
     valid = [body for body, errors in bodies if errors is None]
     outcomes = iter(batches.task_push_many(scheduler_id=pk, pushes=valid, actor=actor(request)))
     return [
@@ -141,7 +144,7 @@ def _push_many(request: Any, pk: str, items: list[Any]) -> list[dict[str, Any]]:
 
 
 def report_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
-    body = dict(validated_body(TaskReportSerializer, data))
+    body = report_body(data)
     task = services.task_report(
         task_id=uuid.UUID(kwargs["pk"]), actor=actor(request), proof=_proof(request, body), **body
     )

