@@ -106,17 +106,63 @@ def claim(
             # Pick and claim in one statement: nothing to skip, plain queue order.
             claims = {"in_order": (scheduler.id, allowed)}
             return Handout(_take(values_at(now), actor, note, now, scheduler, claims))
-        picker = _Picker(
-            scheduler=scheduler, now=now, filters=filters, cursor=state.cursor, room=room
-        )
-        claims: dict[str, Any] = {"task_ids": picker.pick(allowed)}
-        moved = picker.cursor != state.cursor
-        if moved and queue.ONE_STATEMENT_WRITES and claims["task_ids"]:
-            claims["cursor_save"] = (scheduler.id, picker.cursor)  # in the claim statement
-        elif moved:
-            _save(scheduler.id, picker.cursor, state.redispatch_at_us)
-        tasks = _take(values_at(now), actor, note, now, scheduler, claims)
+        take = _Take(scheduler, state, now, filters, values_at(now), actor, note)
+        tasks = take.past_held(room, allowed)
     return Handout(tasks)
+
+
+# How many times a hand-out picks again past tasks its claim found held by another
+# transaction (each a cancel, an expiry batch or a key change's restamp in progress).
+HELD_REPICKS = 3
+
+
+@dataclass
+class _Take:
+    """Pick and claim under the queue's flow lock; `past_held` picks again when the claim
+    took none of the picks (SKIP LOCKED passed them: another transaction holds them, or it
+    changed them since they were read), so a later due task is handed out, not an empty
+    answer. Nothing was claimed, so no token was spent, no window row or cursor saved, and
+    the active counts (`room`, read under the lock) still hold: each round starts from them
+    and from the saved cursor (a fair value whose head was held keeps its turn, with its
+    next task)."""
+
+    scheduler: Scheduler
+    state: _State
+    now: datetime
+    filters: Mapping[str, Any] | None
+    values: Mapping[str, Any]
+    actor: str
+    note: str
+
+    def past_held(self, room: dict[str, int], allowed: int) -> list[Task]:
+        passed: list[Any] = []
+        for _ in range(1 + HELD_REPICKS):
+            ids, tasks = self.once(
+                _Picker(
+                    scheduler=self.scheduler,
+                    now=self.now,
+                    filters=self.filters,
+                    cursor=self.state.cursor,
+                    room=dict(room),
+                    passed=passed,
+                ),
+                allowed,
+            )
+            # Only PostgreSQL's claim skips a held row (SQLite's writers take turns).
+            if tasks or not ids or not queue.ONE_STATEMENT_WRITES:
+                return tasks
+            passed = [*passed, *ids]
+        return []
+
+    def once(self, picker: _Picker, allowed: int) -> tuple[list[Any], list[Task]]:
+        claims: dict[str, Any] = {"task_ids": picker.pick(allowed)}
+        moved = picker.cursor != self.state.cursor
+        if moved and queue.ONE_STATEMENT_WRITES and claims["task_ids"]:
+            claims["cursor_save"] = (self.scheduler.id, picker.cursor)  # in the claim
+        elif moved:
+            _save(self.scheduler.id, picker.cursor, self.state.redispatch_at_us)
+        tasks = _take(self.values, self.actor, self.note, self.now, self.scheduler, claims)
+        return claims["task_ids"], tasks
 
 
 # The flow-controlled pull queues this process popped from, by id: a pop of one tries the
@@ -353,6 +399,8 @@ class _Picker:
     filters: Mapping[str, Any] | None
     cursor: str | None
     room: dict[str, int] = field(default_factory=dict)
+    # Tasks an earlier round picked and its claim found held (tasks.flow._Take): not again.
+    passed: list[Any] = field(default_factory=list)
     taken: list[Any] = field(default_factory=list)
 
     def pick(self, allowed: int) -> list[Any]:
@@ -376,6 +424,8 @@ class _Picker:
         due = Task.objects.filter(
             scheduler_id=self.scheduler.id, status=TaskStatus.QUEUED, not_before__lte=self.now
         ).exclude(expires_at__lte=self.now)  # an expired task is never handed out
+        if self.passed:
+            due = due.exclude(id__in=self.passed)
         return queue.data_filter(due, self.filters) if self.filters else due
 
     def _in_order(self, allowed: int) -> None:
@@ -414,7 +464,7 @@ class _Picker:
     def _walk(self, wanted: int, from_start: bool) -> list[tuple[str, Any]]:
         blocked = [value for value, room in self.room.items() if room <= 0]
         sid, now = self.scheduler.id, queue.flow_prep_now(self.now)
-        taken = queue.prep_ids(self.taken)
+        taken = queue.prep_ids([*self.taken, *self.passed])
         sql = queue.flow_walk_sql(
             skip_ids=len(taken), skip_values=len(blocked), from_start=from_start
         )
@@ -454,9 +504,10 @@ class _Picker:
         blocked = [v for v, room in self.room.items() if room <= 0]
         if self.filters:  # rare: filters and fair share; the ORM builds the filtered head
             return self._fair_head_filtered(value, blocked)
-        sql = queue.flow_head_sql(skip_ids=len(self.taken), skip_values=len(blocked))
+        skip = [*self.taken, *self.passed]
+        sql = queue.flow_head_sql(skip_ids=len(skip), skip_values=len(blocked))
         now = queue.flow_prep_now(self.now)
-        params = [self.scheduler.id, value, now, now, *queue.prep_ids(self.taken), *blocked]
+        params = [self.scheduler.id, value, now, now, *queue.prep_ids(skip), *blocked]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()

@@ -42,8 +42,10 @@ SCAN_FACTOR, SCAN_EXTRA = 2, 16
 FAIR_EXTRA_STEPS = 16
 
 # Why a statement took nothing: "empty" (nothing due, or nothing allowed by the concurrency
-# limits) is the answer; the others send the caller to tasks.flow's path.
-EMPTY, OTHER = "empty", "other"  # also: "stale", "blocked", "more", "nostate"
+# limits) is the answer; the others send the caller to tasks.flow's path. "held": the pick
+# chose a task another transaction holds (SKIP LOCKED passed it: a cancel, the expiry batch,
+# a key change's restamp), and a later task may be due: tasks.flow's path picks past it.
+EMPTY, OTHER, HELD = "empty", "other", "held"  # also: "stale", "blocked", "more", "nostate"
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,8 @@ def _concurrency_pick() -> str:
             WHERE t.id IN (SELECT id FROM first UNION ALL SELECT head FROM heads)
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
-            SELECT CASE WHEN (SELECT yes FROM walk_cut) THEN 'more' ELSE 'empty' END AS why
+            SELECT CASE WHEN EXISTS (SELECT 1 FROM first) OR EXISTS (SELECT 1 FROM heads)
+                THEN 'held' WHEN (SELECT yes FROM walk_cut) THEN 'more' ELSE 'empty' END AS why
         ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
 
 
@@ -304,7 +307,8 @@ def _concurrency_single_pick(*, walk: bool) -> str:
             WHERE t.id = COALESCE((SELECT id FROM first), (SELECT head FROM found))
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
-            SELECT CASE WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
+            SELECT CASE WHEN EXISTS (SELECT 1 FROM first) OR EXISTS (SELECT 1 FROM found)
+                THEN 'held' WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
                 THEN 'more' ELSE 'empty' END AS why
         ), new_cursor AS (SELECT v FROM found)"""
     stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
@@ -317,7 +321,8 @@ def _concurrency_single_pick(*, walk: bool) -> str:
         ), picked AS MATERIALIZED (
             SELECT t.id FROM {{task}} t WHERE t.id = (SELECT id FROM first)
             FOR UPDATE OF t SKIP LOCKED
-        ), verdict AS (SELECT CASE WHEN (SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}
+        ), verdict AS (SELECT CASE WHEN EXISTS (SELECT 1 FROM first) THEN 'held'
+            WHEN (SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}
             THEN 'more' ELSE 'empty' END AS why),
         new_cursor AS (SELECT NULL::text AS v)"""
 
@@ -406,7 +411,8 @@ def _fair_single_pick() -> str:
             WHERE t.id = COALESCE((SELECT id FROM ahead), (SELECT id FROM wrapped))
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (
-            SELECT CASE WHEN EXISTS (SELECT 1 FROM {{task}} t WHERE t.scheduler_id = %(sid)s
+            SELECT CASE WHEN EXISTS (SELECT 1 FROM ahead) OR EXISTS (SELECT 1 FROM wrapped)
+                THEN 'held' WHEN EXISTS (SELECT 1 FROM {{task}} t WHERE t.scheduler_id = %(sid)s
                 AND t.status = 'QUEUED' AND {_DUE.format(t="t")})
                 THEN 'more' ELSE 'empty' END AS why
         ), new_cursor AS (

@@ -251,13 +251,67 @@ def test_task_pop__a_task_a_cancel_holds_is_skipped_and_never_handed_out(
         late.join(30)
         assert not late.is_alive(), "the pop waited for the row the cancel holds"
 
-    # A batch takes the next task; a pop of one, whose pick read only the held head, answers
-    # empty (README, Known limits: the runner's next pop takes "b").
-    assert [[task.data["org"] for task in tasks] for tasks in out] == [["b"][: limit - 1]]
+    # Both take the next task: a pop of one picks again past the held head.
+    assert [[task.data["org"] for task in tasks] for tasks in out] == [["b"]]
     head.refresh_from_db()
     assert head.status == TaskStatus.CANCELLED
     handed = TaskEvent.objects.filter(task_id=head.id, to_status=TaskStatus.DISPATCHED)
     assert not handed.exists()
+
+
+@pytest.mark.parametrize("fair_key", HANDOUT_PATHS)
+def test_task_pop__a_pop_of_one_past_a_held_head_keeps_the_limit_and_the_rate(
+    fair_key: str,
+) -> None:
+    """A concurrency key and a rate of 3 a minute: "a" was handed out (one token) and is at
+    its limit, the head ("b") is held by a cancel, then "c", "d", "e". The pop of one takes
+    "c"; the pick that found "b" held spent no token, so one more pop takes "d", and the
+    third finds the rate spent though "e" is due."""
+    services.scheduler_create(
+        id="hr", concurrency_key="org", concurrency_limit=1, fair_key=fair_key, rate_limit="3/m"
+    )
+    for priority, org in enumerate(["a", "b", "a", "c", "d", "e"]):
+        seed_queued("hr", 1, data={"org": org}, priority=priority)
+    assert [t.data["org"] for t in services.task_pop(scheduler_id="hr", worker="w")] == ["a"]
+    head = Task.objects.get(scheduler_id="hr", data__org="b")
+    with transaction.atomic():
+        services.task_cancel(task_id=head.id, actor="operator")
+        late, out = _pop_beside("hr", 1)
+        late.join(30)
+        assert not late.is_alive(), "the pop waited for the row the cancel holds"
+    assert [[task.data["org"] for task in tasks] for tasks in out] == [["c"]]
+    second = services.task_pop(scheduler_id="hr", limit=1, worker="w")
+    assert [task.data["org"] for task in second] == ["d"]
+    assert services.task_pop(scheduler_id="hr", limit=1, worker="w") == []
+    assert Task.objects.get(scheduler_id="hr", data__org="e").status == TaskStatus.QUEUED
+    running = Task.objects.filter(scheduler_id="hr", status__in=LEASED_STATUSES)
+    assert sorted(running.values_list("concurrency_value", flat=True)) == ["a", "c", "d"]
+    assert not TaskEvent.objects.filter(task_id=head.id, to_status=TaskStatus.DISPATCHED).exists()
+
+
+@pytest.mark.parametrize("concurrency_key", HANDOUT_PATHS)
+def test_task_pop__a_fair_pop_of_one_past_a_held_head_keeps_the_values_turn(
+    concurrency_key: str,
+) -> None:
+    """Fair share by org: "a" has two tasks, "b" one. A cancel holds a's head: the pop of
+    one takes a's next task (a's turn is kept), and the next pop is b's turn."""
+    services.scheduler_create(
+        id="hf", fair_key="org", concurrency_key=concurrency_key, concurrency_limit=5
+    )
+    seed_queued("hf", 2, data={"org": "a"}, priority=0)
+    seed_queued("hf", 1, data={"org": "b"}, priority=0)
+    head, second = Task.objects.filter(scheduler_id="hf", data__org="a").order_by(
+        "priority", "created_at", "id"
+    )
+    with transaction.atomic():
+        services.task_cancel(task_id=head.id, actor="operator")
+        late, out = _pop_beside("hf", 1)
+        late.join(30)
+        assert not late.is_alive(), "the pop waited for the row the cancel holds"
+    assert [[task.id for task in tasks] for tasks in out] == [[second.id]]
+    after = services.task_pop(scheduler_id="hf", limit=1, worker="w")
+    assert [task.data["org"] for task in after] == ["b"]
+    assert services.task_pop(scheduler_id="hf", limit=1, worker="w") == []
 
 
 @pytest.mark.parametrize("fair_key", HANDOUT_PATHS)
