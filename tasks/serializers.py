@@ -13,6 +13,7 @@ from rest_framework import serializers
 
 from scheduler_site import tracing
 from scheduler_site.api_input import QuerySerializer, StrictTypes, body_errors, validated_body
+from scheduler_site.storable import NUL_OR_SURROGATE, unstorable
 from tasks import selectors
 from tasks.batches import BATCH_MAX
 from tasks.models import POLICIES, Scheduler, Task, TaskEvent, TaskStatus, Worker
@@ -21,41 +22,9 @@ _FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,4}$")
 _SCALAR = (str, int, float, bool)
 
 
-# What PostgreSQL's jsonb and text cannot hold (and SQLite's UTF-8 text cannot encode): a NUL,
-# a lone UTF-16 surrogate (JSON's "\ud800" parses to one), and, in JSON, a non-finite number
-# (`1e400` parses to inf). Refused the same on both databases, naming the field, rather than
-# failing at the insert (a 500 on SQLite, an unnamed 400 on PostgreSQL).
-_NUL_OR_SURROGATE = re.compile("[\x00\ud800-\udfff]")
-NUL_MESSAGE = "Must not contain the NUL character (\\u0000)."
-SURROGATE_MESSAGE = "Must not contain a lone UTF-16 surrogate (\\ud800-\\udfff): it is not text."
-NON_FINITE_MESSAGE = "Must not contain Infinity or NaN: JSON numbers are finite."
-
-
-def _unstorable_text(text: str) -> str | None:
-    found = _NUL_OR_SURROGATE.search(text)
-    if found is None:
-        return None
-    return NUL_MESSAGE if found.group() == "\x00" else SURROGATE_MESSAGE
-
-
-def _unstorable(value: Any) -> str | None:
-    """Why `value` (text or a parsed JSON value) cannot be stored, or None."""
-    if isinstance(value, str):
-        return _unstorable_text(value)
-    if isinstance(value, float):
-        return None if math.isfinite(value) else NON_FINITE_MESSAGE
-    if isinstance(value, dict):
-        parts: Iterable[Any] = (part for item in value.items() for part in item)
-    elif isinstance(value, list):
-        parts = value
-    else:
-        return None
-    return next((why for why in map(_unstorable, parts) if why is not None), None)
-
-
 def reject_unstorable(value: Any) -> Any:
-    """A field's validator: refuse what the database cannot hold (see _unstorable)."""
-    why = _unstorable(value)
+    """A field's validator: refuse what the database cannot hold (scheduler_site.storable)."""
+    why = unstorable(value)
     if why is not None:
         raise serializers.ValidationError(why)
     return value
@@ -429,10 +398,10 @@ _REPORT_TEXT = {"error": (0, 10000), "traceback": (0, 64000), "lease_token": (1,
 
 
 def _plain_json(value: Any) -> bool:
-    """A JSON value (as a JSON parser builds it) that the database can hold (_unstorable)."""
+    """A JSON value (as a JSON parser builds it) that the database can hold (`unstorable`)."""
     kind = type(value)
     if kind is str:
-        return _NUL_OR_SURROGATE.search(value) is None
+        return NUL_OR_SURROGATE.search(value) is None
     if kind is dict:
         return all(type(k) is str and _plain_json(k) and _plain_json(v) for k, v in value.items())
     if kind is list:
@@ -446,7 +415,7 @@ def _plain_text(value: Any, bounds: tuple[int, int]) -> bool:
     return (
         type(value) is str
         and bounds[0] <= len(value) <= bounds[1]
-        and _NUL_OR_SURROGATE.search(value) is None
+        and NUL_OR_SURROGATE.search(value) is None
     )
 
 
