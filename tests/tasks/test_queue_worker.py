@@ -173,6 +173,11 @@ def test_hot_prep__prepares_the_claims_parameters_as_the_rows_prep_does() -> Non
     db = connections["default"]
     for field, value in (("id", task_id), ("modified_at", now), ("id", Task().id)):
         assert _hot_prep(field, value, db) == rows._prep(field, value)
+    # The report's result: a JSON adapter on PostgreSQL, text on SQLite; compare what is bound.
+    for result in ({"n": 1, "s": "é"}, [1, None], None, "text"):
+        ours, shared = _hot_prep("result", result, db), rows._prep("result", result)
+        assert type(ours) is type(shared)
+        assert getattr(ours, "obj", ours) == getattr(shared, "obj", shared)
     assert str(_hot_prep("id", task_id, db)).replace("-", "") == task_id.replace("-", "")
     with pytest.warns(RuntimeWarning, match="naive datetime"):
         _hot_prep("modified_at", now.replace(tzinfo=None), db)  # as Django warns
