@@ -13,7 +13,7 @@ import pytest
 from django.db import connection, transaction
 from django.db.models import Count
 
-from tasks import services
+from tasks import batches, services
 from tasks.leases import LeaseProof
 from tasks.models import LEASED_STATUSES, Task, TaskEvent, TaskStatus
 from tests.processes import run_in_processes
@@ -368,3 +368,62 @@ def test_task_pop__a_cancel_then_a_pop_in_one_transaction_beside_a_pop_does_not_
         mine = services.task_pop(scheduler_id="dl", limit=limit, worker="me")
     handed = [task.data["org"] for tasks in [*out, mine] for task in tasks]
     assert handed == ["b"]
+
+
+def _push_in_thread(push: Any, out: list[Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            out.append(push())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _wait_until_blocked_or_done(thread: threading.Thread) -> None:
+    """Until the thread waits on a lock (the fix) or has finished (nothing made it wait)."""
+    deadline = time.monotonic() + 30
+    while thread.is_alive() and time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")  # else one per transaction
+            cursor.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+            if cursor.fetchone()[0]:
+                return
+        time.sleep(0.01)
+
+
+PUSHES = {
+    "single": lambda: services.task_push(scheduler_id="kc", data={"org": "b", "team": "T"}),
+    "batch": lambda: batches.task_push_many(
+        scheduler_id="kc", pushes=[{"data": {"org": "b", "team": "T"}}]
+    ),
+}
+
+
+# The hot single push (one statement, its guard), a bounded queue's ORM push and the batch.
+@pytest.mark.parametrize(("path", "max_queue_size"), [("single", 0), ("single", 9), ("batch", 0)])
+def test_scheduler_update__a_push_during_a_key_change_is_stamped_with_the_new_key(
+    path: str, max_queue_size: int
+) -> None:
+    """A push that read the old key while the change restamps must not commit the old key's
+    value after it: two tasks of the new value "T" would be handed out against a limit of 1."""
+    queue = services.scheduler_create(
+        id="kc", concurrency_key="org", concurrency_limit=1, max_queue_size=max_queue_size
+    )
+    services.task_push(scheduler_id="kc", data={"org": "a", "team": "T"})
+    out: list[Any] = []
+    with transaction.atomic():
+        services.scheduler_update(scheduler=queue, concurrency_key="team")
+        pusher = _push_in_thread(PUSHES[path], out)
+        _wait_until_blocked_or_done(pusher)
+    pusher.join(30)
+    assert not pusher.is_alive() and len(out) == 1
+    stamped = Task.objects.filter(scheduler_id="kc").values_list("data__org", "concurrency_value")
+    assert dict(stamped) == {"a": "T", "b": "T"}
+    popped = [t for _ in range(2) for t in services.task_pop(scheduler_id="kc", worker="w")]
+    assert len(popped) == 1  # one task of "T" at a time
