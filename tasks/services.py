@@ -85,20 +85,21 @@ def scheduler_update(*, scheduler: Scheduler, **fields: Any) -> Scheduler:
     with transaction.atomic():
         keys_before = (scheduler.concurrency_key, scheduler.fair_key)
         if {"concurrency_key", "fair_key"} & fields.keys():
-            keys_before = _lock_flow_keys(scheduler.id)
+            keys_before = scheduler_lock_flow_keys(scheduler_id=scheduler.id)
         scheduler.save(update_fields=[*fields, "modified_at"])
         if (scheduler.concurrency_key, scheduler.fair_key) != keys_before:
             scheduler_flow_keys_changed(scheduler=scheduler)
     return scheduler
 
 
-def _lock_flow_keys(scheduler_id: str) -> tuple[str, str]:
+def scheduler_lock_flow_keys(*, scheduler_id: str) -> tuple[str, str]:
     """The scheduler's flow keys as committed, its row held FOR UPDATE to the end of the
-    transaction. That lock (not the NO KEY UPDATE of a plain save) conflicts with the FOR KEY
-    SHARE every task insert takes (its foreign-key check, and the stamping read of
-    models.read_flow_keys or the hot push's guard): a task stamped from the old keys has
-    committed before the restamp reads the active tasks, and every later one reads the new
-    keys. Without it a push could stamp the old key's value after the restamp ran."""
+    transaction: take it before saving new keys (scheduler_update, the admin). That lock
+    (not the NO KEY UPDATE of a plain save) conflicts with the FOR KEY SHARE every task
+    insert takes (its foreign-key check, and the stamping read of models.read_flow_keys or
+    the hot push's guard): a task stamped from the old keys has committed before the restamp
+    reads the active tasks, and every later one reads the new keys. Without it a push could
+    stamp the old key's value after the restamp ran."""
     row = (
         Scheduler.objects.select_for_update()
         .filter(id=scheduler_id)
@@ -112,7 +113,10 @@ def _lock_flow_keys(scheduler_id: str) -> tuple[str, str]:
 
 def scheduler_flow_keys_changed(*, scheduler: Scheduler) -> int:
     """The queue's concurrency_key or fair_key changed: its active tasks' key values again
-    (they were taken from the data at push, under the old keys)."""
+    (they were taken from the data at push, under the old keys). The caller holds the row
+    FOR UPDATE since before it saved the keys (scheduler_lock_flow_keys): locked after the
+    save is too late, as a push's FOR KEY SHARE on the row version the save replaced does
+    not conflict with the save's NO KEY UPDATE, so it would stamp the old keys unseen."""
     with transaction.atomic():
         restamped = flow.restamp(scheduler)
     logger.info(

@@ -7,15 +7,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from django.contrib.admin import site
 from django.db import connection, transaction
 from django.db.models import Count
+from django.http import HttpRequest
 
 from tasks import batches, services
+from tasks.admin import SchedulerAdmin
 from tasks.leases import LeaseProof
-from tasks.models import LEASED_STATUSES, Task, TaskEvent, TaskStatus
+from tasks.models import LEASED_STATUSES, Scheduler, Task, TaskEvent, TaskStatus
 from tests.processes import run_in_processes
 from tests.support.seed import seed_queued
 
@@ -405,10 +409,31 @@ PUSHES = {
 }
 
 
+def _change_key_in_the_admin(queue: Any) -> None:
+    queue.concurrency_key = "team"
+    form = SimpleNamespace(changed_data=["concurrency_key"])
+    SchedulerAdmin(Scheduler, site).save_model(HttpRequest(), queue, form, change=True)
+
+
+CHANGES = {
+    "service": lambda queue: services.scheduler_update(scheduler=queue, concurrency_key="team"),
+    "admin": _change_key_in_the_admin,
+}
+
+
 # The hot single push (one statement, its guard), a bounded queue's ORM push and the batch.
-@pytest.mark.parametrize(("path", "max_queue_size"), [("single", 0), ("single", 9), ("batch", 0)])
+@pytest.mark.parametrize(
+    ("path", "max_queue_size", "change"),
+    [
+        ("single", 0, "service"),
+        ("single", 9, "service"),
+        ("batch", 0, "service"),
+        ("single", 0, "admin"),
+        ("batch", 0, "admin"),
+    ],
+)
 def test_scheduler_update__a_push_during_a_key_change_is_stamped_with_the_new_key(
-    path: str, max_queue_size: int
+    path: str, max_queue_size: int, change: str
 ) -> None:
     """A push that read the old key while the change restamps must not commit the old key's
     value after it: two tasks of the new value "T" would be handed out against a limit of 1."""
@@ -418,7 +443,7 @@ def test_scheduler_update__a_push_during_a_key_change_is_stamped_with_the_new_ke
     services.task_push(scheduler_id="kc", data={"org": "a", "team": "T"})
     out: list[Any] = []
     with transaction.atomic():
-        services.scheduler_update(scheduler=queue, concurrency_key="team")
+        CHANGES[change](queue)
         pusher = _push_in_thread(PUSHES[path], out)
         _wait_until_blocked_or_done(pusher)
     pusher.join(30)
