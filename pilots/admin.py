@@ -14,7 +14,7 @@ from pilots.models import (
     PilotSubmission,
     VirtualOrganisation,
 )
-from tasks.admin import StatusEventInline, run_each, status_history, to_the_second
+from tasks.admin import STORABLE_JSON, StatusEventInline, run_each, status_history, to_the_second
 
 
 @admin.register(VirtualOrganisation)
@@ -30,6 +30,7 @@ class PilotEventInline(StatusEventInline):
 
 @admin.register(ComputeElement)
 class ComputeElementAdmin(admin.ModelAdmin):
+    formfield_overrides = STORABLE_JSON
     list_display = [
         "name",
         "status",

@@ -12,7 +12,14 @@ from django.utils.html import format_html, format_html_join
 
 from schedules import services, timing
 from schedules.models import SCHEDULE_SETTABLE, Schedule, ScheduleStatus
-from tasks.admin import DataKeySearch, ObjectButtons, run_each, status_history, to_the_second
+from tasks.admin import (
+    STORABLE_JSON,
+    DataKeySearch,
+    ObjectButtons,
+    run_each,
+    status_history,
+    to_the_second,
+)
 
 EDITABLE = SCHEDULE_SETTABLE  # the API's writable fields (schedules.models)
 
@@ -28,6 +35,7 @@ class _DefaultingIntegerField(forms.IntegerField):
 
 @admin.register(Schedule)
 class ScheduleAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
+    formfield_overrides = STORABLE_JSON
     change_form_template = "admin/schedules/schedule/change_form.html"
     list_display = [
         "__str__",

@@ -8,7 +8,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import Model, Q, QuerySet
+from django.db.models import JSONField, Model, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -18,6 +18,7 @@ from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from scheduler_site import charts, tracing
+from scheduler_site.storable import StorableJSONFormField
 from tasks import selectors, services
 from tasks.exceptions import QueueError
 from tasks.leases import LeaseProof
@@ -52,6 +53,11 @@ def run_each(modeladmin: admin.ModelAdmin, request: HttpRequest, items, action, 
 
 
 _DATA_KEY = re.compile(r"^([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+){0,4})[=:](.+)$")
+
+
+# Every admin with a JSON input: what the database cannot hold (Infinity, a lone surrogate) is a
+# form error, not a 500 at the save.
+STORABLE_JSON = {JSONField: {"form_class": StorableJSONFormField}}
 
 
 class DataKeySearch:
@@ -141,6 +147,7 @@ class ObjectButtons:
 
 @admin.register(Scheduler)
 class SchedulerAdmin(admin.ModelAdmin):
+    formfield_overrides = STORABLE_JSON
     list_display = [
         "id",
         "kind",
@@ -271,6 +278,7 @@ class DeadLetterFilter(admin.SimpleListFilter):
 
 @admin.register(Task)
 class TaskAdmin(DataKeySearch, ObjectButtons, admin.ModelAdmin):
+    formfield_overrides = STORABLE_JSON
     change_list_template = "admin/tasks/task/change_list.html"
     change_form_template = "admin/tasks/task/change_form.html"
     list_display = [

@@ -134,6 +134,20 @@ def test_admin_add__computes_the_deadline(
     assert schedule.deadline_at == T0.replace(day=2, hour=8, minute=0)  # 09:00 CET
 
 
+@pytest.mark.parametrize(
+    "data", ['{"x": Infinity}', '{"x": 1e400}', '{"x": NaN}', '{"x": "\\ud800"}']
+)
+def test_admin_add__data_the_database_cannot_hold_is_a_form_error(
+    clock: TimeMachineFixture, admin_client: Client, scheduler: Scheduler, data: str
+) -> None:
+    """Django's JSON form field parses Infinity and NaN and keeps lone surrogates: a 500 at the
+    save (SQLite's JSON check) or stored where PostgreSQL's jsonb refuses it, before."""
+    refused = admin_client.post(f"{CHANGELIST}add/", _form(interval_seconds="300", data=data))
+    assert refused.status_code == 200  # the form again, with the error
+    assert "data" in refused.context["adminform"].form.errors
+    assert not Schedule.objects.exists()
+
+
 def test_admin_add__interval_is_due_now_and_refuses_bad_input(
     clock: TimeMachineFixture, admin_client: Client, scheduler: Scheduler
 ) -> None:

@@ -60,7 +60,13 @@ def test_task_push__prints_the_task(scheduler: Scheduler) -> None:
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
-    ("data", "message"), [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object")]
+    ("data", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"x": Infinity}', "Must not contain Infinity or NaN"),
+        ('{"x": "\\ud800"}', "Must not contain a lone UTF-16 surrogate"),
+    ],
 )
 def test_task_push__bad_data_names_the_option(
     scheduler: Scheduler, data: str, message: str

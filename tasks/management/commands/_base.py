@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from scheduler_site.api_input import MAX_JSON_DEPTH, TOO_DEEP, json_depth
+from scheduler_site.storable import unstorable
 from tasks.exceptions import QueueError
 
 # Options whose default argparse cannot show as the value itself.
@@ -48,6 +49,9 @@ def parse_json_object(raw: str | None, *, option: str) -> dict[str, Any]:
         raise CommandError(f"{option}: {TOO_DEEP}")
     if not isinstance(value, dict):
         raise CommandError(f"{option}: must be a JSON object.")
+    why = unstorable(value)  # json.loads takes Infinity, NaN and lone surrogates
+    if why is not None:
+        raise CommandError(f"{option}: {why}")
     return value
 
 
