@@ -7,6 +7,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import JSONField, Model, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
@@ -181,8 +182,14 @@ class SchedulerAdmin(admin.ModelAdmin):
         return super().has_delete_permission(request, obj)
 
     def save_model(self, request: HttpRequest, obj: Scheduler, form: Any, change: bool) -> None:
-        super().save_model(request, obj, form, change)
-        if change and {"concurrency_key", "fair_key"} & set(form.changed_data):
+        if not (change and {"concurrency_key", "fair_key"} & set(form.changed_data)):
+            super().save_model(request, obj, form, change)
+            return
+        # The row locked before the save, so pushes meanwhile are ordered with the restamp
+        # (services.scheduler_flow_keys_changed says why after the save is too late).
+        with transaction.atomic():
+            services.scheduler_lock_flow_keys(scheduler_id=obj.id)
+            super().save_model(request, obj, form, change)
             services.scheduler_flow_keys_changed(scheduler=obj)
 
     @admin.display(description="queued")

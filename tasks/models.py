@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
-from django.db import models
+from django.db import connection, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -302,8 +302,9 @@ class TaskQuerySet(models.QuerySet["Task"]):
     def bulk_create(self, objs: Iterable[Task], *args: Any, **kwargs: Any) -> list[Task]:
         _refuse_outside_writer("bulk_create")
         objs = list(objs)
-        stamp_flow_values(objs)
-        return super().bulk_create(objs, *args, **kwargs)
+        with transaction.atomic(savepoint=False):  # the keys' locked read holds to the insert
+            stamp_flow_values(objs)
+            return super().bulk_create(objs, *args, **kwargs)
 
     def bulk_update(
         self, objs: Iterable[Task], fields: Sequence[str], *args: Any, **kwargs: Any
@@ -449,9 +450,13 @@ class Task(models.Model):
         return f"{self.scheduler_id}/{self.id} {self.status}"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        if self._state.adding:
+        if not self._state.adding:
+            super().save(*args, **kwargs)
+            return
+        # One transaction for the keys' locked read and the insert (read_flow_keys).
+        with transaction.atomic(savepoint=False):
             stamp_flow_values([self])
-        super().save(*args, **kwargs)
+            super().save(*args, **kwargs)
 
     @property
     def is_active(self) -> bool:
@@ -487,31 +492,43 @@ class Task(models.Model):
         return writers.call(name, task_id=self.id, **kwargs)
 
 
-def stamp_flow_values(tasks: Sequence[Task]) -> None:
-    """Set the concurrency and fair values of new tasks from their scheduler's keys (the
-    cached scheduler when the caller holds it, else one read for all of them)."""
+def stamp_flow_values(tasks: Sequence[Task], *, from_cache: bool = False) -> None:
+    """Set the concurrency and fair values of new tasks from their scheduler's keys.
+
+    The keys are read under FOR KEY SHARE (read_flow_keys), in the caller's transaction: a
+    change of the keys (tasks.services.scheduler_update) holds the scheduler row FOR UPDATE
+    while it restamps the active tasks, so an insert stamped here either commits before the
+    change starts (and the restamp sees it) or waits for it and reads the new keys. Only the
+    hot single push stamps `from_cache` (the scheduler it holds): its statement re-checks
+    those keys under the same lock and inserts nothing if they changed (queue.rows)."""
     new = [task for task in tasks if task._state.adding]
-    missing = {t.scheduler_id for t in new if not Task.scheduler.is_cached(t)}
-    # No queryset at all when the caller holds the scheduler (every single push): an empty
-    # `id__in` runs no query, but building it cost more than the push's insert (a profile).
-    keys = {
-        row[0]: row[1:]
-        for row in (
-            Scheduler.objects.filter(id__in=missing).values_list(
-                "id", "concurrency_key", "fair_key"
-            )
-            if missing
-            else ()
-        )
-    }
+    if not new:
+        return
+    if from_cache:
+        keys = {t.scheduler_id: (t.scheduler.concurrency_key, t.scheduler.fair_key) for t in new}
+    else:
+        keys = read_flow_keys({task.scheduler_id for task in new})
     for task in new:
-        if Task.scheduler.is_cached(task):
-            concurrency_key, fair_key = task.scheduler.concurrency_key, task.scheduler.fair_key
-        else:
-            concurrency_key, fair_key = keys.get(task.scheduler_id, ("", ""))
+        concurrency_key, fair_key = keys.get(task.scheduler_id, ("", ""))
         # A task without the key has the value "": those tasks share one limit, one turn.
         task.concurrency_value = flow_value(task.data, concurrency_key)
         task.fair_value = flow_value(task.data, fair_key)
+
+
+def read_flow_keys(scheduler_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """The schedulers' (concurrency_key, fair_key), read FOR KEY SHARE on PostgreSQL: the
+    lock a task insert's foreign-key check takes anyway, so it serialises nothing but a key
+    change (FOR UPDATE). SQLite's IMMEDIATE transactions already serialise every writer.
+    The ORM has no FOR KEY SHARE, hence the suffix on its compiled SELECT."""
+    query = Scheduler.objects.filter(id__in=list(scheduler_ids)).values_list(
+        "id", "concurrency_key", "fair_key"
+    )
+    sql, params = query.query.sql_with_params()
+    if connection.vendor == "postgresql":
+        sql += " FOR KEY SHARE"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
 
 
 def flow_value(data: Any, key: str) -> str | None:

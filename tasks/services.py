@@ -26,6 +26,7 @@ from tasks.exceptions import (
     InvalidRequest,
     QueueError,
     QueueFull,
+    SchedulerNotFound,
     TransitionRefused,
 )
 from tasks.metrics import POP_SECONDS, labelled
@@ -36,6 +37,8 @@ from tasks.models import (
     SchedulerKind,
     Task,
     TaskStatus,
+    flow_value,
+    read_flow_keys,
 )
 from tasks.registry import check_task_data
 
@@ -75,21 +78,45 @@ def scheduler_create(*, id: str, **fields: Any) -> Scheduler:
 
 
 def scheduler_update(*, scheduler: Scheduler, **fields: Any) -> Scheduler:
-    keys_before = (scheduler.concurrency_key, scheduler.fair_key)
     for name, value in fields.items():
         setattr(scheduler, name, value)
     scheduler.modified_at = timezone.now()
     scheduler.full_clean()
     with transaction.atomic():
+        keys_before = (scheduler.concurrency_key, scheduler.fair_key)
+        if {"concurrency_key", "fair_key"} & fields.keys():
+            keys_before = scheduler_lock_flow_keys(scheduler_id=scheduler.id)
         scheduler.save(update_fields=[*fields, "modified_at"])
         if (scheduler.concurrency_key, scheduler.fair_key) != keys_before:
             scheduler_flow_keys_changed(scheduler=scheduler)
     return scheduler
 
 
+def scheduler_lock_flow_keys(*, scheduler_id: str) -> tuple[str, str]:
+    """The scheduler's flow keys as committed, its row held FOR UPDATE to the end of the
+    transaction: take it before saving new keys (scheduler_update, the admin). That lock
+    (not the NO KEY UPDATE of a plain save) conflicts with the FOR KEY SHARE every task
+    insert takes (its foreign-key check, and the stamping read of models.read_flow_keys or
+    the hot push's guard): a task stamped from the old keys has committed before the restamp
+    reads the active tasks, and every later one reads the new keys. Without it a push could
+    stamp the old key's value after the restamp ran."""
+    row = (
+        Scheduler.objects.select_for_update()
+        .filter(id=scheduler_id)
+        .values_list("concurrency_key", "fair_key")
+        .first()
+    )
+    if row is None:
+        raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.")
+    return row
+
+
 def scheduler_flow_keys_changed(*, scheduler: Scheduler) -> int:
     """The queue's concurrency_key or fair_key changed: its active tasks' key values again
-    (they were taken from the data at push, under the old keys)."""
+    (they were taken from the data at push, under the old keys). The caller holds the row
+    FOR UPDATE since before it saved the keys (scheduler_lock_flow_keys): locked after the
+    save is too late, as a push's FOR KEY SHARE on the row version the save replaced does
+    not conflict with the save's NO KEY UPDATE, so it would stamp the old keys unseen."""
     with transaction.atomic():
         restamped = flow.restamp(scheduler)
     logger.info(
@@ -179,13 +206,15 @@ def task_push(
     check_task_data(scheduler, fields["data"])
     if queue.ONE_STATEMENT_WRITES and not scheduler.max_queue_size:
         # The hot path: one statement (insert, event, NOTIFY), which commits by itself.
-        task = Task(scheduler=scheduler, **fields)
-        note = tracing.noted("pushed", task.trace_context)
-        channel = wakeups.channel_for(scheduler.kind)
-        if not queue.insert_one_queued(task, actor=actor, note=note, at=now, wake_channel=channel):
-            raise _duplicate_of(scheduler_id, hash)
-        notify_queued(scheduler, announced=True)
-        return task
+        try:
+            return _push_one_statement(scheduler, fields, actor=actor, at=now)
+        except queue.StaleFlowKeys:
+            # Its flow keys changed since the read (or the scheduler is gone): once more with
+            # the row as it is now (the guard waited for the change to commit).
+            scheduler = get_scheduler(scheduler_id)
+            check_task_data(scheduler, fields["data"])
+            if not scheduler.max_queue_size:
+                return _push_one_statement(scheduler, fields, actor=actor, at=now, last=True)
     with transaction.atomic():
         if scheduler.max_queue_size:
             # Bounded queues serialise their pushes so two cannot both take the last slot;
@@ -201,6 +230,30 @@ def task_push(
         note = tracing.noted("pushed", task.trace_context)
         queue.record_events([task], from_status="", actor=actor, note=note, at=now)
         notify_queued(scheduler)
+    return task
+
+
+def _push_one_statement(
+    scheduler: Scheduler, fields: dict[str, Any], *, actor: str, at: datetime, last: bool = False
+) -> Task:
+    task = Task(scheduler=scheduler, **fields)
+    note = tracing.noted("pushed", task.trace_context)
+    channel = wakeups.channel_for(scheduler.kind)
+    try:
+        inserted = queue.insert_one_queued(
+            task, actor=actor, note=note, at=at, wake_channel=channel
+        )
+    except queue.StaleFlowKeys:
+        if not last:
+            raise
+        # A second key change within the retry: rare enough to hand back (409), not loop.
+        raise TransitionRefused(
+            f"Scheduler {scheduler.id!r} changed its flow keys meanwhile; try again.",
+            current_status="",
+        ) from None
+    if not inserted:
+        raise _duplicate_of(scheduler.id, fields["hash"])
+    notify_queued(scheduler, announced=True)
     return task
 
 
@@ -407,6 +460,11 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
     }
     try:
         with transaction.atomic():
+            # The keys may have changed since it ended (the restamp skips finished tasks):
+            # its values from the keys now, read under the lock a key change waits on.
+            keys = read_flow_keys([task.scheduler_id]).get(task.scheduler_id, ("", ""))
+            values["concurrency_value"] = flow_value(task.data, keys[0])
+            values["fair_value"] = flow_value(task.data, keys[1])
             updated = transition(
                 task, to_status=TaskStatus.QUEUED, actor=actor, note=note, values=values
             )

@@ -47,6 +47,7 @@ from tasks.queue.refill import (
 from tasks.queue.rows import (
     ONE_STATEMENT_WRITES,
     Sql,
+    StaleFlowKeys,
     _fetch_tasks,
     cas_update,
     claim_queued,
@@ -82,6 +83,7 @@ __all__ = [
     "HandoutResult",
     "Round",
     "Sql",
+    "StaleFlowKeys",
     "_fetch_tasks",
     "_pop_sql",
     "cas_update",

@@ -3,6 +3,7 @@ with their events, the ORM claim, and the row conversion of raw SQL results."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -231,14 +232,28 @@ def _push_sql() -> str:
     n = _names()
     fields = [f for f in Task._meta.concrete_fields if f.attname != "status"]
     columns = ", ".join(q(f.column) for f in fields)
-    values = ", ".join(f"%({f.attname})s" for f in fields)
+    # INSERT … SELECT, not VALUES, so the guard can hold the row back; in a SELECT list an
+    # untyped parameter (a NULL, a text literal) would be text, so each one is cast to its
+    # column's type (without a length: the assignment still refuses a value too long).
+    values = ", ".join(f"CAST(%({f.attname})s AS {_cast_type(f)})" for f in fields)
+    # `fresh`: the scheduler still has the keys the task was stamped from, under FOR KEY
+    # SHARE. A key change holds the row FOR UPDATE while it restamps the active tasks
+    # (tasks.services.scheduler_update): a push that read the keys before it waits here, then
+    # finds them changed and inserts nothing (fresh 0: the service reads the keys again).
+    # Without it that task would keep the old key's value, which no restamp sees.
     # ON CONFLICT DO NOTHING (no target: any unique index) turns a duplicate active hash or
     # schedule into no row, rather than an error that would need a savepoint around it. The
     # event comes from what the INSERT returned, and the NOTIFY (woken is referenced, so it
     # runs) is sent only for an inserted row, all in the one statement's transaction.
     return f"""
-        WITH inserted AS (
-            INSERT INTO {n["task"]} ({q("status")}, {columns}) VALUES ('QUEUED', {values})
+        WITH fresh AS (
+            SELECT 1 FROM {n["scheduler"]} WHERE id = %(scheduler_id)s
+            AND concurrency_key IS NOT DISTINCT FROM %(flow_concurrency_key)s
+            AND fair_key IS NOT DISTINCT FROM %(flow_fair_key)s
+            FOR KEY SHARE
+        ), inserted AS (
+            INSERT INTO {n["task"]} ({q("status")}, {columns})
+            SELECT 'QUEUED', {values} FROM fresh
             ON CONFLICT DO NOTHING RETURNING id
         ), events AS (
             INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
@@ -247,8 +262,18 @@ def _push_sql() -> str:
             SELECT pg_notify(%(channel)s, %(scheduler_id)s) FROM inserted
             WHERE %(channel)s <> ''
         )
-        SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM woken)
+        SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM woken),
+            (SELECT count(*) FROM fresh)
     """
+
+
+def _cast_type(field: Any) -> str:
+    return re.sub(r"\(\d+\)$", "", field.db_type(connection))
+
+
+class StaleFlowKeys(Exception):
+    """The push's scheduler changed its concurrency_key or fair_key (or is gone) since it was
+    read: read it again and push again (insert_one_queued)."""
 
 
 def insert_one_queued(
@@ -257,10 +282,11 @@ def insert_one_queued(
     """PostgreSQL only: insert one new QUEUED task with its event, and NOTIFY `wake_channel`
     (when given) with its scheduler id, in one statement that commits by itself (outside an
     atomic block); False (and nothing written) if an active task already holds its hash or
-    schedule. Two round trips fewer than the ORM's insert and event, and no savepoint."""
+    schedule. StaleFlowKeys (nothing written) if the scheduler it holds has other flow keys
+    now. Two round trips fewer than the ORM's insert and event, and no savepoint."""
     if task.status != TaskStatus.QUEUED:
         raise ValueError("insert_one_queued inserts QUEUED tasks only")
-    stamp_flow_values([task])
+    stamp_flow_values([task], from_cache=True)  # the statement's guard re-checks the keys
     params = {
         f.attname: f.get_db_prep_save(getattr(task, f.attname), connection)
         for f in Task._meta.concrete_fields
@@ -268,7 +294,11 @@ def insert_one_queued(
     }
     params |= {"event_at": _prep("modified_at", at), "actor": actor[:200], "note": note}
     params["channel"] = wake_channel
-    [(inserted, _woken)] = hot_rows(_hot_sql("push", _push_sql), params)
+    params["flow_concurrency_key"] = task.scheduler.concurrency_key
+    params["flow_fair_key"] = task.scheduler.fair_key
+    [(inserted, _woken, fresh)] = hot_rows(_hot_sql("push", _push_sql), params)
+    if not fresh:
+        raise StaleFlowKeys(task.scheduler_id)
     if inserted:
         task._state.adding = False
         task._state.db = connection.alias

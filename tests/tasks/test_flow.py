@@ -342,3 +342,22 @@ def test_task_pop__a_queue_whose_head_cleared_goes_back_to_the_lean_pick() -> No
 
     assert task.data["org"].startswith("small")
     assert (len(crowded), len(crowded_again)) == (2, 2)
+
+
+@pytest.mark.parametrize("key", ["concurrency_key", "fair_key"])
+def test_task_requeue__a_task_that_ended_before_a_key_change_gets_the_new_keys_value(
+    key: str,
+) -> None:
+    """The restamp passes over finished tasks; their requeue stamps them from the keys now."""
+    scheduler = services.scheduler_create(id="rq", concurrency_limit=1, **{key: "org"})
+    old = services.task_push(scheduler_id="rq", data={"org": "a", "team": "T"})
+    services.task_cancel(task_id=old.id)
+    services.scheduler_update(scheduler=scheduler, **{key: "team"})
+    services.task_push(scheduler_id="rq", data={"org": "b", "team": "T"})
+
+    requeued = services.task_requeue(task_id=old.id)
+
+    column = "concurrency_value" if key == "concurrency_key" else "fair_value"
+    assert getattr(Task.objects.get(id=requeued.id), column) == "T"
+    if key == "concurrency_key":
+        assert len(_pop("rq", limit=2)) == 1  # both are "T", whose limit is 1

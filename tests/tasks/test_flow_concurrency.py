@@ -7,15 +7,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from django.contrib.admin import site
 from django.db import connection, transaction
 from django.db.models import Count
+from django.http import HttpRequest
 
-from tasks import services
+from tasks import batches, services
+from tasks.admin import SchedulerAdmin
 from tasks.leases import LeaseProof
-from tasks.models import LEASED_STATUSES, Task, TaskEvent, TaskStatus
+from tasks.models import LEASED_STATUSES, Scheduler, Task, TaskEvent, TaskStatus
 from tests.processes import run_in_processes
 from tests.support.seed import seed_queued
 
@@ -368,3 +372,83 @@ def test_task_pop__a_cancel_then_a_pop_in_one_transaction_beside_a_pop_does_not_
         mine = services.task_pop(scheduler_id="dl", limit=limit, worker="me")
     handed = [task.data["org"] for tasks in [*out, mine] for task in tasks]
     assert handed == ["b"]
+
+
+def _push_in_thread(push: Any, out: list[Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            out.append(push())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _wait_until_blocked_or_done(thread: threading.Thread) -> None:
+    """Until the thread waits on a lock (the fix) or has finished (nothing made it wait)."""
+    deadline = time.monotonic() + 30
+    while thread.is_alive() and time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")  # else one per transaction
+            cursor.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+            if cursor.fetchone()[0]:
+                return
+        time.sleep(0.01)
+
+
+PUSHES = {
+    "single": lambda: services.task_push(scheduler_id="kc", data={"org": "b", "team": "T"}),
+    "batch": lambda: batches.task_push_many(
+        scheduler_id="kc", pushes=[{"data": {"org": "b", "team": "T"}}]
+    ),
+}
+
+
+def _change_key_in_the_admin(queue: Any) -> None:
+    queue.concurrency_key = "team"
+    form = SimpleNamespace(changed_data=["concurrency_key"])
+    SchedulerAdmin(Scheduler, site).save_model(HttpRequest(), queue, form, change=True)
+
+
+CHANGES = {
+    "service": lambda queue: services.scheduler_update(scheduler=queue, concurrency_key="team"),
+    "admin": _change_key_in_the_admin,
+}
+
+
+# The hot single push (one statement, its guard), a bounded queue's ORM push and the batch.
+@pytest.mark.parametrize(
+    ("path", "max_queue_size", "change"),
+    [
+        ("single", 0, "service"),
+        ("single", 9, "service"),
+        ("batch", 0, "service"),
+        ("single", 0, "admin"),
+        ("batch", 0, "admin"),
+    ],
+)
+def test_scheduler_update__a_push_during_a_key_change_is_stamped_with_the_new_key(
+    path: str, max_queue_size: int, change: str
+) -> None:
+    """A push that read the old key while the change restamps must not commit the old key's
+    value after it: two tasks of the new value "T" would be handed out against a limit of 1."""
+    queue = services.scheduler_create(
+        id="kc", concurrency_key="org", concurrency_limit=1, max_queue_size=max_queue_size
+    )
+    services.task_push(scheduler_id="kc", data={"org": "a", "team": "T"})
+    out: list[Any] = []
+    with transaction.atomic():
+        CHANGES[change](queue)
+        pusher = _push_in_thread(PUSHES[path], out)
+        _wait_until_blocked_or_done(pusher)
+    pusher.join(30)
+    assert not pusher.is_alive() and len(out) == 1
+    stamped = Task.objects.filter(scheduler_id="kc").values_list("data__org", "concurrency_value")
+    assert dict(stamped) == {"a": "T", "b": "T"}
+    popped = [t for _ in range(2) for t in services.task_pop(scheduler_id="kc", worker="w")]
+    assert len(popped) == 1  # one task of "T" at a time
