@@ -315,6 +315,11 @@ class TaskQuerySet(models.QuerySet["Task"]):
 
 
 class Task(models.Model):
+    # Not a field: the concurrency and fair values were stamped from a scheduler its caller
+    # read under a lock that orders it with a key change (stamp_flow_values), so save() does
+    # not read the keys again.
+    flow_keys_stamped = False
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     scheduler = models.ForeignKey(
         Scheduler, on_delete=models.CASCADE, related_name="tasks", db_index=False
@@ -453,6 +458,9 @@ class Task(models.Model):
         if not self._state.adding:
             super().save(*args, **kwargs)
             return
+        if self.flow_keys_stamped:  # by a caller holding its scheduler under a lock
+            super().save(*args, **kwargs)
+            return
         # One transaction for the keys' locked read and the insert (read_flow_keys).
         with transaction.atomic(savepoint=False):
             stamp_flow_values([self])
@@ -498,9 +506,11 @@ def stamp_flow_values(tasks: Sequence[Task], *, from_cache: bool = False) -> Non
     The keys are read under FOR KEY SHARE (read_flow_keys), in the caller's transaction: a
     change of the keys (tasks.services.scheduler_update) holds the scheduler row FOR UPDATE
     while it restamps the active tasks, so an insert stamped here either commits before the
-    change starts (and the restamp sees it) or waits for it and reads the new keys. Only the
-    hot single push stamps `from_cache` (the scheduler it holds): its statement re-checks
-    those keys under the same lock and inserts nothing if they changed (queue.rows)."""
+    change starts (and the restamp sees it) or waits for it and reads the new keys. A single
+    push stamps `from_cache` (the scheduler it holds): the hot one's statement re-checks those
+    keys under the same lock and inserts nothing if they changed (queue.rows); the ORM one read
+    its scheduler in the insert's transaction, FOR NO KEY UPDATE on PostgreSQL and under
+    SQLite's IMMEDIATE write lock (services.task_push)."""
     new = [task for task in tasks if task._state.adding]
     if not new:
         return
@@ -513,6 +523,7 @@ def stamp_flow_values(tasks: Sequence[Task], *, from_cache: bool = False) -> Non
         # A task without the key has the value "": those tasks share one limit, one turn.
         task.concurrency_value = flow_value(task.data, concurrency_key)
         task.fair_value = flow_value(task.data, fair_key)
+        task.flow_keys_stamped = from_cache
 
 
 def read_flow_keys(scheduler_ids: Iterable[str]) -> dict[str, tuple[str, str]]:

@@ -39,6 +39,7 @@ from tasks.models import (
     TaskStatus,
     flow_value,
     read_flow_keys,
+    stamp_flow_values,
 )
 from tasks.registry import check_task_data
 
@@ -202,26 +203,25 @@ def task_push(
         "trace_context": tracing.current_traceparent(),
         **(extra or {}),
     }
-    scheduler = get_scheduler(scheduler_id)
-    check_task_data(scheduler, fields["data"])
-    if queue.ONE_STATEMENT_WRITES and not scheduler.max_queue_size:
-        # The hot path: one statement (insert, event, NOTIFY), which commits by itself.
-        try:
-            return _push_one_statement(scheduler, fields, actor=actor, at=now)
-        except queue.StaleFlowKeys:
-            # Its flow keys changed since the read (or the scheduler is gone): once more with
-            # the row as it is now (the guard waited for the change to commit).
-            scheduler = get_scheduler(scheduler_id)
-            check_task_data(scheduler, fields["data"])
-            if not scheduler.max_queue_size:
-                return _push_one_statement(scheduler, fields, actor=actor, at=now, last=True)
+    if queue.ONE_STATEMENT_WRITES:
+        scheduler = get_scheduler(scheduler_id)
+        check_task_data(scheduler, fields["data"])
+        if not scheduler.max_queue_size:
+            pushed = _push_hot(scheduler, fields, actor=actor, at=now)
+            if pushed is not None:
+                return pushed
     with transaction.atomic():
+        # The scheduler read inside the transaction the insert commits in, and its flow keys
+        # stamped from it: on PostgreSQL the read is FOR NO KEY UPDATE (bounded queues
+        # serialise their pushes so two cannot both take the last slot, and a key change's
+        # FOR UPDATE waits for it or it for the change); on SQLite the IMMEDIATE transaction
+        # already holds the write lock, so no key change can come between read and insert.
+        scheduler = get_scheduler(scheduler_id, for_update=queue.ONE_STATEMENT_WRITES)
+        check_task_data(scheduler, fields["data"])
         if scheduler.max_queue_size:
-            # Bounded queues serialise their pushes so two cannot both take the last slot;
-            # unbounded ones need no lock (dedup is the unique index's job).
-            scheduler = get_scheduler(scheduler_id, for_update=True)
             _check_room(scheduler)
         task = Task(scheduler=scheduler, **fields)
+        stamp_flow_values([task], from_cache=True)
         try:
             with transaction.atomic():
                 task.save(force_insert=True)
@@ -231,6 +231,23 @@ def task_push(
         queue.record_events([task], from_status="", actor=actor, note=note, at=now)
         notify_queued(scheduler)
     return task
+
+
+def _push_hot(
+    scheduler: Scheduler, fields: dict[str, Any], *, actor: str, at: datetime
+) -> Task | None:
+    """The hot path: one statement (insert, event, NOTIFY), which commits by itself; None
+    when the queue turned out bounded meanwhile (the caller's ORM path pushes it)."""
+    try:
+        return _push_one_statement(scheduler, fields, actor=actor, at=at)
+    except queue.StaleFlowKeys:
+        # Its flow keys changed since the read (or the scheduler is gone): once more with
+        # the row as it is now (the guard waited for the change to commit).
+        fresh = get_scheduler(scheduler.id)
+        check_task_data(fresh, fields["data"])
+        if fresh.max_queue_size:
+            return None
+        return _push_one_statement(fresh, fields, actor=actor, at=at, last=True)
 
 
 def _push_one_statement(
