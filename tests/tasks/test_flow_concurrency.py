@@ -172,17 +172,21 @@ def _pop_in_thread(scheduler_id: str, limit: int, out: list[list[Task]]) -> None
         connection.close()
 
 
+def _a_session_waits_on_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")  # else one per transaction
+        cursor.execute(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+        return bool(cursor.fetchone()[0])
+
+
 def _wait_until_blocked_on_a_lock() -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_stat_clear_snapshot()")  # else one per transaction
-            cursor.execute(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"
-            )
-            if cursor.fetchone()[0]:
-                return
+        if _a_session_waits_on_a_lock():
+            return
         time.sleep(0.01)
     raise AssertionError("the second pop never waited for the flow lock")
 
@@ -390,14 +394,8 @@ def _wait_until_blocked_or_done(thread: threading.Thread) -> None:
     """Until the thread waits on a lock (the fix) or has finished (nothing made it wait)."""
     deadline = time.monotonic() + 30
     while thread.is_alive() and time.monotonic() < deadline:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_stat_clear_snapshot()")  # else one per transaction
-            cursor.execute(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"
-            )
-            if cursor.fetchone()[0]:
-                return
+        if _a_session_waits_on_a_lock():
+            return
         time.sleep(0.01)
 
 
