@@ -76,10 +76,12 @@ def _bind_log_fields(task_id: str, task: Any, args: tuple[Any, ...] = (), **_: o
     # Every record the job logs carries what it is about (LOG_FORMAT=json shows them).
     fields: dict[str, Any] = {"celery_task": task.name, "celery_task_id": task_id}
     if task.name == "tasks.run_task" and len(args) >= 2:
-        # The dispatcher sends the scheduler in a message header (tasks.dispatch._send).
         fields |= {"task_id": str(args[0]), "attempt": int(args[1])}
-        if scheduler := getattr(task.request, "scheduler", None):
-            fields["scheduler"] = scheduler
+    # The dispatcher sends the scheduler in a message header (tasks.dispatch._send); a batch
+    # binds each task's id and attempt as it runs it (tasks.execution_batch).
+    scheduler = getattr(task.request, "scheduler", None)
+    if scheduler and task.name in ("tasks.run_task", "tasks.run_tasks"):
+        fields["scheduler"] = scheduler
     task.request.log_token = log_context.bind(**fields)
 
 

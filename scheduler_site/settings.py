@@ -259,6 +259,17 @@ DISPATCH_INTERVAL_SECONDS = env_int("DISPATCH_INTERVAL_SECONDS", 2, minimum=1)
 # A worker extends a running task's lease (and its locks) by 3x this, every this many seconds:
 # a killed worker's task is reaped within about 3x this plus the reaper's interval.
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10, minimum=1)
+# A dispatch round sends its tasks as messages of up to DISPATCH_MESSAGE_BATCH tasks each
+# (`tasks.run_tasks`, run one after the other), in never fewer messages than
+# DISPATCH_MESSAGE_SPREAD (or than tasks), so a round still spreads over that many worker
+# processes: a Celery message costs a worker about what a no-op task's claim and report do
+# (issue 12). 1: one `tasks.run_task` message a task. Handlers with time limits always get one.
+DISPATCH_MESSAGE_BATCH = env_int("DISPATCH_MESSAGE_BATCH", 8, minimum=1)
+DISPATCH_MESSAGE_SPREAD = env_int("DISPATCH_MESSAGE_SPREAD", 4, minimum=1)
+# A batch that has run this long sends the tasks it has not started yet again, one message
+# each, for any free worker: a batch's tail waits behind its head at most this long plus one
+# task, and a warm shutdown waits as long for the batch in hand. 0: after its first task.
+WORKER_BATCH_SECONDS = env_int("WORKER_BATCH_SECONDS", 1, minimum=0)
 # A worker's claim (DISPATCHED -> RUNNING) commits without waiting for its WAL flush on
 # PostgreSQL; a database crash may lose a claim, and the task then runs again
 # (tasks.queue.worker.start_dispatched). 0: every claim waits for its flush.

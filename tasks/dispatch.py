@@ -164,9 +164,11 @@ def _send(
         # tasks, so a queue of slow handlers has its own pool and delays nobody else's. The
         # scheduler travels in a header, for the worker's log fields (LOG_FORMAT=json). By
         # name, not through tasks.jobs (which imports this module): the worker runs whatever
-        # is registered as tasks.run_task. No result is stored or awaited.
+        # is registered as tasks.run_task / tasks.run_tasks. No result is stored or awaited.
         with round_sender(celery_queue=celery_queue, scheduler_id=scheduler_id, **limits) as send:
-            send_all(tasks, send)
+            send_all(
+                tasks, send, batch=message_batch(limits), spread=settings.DISPATCH_MESSAGE_SPREAD
+            )
     except Exception as exc:  # the broker is outside our control: hand back, not lose
         # Which messages got through is uncertain (a batch fails as a whole, and some of its
         # commands may have run), so all the round's tasks go back. A message that did arrive
@@ -176,6 +178,29 @@ def _send(
         logger.warning("broker unavailable (%s): handing back %d tasks", exc, len(tasks))
         for task in tasks:
             _hand_back_quietly(task, reason=f"broker unavailable: {exc}")
+
+
+def message_batch(limits: dict[str, Any]) -> int:
+    """How many tasks one message may carry (DISPATCH_MESSAGE_BATCH), or 1: Celery's soft and
+    hard time limits are a message's, so a handler with either (or a worker-wide limit in
+    Celery's configuration) gets one task a message, each under its own limit."""
+    if (
+        any(limits.values())
+        or current_app.conf.task_time_limit
+        or current_app.conf.task_soft_time_limit
+    ):
+        return 1
+    return int(settings.DISPATCH_MESSAGE_BATCH)
+
+
+def resend_singly(tasks: Sequence[Sendable], *, celery_queue: str, scheduler_id: str) -> None:
+    """The tasks a batch had not started when it ran out of time (tasks.execution_batch): one
+    message each, for whichever workers are free. Still DISPATCHED on the attempt they were
+    sent with; a stale entry is refused by the claim's compare-and-swap. Raises on a broker
+    error (the batch then runs them itself)."""
+    with round_sender(celery_queue=celery_queue, scheduler_id=scheduler_id) as send:
+        for task in tasks:
+            send(task)
 
 
 def _hand_back_quietly(task: Sendable, *, reason: str) -> int:

@@ -7,8 +7,9 @@ import uuid
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
-from tasks import dispatch, dispatch_messages, execution, housekeeping, stats
+from tasks import dispatch, dispatch_messages, execution, execution_batch, housekeeping, stats
 
 
 @shared_task(name="tasks.reap_expired_leases", ignore_result=True)
@@ -28,6 +29,22 @@ def run_task(self: Any, task_id: str, attempt: int) -> str:
     """Run one dispatched attempt of a task (which also refills its queue's broker share)."""
     return execution.execute(
         uuid.UUID(task_id), int(attempt), worker=self.request.hostname or "worker"
+    )
+
+
+@shared_task(name=dispatch_messages.RUN_TASKS, bind=True, ignore_result=True, acks_late=True)
+def run_tasks(self: Any, entries: list[list[Any]]) -> list[str]:
+    """Run several dispatched attempts one after the other (`[[task_id, attempt], ...]`), each
+    as run_task would; the ones not started within WORKER_BATCH_SECONDS are sent again."""
+    request = self.request
+    return execution_batch.execute_batch(
+        execution_batch.parse(entries),
+        worker=request.hostname or "worker",
+        # The queue it came from (each queue has a direct exchange of its own name, so the
+        # routing key names it), for the tasks it sends again.
+        celery_queue=(request.delivery_info or {}).get("routing_key")
+        or settings.CELERY_TASK_DEFAULT_QUEUE,
+        scheduler_id=getattr(request, "scheduler", None) or "",
     )
 
 

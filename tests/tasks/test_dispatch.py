@@ -20,6 +20,7 @@ from time_machine import TimeMachineFixture
 
 from scheduler_site.celery import app
 from tasks import dispatch, services
+from tasks.dispatch_messages import RUN_TASK, RUN_TASKS, split
 from tasks.exceptions import TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.support.processes import database_url
@@ -484,9 +485,19 @@ def test_dispatch_scheduler__every_message_of_a_round_arrives_with_its_args_show
 
     headers = _round_headers()
     tasks = Task.objects.filter(scheduler_id="echo", status=S.DISPATCHED)
-    expected = {f"['{task.id}', {task.attempts}]" for task in tasks}
+    groups = split(list(tasks.order_by("priority", "created_at", "id")), batch=8, spread=4)
+    expected = {_shown(group) for group in groups}
+    # Four messages (the spread): one run_tasks of two, three run_task of one each.
+    assert sorted(len(group) for group in groups) == [1, 1, 1, 2]
     assert {h["argsrepr"] for h in headers} == expected, "all five, each with its own args"
     assert {h["kwargsrepr"] for h in headers} == {"{}"}
+    assert sorted(h["task"] for h in headers) == [RUN_TASK] * 3 + [RUN_TASKS]
+
+
+def _shown(group: list[Task]) -> str:
+    if len(group) == 1:
+        return f"['{group[0].id}', {group[0].attempts}]"
+    return repr([[[str(task.id), task.attempts] for task in group]])
 
 
 @pytest.mark.postgres

@@ -1,0 +1,180 @@
+"""Several tasks a Celery message (issue 12): how a dispatch round splits its tasks into
+`tasks.run_task` / `tasks.run_tasks` messages, and `execution_batch.execute_batch` called
+in-process on what the broker received (the worker's path minus Celery): each entry claimed at
+its own turn by CAS on its attempt, stale entries skipped, the tail sent again one a message
+once the batch has run WORKER_BATCH_SECONDS. The broker is the real one of the test run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import override_settings
+
+from tasks import dispatch, execution_batch, services
+from tasks.dispatch_messages import RUN_TASK, RUN_TASKS, split
+from tasks.execution_batch import Entry
+from tasks.models import Task, TaskEvent, TaskStatus
+from tests.tasks.helpers import celery_queue, taken_messages
+
+S = TaskStatus
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("empty_broker", "restore_handlers"),
+]
+
+
+def _round(scheduler_id: str, count: int, **data: Any) -> list[tuple[str, list[Any]]]:
+    """Push `count` tasks to a paused queue, dispatch them in one round (committed: the
+    messages are sent), and take its messages off the broker: (task name, args)."""
+    services.scheduler_set_paused(scheduler_id=scheduler_id, paused=True)
+    for n in range(count):
+        services.task_push(scheduler_id=scheduler_id, data={"n": n, **data})
+    services.scheduler_set_paused(scheduler_id=scheduler_id, paused=False)  # one round, on commit
+    dispatch.dispatch_scheduler(scheduler_id)  # (none left: the resume's round sent them all)
+    dispatched = Task.objects.filter(scheduler_id=scheduler_id, status=S.DISPATCHED)
+    assert dispatched.count() == count
+    return [(m.headers["task"], m.decode()[0]) for m in taken_messages()]
+
+
+def _entries(args: list[Any]) -> list[Entry]:
+    return execution_batch.parse(args[0])
+
+
+def _run(entries: list[Entry]) -> list[str]:
+    return execution_batch.execute_batch(
+        entries, worker="test", celery_queue="celery", scheduler_id="echo"
+    )
+
+
+def _running_events(task_id: Any) -> int:
+    return TaskEvent.objects.filter(task_id=task_id, to_status=S.RUNNING).count()
+
+
+@pytest.mark.parametrize(
+    ("count", "batch", "spread", "sizes"),
+    [
+        (0, 8, 4, []),
+        (1, 8, 4, [1]),
+        (5, 8, 4, [2, 1, 1, 1]),
+        (25, 8, 4, [7, 6, 6, 6]),
+        (50, 8, 4, [8, 7, 7, 7, 7, 7, 7]),
+        (10, 1, 4, [1] * 10),
+        (3, 8, 1, [3]),
+    ],
+)
+def test_split__at_most_batch_a_message_and_never_fewer_messages_than_the_spread(
+    count: int, batch: int, spread: int, sizes: list[int]
+) -> None:
+    tasks = [Entry(id=n, attempts=1) for n in range(count)]  # type: ignore[arg-type]
+
+    groups = split(tasks, batch=batch, spread=spread)
+
+    assert [len(group) for group in groups] == sizes
+    assert sorted(t.id for group in groups for t in group) == list(range(count))
+    # Dealt out in turn: the round's first tasks head the messages.
+    assert [group[0].id for group in groups] == list(range(len(groups)))
+
+
+def test_dispatch__a_round_goes_out_as_batches_and_a_time_limited_handler_one_a_message() -> None:
+    celery_queue("echo", "demo.echo", dispatch_threshold=50)
+    celery_queue("slow", "demo.sleep", dispatch_threshold=50)  # soft_time_limit=120
+
+    batched = _round("echo", 20)
+    single = _round("slow", 3, seconds=0)
+
+    assert sorted(len(_entries(args)) for _, args in batched) == [5, 5, 5, 5]
+    assert {name for name, _ in batched} == {RUN_TASKS}
+    assert [name for name, _ in single] == [RUN_TASK] * 3
+
+
+@override_settings(DISPATCH_MESSAGE_BATCH=1)
+def test_dispatch__a_batch_of_one_restores_one_task_a_message() -> None:
+    celery_queue("echo", "demo.echo", dispatch_threshold=50)
+
+    assert [name for name, _ in _round("echo", 6)] == [RUN_TASK] * 6
+
+
+@override_settings(DISPATCH_MESSAGE_SPREAD=1)  # the round in one message
+def test_execute_batch__runs_each_entry_once_claimed_at_its_own_turn() -> None:
+    celery_queue("echo", "demo.echo", dispatch_threshold=50)
+    [(_, args)] = _round("echo", 3)  # spread 1: one message
+    entries = _entries(args)
+
+    assert _run(entries) == ["completed"] * 3
+
+    tasks = [Task.objects.get(id=entry.id) for entry in entries]
+    assert [(t.status, t.attempts) for t in tasks] == [(S.COMPLETED, 1)] * 3
+    assert [_running_events(t.id) for t in tasks] == [1, 1, 1]
+    times = [
+        (e.task_id, e.to_status)
+        for e in TaskEvent.objects.filter(to_status__in=[S.RUNNING, S.COMPLETED]).order_by("id")
+    ]
+    # Each task is claimed (its DISPATCHED -> RUNNING event) only after the previous reported.
+    assert times == [(t.id, s) for t in tasks for s in (S.RUNNING, S.COMPLETED)]
+
+
+@override_settings(DISPATCH_MESSAGE_SPREAD=1)  # the round in one message
+def test_execute_batch__a_redelivered_batch_runs_nothing_twice() -> None:
+    celery_queue("echo", "demo.echo", dispatch_threshold=50)
+    [(_, args)] = _round("echo", 3)
+    entries = _entries(args)
+    assert _run(entries) == ["completed"] * 3
+
+    assert _run(entries) == ["skipped"] * 3  # the fence refuses every finished attempt
+
+    assert [_running_events(entry.id) for entry in entries] == [1, 1, 1]
+
+
+@override_settings(DISPATCH_MESSAGE_SPREAD=1)  # the round in one message
+def test_execute_batch__cancelled_and_handed_back_entries_are_skipped_not_run_twice() -> None:
+    celery_queue("echo", "demo.echo", dispatch_threshold=50)
+    [(_, args)] = _round("echo", 3)
+    cancelled, taken_back, fine = _entries(args)
+    services.task_cancel(task_id=cancelled.id, actor="operator")
+    # The claim timeout trips for the second: handed back, sent again, and claimed from the
+    # new message before this batch reaches its stale entry.
+    services.task_hand_back(
+        task_id=taken_back.id, reason="claim timeout", actor="dispatcher", unclaimed_only=True
+    )
+    [(name, again)] = _round_sent_again("echo")
+    assert name == RUN_TASK and _run(_as_entries(again)) == ["completed"]
+
+    assert _run([cancelled, taken_back, fine]) == ["skipped", "skipped", "completed"]
+
+    assert fresh_status(cancelled) == S.CANCELLED and _running_events(cancelled.id) == 0
+    assert fresh_status(taken_back) == S.COMPLETED and _running_events(taken_back.id) == 1
+    assert fresh_status(fine) == S.COMPLETED
+
+
+def _round_sent_again(scheduler_id: str) -> list[tuple[str, list[Any]]]:
+    dispatch.dispatch_scheduler(scheduler_id)  # (the hand-back's own fast path may have sent it)
+    assert Task.objects.filter(scheduler_id=scheduler_id, status=S.DISPATCHED).count() == 2
+    return [(m.headers["task"], m.decode()[0]) for m in taken_messages()]
+
+
+def _as_entries(args: list[Any]) -> list[Entry]:
+    """A run_task message's args as the one entry it names."""
+    return execution_batch.parse([args])
+
+
+def fresh_status(entry: Entry) -> str:
+    return Task.objects.get(id=entry.id).status
+
+
+@override_settings(WORKER_BATCH_SECONDS=0, DISPATCH_MESSAGE_SPREAD=1)
+def test_execute_batch__past_its_time_the_tail_is_sent_again_one_a_message() -> None:
+    celery_queue("echo", "demo.echo", dispatch_threshold=50)
+    [(_, args)] = _round("echo", 3)
+    head, *tail = _entries(args)
+
+    assert _run([head, *tail]) == ["completed", "resent", "resent"]
+
+    assert [fresh_status(entry) for entry in tail] == [S.DISPATCHED] * 2
+    resent = [(m.headers["task"], m.decode()[0]) for m in taken_messages()]
+    # (sorted: the filesystem broker does not keep the order of messages sent together)
+    assert sorted(resent) == sorted((RUN_TASK, [str(e.id), e.attempts]) for e in tail)
+    for _, again in resent:  # each then runs once from its own message
+        assert _run(_as_entries(again)) == ["completed"]
+    assert [_running_events(entry.id) for entry in [head, *tail]] == [1, 1, 1]
