@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cProfile our worker's pool processes into this folder (and report the top "
         "statements when PostgreSQL loaded pg_stat_statements); profiled figures are slower",
     )
+    parser.add_argument(
+        "--no-unbatched",
+        action="store_true",
+        help="leave out ours with one task a message (DISPATCH_MESSAGE_BATCH=1), which each "
+        "round otherwise runs right after ours: the before/after of several tasks a message",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 samples, 500 tasks")
     parser.add_argument(
         "--no-embedded", action="store_true", help="skip the SQLite + filesystem broker leg"
@@ -85,8 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_round(run: Run, number: int) -> None:
-    """One round of the three throughput contenders, one after the other: ours, procrastinate's
-    worker, Celery alone. Rounds repeat the same order, so drifting load hits each alike."""
+    """One round of the throughput contenders, one after the other: ours, ours with one task a
+    message (unless --no-unbatched), procrastinate's worker, Celery alone. Rounds repeat the
+    same order, so drifting load hits each alike."""
     args = run.args
     common.log(f"round {number}/{args.rounds}")
     profile = args.profile if number == 1 else None
@@ -96,6 +103,14 @@ def run_round(run: Run, number: int) -> None:
         run.notes += [f"round {number}: {note}" for note in notes]
     except RuntimeError as exc:
         run.notes.append(f"round {number}: throughput failed: {exc}".replace("\n", " / ")[:2000])
+    if not args.no_unbatched:
+        try:
+            result, notes = measure_throughput(args.tasks, args.threshold, args.warmup, None, 1)
+            run.unbatched.append(result)
+            run.notes += [f"round {number}, one a message: {note}" for note in notes]
+        except RuntimeError as exc:
+            failed = f"round {number}: one a message failed: {exc}".replace("\n", " / ")
+            run.notes.append(failed[:2000])
     peer = measure_procrastinate_worker(args.tasks, args.warmup)
     if isinstance(peer, str):
         if number == 1:

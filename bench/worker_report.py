@@ -89,7 +89,10 @@ def latency_steps_table(results: list[LatencyResult]) -> list[str]:
 
 
 def throughput_table(
-    t: ThroughputResult | None, floor: FloorResult | None, peer: FloorResult | None = None
+    t: ThroughputResult | None,
+    floor: FloorResult | None,
+    peer: FloorResult | None = None,
+    unbatched: ThroughputResult | None = None,
 ) -> list[str]:
     worker = f"1 worker, --pool prefork --concurrency {THROUGHPUT_CONCURRENCY}"
     lines = [
@@ -97,12 +100,15 @@ def throughput_table(
         "| deepest broker, sampled | deepest broker, from events | not completed |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    if t is not None:
-        unfinished = ", ".join(f"{s} {n}" for s, n in sorted(t.unfinished.items())) or "none"
+    for ours in (t, unbatched):
+        if ours is None:
+            continue
+        unfinished = ", ".join(f"{s} {n}" for s, n in sorted(ours.unfinished.items())) or "none"
         lines.append(
-            f"| {t.tasks:,} | `{HANDLER}` via `tasks.run_task`, {worker} | {t.threshold} "
-            f"| {fmt(t.wall, 2)} | {fmt(t.rate, 0)} | {fmt(t.steady_rate(), 0)} "
-            f"| {max(t.depth_samples, default=0)} | {t.max_depth_events} | {unfinished} |"
+            f"| {ours.tasks:,} | `{HANDLER}` via {_messages(ours.message_batch)}, {worker} "
+            f"| {ours.threshold} "
+            f"| {fmt(ours.wall, 2)} | {fmt(ours.rate, 0)} | {fmt(ours.steady_rate(), 0)} "
+            f"| {max(ours.depth_samples, default=0)} | {ours.max_depth_events} | {unfinished} |"
         )
     peers = (
         (floor, f"Celery floor: `{NOOP_TASK}` (no database), {worker}"),
@@ -117,6 +123,39 @@ def throughput_table(
                 f"| - | - | - | {f'{missing:,} not seen' if missing else 'none'} |"
             )
     return lines
+
+
+def _messages(batch: int) -> str:
+    if batch <= 1:
+        return "`tasks.run_task` (one task a message)"
+    return f"`tasks.run_tasks` (up to {batch} tasks a message)"
+
+
+def batching_table(run: Run) -> list[str]:
+    """Ours against ours with one task a message, round by round (each pair back to back):
+    tasks/s and CPU ms a task of the worker, PostgreSQL and Redis; then the medians."""
+    lines = [
+        "| round | batched tasks/s | one a message | batched / one a message "
+        "| worker CPU ms a task, batched / one | PostgreSQL | Redis |",
+        "|---|---:|---:|---:|---|---|---|",
+    ]
+    rows: list[list[float]] = []
+    for number, (new, old) in enumerate(zip(run.throughput, run.unbatched, strict=False)):
+        values = [new.rate, old.rate, new.rate / old.rate if old.rate else math.nan]
+        for side in ("worker", "postgres", "redis"):
+            values += [new.cpu_ms_per_task(side), old.cpu_ms_per_task(side)]
+        rows.append(values)
+        lines.append(f"| {number + 1} | " + " | ".join(_batching_cells(values)) + " |")
+    if rows:
+        medians = [_median([row[i] for row in rows]) for i in range(len(rows[0]))]
+        cells = " | ".join(f"**{c}**" for c in _batching_cells(medians))
+        lines.append(f"| **median** | {cells} |")
+    return lines
+
+
+def _batching_cells(v: Sequence[float]) -> list[str]:
+    pairs = [f"{fmt(v[i], 2)} / {fmt(v[i + 1], 2)}" for i in (3, 5, 7)]
+    return [fmt(v[0], 0), fmt(v[1], 0), f"{fmt(v[2], 2)}x", *pairs]
 
 
 def throughput_steps_table(t: ThroughputResult) -> list[str]:
@@ -362,6 +401,19 @@ def profile_sections(run: Run) -> list[str]:
     return lines
 
 
+def _batching_section(run: Run) -> list[str]:
+    if not run.unbatched:
+        return []
+    return [
+        "Several tasks a message, before and after: ours as above, then ours with "
+        "DISPATCH_MESSAGE_BATCH=1 (one `tasks.run_task` message a task, as before batches) "
+        "right after it in each round, on fresh worker processes:",
+        "",
+        *batching_table(run),
+        "",
+    ]
+
+
 def report(run: Run) -> str:
     import celery
     import django
@@ -409,9 +461,10 @@ def report(run: Run) -> str:
             "",
             *rounds_table(run),
             "",
+            *_batching_section(run),
             "The median round of each contender:",
             "",
-            *throughput_table(t, floor, median_round(run.peer)),
+            *throughput_table(t, floor, median_round(run.peer), median_round(run.unbatched)),
             "",
         ]
     if t is not None:

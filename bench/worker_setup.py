@@ -90,12 +90,18 @@ def worker_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_worker(
-    name: str, *, pool: str, concurrency: int, profile_dir: Path | None = None
+    name: str,
+    *,
+    pool: str,
+    concurrency: int,
+    profile_dir: Path | None = None,
+    environ: dict[str, str] | None = None,
 ) -> Iterator[WorkerProcess]:
     """A real `celery worker` (tests/support/processes.py), the broker purged around it;
-    with `profile_dir`, its pool processes profiled by cProfile (bench/profiled_celery.py)."""
+    with `profile_dir`, its pool processes profiled by cProfile (bench/profiled_celery.py);
+    `environ` on top of its environment (a setting of one contender)."""
     purge_broker()
-    env, app = worker_env(), "scheduler_site"
+    env, app = worker_env() | (environ or {}), "scheduler_site"
     if profile_dir is not None:
         env["BENCH_PROFILE_DIR"], app = str(profile_dir), "bench.profiled_celery"
     try:
@@ -310,6 +316,7 @@ class ThroughputResult:
     sessions: int | None = None  # PostgreSQL sessions opened over the measured window
     celery_schedulers: int = 0  # what each dispatch_all() visits
     statements: list[str] = field(default_factory=list)  # pg_stat_statements rows, --profile
+    message_batch: int = 1  # DISPATCH_MESSAGE_BATCH of the run: tasks a message at most
 
     @property
     def rate(self) -> float:
@@ -362,6 +369,9 @@ class Run:
     throughput: list[ThroughputResult] = field(default_factory=list)
     floor: list[FloorResult] = field(default_factory=list)
     peer: list[FloorResult] = field(default_factory=list)  # procrastinate's worker
+    # Ours with one task a message (DISPATCH_MESSAGE_BATCH=1, the code before batches), run
+    # right after ours in each round: the before/after of several tasks a message.
+    unbatched: list[ThroughputResult] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)  # the load average after each round
     profile: str = ""  # the worker's pool processes' top functions, --profile
     notes: list[str] = field(default_factory=list)

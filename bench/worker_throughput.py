@@ -80,15 +80,39 @@ def measure_throughput(
     threshold: int,
     warmup: int = THROUGHPUT_WARMUP,
     profile_dir: Path | None = None,
+    message_batch: int | None = None,
 ) -> tuple[ThroughputResult, list[str]]:
+    """Ours; with `message_batch`, DISPATCH_MESSAGE_BATCH set to it in this process (the
+    periodic dispatcher's rounds) and in the worker (its refills), else the settings'."""
+    from django.conf import settings
+
+    saved = settings.DISPATCH_MESSAGE_BATCH
+    if message_batch is not None:
+        settings.DISPATCH_MESSAGE_BATCH = message_batch
+    try:
+        return _measure_throughput(count, threshold, warmup, profile_dir)
+    finally:
+        settings.DISPATCH_MESSAGE_BATCH = saved
+
+
+def _measure_throughput(
+    count: int, threshold: int, warmup: int, profile_dir: Path | None
+) -> tuple[ThroughputResult, list[str]]:
+    from django.conf import settings
+
     from tasks.models import Scheduler
 
     notes: list[str] = []
     reset_scheduler(THROUGHPUT_SCHEDULER, threshold=threshold)
     result = ThroughputResult(tasks=count, threshold=threshold)
+    result.message_batch = settings.DISPATCH_MESSAGE_BATCH
     timeout = max(120.0, count / 20)
     with running_worker(
-        "throughput", pool="prefork", concurrency=THROUGHPUT_CONCURRENCY, profile_dir=profile_dir
+        "throughput",
+        pool="prefork",
+        concurrency=THROUGHPUT_CONCURRENCY,
+        profile_dir=profile_dir,
+        environ={"DISPATCH_MESSAGE_BATCH": str(result.message_batch)},
     ) as w:
         # Warm-up: both pool processes import everything and open their connections.
         seed_queued(THROUGHPUT_SCHEDULER, warmup)

@@ -81,7 +81,9 @@ def test_worker_bench__tiny_run_measures_latency_and_throughput() -> None:
         *("--samples", "3", "--tasks", "20", "--warmup", "5", "--rounds", "1", "--no-embedded"),
     )
     assert "| PostgreSQL + Redis (PostgreSQL " in out
-    assert "| 20 | `demo.echo` via `tasks.run_task`" in out
+    assert "| 20 | `demo.echo` via `tasks.run_tasks` (up to 8 tasks a message)" in out
+    assert "| 20 | `demo.echo` via `tasks.run_task` (one task a message)" in out
+    assert "| 1 | " in out.split("batched / one a message")[1]  # the before/after pair
     assert "failed" not in out
 
 
