@@ -269,7 +269,7 @@ DISPATCH_MESSAGE_SPREAD = env_int("DISPATCH_MESSAGE_SPREAD", 4, minimum=1)
 # A batch that has run this long sends the tasks it has not started yet again, one message
 # each, for any free worker: a batch's tail waits behind its head at most this long plus one
 # task, and a warm shutdown waits as long for the batch in hand. 0: after its first task.
-WORKER_BATCH_SECONDS = env_int("WORKER_BATCH_SECONDS", 1, minimum=0)
+WORKER_BATCH_MILLISECONDS = env_int("WORKER_BATCH_MILLISECONDS", 500, minimum=0)
 # A worker's claim (DISPATCHED -> RUNNING) commits without waiting for its WAL flush on
 # PostgreSQL; a database crash may lose a claim, and the task then runs again
 # (tasks.queue.worker.start_dispatched). 0: every claim waits for its flush.

@@ -7,7 +7,7 @@ retries and dead letters. So whatever happened to an entry's task meanwhile, the
 at most once: a task cancelled, handed back by the claim timeout, or already run (a redelivered
 message) is refused by the claim and skipped.
 
-Nothing waits long behind the batch's head: once the batch has run WORKER_BATCH_SECONDS, the
+Nothing waits long behind the batch's head: once it has run WORKER_BATCH_MILLISECONDS, the
 entries it has not started go back to the broker as one `tasks.run_task` message each, for
 whichever workers are free. A batch's message is acknowledged late like any other: a worker
 killed mid-batch leaves its finished tasks reported, its RUNNING one to the lease reaper, and
@@ -50,9 +50,9 @@ def execute_batch(
 ) -> list[str]:
     """Run the entries in turn; what happened to each (execute's words, or "resent")."""
     outcomes: list[str] = []
-    started = time.monotonic()
+    deadline = time.monotonic() + settings.WORKER_BATCH_MILLISECONDS / 1000
     for number, entry in enumerate(entries):
-        if number and time.monotonic() - started >= settings.WORKER_BATCH_SECONDS:
+        if number and time.monotonic() >= deadline:
             rest = entries[number:]
             if _resend(rest, celery_queue=celery_queue, scheduler_id=scheduler_id):
                 return outcomes + ["resent"] * len(rest)
@@ -83,6 +83,8 @@ def _resend(rest: Sequence[Entry], *, celery_queue: str, scheduler_id: str) -> b
         )
         return False
     logger.info(
-        "batch ran %s s: %d tasks resent one a message", settings.WORKER_BATCH_SECONDS, len(rest)
+        "batch ran %s ms: %d tasks resent one a message",
+        settings.WORKER_BATCH_MILLISECONDS,
+        len(rest),
     )
     return True

@@ -35,7 +35,7 @@ def run_task(self: Any, task_id: str, attempt: int) -> str:
 @shared_task(name=dispatch_messages.RUN_TASKS, bind=True, ignore_result=True, acks_late=True)
 def run_tasks(self: Any, entries: list[list[Any]]) -> list[str]:
     """Run several dispatched attempts one after the other (`[[task_id, attempt], ...]`), each
-    as run_task would; the ones not started within WORKER_BATCH_SECONDS are sent again."""
+    as run_task would; the ones not started within WORKER_BATCH_MILLISECONDS are sent again."""
     request = self.request
     return execution_batch.execute_batch(
         execution_batch.parse(entries),

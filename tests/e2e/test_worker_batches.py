@@ -88,7 +88,7 @@ def test_worker_batches__sigkill_mid_batch_loses_nothing_and_runs_nothing_twice(
         "slow", SLOW, 4, dispatch_threshold=4, lease_seconds=5,
         retry_policy="fixed", retry_delay_seconds=0, max_attempts=3,
     )  # fmt: skip
-    doomed = start_worker("doomed", environ={"WORKER_BATCH_SECONDS": "60"})
+    doomed = start_worker("doomed", environ={"WORKER_BATCH_MILLISECONDS": "60000"})
     _resume("slow")
     entries = [[str(t.id), 1] for t in tasks]
     deadline = time.monotonic() + 60
@@ -121,7 +121,7 @@ def test_worker_batches__a_batch_past_its_time_sends_its_tail_to_the_other_worke
     start_worker: Any,
 ) -> None:
     tasks = _queue_paused("slow", SLOW, 4, dispatch_threshold=4)
-    batch_time = {"WORKER_BATCH_SECONDS": "0"}  # resend the tail after the first task
+    batch_time = {"WORKER_BATCH_MILLISECONDS": "0"}  # resend the tail after the first task
     workers = [start_worker(name, environ=batch_time) for name in ("a", "b")]
 
     _resume("slow")

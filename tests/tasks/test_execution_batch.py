@@ -2,7 +2,7 @@
 `tasks.run_task` / `tasks.run_tasks` messages, and `execution_batch.execute_batch` called
 in-process on what the broker received (the worker's path minus Celery): each entry claimed at
 its own turn by CAS on its attempt, stale entries skipped, the tail sent again one a message
-once the batch has run WORKER_BATCH_SECONDS. The broker is the real one of the test run."""
+once the batch has run WORKER_BATCH_MILLISECONDS. The broker is the real one of the test run."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def fresh_status(entry: Entry) -> str:
     return Task.objects.get(id=entry.id).status
 
 
-@override_settings(WORKER_BATCH_SECONDS=0, DISPATCH_MESSAGE_SPREAD=1)
+@override_settings(WORKER_BATCH_MILLISECONDS=0, DISPATCH_MESSAGE_SPREAD=1)
 def test_execute_batch__past_its_time_the_tail_is_sent_again_one_a_message() -> None:
     celery_queue("echo", "demo.echo", dispatch_threshold=50)
     [(_, args)] = _round("echo", 3)
