@@ -50,6 +50,13 @@ from bench.worker_report import report
 from bench.worker_setup import LatencyResult, Run
 from bench.worker_throughput import measure_celery_floor, measure_throughput
 
+# Ours with one setting changed, each run right after ours in every round: (label, the
+# DISPATCH_MESSAGE_BATCH of the dispatcher and the worker or None, the worker's environment).
+VARIANTS: tuple[tuple[str, int | None, dict[str, str]], ...] = (
+    ("one task a message", 1, {}),
+    ("report and next claim in two statements", None, {"WORKER_CLAIM_WITH_REPORT": "0"}),
+)
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -72,10 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "statements when PostgreSQL loaded pg_stat_statements); profiled figures are slower",
     )
     parser.add_argument(
-        "--no-unbatched",
+        "--no-variants",
         action="store_true",
-        help="leave out ours with one task a message (DISPATCH_MESSAGE_BATCH=1), which each "
-        "round otherwise runs right after ours: the before/after of several tasks a message",
+        help="leave out ours with one setting changed (VARIANTS: one task a message, the "
+        "report and next claim as two statements), which each round otherwise runs right "
+        "after ours: the before/after of this release's worker changes",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 samples, 500 tasks")
     parser.add_argument(
@@ -91,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_round(run: Run, number: int) -> None:
-    """One round of the throughput contenders, one after the other: ours, ours with one task a
-    message (unless --no-unbatched), procrastinate's worker, Celery alone. Rounds repeat the
-    same order, so drifting load hits each alike."""
+    """One round of the throughput contenders, one after the other: ours, its VARIANTS (unless
+    --no-variants), procrastinate's worker, Celery alone. Rounds repeat the same order, so
+    drifting load hits each alike."""
     args = run.args
     common.log(f"round {number}/{args.rounds}")
     profile = args.profile if number == 1 else None
@@ -103,13 +111,15 @@ def run_round(run: Run, number: int) -> None:
         run.notes += [f"round {number}: {note}" for note in notes]
     except RuntimeError as exc:
         run.notes.append(f"round {number}: throughput failed: {exc}".replace("\n", " / ")[:2000])
-    if not args.no_unbatched:
+    for label, batch, environ in () if args.no_variants else VARIANTS:
         try:
-            result, notes = measure_throughput(args.tasks, args.threshold, args.warmup, None, 1)
-            run.unbatched.append(result)
-            run.notes += [f"round {number}, one a message: {note}" for note in notes]
+            result, notes = measure_throughput(
+                args.tasks, args.threshold, args.warmup, None, batch, environ
+            )
+            run.variants.setdefault(label, []).append(result)
+            run.notes += [f"round {number}, {label}: {note}" for note in notes]
         except RuntimeError as exc:
-            failed = f"round {number}: one a message failed: {exc}".replace("\n", " / ")
+            failed = f"round {number}: {label} failed: {exc}".replace("\n", " / ")
             run.notes.append(failed[:2000])
     peer = measure_procrastinate_worker(args.tasks, args.warmup)
     if isinstance(peer, str):

@@ -92,7 +92,7 @@ def throughput_table(
     t: ThroughputResult | None,
     floor: FloorResult | None,
     peer: FloorResult | None = None,
-    unbatched: ThroughputResult | None = None,
+    variants: Sequence[tuple[str, ThroughputResult | None]] = (),
 ) -> list[str]:
     worker = f"1 worker, --pool prefork --concurrency {THROUGHPUT_CONCURRENCY}"
     lines = [
@@ -100,12 +100,13 @@ def throughput_table(
         "| deepest broker, sampled | deepest broker, from events | not completed |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for ours in (t, unbatched):
+    for label, ours in (("", t), *variants):
         if ours is None:
             continue
         unfinished = ", ".join(f"{s} {n}" for s, n in sorted(ours.unfinished.items())) or "none"
+        what = _messages(ours.message_batch) + (f", {label}" if ours.message_batch > 1 else "")
         lines.append(
-            f"| {ours.tasks:,} | `{HANDLER}` via {_messages(ours.message_batch)}, {worker} "
+            f"| {ours.tasks:,} | `{HANDLER}` via {what}, {worker} "
             f"| {ours.threshold} "
             f"| {fmt(ours.wall, 2)} | {fmt(ours.rate, 0)} | {fmt(ours.steady_rate(), 0)} "
             f"| {max(ours.depth_samples, default=0)} | {ours.max_depth_events} | {unfinished} |"
@@ -131,16 +132,17 @@ def _messages(batch: int) -> str:
     return f"`tasks.run_tasks` (up to {batch} tasks a message)"
 
 
-def batching_table(run: Run) -> list[str]:
-    """Ours against ours with one task a message, round by round (each pair back to back):
-    tasks/s and CPU ms a task of the worker, PostgreSQL and Redis; then the medians."""
+def variant_table(run: Run, label: str) -> list[str]:
+    """Ours against one variant of it, round by round (each pair back to back): tasks/s and
+    CPU ms a task of the worker, PostgreSQL and Redis; then the medians."""
     lines = [
-        "| round | batched tasks/s | one a message | batched / one a message "
-        "| worker CPU ms a task, batched / one | PostgreSQL | Redis |",
+        f"| round | ours tasks/s | {label} | ours / {label} "
+        "| worker CPU ms a task, ours / variant | PostgreSQL | Redis |",
         "|---|---:|---:|---:|---|---|---|",
     ]
     rows: list[list[float]] = []
-    for number, (new, old) in enumerate(zip(run.throughput, run.unbatched, strict=False)):
+    pairs = zip(run.throughput, run.variants.get(label, []), strict=False)
+    for number, (new, old) in enumerate(pairs):
         values = [new.rate, old.rate, new.rate / old.rate if old.rate else math.nan]
         for side in ("worker", "postgres", "redis"):
             values += [new.cpu_ms_per_task(side), old.cpu_ms_per_task(side)]
@@ -401,17 +403,18 @@ def profile_sections(run: Run) -> list[str]:
     return lines
 
 
-def _batching_section(run: Run) -> list[str]:
-    if not run.unbatched:
-        return []
-    return [
-        "Several tasks a message, before and after: ours as above, then ours with "
-        "DISPATCH_MESSAGE_BATCH=1 (one `tasks.run_task` message a task, as before batches) "
-        "right after it in each round, on fresh worker processes:",
-        "",
-        *batching_table(run),
-        "",
-    ]
+def _variants_section(run: Run) -> list[str]:
+    lines: list[str] = []
+    for label in run.variants:
+        lines += [
+            f"Ours, then ours with {label} (the code before this release's change; "
+            "`bench.worker_bench.VARIANTS`) right after it in each round, on fresh worker "
+            "processes:",
+            "",
+            *variant_table(run, label),
+            "",
+        ]
+    return lines
 
 
 def report(run: Run) -> str:
@@ -461,10 +464,15 @@ def report(run: Run) -> str:
             "",
             *rounds_table(run),
             "",
-            *_batching_section(run),
+            *_variants_section(run),
             "The median round of each contender:",
             "",
-            *throughput_table(t, floor, median_round(run.peer), median_round(run.unbatched)),
+            *throughput_table(
+                t,
+                floor,
+                median_round(run.peer),
+                [(label, median_round(rs)) for label, rs in run.variants.items()],
+            ),
             "",
         ]
     if t is not None:

@@ -369,9 +369,9 @@ class Run:
     throughput: list[ThroughputResult] = field(default_factory=list)
     floor: list[FloorResult] = field(default_factory=list)
     peer: list[FloorResult] = field(default_factory=list)  # procrastinate's worker
-    # Ours with one task a message (DISPATCH_MESSAGE_BATCH=1, the code before batches), run
-    # right after ours in each round: the before/after of several tasks a message.
-    unbatched: list[ThroughputResult] = field(default_factory=list)
+    # Ours with one setting changed, run right after ours in each round: the before/after of
+    # a design change (bench.worker_bench.VARIANTS), by the variant's label.
+    variants: dict[str, list[ThroughputResult]] = field(default_factory=dict)
     loads: list[str] = field(default_factory=list)  # the load average after each round
     profile: str = ""  # the worker's pool processes' top functions, --profile
     notes: list[str] = field(default_factory=list)

@@ -81,22 +81,24 @@ def measure_throughput(
     warmup: int = THROUGHPUT_WARMUP,
     profile_dir: Path | None = None,
     message_batch: int | None = None,
+    environ: dict[str, str] | None = None,
 ) -> tuple[ThroughputResult, list[str]]:
     """Ours; with `message_batch`, DISPATCH_MESSAGE_BATCH set to it in this process (the
-    periodic dispatcher's rounds) and in the worker (its refills), else the settings'."""
+    periodic dispatcher's rounds) and in the worker (its refills), else the settings';
+    `environ` on top of the worker's environment (a worker-side setting of a variant)."""
     from django.conf import settings
 
     saved = settings.DISPATCH_MESSAGE_BATCH
     if message_batch is not None:
         settings.DISPATCH_MESSAGE_BATCH = message_batch
     try:
-        return _measure_throughput(count, threshold, warmup, profile_dir)
+        return _measure_throughput(count, threshold, warmup, profile_dir, environ or {})
     finally:
         settings.DISPATCH_MESSAGE_BATCH = saved
 
 
 def _measure_throughput(
-    count: int, threshold: int, warmup: int, profile_dir: Path | None
+    count: int, threshold: int, warmup: int, profile_dir: Path | None, environ: dict[str, str]
 ) -> tuple[ThroughputResult, list[str]]:
     from django.conf import settings
 
@@ -112,7 +114,7 @@ def _measure_throughput(
         pool="prefork",
         concurrency=THROUGHPUT_CONCURRENCY,
         profile_dir=profile_dir,
-        environ={"DISPATCH_MESSAGE_BATCH": str(result.message_batch)},
+        environ={"DISPATCH_MESSAGE_BATCH": str(result.message_batch), **environ},
     ) as w:
         # Warm-up: both pool processes import everything and open their connections.
         seed_queued(THROUGHPUT_SCHEDULER, warmup)

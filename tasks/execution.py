@@ -154,17 +154,41 @@ def _beater() -> Beater:
         return _BEATER
 
 
-def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
+class Chain:
+    """A batch's next entry, claimed together with this task's successful report (one
+    statement on PostgreSQL, WORKER_CLAIM_WITH_REPORT): `pick()` names it, or None (the last
+    entry, or the batch is out of time). After the report, `taken` is the entry its report
+    claimed (None if none was) and `claimed` that task, or None if its claim was refused."""
+
+    def __init__(self, pick: Callable[[], tuple[uuid.UUID, int] | None]) -> None:
+        self.pick = pick
+        self.taken: tuple[uuid.UUID, int] | None = None
+        self.claimed: Task | None = None
+
+
+def execute(task_id: uuid.UUID, attempt: int, *, worker: str, chain: Chain | None = None) -> str:
     """Run one dispatched attempt; returns what happened (for logs and tests)."""
+    task = claim(task_id, attempt, worker=worker)
+    if task is None:
+        return "skipped"
+    return run_claimed(task, attempt, worker=worker, chain=chain)
+
+
+def claim(task_id: uuid.UUID, attempt: int, *, worker: str) -> Task | None:
+    """DISPATCHED -> RUNNING on `attempt` (a fresh lease token); None if refused."""
     try:
-        task = _reconnecting(
+        return _reconnecting(
             lambda: services.task_start(
                 task_id=task_id, actor=worker, attempt=attempt, mint_token=True
             )
         )
     except QueueError as exc:
         logger.info("task %s attempt %s: not claimed (%s)", task_id, attempt, exc.message)
-        return "skipped"
+        return None
+
+
+def run_claimed(task: Task, attempt: int, *, worker: str, chain: Chain | None = None) -> str:
+    """The rest of an attempt once claimed: refill, locks, the handler, the report."""
     dispatch.refill_on_claim(task)
     waited = (timezone.now() - task.not_before).total_seconds()
     QUEUE_WAIT_SECONDS.labels(task.scheduler_id).observe(max(waited, 0.0))
@@ -195,7 +219,7 @@ def execute(task_id: uuid.UUID, attempt: int, *, worker: str) -> str:
         )
         return "deferred"
     try:
-        return _run(task, handler, lock_names, worker=worker)
+        return _run(task, handler, lock_names, worker=worker, chain=chain)
     finally:
         locks.release(lock_names, owner=str(task.id))
         dispatch.refill_after_run(task)
@@ -217,7 +241,9 @@ def _reconnecting(call: Callable[[], T]) -> T:
         return call()
 
 
-def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) -> str:
+def _run(
+    task: Task, handler: Handler, lock_names: list[str], *, worker: str, chain: Chain | None
+) -> str:
     heartbeat = Heartbeat(task, lock_names)
     context = TaskContext(
         task_id=task.id,
@@ -246,7 +272,7 @@ def _run(task: Task, handler: Handler, lock_names: list[str], *, worker: str) ->
     with tracing.task_span("task.report", task.trace_context, **span):
         if error is not None:
             return _report_failure(task, handler, error, trace, worker=worker)
-        return _report_success(task, result, worker=worker)
+        return _report_success(task, result, worker=worker, chain=chain)
 
 
 def one_line(exc: BaseException, limit: int = 1000) -> str:
@@ -261,7 +287,10 @@ def _cancel_requested(task_id: uuid.UUID) -> bool:
     return Task.objects.filter(id=task_id, cancel_requested_at__isnull=False).exists()
 
 
-def _report_success(task: Task, result: Any, *, worker: str) -> str:
+def _report_success(task: Task, result: Any, *, worker: str, chain: Chain | None = None) -> str:
+    taken = chain.pick() if chain is not None and settings.WORKER_CLAIM_WITH_REPORT else None
+    if chain is not None and taken is not None and taken[0] != task.id:
+        return _report_success_and_claim(task, result, chain, taken, worker=worker)
     try:
         _reconnecting(
             lambda: services.task_complete(
@@ -295,3 +324,33 @@ def _report_failure(task: Task, handler: Handler, error: str, trace: str, *, wor
         logger.warning("task %s: failure not recorded (%s)", task.id, exc.message)
         return "lost"
     return "failed"
+
+
+def _report_success_and_claim(
+    task: Task, result: Any, chain: Chain, taken: tuple[uuid.UUID, int], *, worker: str
+) -> str:
+    """The report with the claim of the batch's next task, each refused on its own."""
+    try:
+        done, started = _reconnecting(
+            lambda: services.task_complete_and_start(
+                task_id=task.id,
+                result=result,
+                actor=worker,
+                attempt=task.attempts,
+                proof=LeaseProof.holder(task.lease_token),
+                next_id=taken[0],
+                next_attempt=taken[1],
+            )
+        )
+    except QueueError as exc:  # refused before anything was written: the next is not claimed
+        logger.warning("task %s: result not recorded (%s)", task.id, exc.message)
+        return "lost"
+    chain.taken = taken
+    if isinstance(started, QueueError):
+        logger.info("task %s attempt %s: not claimed (%s)", taken[0], taken[1], started.message)
+    else:
+        chain.claimed = started
+    if isinstance(done, QueueError):
+        logger.warning("task %s: result not recorded (%s)", task.id, done.message)
+        return "lost"
+    return "completed"

@@ -18,10 +18,12 @@ redelivered message, whichever comes first).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from django.conf import settings
 
@@ -48,25 +50,58 @@ def parse(entries: Sequence[Sequence[object]]) -> list[Entry]:
 def execute_batch(
     entries: Sequence[Entry], *, worker: str, celery_queue: str, scheduler_id: str
 ) -> list[str]:
-    """Run the entries in turn; what happened to each (execute's words, or "resent")."""
+    """Run the entries in turn; what happened to each (execute's words, or "resent"). A
+    successful report also claims the next entry while the batch has time left (one
+    statement on PostgreSQL: tasks.execution.Chain)."""
     outcomes: list[str] = []
-    deadline = time.monotonic() + settings.WORKER_BATCH_MILLISECONDS / 1000
+    clock = _Clock(time.monotonic() + settings.WORKER_BATCH_MILLISECONDS / 1000)
+    previous: execution.Chain | None = None  # the last report, and what it claimed
     for number, entry in enumerate(entries):
-        if number and time.monotonic() >= deadline:
+        claimed_with_report = previous is not None and previous.taken is not None
+        if number and not claimed_with_report and clock.over():
             rest = entries[number:]
             if _resend(rest, celery_queue=celery_queue, scheduler_id=scheduler_id):
                 return outcomes + ["resent"] * len(rest)
-        outcomes.append(_execute_one(entry, worker=worker))
+            clock.deadline = math.inf  # the broker failed: run them all here
+        chain = execution.Chain(partial(_next, entries, number + 1, clock))
+        claimed = previous if claimed_with_report else None
+        outcomes.append(_execute_one(entry, worker=worker, chain=chain, claimed=claimed))
+        previous = chain
     return outcomes
 
 
-def _execute_one(entry: Entry, *, worker: str) -> str:
-    """One entry, with its task's log fields; an error of one task's path (the database, say)
-    is logged and the batch goes on: the task itself is left to its lease or claim timeout,
-    as after the same error in a message of its own."""
+@dataclass
+class _Clock:
+    deadline: float
+
+    def over(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+def _next(entries: Sequence[Entry], index: int, clock: _Clock) -> tuple[uuid.UUID, int] | None:
+    """The entry a report may claim with it: the next one, unless the batch is out of time
+    (then it is sent again instead, with the rest)."""
+    if index >= len(entries) or clock.over():
+        return None
+    return entries[index].id, entries[index].attempts
+
+
+def _execute_one(
+    entry: Entry, *, worker: str, chain: execution.Chain, claimed: execution.Chain | None
+) -> str:
+    """One entry, with its task's log fields; `claimed`: the previous report's claim of it
+    (refused: skipped). An error of one task's path (the database, say) is logged and the
+    batch goes on: the task itself is left to its lease or claim timeout, as after the same
+    error in a message of its own."""
     with log_context.bound(task_id=str(entry.id), attempt=entry.attempts):
         try:
-            return execution.execute(entry.id, entry.attempts, worker=worker)
+            if claimed is None:
+                return execution.execute(entry.id, entry.attempts, worker=worker, chain=chain)
+            if claimed.claimed is None:
+                return "skipped"
+            return execution.run_claimed(
+                claimed.claimed, entry.attempts, worker=worker, chain=chain
+            )
         except Exception:
             logger.exception("task %s attempt %s: run failed", entry.id, entry.attempts)
             return "error"

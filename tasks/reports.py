@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from tasks import queue, transitions
-from tasks.exceptions import InvalidRequest, TransitionRefused
+from tasks.exceptions import InvalidRequest, QueueError, TransitionRefused
 from tasks.leases import LeaseProof, check_holder, fence_token, with_override_note
 from tasks.metrics import TRANSITION_SECONDS
 from tasks.models import (
@@ -160,6 +160,72 @@ def task_complete(
         # logged, and must not make the worker report it again or call it lost.
         transaction.on_commit(lambda hook=hook: hook(completed), robust=True)
     return completed
+
+
+def task_complete_and_start(
+    *,
+    task_id: uuid.UUID,
+    result: Any,
+    actor: str,
+    attempt: int,
+    proof: LeaseProof,
+    next_id: uuid.UUID,
+    next_attempt: int,
+) -> tuple[Task | QueueError, Task | QueueError]:
+    """A worker's successful report and its claim of its batch's next task: on PostgreSQL one
+    statement (queue.complete_and_start), elsewhere task_complete then task_start. Each
+    outcome on its own: the task, or the refusal that task_complete or task_start would
+    have raised (a refused report does not stop the claim, nor a refused claim the report)."""
+    if not queue.ONE_STATEMENT_WRITES:
+        done = _outcome(lambda: task_complete(task_id=task_id, result=result, actor=actor,
+                                              attempt=attempt, proof=proof))  # fmt: skip
+        started = _outcome(lambda: task_start(task_id=next_id, actor=actor,
+                                              attempt=next_attempt, mint_token=True))  # fmt: skip
+        return done, started
+    token = _fence_token_or_refusal(task_id, attempt, proof, TaskStatus.COMPLETED)
+    with TRANSITION_SECONDS.labels(TaskStatus.COMPLETED).time():
+        completed, started_task = queue.complete_and_start(
+            task_id=task_id, attempt=attempt, lease_token=token or "", result=result,
+            next_id=next_id, next_attempt=next_attempt, now=timezone.now(), actor=actor,
+        )  # fmt: skip
+    return _completed(completed, task_id, attempt, proof, actor), _started(
+        started_task, next_id, next_attempt, actor
+    )
+
+
+def _outcome(call: Callable[[], Task]) -> Task | QueueError:
+    try:
+        return call()
+    except QueueError as exc:
+        return exc
+
+
+def _completed(
+    task: Task | None, task_id: uuid.UUID, attempt: int, proof: LeaseProof, actor: str
+) -> Task | QueueError:
+    if task is None:
+        return _refused(task_id, attempt, proof, TaskStatus.COMPLETED)
+    logger.info("task %s %s -> COMPLETED by %s completed", task.id, task.from_status, actor)
+    for hook in transitions.on_completed_hooks:  # as task_complete's
+        transaction.on_commit(lambda hook=hook: hook(task), robust=True)
+    return task
+
+
+def _started(task: Task | None, task_id: uuid.UUID, attempt: int, actor: str) -> Task | QueueError:
+    if task is None:
+        return _refused(task_id, attempt, None, TaskStatus.RUNNING)
+    logger.info("task %s DISPATCHED -> RUNNING by %s started", task.id, actor)
+    return task
+
+
+def _refused(
+    task_id: uuid.UUID, attempt: int, proof: LeaseProof | None, to_status: str
+) -> QueueError:
+    """What _refusal says (it raises most of its answers)."""
+    try:
+        return _refusal(task_id, attempt, proof, to_status)
+    except QueueError as exc:
+        return exc
 
 
 # A traceback is kept whole up to this many characters; beyond it, its end (where it failed).

@@ -48,6 +48,7 @@ from tasks.reports import (  # noqa: F401
     fail_attempt,
     retry_spec_for,
     task_complete,
+    task_complete_and_start,
     task_fail,
     task_hand_back,
     task_heartbeat,

@@ -58,7 +58,13 @@ from tasks.queue.rows import (
     new_lease_token,
     record_events,
 )
-from tasks.queue.worker import _complete_sql, _start_sql, complete_leased, start_dispatched
+from tasks.queue.worker import (
+    _complete_sql,
+    _start_sql,
+    complete_and_start,
+    complete_leased,
+    start_dispatched,
+)
 
 # The statements that write a task's status, by name: tests/tasks/test_writer.py reads each
 # one's `SET status` and `WHERE … status` and proves the move against ALLOWED_TRANSITIONS.
@@ -88,6 +94,7 @@ __all__ = [
     "_pop_sql",
     "cas_update",
     "claim_queued",
+    "complete_and_start",
     "complete_leased",
     "data_filter",
     "dispatch_round",

@@ -52,10 +52,19 @@ def _start_sql(*, async_commit: bool = False) -> str:
     # `async_commit`: the statement's own transaction commits without waiting for its WAL
     # flush (set_config local to it, read at commit; only when the claim matched a row, so
     # only a claim's commit). See start_dispatched for why a worker's claim may.
-    n = _names()
     relaxed = "WHERE set_config('synchronous_commit', 'off', true) = 'off'" if async_commit else ""
     return f"""
-        WITH started AS (
+        WITH {_start_ctes()}
+        SELECT {_returned("started")}, started.handler_name, started.dispatch_threshold,
+            {_broker_room()} AS broker_room
+        FROM started {relaxed}
+    """
+
+
+def _start_ctes() -> str:
+    # The claim's CTEs: `started` (the compare-and-swap), its event, and the broker's room.
+    n = _names()
+    return f"""started AS (
             UPDATE {n["task"]} t SET status = 'RUNNING', modified_at = %(now)s,
                 lease_expires_at = %(now)s + make_interval(secs => s.lease_seconds),
                 worker = %(actor)s,
@@ -78,15 +87,17 @@ def _start_sql(*, async_commit: bool = False) -> str:
                 WHERE d.scheduler_id = started.scheduler_id AND d.status = 'DISPATCHED'
             ) AS free FROM started WHERE started.dispatched_by_us
         )
-        SELECT {_returned("started")}, started.handler_name, started.dispatch_threshold,
-            (SELECT CASE WHEN room.free >= GREATEST(1, started.dispatch_threshold / 2) THEN
+    """
+
+
+def _broker_room() -> str:
+    n = _names()
+    return f"""(SELECT CASE WHEN room.free >= GREATEST(1, started.dispatch_threshold / 2) THEN
                 CASE WHEN EXISTS (
                     SELECT 1 FROM {n["task"]} q
                     WHERE q.scheduler_id = started.scheduler_id AND q.status = 'QUEUED'
                 ) THEN room.free END
-            END FROM room) AS broker_room
-        FROM started {relaxed}
-    """
+            END FROM room)"""
 
 
 def _start_async_sql() -> str:
@@ -99,27 +110,53 @@ def _complete_sql() -> str:
     # `previous.status`: it scans the statement's snapshot, and when `previous` waited for a
     # concurrent claim (DISPATCHED -> RUNNING) the snapshot still says DISPATCHED; the
     # re-check then runs on the newest version, the one `previous` locked and read.
+    return f"""
+        WITH {_complete_ctes()}
+        SELECT * FROM completed
+    """
+
+
+def _complete_ctes(p: str = "") -> str:
+    # The report's CTEs: `previous`, `completed` (the compare-and-swap) and its event; the
+    # parameters named with prefix `p` (its fence, its note), so that one statement can carry
+    # a report and a claim (_complete_start_sql).
     n = _names()
     return f"""
-        WITH previous AS MATERIALIZED (
+        previous AS MATERIALIZED (
             SELECT id, status FROM {n["task"]}
-            WHERE id = %(id)s AND status IN ('DISPATCHED', 'RUNNING')
-                AND attempts = COALESCE(%(attempt)s, attempts)
-                AND lease_token = COALESCE(%(token)s::text, lease_token)
+            WHERE id = %({p}id)s AND status IN ('DISPATCHED', 'RUNNING')
+                AND attempts = COALESCE(%({p}attempt)s, attempts)
+                AND lease_token = COALESCE(%({p}token)s::text, lease_token)
             FOR UPDATE
         ), completed AS (
             UPDATE {n["task"]} t SET status = 'COMPLETED', modified_at = %(now)s,
                 result = %(result)s, error = '', lease_expires_at = NULL, lease_token = ''
             FROM previous
             WHERE t.id = previous.id AND t.status IN ('DISPATCHED', 'RUNNING')
-                AND t.attempts = COALESCE(%(attempt)s, t.attempts)
-                AND t.lease_token = COALESCE(%(token)s::text, t.lease_token)
+                AND t.attempts = COALESCE(%({p}attempt)s, t.attempts)
+                AND t.lease_token = COALESCE(%({p}token)s::text, t.lease_token)
             RETURNING {_returned("t")}, previous.status AS from_status
-        ), events AS (
+        ), completed_events AS (
             INSERT INTO {n["event"]} (task_id, from_status, to_status, at, actor, note)
-            SELECT id, from_status, 'COMPLETED', %(now)s, %(actor)s, %(note)s FROM completed
+            SELECT id, from_status, 'COMPLETED', %(now)s, %(actor)s, %({p}note)s FROM completed
         )
-        SELECT * FROM completed
+    """
+
+
+def _complete_start_sql() -> str:
+    # A report and the next claim of one worker's batch in one statement (one round trip, one
+    # commit): both compare-and-swaps with their events, on different rows, each matching or
+    # not on its own. Row kind 'C' is the completed task (with from_status), 'S' the started
+    # one (with what a claim returns). Synchronous commit: it carries a report.
+    return f"""
+        WITH {_complete_ctes("c_")}, {_start_ctes()}
+        SELECT {_returned("completed")}, completed.from_status, NULL::varchar AS handler_name,
+            NULL::integer AS dispatch_threshold, NULL::bigint AS broker_room, 'C' AS kind
+        FROM completed
+        UNION ALL
+        SELECT {_returned("started")}, NULL::varchar, started.handler_name,
+            started.dispatch_threshold, {_broker_room()}, 'S'
+        FROM started
     """
 
 
@@ -246,6 +283,39 @@ def complete_leased(
         _hot_sql("complete", _complete_sql), params, extras=("from_status",), prepared=True
     )
     return rows[0] if rows else None
+
+
+def complete_and_start(
+    *,
+    task_id: uuid.UUID,
+    attempt: int,
+    lease_token: str,
+    result: Any,
+    next_id: uuid.UUID,
+    next_attempt: int,
+    now: datetime,
+    actor: str,
+) -> tuple[Task | None, Task | None]:
+    """PostgreSQL: RUNNING -> COMPLETED of `task_id` (fenced by its attempt and lease token)
+    and DISPATCHED -> RUNNING of `next_id` on `next_attempt` (a fresh token), each with its
+    event, in one statement: (the completed task or None, the started one or None), each
+    refused on its own as complete_leased and start_dispatched would refuse it."""
+    db = connections[DEFAULT_DB_ALIAS]
+    params = _fenced_params(next_id, next_attempt, None, now=now, actor=actor, note="started")
+    params |= {
+        "mint": True,
+        "c_id": _hot_prep("id", task_id, db),
+        "c_attempt": attempt,
+        "c_token": lease_token,
+        "c_note": "completed",
+        "result": _hot_prep("result", result, db),
+    }
+    extras = ("from_status", "handler_name", "dispatch_threshold", "broker_room", "kind")
+    rows = _fetch_tasks(
+        _hot_sql("complete_start", _complete_start_sql), params, extras=extras, prepared=True
+    )
+    by_kind = {row.kind: row for row in rows}
+    return by_kind.get("C"), by_kind.get("S")
 
 
 def _sqlite_claim(

@@ -6,6 +6,7 @@ once the batch has run WORKER_BATCH_MILLISECONDS. The broker is the real one of 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -15,6 +16,8 @@ from tasks import dispatch, execution_batch, services
 from tasks.dispatch_messages import RUN_TASK, RUN_TASKS, split
 from tasks.execution_batch import Entry
 from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.registry import TaskContext, register
+from tasks.retry import RetrySpec
 from tests.tasks.helpers import celery_queue, taken_messages
 
 S = TaskStatus
@@ -107,12 +110,12 @@ def test_execute_batch__runs_each_entry_once_claimed_at_its_own_turn() -> None:
     tasks = [Task.objects.get(id=entry.id) for entry in entries]
     assert [(t.status, t.attempts) for t in tasks] == [(S.COMPLETED, 1)] * 3
     assert [_running_events(t.id) for t in tasks] == [1, 1, 1]
-    times = [
-        (e.task_id, e.to_status)
-        for e in TaskEvent.objects.filter(to_status__in=[S.RUNNING, S.COMPLETED]).order_by("id")
-    ]
-    # Each task is claimed (its DISPATCHED -> RUNNING event) only after the previous reported.
-    assert times == [(t.id, s) for t in tasks for s in (S.RUNNING, S.COMPLETED)]
+    # Each task is claimed (its DISPATCHED -> RUNNING event) no sooner than the previous one
+    # reported (on PostgreSQL in the same statement as that report: at the same time).
+    for done, started in itertools.pairwise(tasks):
+        assert _events_at(done.id, S.COMPLETED) <= _events_at(started.id, S.RUNNING)
+    for task in tasks:
+        assert _events_at(task.id, S.RUNNING) <= _events_at(task.id, S.COMPLETED)
 
 
 @override_settings(DISPATCH_MESSAGE_SPREAD=1)  # the round in one message
@@ -178,3 +181,68 @@ def test_execute_batch__past_its_time_the_tail_is_sent_again_one_a_message() -> 
     for _, again in resent:  # each then runs once from its own message
         assert _run(_as_entries(again)) == ["completed"]
     assert [_running_events(entry.id) for entry in [head, *tail]] == [1, 1, 1]
+
+
+# --- a report with the next entry's claim (WORKER_CLAIM_WITH_REPORT) ------------------------
+
+# What the handlers below act on: filled by each test once its round is dispatched.
+TARGETS: dict[str, Any] = {}
+
+
+def _events_at(task_id: Any, to_status: str) -> Any:
+    return TaskEvent.objects.get(task_id=task_id, to_status=to_status).at
+
+
+@pytest.mark.postgres
+@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+def test_execute_batch__a_report_and_the_next_claim_are_one_statement() -> None:
+    celery_queue("echo", "demo.echo", dispatch_threshold=50)
+    [(_, args)] = _round("echo", 3)
+    entries = _entries(args)
+
+    assert _run(entries) == ["completed"] * 3
+
+    # One statement: one `now` for both events (two statements take the time twice).
+    for done, started in itertools.pairwise(entries):
+        assert _events_at(done.id, S.COMPLETED) == _events_at(started.id, S.RUNNING)
+    assert [_running_events(entry.id) for entry in entries] == [1, 1, 1]
+
+
+@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+def test_execute_batch__a_refused_next_claim_does_not_refuse_the_report() -> None:
+    def cancel_next(ctx: TaskContext) -> None:
+        if ctx.task_id == TARGETS["first"]:  # an operator cancels the next one meanwhile
+            services.task_cancel(task_id=TARGETS["next"], actor="operator")
+
+    register("test.cancel_next")(cancel_next)
+    celery_queue("q", "test.cancel_next", dispatch_threshold=50)
+    [(_, args)] = _round("q", 3)
+    first, cancelled, last = _entries(args)
+    TARGETS.update(first=first.id, next=cancelled.id)
+
+    assert _run([first, cancelled, last]) == ["completed", "skipped", "completed"]
+
+    assert [fresh_status(e) for e in (first, cancelled, last)] == [
+        S.COMPLETED,
+        S.CANCELLED,
+        S.COMPLETED,
+    ]
+    assert _running_events(cancelled.id) == 0
+
+
+@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+def test_execute_batch__a_refused_report_does_not_refuse_the_next_claim() -> None:
+    def lose_own_lease(ctx: TaskContext) -> None:
+        if ctx.task_id == TARGETS["first"]:  # an operator fails it meanwhile (no token)
+            services.task_fail(task_id=ctx.task_id, error="stopped by hand", actor="operator")
+
+    register("test.lose_lease", retry=RetrySpec(policy="none", dead_letter=False))(lose_own_lease)
+    celery_queue("q", "test.lose_lease", dispatch_threshold=50)
+    [(_, args)] = _round("q", 2)
+    first, second = _entries(args)
+    TARGETS["first"] = first.id
+
+    assert _run([first, second]) == ["lost", "completed"]
+
+    assert (fresh_status(first), fresh_status(second)) == (S.FAILED, S.COMPLETED)
+    assert _running_events(second.id) == 1
