@@ -104,7 +104,9 @@ def throughput_table(
         if ours is None:
             continue
         unfinished = ", ".join(f"{s} {n}" for s, n in sorted(ours.unfinished.items())) or "none"
-        what = _messages(ours.message_batch) + (f", {label}" if ours.message_batch > 1 else "")
+        what = _messages(ours.message_batch) + (
+            f", {label}" if label and ours.message_batch > 1 else ""
+        )
         lines.append(
             f"| {ours.tasks:,} | `{HANDLER}` via {what}, {worker} "
             f"| {ours.threshold} "

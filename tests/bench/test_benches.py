@@ -113,3 +113,6 @@ def test_perf_worker_claim__tiny_run_completes_every_task_and_prints_its_cpu() -
     out = run_bench("bench.perf_worker_claim", "--tasks", "60", "--batches", "2")
     assert "2 batches of 60 tasks, 120 completed;" in out  # the refills kept the list fed
     assert "| execute | " in out
+    for path in ("batch, one statement", "batch, two statements"):
+        [row] = [line for line in out.splitlines() if line.startswith(f"| {path} | ")]
+        assert row.endswith("| 120 |"), row  # every task completed on that path too
