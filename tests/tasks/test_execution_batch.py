@@ -85,11 +85,11 @@ def test_dispatch__a_round_goes_out_as_batches_and_a_time_limited_handler_one_a_
     celery_queue("slow", "demo.sleep", dispatch_threshold=50)  # soft_time_limit=120
 
     batched = _round("echo", 20)
-    single = _round("slow", 3, seconds=0)
+    single = _round("slow", 12, seconds=0)  # batched, it would be 4 messages of 3
 
     assert sorted(len(_entries(args)) for _, args in batched) == [5, 5, 5, 5]
     assert {name for name, _ in batched} == {RUN_TASKS}
-    assert [name for name, _ in single] == [RUN_TASK] * 3
+    assert [name for name, _ in single] == [RUN_TASK] * 12
 
 
 @override_settings(DISPATCH_MESSAGE_BATCH=1)
