@@ -246,3 +246,21 @@ def test_execute_batch__a_refused_report_does_not_refuse_the_next_claim() -> Non
 
     assert (fresh_status(first), fresh_status(second)) == (S.FAILED, S.COMPLETED)
     assert _running_events(second.id) == 1
+
+
+@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+def test_execute_batch__a_running_entry_cancelled_stops_and_the_next_runs() -> None:
+    def cancelled_while_running(ctx: TaskContext) -> None:
+        if ctx.task_id == TARGETS["first"]:  # an operator cancels it while it runs
+            services.task_cancel(task_id=ctx.task_id, actor="operator")
+            ctx.check_cancelled()
+
+    register("test.cancelled")(cancelled_while_running)
+    celery_queue("q", "test.cancelled", dispatch_threshold=50)
+    [(_, args)] = _round("q", 2)
+    first, second = _entries(args)
+    TARGETS["first"] = first.id
+
+    assert _run([first, second]) == ["failed", "completed"]
+
+    assert (fresh_status(first), fresh_status(second)) == (S.CANCELLED, S.COMPLETED)
