@@ -10,7 +10,8 @@ popped, idles a moment, and pushes the next. Latency: the runner's receipt of th
 minus the push's send time (one machine, one clock); beside it, the push's own answer time
 (its share of the latency: the wake-up happens when the push commits, before it answers).
 With --base DIR (another source tree, e.g. `git archive main`) each round serves that tree
-and this one in turn, each from a fresh gunicorn, so before and after run interleaved; the
+and this one in turn (A B, then B A), each from a fresh gunicorn, so before and after run
+interleaved; the
 medians of the rounds' p50s and their ratio are printed.
 Figures only: nothing here asserts a timing.
 """
@@ -131,7 +132,9 @@ def main() -> None:
         trees = {"base": args.base, **trees}
     runs: dict[str, list[Run]] = {name: [] for name in trees}
     for round_number in range(args.rounds):
-        for name, tree in trees.items():
+        # A B, B A, …: neither tree always runs first (on a warmer database, or a calmer minute).
+        order = list(trees.items())[:: -1 if round_number % 2 else 1]
+        for name, tree in order:
             run = measure(tree, made, args)
             runs[name].append(run)
             if len(trees) > 1 or args.rounds > 1:
