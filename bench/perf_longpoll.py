@@ -3,16 +3,16 @@
     scripts/with-postgres.sh --required -- .venv/bin/python -m bench.perf_longpoll [--base DIR]
 
 DATABASE_URL must be a throwaway PostgreSQL database. One gunicorn (production settings,
-gthread workers, as docs/deployment.md serves the API) ; R runner processes each loop on
-`POST /api/schedulers/{id}/pop/` with `"wait": 5` and a runner's token; the bench pushes one
-task at a time over HTTP (operator token) with its send time in `data`, waits until it was
-popped, idles a moment, and pushes the next. Latency: the runner's receipt of the pop's answer
-minus the push's send time (one machine, one clock); beside it, the push's own answer time
-(its share of the latency: the wake-up happens when the push commits, before it answers).
-With --base DIR (another source tree, e.g. `git archive main`) each round serves that tree
-and this one in turn (A B, then B A), each from a fresh gunicorn, so before and after run
-interleaved; the
-medians of the rounds' p50s and their ratio are printed.
+gthread workers, as docs/deployment.md serves the API); R runner processes each loop on
+`POST /api/schedulers/{id}/pop/` with `"wait": 5` (--wait) and a runner's token; the bench
+pushes one task at a time over HTTP (operator token) with its send time in `data`, waits
+until it was popped, idles a moment, and pushes the next. Latency: the runner's receipt of
+the pop's answer minus the push's send time (one machine, one clock); beside it, the push's
+own answer time (its share of the latency: the wake-up happens when the push commits,
+before it answers). With --base DIR (another source tree, e.g. `git archive main`) each
+round serves that tree and this one in turn (A B, then B A), each from a fresh gunicorn, so
+before and after run interleaved; the medians of the rounds' p50s and their ratio are
+printed.
 Figures only: nothing here asserts a timing.
 """
 
@@ -53,10 +53,10 @@ def tokens() -> tuple[str, str]:
     return made[0], made[1]
 
 
-def runner(port: int, token: str, out: Any, stop: Any) -> None:
+def runner(port: int, token: str, wait: float, out: Any, stop: Any) -> None:
     while not stop.is_set():
         status, body = perf_http.request(
-            port, "POST", f"/api/schedulers/{SCHEDULER}/pop/", {"wait": 5}, token
+            port, "POST", f"/api/schedulers/{SCHEDULER}/pop/", {"wait": wait}, token
         )
         received = time.time()
         if status != 200:
@@ -83,12 +83,12 @@ def measure(tree: Path, tokens_: tuple[str, str], args: argparse.Namespace) -> R
         out: Any = multiprocessing.Queue()
         stop = multiprocessing.Event()
         procs = [
-            multiprocessing.Process(target=runner, args=(port, runner_token, out, stop))
+            multiprocessing.Process(target=runner, args=(port, runner_token, args.wait, out, stop))
             for _ in range(args.runners)
         ]
         for proc in procs:
             proc.start()
-        time.sleep(2)  # every runner is waiting
+        time.sleep(min(2.0, args.wait))  # every runner is waiting
         for _ in range(args.pushes):
             push_one(port, operator_token, out, run)
             time.sleep(args.idle)
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--runners", type=int, default=4)
     parser.add_argument("--pushes", type=int, default=60)
     parser.add_argument("--idle", type=float, default=0.2, help="seconds between pushes")
+    parser.add_argument("--wait", type=float, default=5, help="each pop's wait, seconds")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--base", type=Path, help="a second source tree to serve (before)")
@@ -127,8 +128,9 @@ def main() -> None:
     made = tokens()
     trees = {"new": perf_http.ROOT}
     if args.base:
-        for name in ("perf_settings.py", "perf_urls.py"):
-            shutil.copy(perf_http.ROOT / "bench" / name, args.base / "bench" / name)
+        for name in ("perf_settings.py", "perf_urls.py"):  # what the bench's settings name
+            if args.base.resolve() != perf_http.ROOT:
+                shutil.copy(perf_http.ROOT / "bench" / name, args.base / "bench" / name)
         trees = {"base": args.base, **trees}
     runs: dict[str, list[Run]] = {name: [] for name in trees}
     for round_number in range(args.rounds):
@@ -179,7 +181,7 @@ def report(name: str, runs: list[Run], args: argparse.Namespace) -> None:
     pushes = [value for run in runs for value in run.pushes]
     parts = steps({task: sent for run in runs for task, sent in run.popped.items()})
     print(
-        f"\n{name}: {args.runners} runners waiting (wait 5 s each pop), gunicorn -w "
+        f"\n{name}: {args.runners} runners waiting (wait {args.wait:g} s each pop), gunicorn -w "
         f"{args.workers} -k gthread --threads {args.threads}, {len(latencies)} pushes at idle "
         f"({len(runs)} x {args.pushes}), {args.idle:.1f} s apart"
     )
