@@ -316,18 +316,22 @@ def _concurrency_single_pick(*, walk: bool) -> str:
                 THEN 'held' WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
                 THEN 'more' ELSE 'empty' END AS why
         ), new_cursor AS (SELECT v FROM found)"""
-    stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
-        WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
-        ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}"""
-    return f""", first AS MATERIALIZED (
-            SELECT x.id FROM ({stretch}) x
+    # The stretch is a CTE, read as far as `first` needs it (one row when the head has
+    # room); the verdict counts the rest only when nothing was taken. As a subquery of each,
+    # its index scan and InitPlans were in the plan twice, set up on every run.
+    return f""", stretch AS MATERIALIZED (
+            SELECT t.id, t.concurrency_value AS v FROM {{task}} t
+            WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
+            ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}
+        ), first AS MATERIALIZED (
+            SELECT x.id FROM stretch x
             WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
             LIMIT (SELECT allowed FROM room)
         ), picked AS MATERIALIZED (
             SELECT t.id FROM {{task}} t WHERE t.id = (SELECT id FROM first)
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (SELECT CASE WHEN EXISTS (SELECT 1 FROM first) THEN 'held'
-            WHEN (SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}
+            WHEN (SELECT COUNT(*) FROM stretch) = {SINGLE_STRETCH}
             THEN 'more' ELSE 'empty' END AS why),
         new_cursor AS (SELECT NULL::text AS v)"""
 
@@ -403,12 +407,16 @@ def _fair_single_pick() -> str:
     after = entries.format(bound=cursor, n=SINGLE_SCAN)
     start = entries.format(bound="", n=SINGLE_SCAN)
     due = _DUE.format(t="x")
-    return f""", ahead AS MATERIALIZED (
-            SELECT x.id, x.v FROM ({after}) x WHERE {due} LIMIT (SELECT allowed FROM room)
+    # `after` is a CTE read as far as `ahead` needs it (one entry when the next head is
+    # due), counted further only when `ahead` found none: as a subquery of both, its index
+    # scan and InitPlans were in the plan twice, set up on every run.
+    return f""", after AS MATERIALIZED ({after}
+        ), ahead AS MATERIALIZED (
+            SELECT x.id, x.v FROM after x WHERE {due} LIMIT (SELECT allowed FROM room)
         ), wrapped AS MATERIALIZED (
             SELECT x.id, x.v FROM ({start}) x
             WHERE NOT EXISTS (SELECT 1 FROM ahead)
-                AND (SELECT COUNT(*) FROM ({after}) c) < {SINGLE_SCAN}
+                AND (SELECT COUNT(*) FROM after) < {SINGLE_SCAN}
                 AND {due} AND x.v <= COALESCE((SELECT fair_cursor FROM room), x.v)
             LIMIT (SELECT allowed FROM room)
         ), picked AS MATERIALIZED (
