@@ -304,7 +304,9 @@ def _materialize(scheduler: Scheduler, picked: Sequence[Schedule], *, now: datet
     try:
         with transaction.atomic():
             return _advance_and_insert(scheduler, plans, now=now)
-    except IntegrityError:
+    except IntegrityError as exc:
+        if task_queue.active_conflict(exc) is None:
+            raise  # not a duplicate: a real error, not a schedule to wait
         # A task with a schedule's hash was pushed by hand meanwhile. Go one by one; the
         # blocked schedule stays due and waits for that task, as if it were its own.
         made = 0
@@ -312,7 +314,9 @@ def _materialize(scheduler: Scheduler, picked: Sequence[Schedule], *, now: datet
             try:
                 with transaction.atomic():
                     made += _advance_and_insert(scheduler, [plan], now=now)
-            except IntegrityError:
+            except IntegrityError as exc:
+                if task_queue.active_conflict(exc) is None:
+                    raise
                 logger.info("schedule %s waits: an active task holds its hash", plan[0].id)
         return made
 

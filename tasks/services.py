@@ -31,6 +31,7 @@ from tasks.exceptions import (
 )
 from tasks.metrics import POP_SECONDS, labelled
 from tasks.models import (
+    ACTIVE_STATUSES,
     LEASED_STATUSES,
     REQUEUEABLE_STATUSES,
     Scheduler,
@@ -225,8 +226,11 @@ def task_push(
         try:
             with transaction.atomic():
                 task.save(force_insert=True)
-        except IntegrityError:
-            raise _duplicate_of(scheduler_id, hash) from None
+        except IntegrityError as exc:
+            refusal = _conflict_of(exc, scheduler_id, hash, task.schedule_id)
+            if refusal is None:
+                raise
+            raise refusal from None
         note = tracing.noted("pushed", task.trace_context)
         queue.record_events([task], from_status="", actor=actor, note=note, at=now)
         notify_queued(scheduler)
@@ -269,7 +273,7 @@ def _push_one_statement(
             current_status="",
         ) from None
     if not inserted:
-        raise _duplicate_of(scheduler.id, fields["hash"])
+        raise _duplicate_of(scheduler.id, hash=fields["hash"], schedule_id=task.schedule_id)
     notify_queued(scheduler, announced=True)
     return task
 
@@ -283,24 +287,45 @@ def _check_room(scheduler: Scheduler) -> None:
         )
 
 
-def _duplicate_of(scheduler_id: str, hash: str | None) -> Exception:
-    existing = (
-        Task.objects.filter(
-            scheduler_id=scheduler_id,
-            hash=hash,
-            status__in=[TaskStatus.QUEUED, *LEASED_STATUSES],
+def _conflict_of(
+    exc: IntegrityError, scheduler_id: str, hash: str | None, schedule_id: Any
+) -> Exception | None:
+    """What a unique violation of a task that would be active means to the caller: another
+    active task with its hash, or its schedule's active task (either a DuplicateTask naming
+    it). None for any other integrity error: not a duplicate, the caller re-raises it."""
+    conflict = queue.active_conflict(exc)
+    if conflict == queue.ACTIVE_HASH:
+        return _duplicate_of(scheduler_id, hash=hash)
+    if conflict == queue.ACTIVE_SCHEDULE:
+        # Its hash may be free: a schedule's hash can change between its tasks.
+        return _duplicate_of(scheduler_id, schedule_id=schedule_id)
+    return None
+
+
+def _duplicate_of(
+    scheduler_id: str, *, hash: str | None = None, schedule_id: Any = None
+) -> Exception:
+    """The refusal naming the active task that holds `hash` or (else) `schedule_id`."""
+    for field, value, what in (
+        ("hash", hash, f"with hash {hash!r}"),
+        ("schedule_id", schedule_id, f"of schedule {schedule_id}"),
+    ):
+        if value is None:
+            continue
+        existing = (
+            Task.objects.filter(scheduler_id=scheduler_id, status__in=ACTIVE_STATUSES)
+            .filter(**{field: value})
+            .values_list("id", flat=True)
+            .first()
         )
-        .values_list("id", flat=True)
-        .first()
-    )
-    if existing is None:
-        # The other task finished between our insert and this lookup; the caller may retry.
-        return TransitionRefused(
-            f"A task with hash {hash!r} was active a moment ago; try again.", current_status=""
-        )
-    return DuplicateTask(
-        f"An active task with hash {hash!r} already exists in scheduler {scheduler_id!r}.",
-        existing_id=existing,
+        if existing is not None:
+            return DuplicateTask(
+                f"An active task {what} already exists in scheduler {scheduler_id!r}.",
+                existing_id=existing,
+            )
+    # The other task finished between our insert and this lookup; the caller may retry.
+    return TransitionRefused(
+        f"A task with hash {hash!r} was active a moment ago; try again.", current_status=""
     )
 
 
@@ -485,8 +510,11 @@ def task_requeue(*, task_id: uuid.UUID, actor: str = "", note: str = "requeued")
             updated = transition(
                 task, to_status=TaskStatus.QUEUED, actor=actor, note=note, values=values
             )
-    except IntegrityError:
-        raise _duplicate_of(task.scheduler_id, task.hash) from None
+    except IntegrityError as exc:
+        refusal = _conflict_of(exc, task.scheduler_id, task.hash, task.schedule_id)
+        if refusal is None:
+            raise
+        raise refusal from None
     notify_queued(task.scheduler)
     return updated
 

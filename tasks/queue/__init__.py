@@ -45,10 +45,13 @@ from tasks.queue.refill import (
     round_in_one_query_possible,
 )
 from tasks.queue.rows import (
+    ACTIVE_HASH,
+    ACTIVE_SCHEDULE,
     ONE_STATEMENT_WRITES,
     Sql,
     StaleFlowKeys,
     _fetch_tasks,
+    active_conflict,
     cas_update,
     claim_queued,
     data_filter,
@@ -74,6 +77,8 @@ STATUS_STATEMENTS: dict[str, Any] = {
 }
 
 __all__ = [
+    "ACTIVE_HASH",
+    "ACTIVE_SCHEDULE",
     "HANDOUT_EMPTY",
     "HANDOUT_OTHER",
     "HANDOUT_TOOK",
@@ -86,6 +91,7 @@ __all__ = [
     "StaleFlowKeys",
     "_fetch_tasks",
     "_pop_sql",
+    "active_conflict",
     "cas_update",
     "claim_queued",
     "complete_leased",

@@ -305,6 +305,38 @@ def insert_one_queued(
     return bool(inserted)
 
 
+# Which of a task's unique constraints an IntegrityError broke, by what it means to a caller:
+# PostgreSQL names the index (the driver's diagnostics); SQLite names its columns.
+ACTIVE_HASH = "hash"
+ACTIVE_SCHEDULE = "schedule"
+_CONSTRAINT_MEANING = {
+    "task_active_hash_uniq": ACTIVE_HASH,
+    "task_active_schedule_uniq": ACTIVE_SCHEDULE,
+}
+
+
+def active_conflict(exc: Exception) -> str | None:
+    """ACTIVE_HASH or ACTIVE_SCHEDULE when `exc` is the unique violation of an active task's
+    hash or schedule; None for any other integrity error (a foreign key, a check, another
+    index), which a caller must not report as a duplicate."""
+    cause = exc.__cause__
+    diag = getattr(cause, "diag", None)
+    if diag is not None:  # psycopg
+        if getattr(cause, "sqlstate", None) != "23505":
+            return None
+        return _CONSTRAINT_MEANING.get(diag.constraint_name or "")
+    message = str(exc)
+    if not message.startswith("UNIQUE constraint failed:"):
+        return None
+    table = Task._meta.db_table
+    columns = {part.strip() for part in message.split(":", 1)[1].split(",")}
+    if columns == {f"{table}.scheduler_id", f"{table}.hash"}:
+        return ACTIVE_HASH
+    if columns == {f"{table}.schedule_id"}:
+        return ACTIVE_SCHEDULE
+    return _CONSTRAINT_MEANING.get(message.split("index", 1)[-1].strip(" '"))
+
+
 def new_lease_token() -> Sql:
     """A fresh lease token for each row an UPDATE hands out: 64 hex digits from the database's
     strong random source (PostgreSQL: two gen_random_uuid(), 244 random bits; SQLite:

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from time_machine import TimeMachineFixture
 
+from schedules import services as schedule_services
 from tasks import housekeeping, services, transitions
 from tasks.exceptions import (
     DuplicateTask,
@@ -499,3 +500,19 @@ def test_task_heartbeat__stale_attempt_refused(push: Push) -> None:
     pop_one()
     with pytest.raises(TransitionRefused):
         services.task_heartbeat(task_id=task.id, attempt=2)
+
+
+@pytest.mark.django_db
+def test_task_push__a_schedules_second_active_task_names_the_first(push: Push) -> None:
+    # Its hash is free (the schedule's hash changed): the one-active-task-per-schedule index
+    # refuses it, on the one-statement path (ON CONFLICT) and the ORM path (IntegrityError).
+    scheduler_id = push().scheduler_id
+    schedule = schedule_services.schedule_create(scheduler_id=scheduler_id, interval_seconds=60)
+    first = push(hash="old", extra={"schedule": schedule})
+
+    with pytest.raises(DuplicateTask) as duplicate:
+        push(hash="new", extra={"schedule": schedule})
+
+    assert duplicate.value.existing_id == first.id
+    assert f"of schedule {schedule.id}" in duplicate.value.message
+    assert Task.objects.filter(schedule=schedule).count() == 1

@@ -10,10 +10,11 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from django.db import connection, connections
+from django.db import IntegrityError, connection, connections, transaction
 from time_machine import TimeMachineFixture
 
-from tasks import housekeeping, selectors, services
+from schedules import services as schedule_services
+from tasks import housekeeping, queue, selectors, services
 from tasks.exceptions import DuplicateTask, SchedulerNotFound, TransitionRefused
 from tasks.models import Scheduler, Task, TaskEvent, TaskStatus
 from tests.support.processes import database_url
@@ -387,3 +388,39 @@ def test_scheduler_update__validates(scheduler: Scheduler) -> None:
     with pytest.raises(ValidationError):
         services.scheduler_update(scheduler=scheduler, max_attempts=0)
     assert Scheduler.objects.get(id="boefje").max_attempts == 3
+
+
+@pytest.mark.django_db
+def test_task_requeue__while_its_schedule_has_another_active_task_names_that_task(
+    push: Push,
+) -> None:
+    # A schedule's hash may change between its tasks: the requeued task's hash is then free,
+    # and what refuses it is the one-active-task-per-schedule index, not a duplicate hash.
+    scheduler_id = push().scheduler_id
+    schedule = schedule_services.schedule_create(scheduler_id=scheduler_id, interval_seconds=60)
+    ended = push(hash="old", extra={"schedule": schedule})
+    services.task_cancel(task_id=ended.id)
+    active = push(hash="new", extra={"schedule": schedule})
+
+    with pytest.raises(DuplicateTask) as refused:
+        services.task_requeue(task_id=ended.id)
+
+    assert refused.value.existing_id == active.id
+    assert f"of schedule {schedule.id}" in refused.value.message
+    assert fresh(ended).status == S.CANCELLED
+
+
+@pytest.mark.django_db
+def test_active_conflict__names_only_an_active_hash_or_schedule(push: Push) -> None:
+    first = push(hash="h")
+    violations = {}
+    for case, fields in {
+        "hash": {"hash": "h"},
+        "primary key": {"id": first.id, "hash": "other"},
+    }.items():
+        row = Task(scheduler_id=first.scheduler_id, **fields)
+        with pytest.raises(IntegrityError) as error, transaction.atomic():
+            row.save(force_insert=True)
+        violations[case] = queue.active_conflict(error.value)
+
+    assert violations == {"hash": queue.ACTIVE_HASH, "primary key": None}
