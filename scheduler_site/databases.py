@@ -43,11 +43,18 @@ def sqlite_config(path: Path, *, test_path: Path) -> dict[str, Any]:
 
 def prepare_threshold() -> int | None:
     """psycopg prepares a statement on the server after this many runs on one connection
-    (DATABASE_PREPARE_THRESHOLD, default 5; "off" never). Only the queue's hot statements are
-    sent with server-side binding (`prepared_cursor`), so only they are ever prepared: a pop
-    then skips planning, half of its database time. Behind PgBouncer in transaction mode this
-    needs PgBouncer 1.21 or later with max_prepared_statements > 0, or "off"."""
-    text = env_str("DATABASE_PREPARE_THRESHOLD", "5").strip().lower()
+    (DATABASE_PREPARE_THRESHOLD, default 1: at its second run; "off" never). Only the queue's
+    hot statements are sent with server-side binding (`prepared_cursor`), so only they are
+    ever prepared: a pop then skips planning, half of its database time. The default was
+    psycopg's 5, but a threaded web process has a connection per thread, closed after
+    CONN_MAX_AGE: at a quiet API a connection's statements often ran fewer than 5 times in its
+    life, each planned anew (the token check's plan took longer than its run), and that is the
+    idle long poll's path (README, "Long poll"). Preparing costs one round trip per statement
+    and connection. Not 0: a statement's first run stays unprepared, so a test or a DEBUG
+    query log that watches a fresh connection still sees its SQL (Django shows none for a
+    prepared run). Behind PgBouncer in transaction mode this needs PgBouncer 1.21 or later
+    with max_prepared_statements > 0, or "off"."""
+    text = env_str("DATABASE_PREPARE_THRESHOLD", "1").strip().lower()
     if text in {"off", "none", ""}:
         return None
     if not text.isdigit():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+from django.http import HttpResponseBase
 from drf_spectacular.utils import (
     OpenApiResponse,
     PolymorphicProxySerializer,
@@ -63,6 +66,35 @@ RUNNER_PERMS = ["tasks.report_task"]
 OPERATOR_PERM = "tasks.change_task"
 
 
+_AFTER_ANSWER = "_after_answer"
+
+
+def after_answer(request: Any, note: Callable[[], None]) -> None:
+    """Run `note` once the answer has been sent: a runner's liveness note (a write every few
+    seconds, a lock and a lookup on every call) is no part of what the runner waits for. The
+    WSGI server closes the response after writing it, and Django runs the response's closers
+    then, before its request_finished (the request's database connection is still open). A
+    note runs whether the call succeeded or was refused, as it did when it ran in line."""
+    django_request = getattr(request, "_request", request)  # a DRF Request wraps Django's
+    vars(django_request).setdefault(_AFTER_ANSWER, []).append(note)
+
+
+def with_notes(request: Any, response: HttpResponseBase) -> HttpResponseBase:
+    """The response, closing with the notes `after_answer` left on the request."""
+    django_request = getattr(request, "_request", request)
+    # Django's own list of what close() runs (its FileResponse closes files with it).
+    response._resource_closers.extend(vars(django_request).pop(_AFTER_ANSWER, ()))
+    return response
+
+
+class AfterAnswerMixin:
+    """For viewsets: every answer carries the request's `after_answer` notes."""
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        return with_notes(request, response)
+
+
 def _is_operator(request: Any) -> bool:
     # Asked twice by a report (its proof, its rendering): one permission check a request.
     known = getattr(request, "_is_operator", None)
@@ -77,7 +109,7 @@ def _proof(request: Any, body: dict[str, Any]) -> LeaseProof:
     runner is seen alive (GET /api/workers/)."""
     token = body.pop("lease_token", None)
     if token:
-        workers.runner_seen(request)
+        after_answer(request, partial(workers.runner_seen, request))
     return LeaseProof(token=token, operator=_is_operator(request))
 
 
@@ -115,7 +147,7 @@ def pop_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
     pk = kwargs["pk"]
     body = validated_body(PopSerializer, data)
     tasks = services.task_pop(scheduler_id=pk, worker=actor(request), **body)
-    workers.runner_seen(request, scheduler_id=pk)
+    after_answer(request, partial(workers.runner_seen, request, scheduler_id=pk))
     # The pop's answer is the one place a runner learns its lease tokens.
     return 200, {"results": render_tasks(tasks, popped=True)}
 
@@ -153,7 +185,7 @@ def report_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
 
 def batch_report_answer(request: Any, kwargs: dict[str, Any], data: Any) -> Answer:
     body = validated_body(BatchReportSerializer, data)
-    workers.runner_seen(request)
+    after_answer(request, partial(workers.runner_seen, request))
     outcomes = batches.tasks_report_many(
         reports=body["reports"],
         actor=actor(request),
@@ -186,7 +218,7 @@ class TaskCursorPagination(CursorPagination):
     partial_update=extend_schema(request=SchedulerUpdateSerializer),
     destroy=extend_schema(responses={204: None, 409: ERROR}),  # while tasks are active
 )
-class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
+class SchedulerViewSet(AfterAnswerMixin, StrictBodyMixin, viewsets.ModelViewSet):
     queryset = Scheduler.objects.all()
     serializer_class = SchedulerSerializer
     # No PUT: the README's API has PATCH; a PUT would need the id (or name, or scheduler) that
@@ -270,6 +302,7 @@ class SchedulerViewSet(StrictBodyMixin, viewsets.ModelViewSet):
 
 
 class TaskViewSet(
+    AfterAnswerMixin,
     StrictBodyMixin,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,

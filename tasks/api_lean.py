@@ -39,6 +39,7 @@ from rest_framework.response import Response
 from scheduler_site.api_errors import exception_handler
 from scheduler_site.api_input import JSONParser
 from scheduler_site.permissions import TokenAuthentication
+from tasks.api import with_notes
 from tasks.exceptions import QueueError
 
 JSON = "application/json"
@@ -117,10 +118,10 @@ def _answer(
             data = _parser.parse(stream, JSON, {"encoding": settings.DEFAULT_CHARSET})
         code, payload = answer(request, kwargs, data)
     except Exception as exc:
-        return _rendered(_error(request, exc, view, kwargs))
+        return with_notes(request, _rendered(_error(request, exc, view, kwargs)))
     response = HttpResponse(_renderer.render(payload, JSON, {}), status=code, content_type=JSON)
     response.data = payload  # type: ignore[attr-defined]
-    return response
+    return with_notes(request, response)
 
 
 def _rendered(response: Response) -> Response:

@@ -21,6 +21,7 @@ hand-outs of one such queue take turns (a few statements each); other queues are
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Callable, Mapping
@@ -235,15 +236,36 @@ def _one_statement(
     }
     if rate is not None:
         params |= {"rate_count": rate.count, "window_us": rate.window_us}
-    result = _handout(pick, limit, rate is not None, mint_token, params)
+    prune = rate is not None and _prune_due(scheduler.id)
+    result = _handout(pick, limit, rate is not None, mint_token, params, prune)
+    if prune and not result.tasks:  # (a hand-out that took nothing prunes nothing)
+        _SINCE_PRUNE.pop(scheduler.id, None)
     if result.status in queue.HANDOUT_TOOK or result.status == queue.HANDOUT_EMPTY:
         result.tasks.sort(key=lambda task: (task.priority, task.created_at, str(task.id)))
         return Handout(result.tasks)
     return _CHANGED if result.status == queue.HANDOUT_OTHER else None
 
 
+# A rate-limited queue's one-statement hand-outs delete the window's old rows on one run in
+# this many of this process (tasks.queue.handout_sql says why not on every run).
+PRUNE_EVERY = 32
+_SINCE_PRUNE: dict[str, int] = {}
+
+
+def _prune_due(scheduler_id: str) -> bool:
+    """Whether this hand-out of the queue prunes its window (the first of this process does)."""
+    since = _SINCE_PRUNE.get(scheduler_id, 0)
+    _SINCE_PRUNE[scheduler_id] = (since + 1) % PRUNE_EVERY
+    return since == 0
+
+
 def _handout(
-    pick: str, limit: int, rate: bool, mint_token: bool, params: Mapping[str, Any]
+    pick: str,
+    limit: int,
+    rate: bool,
+    mint_token: bool,
+    params: Mapping[str, Any],
+    prune: bool = True,
 ) -> queue.HandoutResult:
     """A pop of one takes a single-task pick (lazy: it reads the one head it takes, where
     the full pick reads a stretch). When the lean one answers "more" (a head crowded by
@@ -251,20 +273,21 @@ def _handout(
     queue's pops of one start there until FULL_PICK_RUN of them in a row did not need it
     (a hand-out that walked past a crowded head says so: "walked"). A crowded head stays
     crowded a while, and the smaller plan's run is then a statement wasted."""
+    run = functools.partial(queue.handout, rate=rate, mint_token=mint_token, params=params)
     if limit != 1 or pick not in SINGLE_PICKS:
-        return queue.handout(pick=pick, rate=rate, mint_token=mint_token, params=params)
+        return run(pick=pick, prune=prune)
     sid, picks = params["sid"], SINGLE_PICKS[pick]
     if _FULL_PICKS.get(sid) and len(picks) > 1:  # (its settings may have changed since)
         _FULL_PICKS[sid] -= 1
         picks = picks[1:]
     for kind in picks[:-1]:
-        result = queue.handout(pick=kind, rate=rate, mint_token=mint_token, params=params)
+        result = run(pick=kind, prune=prune)
         if result.status == "walked":
             _FULL_PICKS[sid] = FULL_PICK_RUN
         if result.status != "more":
             return result
         _FULL_PICKS[sid] = FULL_PICK_RUN
-    return queue.handout(pick=picks[-1], rate=rate, mint_token=mint_token, params=params)
+    return run(pick=picks[-1], prune=prune)
 
 
 # The picks a pop of one tries in turn: the leaner first, the full one last (a rate limit

@@ -206,7 +206,7 @@ def task_push(
         **(extra or {}),
     }
     if queue.ONE_STATEMENT_WRITES:
-        scheduler = get_scheduler(scheduler_id)
+        scheduler = _push_scheduler(scheduler_id)
         check_task_data(scheduler, fields["data"])
         if not scheduler.max_queue_size:
             pushed = _push_hot(scheduler, fields, actor=actor, at=now)
@@ -238,6 +238,28 @@ def task_push(
     return task
 
 
+# The unbounded pull queues this process pushed to, as last read (PostgreSQL's hot push):
+# the push statement re-checks against the row every field a push of one relies on (kind,
+# no bound, flow keys), so a copy that went stale costs one re-read, never a wrong push.
+# Reading the row on every push was a round trip of its own, about a millisecond of an
+# idle push → popped (README, "Long poll"). Pull queues only: a celery queue's push also
+# reads `handler` (check_task_data) and `paused` (the dispatch hook), which are not checked.
+_PUSH_SCHEDULERS: dict[str, Scheduler] = {}
+_PUSH_SCHEDULERS_MAX = 1_000
+
+
+def _push_scheduler(scheduler_id: str) -> Scheduler:
+    known = _PUSH_SCHEDULERS.get(scheduler_id)
+    if known is not None:
+        return known
+    scheduler = get_scheduler(scheduler_id)
+    if scheduler.kind == SchedulerKind.PULL and not scheduler.max_queue_size:
+        if len(_PUSH_SCHEDULERS) >= _PUSH_SCHEDULERS_MAX:
+            _PUSH_SCHEDULERS.clear()  # many queues: start over rather than track use
+        _PUSH_SCHEDULERS[scheduler_id] = scheduler
+    return scheduler
+
+
 def _push_hot(
     scheduler: Scheduler, fields: dict[str, Any], *, actor: str, at: datetime
 ) -> Task | None:
@@ -246,9 +268,10 @@ def _push_hot(
     try:
         return _push_one_statement(scheduler, fields, actor=actor, at=at)
     except queue.StaleFlowKeys:
-        # Its flow keys changed since the read (or the scheduler is gone): once more with
-        # the row as it is now (the guard waited for the change to commit).
-        fresh = get_scheduler(scheduler.id)
+        # Its kind, bound or flow keys changed since the read (or the scheduler is gone):
+        # once more with the row as it is now (the guard waited for a key change to commit).
+        _PUSH_SCHEDULERS.pop(scheduler.id, None)
+        fresh = _push_scheduler(scheduler.id)
         check_task_data(fresh, fields["data"])
         if fresh.max_queue_size:
             return None
@@ -268,6 +291,7 @@ def _push_one_statement(
     except queue.StaleFlowKeys:
         if not last:
             raise
+        _PUSH_SCHEDULERS.pop(scheduler.id, None)
         # A second key change within the retry: rare enough to hand back (409), not loop.
         raise TransitionRefused(
             f"Scheduler {scheduler.id!r} changed its flow keys meanwhile; try again.",

@@ -41,6 +41,14 @@ def _fresh_dispatch_hints() -> None:
     dispatch._FLOW_QUEUES.clear()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_push_schedulers() -> None:
+    """Each test starts with no scheduler row kept by an earlier push (tasks.services): a kept
+    row is re-checked by the push, but a stale one costs a statement, which would make query
+    counts depend on the order of the tests."""
+    services._PUSH_SCHEDULERS.clear()
+
+
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_setup: None) -> Iterator[None]:
     """pytest-django's, and before it drops the test database: close the long-poll listener

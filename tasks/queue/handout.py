@@ -230,8 +230,11 @@ def _fair_pick() -> str:
         ), new_cursor AS (SELECT (SELECT v FROM heads ORDER BY steps DESC LIMIT 1) AS v)"""
 
 
-def _tail_sql(*, rate: bool, mint_token: bool, single: bool, took: str = "'ok'") -> str:
-    """Claim by compare-and-swap, events, the window's row and pruning (rate), the state row
+def _tail_sql(
+    *, rate: bool, mint_token: bool, single: bool, prune: bool, took: str = "'ok'"
+) -> str:
+    """Claim by compare-and-swap, events, the window's row (rate), with `prune` the window's
+    rows that left it (see handout_sql), the state row
     (total and cursor: every hand-out changes it, which is what `fresh` tests); then the
     claimed rows (with `took`, SQL: "ok", or how the pick found them), or one row of NULLs
     that says why nothing was taken (a left join of `room` and `claimed`: the UNION ALL of
@@ -251,7 +254,9 @@ def _tail_sql(*, rate: bool, mint_token: bool, single: bool, took: str = "'ok'")
             INSERT INTO {n["handout"]} (scheduler_id, at_us, count, total)
             SELECT %(sid)s, room.now_us, c.n, room.handed_out + c.n
             FROM room, (SELECT COUNT(*) AS n FROM claimed) c WHERE c.n > 0
-        ), pruned AS (
+        )"""
+    if rate and prune:
+        window += f""", pruned AS (
             DELETE FROM {n["handout"]} WHERE scheduler_id = %(sid)s
                 AND at_us <= (SELECT now_us FROM room) - %(window_us)s
                 AND EXISTS (SELECT 1 FROM claimed)
@@ -311,18 +316,22 @@ def _concurrency_single_pick(*, walk: bool) -> str:
                 THEN 'held' WHEN (SELECT MAX(steps) FROM walk) >= {1 + FAIR_EXTRA_STEPS}
                 THEN 'more' ELSE 'empty' END AS why
         ), new_cursor AS (SELECT v FROM found)"""
-    stretch = f"""SELECT t.id, t.concurrency_value AS v FROM {{task}} t
-        WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
-        ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}"""
-    return f""", first AS MATERIALIZED (
-            SELECT x.id FROM ({stretch}) x
+    # The stretch is a CTE, read as far as `first` needs it (one row when the head has
+    # room); the verdict counts the rest only when nothing was taken. As a subquery of each,
+    # its index scan and InitPlans were in the plan twice, set up on every run.
+    return f""", stretch AS MATERIALIZED (
+            SELECT t.id, t.concurrency_value AS v FROM {{task}} t
+            WHERE t.scheduler_id = %(sid)s AND t.status = 'QUEUED' AND {_DUE.format(t="t")}
+            ORDER BY t.priority, t.created_at, t.id LIMIT {SINGLE_STRETCH}
+        ), first AS MATERIALIZED (
+            SELECT x.id FROM stretch x
             WHERE x.v IS NULL OR {_ACTIVE.replace("{v}", "x.v")} < %(climit)s
             LIMIT (SELECT allowed FROM room)
         ), picked AS MATERIALIZED (
             SELECT t.id FROM {{task}} t WHERE t.id = (SELECT id FROM first)
             FOR UPDATE OF t SKIP LOCKED
         ), verdict AS (SELECT CASE WHEN EXISTS (SELECT 1 FROM first) THEN 'held'
-            WHEN (SELECT COUNT(*) FROM ({stretch}) c) = {SINGLE_STRETCH}
+            WHEN (SELECT COUNT(*) FROM stretch) = {SINGLE_STRETCH}
             THEN 'more' ELSE 'empty' END AS why),
         new_cursor AS (SELECT NULL::text AS v)"""
 
@@ -398,12 +407,16 @@ def _fair_single_pick() -> str:
     after = entries.format(bound=cursor, n=SINGLE_SCAN)
     start = entries.format(bound="", n=SINGLE_SCAN)
     due = _DUE.format(t="x")
-    return f""", ahead AS MATERIALIZED (
-            SELECT x.id, x.v FROM ({after}) x WHERE {due} LIMIT (SELECT allowed FROM room)
+    # `after` is a CTE read as far as `ahead` needs it (one entry when the next head is
+    # due), counted further only when `ahead` found none: as a subquery of both, its index
+    # scan and InitPlans were in the plan twice, set up on every run.
+    return f""", after AS MATERIALIZED ({after}
+        ), ahead AS MATERIALIZED (
+            SELECT x.id, x.v FROM after x WHERE {due} LIMIT (SELECT allowed FROM room)
         ), wrapped AS MATERIALIZED (
             SELECT x.id, x.v FROM ({start}) x
             WHERE NOT EXISTS (SELECT 1 FROM ahead)
-                AND (SELECT COUNT(*) FROM ({after}) c) < {SINGLE_SCAN}
+                AND (SELECT COUNT(*) FROM after) < {SINGLE_SCAN}
                 AND {due} AND x.v <= COALESCE((SELECT fair_cursor FROM room), x.v)
             LIMIT (SELECT allowed FROM room)
         ), picked AS MATERIALIZED (
@@ -439,7 +452,14 @@ TOOK = {"ok", "walked"}
 _TOOK = {"concurrency1w": "(CASE WHEN EXISTS (SELECT 1 FROM found) THEN 'walked' ELSE 'ok' END)"}
 
 
-def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
+def handout_sql(*, pick: str, rate: bool, mint_token: bool, prune: bool = True) -> str:
+    """The hand-out statement; `prune` (rate): it also deletes the window's rows that left
+    it. The callers prune on one hand-out in PRUNE_EVERY (tasks.flow): the DELETE node's
+    set-up on every run (opening its table and indexes, its InitPlans) cost a rate pop about
+    35 µs of the backend's CPU, a tenth of its extra over the plain pop. The rows left in
+    the meantime (at most that many per process) lie before the window: its reads start at
+    the window's edge in flow_handout_idx and never visit them."""
+
     def build() -> str:
         task = connection.ops.quote_name(Task._meta.db_table)
         body = PICKS[pick]().replace("{task}", task)
@@ -448,15 +468,18 @@ def handout_sql(*, pick: str, rate: bool, mint_token: bool) -> str:
             head = head.replace("WITH s AS", "WITH RECURSIVE s AS", 1)
         took = _TOOK.get(pick, "'ok'")
         single = pick in SINGLE
-        return head + body + _tail_sql(rate=rate, mint_token=mint_token, single=single, took=took)
+        tail = _tail_sql(rate=rate, mint_token=mint_token, single=single, prune=prune, took=took)
+        return head + body + tail
 
-    return _hot_sql(f"handout:{pick}:{rate}:{mint_token}", build)
+    return _hot_sql(f"handout:{pick}:{rate}:{mint_token}:{prune}", build)
 
 
-def handout(*, pick: str, rate: bool, mint_token: bool, params: Mapping[str, Any]) -> HandoutResult:
+def handout(
+    *, pick: str, rate: bool, mint_token: bool, params: Mapping[str, Any], prune: bool = True
+) -> HandoutResult:
     """Run the one-statement hand-out (`params`: see the statement's %(name)s); the tasks in
     queue order (fair: in turn order), or why none were taken."""
-    sql = handout_sql(pick=pick, rate=rate, mint_token=mint_token)
+    sql = handout_sql(pick=pick, rate=rate, mint_token=mint_token, prune=prune)
     rows = _fetch_tasks(sql, params, extras=("why",), prepared=True)
     tasks = [task for task in rows if task.why in TOOK]
     if not tasks:

@@ -236,9 +236,10 @@ def _push_sql() -> str:
     # untyped parameter (a NULL, a text literal) would be text, so each one is cast to its
     # column's type (without a length: the assignment still refuses a value too long).
     values = ", ".join(f"CAST(%({f.attname})s AS {_cast_type(f)})" for f in fields)
-    # `fresh`: the scheduler still has the keys the task was stamped from, under FOR KEY
-    # SHARE. A key change holds the row FOR UPDATE while it restamps the active tasks
-    # (tasks.services.scheduler_update): a push that read the keys before it waits here, then
+    # `fresh`: the scheduler is still of the kind and unbounded (the caller's copy may be one
+    # kept from an earlier push: tasks.services), and has the keys the task was stamped from,
+    # under FOR KEY SHARE. A key change holds the row FOR UPDATE while it restamps the active
+    # tasks (tasks.services.scheduler_update): a push that read the keys before it waits here, then
     # finds them changed and inserts nothing (fresh 0: the service reads the keys again).
     # Without it that task would keep the old key's value, which no restamp sees.
     # ON CONFLICT DO NOTHING (no target: any unique index) turns a duplicate active hash or
@@ -248,6 +249,7 @@ def _push_sql() -> str:
     return f"""
         WITH fresh AS (
             SELECT 1 FROM {n["scheduler"]} WHERE id = %(scheduler_id)s
+            AND kind = %(scheduler_kind)s AND max_queue_size = 0
             AND concurrency_key IS NOT DISTINCT FROM %(flow_concurrency_key)s
             AND fair_key IS NOT DISTINCT FROM %(flow_fair_key)s
             FOR KEY SHARE
@@ -272,8 +274,8 @@ def _cast_type(field: Any) -> str:
 
 
 class StaleFlowKeys(Exception):
-    """The push's scheduler changed its concurrency_key or fair_key (or is gone) since it was
-    read: read it again and push again (insert_one_queued)."""
+    """The push's scheduler changed its concurrency_key or fair_key, its kind or its bound
+    (or is gone) since it was read: read it again and push again (insert_one_queued)."""
 
 
 def insert_one_queued(
@@ -282,8 +284,9 @@ def insert_one_queued(
     """PostgreSQL only: insert one new QUEUED task with its event, and NOTIFY `wake_channel`
     (when given) with its scheduler id, in one statement that commits by itself (outside an
     atomic block); False (and nothing written) if an active task already holds its hash or
-    schedule. StaleFlowKeys (nothing written) if the scheduler it holds has other flow keys
-    now. Two round trips fewer than the ORM's insert and event, and no savepoint."""
+    schedule. StaleFlowKeys (nothing written) if the scheduler it holds has other flow keys,
+    another kind or a bound now. Two round trips fewer than the ORM's insert and event, and
+    no savepoint."""
     if task.status != TaskStatus.QUEUED:
         raise ValueError("insert_one_queued inserts QUEUED tasks only")
     stamp_flow_values([task], from_cache=True)  # the statement's guard re-checks the keys
@@ -296,6 +299,7 @@ def insert_one_queued(
     params["channel"] = wake_channel
     params["flow_concurrency_key"] = task.scheduler.concurrency_key
     params["flow_fair_key"] = task.scheduler.fair_key
+    params["scheduler_kind"] = task.scheduler.kind
     [(inserted, _woken, fresh)] = hot_rows(_hot_sql("push", _push_sql), params)
     if not fresh:
         raise StaleFlowKeys(task.scheduler_id)

@@ -116,3 +116,24 @@ def test_perf_worker_claim__tiny_run_completes_every_task_and_prints_its_cpu() -
     for path in ("batch, one statement", "batch, two statements"):
         [row] = [line for line in out.splitlines() if line.startswith(f"| {path} | ")]
         assert row.endswith("| 120 |"), row  # every task completed on that path too
+
+
+def test_perf_longpoll__tiny_interleaved_run_prints_both_trees_and_their_ratio() -> None:
+    """Its own tree as the --base too: the rounds alternate the two gunicorns, each push is
+    popped by a waiting runner, and both tables and the ratio of the medians are printed."""
+    out = run_bench(
+        "bench.perf_longpoll",
+        *("--base", str(ROOT), "--rounds", "2", "--pushes", "3", "--runners", "2"),
+        *("--idle", "0.05", "--wait", "1", "--workers", "1", "--threads", "4"),
+    )
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round")] == [
+        "round 1 base",
+        "round 1 new",
+        "round 2 new",
+        "round 2 base",
+    ]
+    for tree in ("base", "new"):
+        assert f"{tree}: 2 runners waiting" in out and "(2 x 3)" in out
+    assert out.count("| push sent → popped by a waiting runner | ") == 2
+    assert out.count("| of which: → woken pop statement | ") == 2
+    assert "new/base" in out

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 from django.core.cache import cache
+from django.core.signals import request_finished
+from django.db import close_old_connections
 from django.test import RequestFactory
 from rest_framework.test import APIClient
 from rest_framework.throttling import AnonRateThrottle, SimpleRateThrottle
@@ -20,8 +22,9 @@ from time_machine import TimeMachineFixture
 
 from scheduler_site.throttles import UserRateThrottle
 from scheduler_site.urls import _lean_routes, router
-from tasks import accounts, services
+from tasks import accounts, services, workers
 from tasks.api import SchedulerViewSet
+from tasks.models import Worker
 from tests.tasks.helpers import Push
 
 
@@ -204,3 +207,50 @@ def test_lean_views__a_429_counts_the_request_once_in_the_other_throttles(
     _same(refused, _call(drf, "POST", key, {}, pk="boefje"))
     assert refused.status_code == 429 and int(refused["Retry-After"]) == 50
     cache.clear()
+
+
+def _close(response: Any) -> None:
+    """What the WSGI server does after writing the answer, as Django's test client does it
+    (without closing the test's database connection on request_finished)."""
+    request_finished.disconnect(close_old_connections)
+    try:
+        response.close()
+    finally:
+        request_finished.connect(close_old_connections)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["lean", "drf"])
+def test_pop__the_runner_is_noted_once_its_answer_is_sent(
+    push: Push, runner: User, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's liveness note waits for the response's close(), which the WSGI server
+    calls after writing it: the answer does not wait for the note."""
+    monkeypatch.setattr(workers, "_runner_writes", {})  # no earlier test's note in memory
+    lean, drf = _views()["scheduler-pop"]
+    push()
+    response = _call(lean if path == "lean" else drf, "POST", _key(runner), {}, pk="boefje")
+    assert response.status_code == 200
+    assert len(json.loads(response.content)["results"]) == 1
+    assert not Worker.objects.exists()
+
+    _close(response)
+
+    assert Worker.objects.get().queues == ["boefje"]
+
+
+@pytest.mark.django_db
+def test_report__a_refused_report_still_notes_its_runner_after_the_answer(
+    push: Push, runner: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers, "_runner_writes", {})
+    lean = _views()["task-detail"][0]
+    task = push()
+    body = {"status": "COMPLETED", "lease_token": "not-its-token"}
+    response = _call(lean, "PATCH", _key(runner), body, pk=str(task.id))
+    assert response.status_code == 409
+    assert not Worker.objects.exists()
+
+    _close(response)
+
+    assert Worker.objects.filter(name="runner").exists()

@@ -17,7 +17,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from tasks import dispatch, flow, services
-from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.models import FlowHandout, Task, TaskEvent, TaskStatus
 from tests.support.seed import seed_queued
 
 pytestmark = pytest.mark.django_db
@@ -28,9 +28,12 @@ def _no_remembered_walks() -> Iterator[None]:
     # tasks.flow remembers per queue id that a pop of one needed the walk over the values
     # (the next pops of that queue try it first); these tests reuse queue ids, so each one
     # starts without that memory and does not depend on the order the tests run in.
+    # Likewise its count of hand-outs since a queue's window log was last pruned.
     flow._FULL_PICKS.clear()
+    flow._SINCE_PRUNE.clear()
     yield
     flow._FULL_PICKS.clear()
+    flow._SINCE_PRUNE.clear()
 
 
 def _push(scheduler_id: str, count: int, **fields: Any) -> list[Task]:
@@ -277,6 +280,23 @@ def test_task_pop__a_clock_behind_the_window_log_hands_out_at_the_logs_time() ->
         [second] = _pop("rated")
 
     assert second.modified_at == first.modified_at == start
+
+
+# The one-statement hand-out deletes the window log's old rows on one run in PRUNE_EVERY: the
+# log stays bounded, and the rows it keeps a while past the window are never counted.
+@pytest.mark.postgres
+def test_task_pop__the_window_log_is_pruned_one_hand_out_in_prune_every() -> None:
+    services.scheduler_create(id="rated", rate_limit="1/s")
+    pops = 2 * flow.PRUNE_EVERY + 5
+    seed_queued("rated", pops + 2)
+    with time_machine.travel(timezone.now(), tick=False) as clock:
+        for _ in range(pops):
+            assert len(_pop("rated", limit=5)) == 1  # every earlier row is out of the window
+            clock.shift(timedelta(seconds=2))
+        rows = FlowHandout.objects.filter(scheduler_id="rated").count()
+        assert 1 <= rows <= flow.PRUNE_EVERY  # the hand-outs since the last prune
+        assert len(_pop("rated", limit=5)) == 1
+        assert _pop("rated", limit=5) == []  # the newest row still counts
 
 
 @pytest.mark.postgres

@@ -158,6 +158,61 @@ def test_task_push__runs_on_queued_hooks_after_commit(
     assert [scheduler.id for scheduler in seen] == ["boefje"]
 
 
+# A push to an unbounded pull queue on PostgreSQL uses the scheduler row this process read at
+# an earlier push (services._PUSH_SCHEDULERS); its statement re-checks the row. Each test
+# below pushes once (the row is kept), changes the queue behind that copy, and pushes again.
+
+
+@pytest.mark.django_db
+def test_task_push__a_kept_queue_that_became_bounded_is_bounded(push: Push) -> None:
+    push()
+    services.scheduler_update(scheduler=Scheduler.objects.get(id="boefje"), max_queue_size=2)
+    push()
+
+    with pytest.raises(QueueFull):
+        push()
+    assert Task.objects.filter(scheduler_id="boefje").count() == 2
+
+
+@pytest.mark.django_db
+def test_task_push__a_kept_queue_that_became_a_celery_queue_checks_the_data(push: Push) -> None:
+    push()
+    services.scheduler_update(
+        scheduler=Scheduler.objects.get(id="boefje"),
+        kind="celery",
+        handler="celery:demo_app.tasks.add",
+        retry_policy="none",
+        dead_letter=False,
+    )
+
+    with pytest.raises(InvalidRequest) as refused:
+        push(data={"args": [1]})
+    assert refused.value.field == "data"
+    assert Task.objects.filter(scheduler_id="boefje").count() == 1
+
+
+@pytest.mark.django_db
+def test_task_push__a_kept_queue_with_new_flow_keys_stamps_the_new_keys(push: Push) -> None:
+    push(data={"org": "a"})
+    services.scheduler_update(
+        scheduler=Scheduler.objects.get(id="boefje"), concurrency_key="org", concurrency_limit=1
+    )
+
+    task = push(data={"org": "b"})
+
+    assert fresh(task).concurrency_value == "b"
+
+
+@pytest.mark.django_db
+def test_task_push__a_kept_queue_that_was_deleted_is_not_found(push: Push) -> None:
+    services.task_cancel(task_id=push().id)
+    services.scheduler_delete(scheduler_id="boefje")
+
+    with pytest.raises(SchedulerNotFound):
+        push()
+    assert not Task.objects.filter(scheduler_id="boefje").exists()
+
+
 # --- pop -------------------------------------------------------------------------------------
 
 
