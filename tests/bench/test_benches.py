@@ -83,8 +83,8 @@ def test_worker_bench__tiny_run_measures_latency_and_throughput() -> None:
     assert "| PostgreSQL + Redis (PostgreSQL " in out
     assert "| 20 | `demo.echo` via `tasks.run_tasks` (up to 8 tasks a message)" in out
     assert "| 20 | `demo.echo` via `tasks.run_task` (one task a message), 1 worker" in out
-    assert "(up to 8 tasks a message), report and next claim in two statements, 1 wo" in out
-    for variant in ("one task a message", "report and next claim in two statements"):
+    assert "(up to 8 tasks a message), report and next claim in one statement (opt-in), 1 wo" in out
+    for variant in ("one task a message", "report and next claim in one statement (opt-in)"):
         assert "| 1 | " in out.split(f"| ours / {variant} |")[1]  # the before/after pair
     assert "failed" not in out
 

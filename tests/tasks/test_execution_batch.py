@@ -194,7 +194,7 @@ def _events_at(task_id: Any, to_status: str) -> Any:
 
 
 @pytest.mark.postgres
-@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+@override_settings(DISPATCH_MESSAGE_SPREAD=1, WORKER_CLAIM_WITH_REPORT=True)
 def test_execute_batch__a_report_and_the_next_claim_are_one_statement() -> None:
     celery_queue("echo", "demo.echo", dispatch_threshold=50)
     [(_, args)] = _round("echo", 3)
@@ -208,7 +208,7 @@ def test_execute_batch__a_report_and_the_next_claim_are_one_statement() -> None:
     assert [_running_events(entry.id) for entry in entries] == [1, 1, 1]
 
 
-@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+@override_settings(DISPATCH_MESSAGE_SPREAD=1, WORKER_CLAIM_WITH_REPORT=True)
 def test_execute_batch__a_refused_next_claim_does_not_refuse_the_report() -> None:
     def cancel_next(ctx: TaskContext) -> None:
         if ctx.task_id == TARGETS["first"]:  # an operator cancels the next one meanwhile
@@ -230,7 +230,7 @@ def test_execute_batch__a_refused_next_claim_does_not_refuse_the_report() -> Non
     assert _running_events(cancelled.id) == 0
 
 
-@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+@override_settings(DISPATCH_MESSAGE_SPREAD=1, WORKER_CLAIM_WITH_REPORT=True)
 def test_execute_batch__a_refused_report_does_not_refuse_the_next_claim() -> None:
     def lose_own_lease(ctx: TaskContext) -> None:
         if ctx.task_id == TARGETS["first"]:  # an operator fails it meanwhile (no token)
@@ -248,7 +248,7 @@ def test_execute_batch__a_refused_report_does_not_refuse_the_next_claim() -> Non
     assert _running_events(second.id) == 1
 
 
-@override_settings(DISPATCH_MESSAGE_SPREAD=1)
+@override_settings(DISPATCH_MESSAGE_SPREAD=1, WORKER_CLAIM_WITH_REPORT=True)
 def test_execute_batch__a_running_entry_cancelled_stops_and_the_next_runs() -> None:
     def cancelled_while_running(ctx: TaskContext) -> None:
         if ctx.task_id == TARGETS["first"]:  # an operator cancels it while it runs
