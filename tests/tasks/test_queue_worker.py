@@ -39,7 +39,10 @@ def _dispatched(scheduler_id: str, **data: Any) -> Task:
 
 
 def _statements(queries: CaptureQueriesContext, start: str) -> list[str]:
-    return [q["sql"] for q in queries if q["sql"].lstrip().startswith(start)]
+    """The statements that begin with `start`, whitespace folded: the report's text is built
+    as `WITH` + its CTEs (queue/worker.py _complete_ctes), a newline between the two."""
+    texts = [q["sql"] or "" for q in queries]  # a prepared statement may log None
+    return [sql for sql in texts if " ".join(sql.split()).startswith(start)]
 
 
 @pytest.mark.postgres
