@@ -9,10 +9,18 @@ from typing import Any, TypeVar
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connection, connections
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    InterfaceError,
+    NotSupportedError,
+    OperationalError,
+    connection,
+    connections,
+)
 from django.db.backends.postgresql.base import ServerBindingCursor
 from psycopg import Cursor, DataError, RawCursor, pq
 from psycopg.adapt import Loader
+from psycopg.errors import FeatureNotSupported
 
 from scheduler_site.env import env_str
 
@@ -136,6 +144,12 @@ def hot_rows(sql: str, params: Any, *, db: Any = None) -> list[tuple[Any, ...]]:
     (that lookup goes through asgiref's Local: a few microseconds a call)."""
     if db is None:
         db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per use
+    if db.vendor != "postgresql":
+        return _hot_rows_once(sql, params, db)
+    return replanned_once(db, lambda: _hot_rows_once(sql, params, db))
+
+
+def _hot_rows_once(sql: str, params: Any, db: Any) -> list[tuple[Any, ...]]:
     if db.vendor != "postgresql" or db.queries_logged or db.execute_wrappers:
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)
@@ -148,6 +162,30 @@ def hot_rows(sql: str, params: Any, *, db: Any = None) -> list[tuple[Any, ...]]:
     with db.wrap_database_errors:
         cursor.execute(sql, params, binary=True)
         return cursor.fetchall()
+
+
+STALE_PLAN = "cached plan must not change result type"
+
+
+def replanned_once(db: Any, run: Callable[[], T]) -> T:
+    """Run `run` (one statement through a prepared cursor); if the statement's prepared plan
+    no longer fits its tables, run it once more on a new connection. A migration that changes
+    the type of a column a prepared statement returns (`integer` to `bigint`, a longer
+    `varchar`) makes PostgreSQL refuse every later run of that statement on every connection
+    that prepared it, until the connection ends: after a deploy each web and worker process
+    would fail its pops, claims and token checks for up to CONN_MAX_AGE, or for ever on a
+    worker's kept connection. The refusal comes before the statement runs, so it changed
+    nothing; outside a transaction closing the connection loses nothing either (its prepared
+    statements go with it). Inside one the error stands: the transaction is aborted, and its
+    rollback makes psycopg forget its prepared statements, so the caller's next try runs."""
+    try:
+        return run()
+    except NotSupportedError as exc:
+        stale = isinstance(exc.__cause__, FeatureNotSupported) and STALE_PLAN in str(exc)
+        if not stale or db.in_atomic_block or not db.get_autocommit():
+            raise
+    db.close()
+    return run()
 
 
 def _hot_cursor(db: Any, *, raw: bool = False) -> Cursor:

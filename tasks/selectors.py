@@ -31,7 +31,7 @@ from django.db.models.functions import Concat, TruncHour
 from django.utils import timezone
 from knox.models import AuthToken
 
-from scheduler_site.databases import prepared_cursor, read_as_health_check
+from scheduler_site.databases import prepared_cursor, read_as_health_check, replanned_once
 from tasks.exceptions import TaskNotFound
 from tasks.models import (
     LEASED_STATUSES,
@@ -138,7 +138,8 @@ def token_candidates(token_key: str) -> list[AuthToken]:
             return cursor.fetchall()
 
     # The request's first statement: it stands in for Django's `SELECT 1` health check.
-    return [_token_from_row(row) for row in read_as_health_check(read)]
+    rows = read_as_health_check(lambda: replanned_once(connection, read))
+    return [_token_from_row(row) for row in rows]
 
 
 def _token_from_row(row: Sequence[Any]) -> AuthToken:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DataError, connection, connections, transaction
+from django.db import DataError, NotSupportedError, connection, connections, transaction
 from django.db.models.signals import post_init
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
@@ -239,3 +239,72 @@ def test_pop_statement__its_generic_plan_updates_the_picked_rows_by_tid_with_a_b
     assert "Tid Scan on" in update and "Seq Scan" not in update, plan
     assert "tasks_task_pkey" not in update, plan
     assert not Task.objects.exclude(status="QUEUED").exists()  # EXPLAIN alone popped nothing
+
+
+def _alter_from_another_session(sql: str) -> None:
+    """A schema change made by another process (`manage.py migrate` during a deploy)."""
+    params = connection.get_connection_params()
+    wanted = {k: params[k] for k in ("dbname", "user", "password", "host", "port") if k in params}
+    with psycopg.connect(**wanted, autocommit=True) as other:
+        other.execute(sql)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_hot_rows__a_column_type_migration_is_replanned_not_an_error() -> None:
+    services.scheduler_create(id="mig")
+    for _ in range(3):  # past the prepare threshold: the pop is prepared on this connection
+        services.task_push(scheduler_id="mig")
+        assert len(services.task_pop(scheduler_id="mig")) == 1
+    try:
+        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE bigint")
+        services.task_push(scheduler_id="mig", priority=3)
+        [task] = services.task_pop(scheduler_id="mig")
+        assert task.priority == 3
+        with transaction.atomic():  # in a transaction, once replanned: prepared again
+            for _ in range(3):
+                services.task_push(scheduler_id="mig")
+                assert len(services.task_pop(scheduler_id="mig")) == 1
+    finally:
+        connection.close()
+        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE integer")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_replanned_once__the_token_check_after_a_column_type_migration_is_not_a_500(
+    runner_client: APIClient,
+) -> None:
+    services.scheduler_create(id="mig")
+    for _ in range(3):  # past the prepare threshold: the token check is prepared
+        assert runner_client.post("/api/schedulers/mig/pop/", {}, format="json").status_code == 200
+    try:
+        _alter_from_another_session(
+            "ALTER TABLE knox_authtoken ALTER COLUMN token_key TYPE varchar(64)"
+        )
+        services.task_push(scheduler_id="mig")
+        response = runner_client.post("/api/schedulers/mig/pop/", {}, format="json")
+        assert response.status_code == 200 and len(response.json()["results"]) == 1
+    finally:
+        connection.close()
+        _alter_from_another_session(
+            "ALTER TABLE knox_authtoken ALTER COLUMN token_key TYPE varchar(25)"
+        )
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_hot_rows__a_stale_plan_inside_a_transaction_is_raised_and_the_rollback_clears_it() -> None:
+    services.scheduler_create(id="mig")
+    for _ in range(3):
+        services.task_push(scheduler_id="mig")
+        assert len(services.task_pop(scheduler_id="mig")) == 1
+    try:
+        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE bigint")
+        services.task_push(scheduler_id="mig")
+        with pytest.raises(NotSupportedError, match="cached plan"), transaction.atomic():
+            services.task_pop(scheduler_id="mig")
+        assert len(services.task_pop(scheduler_id="mig")) == 1  # the same connection
+    finally:
+        connection.close()
+        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE integer")
