@@ -128,3 +128,33 @@ def advance(*, plans: Sequence[tuple[Schedule, datetime | None]], now: datetime)
         cursor.execute(sql, params)
         moved = [row[0] for row in cursor.fetchall()]
     return {Schedule._meta.pk.to_python(value) for value in moved}
+
+
+_UNIQUE_FIELDS = {"schedule_hash_uniq": "hash", "schedule_name_uniq": "name"}
+
+
+def unique_conflict(exc: Exception) -> str | None:
+    """The field ("hash" or "name") whose per-scheduler uniqueness `exc` violated; None for
+    any other integrity error (the scheduler's foreign key, a check), which is no duplicate."""
+    cause = exc.__cause__
+    diag = getattr(cause, "diag", None)
+    if diag is not None:  # psycopg
+        if getattr(cause, "sqlstate", None) != "23505":
+            return None
+        return _UNIQUE_FIELDS.get(diag.constraint_name or "")
+    message = str(exc)  # SQLite names the columns, not the constraint
+    if not message.startswith("UNIQUE constraint failed:"):
+        return None
+    table = Schedule._meta.db_table
+    columns = {part.strip() for part in message.split(":", 1)[1].split(",")}
+    for field in ("hash", "name"):
+        if columns == {f"{table}.scheduler_id", f"{table}.{field}"}:
+            return field
+    return None
+
+
+def foreign_key_violated(exc: Exception) -> bool:
+    cause = exc.__cause__
+    if getattr(cause, "diag", None) is not None:
+        return getattr(cause, "sqlstate", None) == "23503"
+    return str(exc).startswith("FOREIGN KEY constraint failed")

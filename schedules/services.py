@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -92,17 +93,24 @@ def _set_status(
     return schedule
 
 
-def _save(schedule: Schedule, **kwargs: Any) -> None:
+@contextmanager
+def _integrity_as_input(schedule: Schedule) -> Iterator[None]:
+    """Integrity errors of a schedule's write as the caller's error. full_clean checked the
+    hash and name, and the caller the scheduler, but a concurrent write may have taken the
+    hash or name, or deleted the scheduler, since. Around the outermost transaction: the
+    scheduler's foreign key is checked at commit (Django makes it DEFERRABLE)."""
     try:
-        with transaction.atomic():
-            schedule.save(**kwargs)
+        yield
     except IntegrityError as exc:
-        # full_clean checked the hash and name, but a concurrent write may have taken one since.
-        text = str(exc)
-        field = "name" if "schedule_name_uniq" in text or "schedule.name" in text else "hash"
-        raise ValidationError(
-            {field: f"Scheduler {schedule.scheduler_id!r} has a schedule with this {field}."}
-        ) from None
+        field = queries.unique_conflict(exc)
+        if field is not None:
+            raise ValidationError(
+                {field: f"Scheduler {schedule.scheduler_id!r} has a schedule with this {field}."}
+            ) from None
+        if queries.foreign_key_violated(exc):
+            missing = f"Scheduler {schedule.scheduler_id!r} does not exist."
+            raise SchedulerNotFound(missing) from None
+        raise
 
 
 def schedule_create(*, scheduler_id: str, actor: str = "", **fields: Any) -> Schedule:
@@ -114,8 +122,8 @@ def schedule_create(*, scheduler_id: str, actor: str = "", **fields: Any) -> Sch
     schedule.deadline_at = schedule.first_deadline(now=now)
     if schedule.deadline_at is None:
         schedule.status = ScheduleStatus.FINISHED
-    with transaction.atomic():
-        _save(schedule, force_insert=True)
+    with _integrity_as_input(schedule), transaction.atomic():
+        schedule.save(force_insert=True)
         record_events([(schedule.id, "", schedule.status)], actor=actor, note="created", at=now)
     logger.info("schedule %s created by %s; first run %s", schedule.id, actor, schedule.deadline_at)
     return schedule
@@ -137,7 +145,8 @@ def schedule_update(*, schedule_id: uuid.UUID, actor: str = "", **fields: Any) -
             schedule.deadline_at = schedule.first_deadline(now=now)
             finished = schedule.deadline_at is None
             schedule.status = ScheduleStatus.FINISHED if finished else ScheduleStatus.ACTIVE
-        _save(schedule, update_fields=[*fields, "modified_at", "deadline_at", "status"])
+        with _integrity_as_input(schedule), transaction.atomic():
+            schedule.save(update_fields=[*fields, "modified_at", "deadline_at", "status"])
         if schedule.status != was:
             note = f"edited ({', '.join(fields)})"
             record_events([(schedule.id, was, schedule.status)], actor=actor, note=note, at=now)

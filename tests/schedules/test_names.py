@@ -200,7 +200,7 @@ def test_services__a_name_taken_meanwhile_is_a_400_on_name(make_schedule: Make) 
 
     # full_clean passes for this instance's own check; the constraint catches a race.
     second.name = NAME
-    with pytest.raises(ValidationError) as raised:
-        services._save(second, update_fields=["name"])
+    with pytest.raises(ValidationError) as raised, services._integrity_as_input(second):
+        second.save(update_fields=["name"])
 
     assert "has a schedule with this name" in raised.value.message_dict["name"][0]

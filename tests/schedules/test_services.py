@@ -3,6 +3,7 @@ never beside an active one, within each queue's room, picked by the weighted pol
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -73,6 +74,52 @@ def test_schedule_create__finished_when_nothing_is_left_to_run(
         assert (schedule.status, schedule.deadline_at) == (ScheduleStatus.FINISHED, None)
     assert tick() == 0
     assert not Task.objects.exists()
+
+
+def _in_the_window_after_the_check(monkeypatch: pytest.MonkeyPatch, write: Callable) -> None:
+    """Run `write` right after the schedule's own checks pass and before it is saved: what a
+    concurrent request may do in that window."""
+    check = Schedule.full_clean
+
+    def check_then_write(self: Schedule, *args: Any, **kwargs: Any) -> None:
+        check(self, *args, **kwargs)
+        monkeypatch.setattr(Schedule, "full_clean", check)
+        write(self)
+
+    monkeypatch.setattr(Schedule, "full_clean", check_then_write)
+
+
+def _same_schedule_saved(schedule: Schedule) -> None:
+    twin = Schedule(**{f.attname: getattr(schedule, f.attname) for f in Schedule._meta.fields})
+    twin.id = uuid.uuid4()
+    Schedule.objects.bulk_create([twin])  # no checks of its own: the other request's were done
+
+
+@pytest.mark.parametrize("field", ["name", "hash"])
+def test_schedule_create__a_name_or_hash_taken_after_the_check_is_an_error_naming_it(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch, field: str
+) -> None:
+    _in_the_window_after_the_check(monkeypatch, _same_schedule_saved)
+
+    with pytest.raises(ValidationError) as caught:
+        services.schedule_create(scheduler_id=scheduler.id, interval_seconds=60, **{field: "x"})
+
+    assert list(caught.value.message_dict) == [field]
+    assert Schedule.objects.count() == 1  # the other request's
+
+
+@pytest.mark.django_db(transaction=True)
+def test_schedule_create__a_scheduler_deleted_after_the_check_is_not_found_not_a_duplicate(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _in_the_window_after_the_check(
+        monkeypatch, lambda schedule: Scheduler.objects.filter(id=schedule.scheduler_id).delete()
+    )
+
+    with pytest.raises(SchedulerNotFound):
+        services.schedule_create(scheduler_id=scheduler.id, interval_seconds=60, name="x")
+
+    assert not Schedule.objects.exists()
 
 
 def test_schedule_create__refuses_bad_input_and_saves_nothing(scheduler: Scheduler) -> None:
