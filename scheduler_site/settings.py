@@ -271,11 +271,9 @@ DISPATCH_MESSAGE_SPREAD = env_int("DISPATCH_MESSAGE_SPREAD", 4, minimum=1)
 # task, and a warm shutdown waits as long for the batch in hand. 0: after its first task.
 WORKER_BATCH_MILLISECONDS = env_int("WORKER_BATCH_MILLISECONDS", 500, minimum=0)
 # In a batch, a successful report and the claim of the batch's next task are one statement
-# on PostgreSQL (both fenced, both with their events). Off by default: the statement holds
-# the report's row lock while it waits for the next task's, so a key change restamping the
-# queue's active tasks can deadlock with it, and the deadlock rolls the report back (the
-# task then runs again after its lease). 1: one statement, for queues whose keys never
-# change while tasks run.
+# on PostgreSQL (both fenced, both with their events; a next task another transaction holds
+# is claimed on its own: tasks.queue.worker._complete_start_sql). Off by default: the
+# end-to-end suites run the two statements.
 WORKER_CLAIM_WITH_REPORT = env_bool("WORKER_CLAIM_WITH_REPORT", False)
 # A worker's claim (DISPATCHED -> RUNNING) commits without waiting for its WAL flush on
 # PostgreSQL; a database crash may lose a claim, and the task then runs again

@@ -157,12 +157,12 @@ def _beater() -> Beater:
 class Chain:
     """A batch's next entry, claimed together with this task's successful report (one
     statement on PostgreSQL, WORKER_CLAIM_WITH_REPORT): `pick()` names it, or None (the last
-    entry, or the batch is out of time). After the report, `taken` is the entry its report
-    claimed (None if none was) and `claimed` that task, or None if its claim was refused."""
+    entry, or the batch is out of time). After the report, `claimed` is the task its report
+    claimed, or None if it claimed none (its claim refused, or the task held by another
+    transaction: the batch then claims it on its own)."""
 
     def __init__(self, pick: Callable[[], tuple[uuid.UUID, int] | None]) -> None:
         self.pick = pick
-        self.taken: tuple[uuid.UUID, int] | None = None
         self.claimed: Task | None = None
 
 
@@ -345,9 +345,11 @@ def _report_success_and_claim(
     except QueueError as exc:  # refused before anything was written: the next is not claimed
         logger.warning("task %s: result not recorded (%s)", task.id, exc.message)
         return "lost"
-    chain.taken = taken
     if isinstance(started, QueueError):
-        logger.info("task %s attempt %s: not claimed (%s)", taken[0], taken[1], started.message)
+        # Refused (cancelled meanwhile, say) or held by another transaction, which the
+        # statement does not wait for (queue.complete_and_start): the batch claims it on its
+        # own, which waits for a holder and refuses as this claim would have.
+        logger.info("task %s attempt %s: claimed on its own (%s)", *taken, started.message)
     else:
         chain.claimed = started
     if isinstance(done, QueueError):

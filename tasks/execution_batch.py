@@ -29,6 +29,7 @@ from django.conf import settings
 
 from scheduler_site import log_context
 from tasks import dispatch, execution
+from tasks.models import Task
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,13 @@ def execute_batch(
     clock = _Clock(time.monotonic() + settings.WORKER_BATCH_MILLISECONDS / 1000)
     previous: execution.Chain | None = None  # the last report, and what it claimed
     for number, entry in enumerate(entries):
-        claimed_with_report = previous is not None and previous.taken is not None
-        if number and not claimed_with_report and clock.over():
+        claimed = previous.claimed if previous is not None else None
+        if number and claimed is None and clock.over():
             rest = entries[number:]
             if _resend(rest, celery_queue=celery_queue, scheduler_id=scheduler_id):
                 return outcomes + ["resent"] * len(rest)
             clock.deadline = math.inf  # the broker failed: run them all here
         chain = execution.Chain(partial(_next, entries, number + 1, clock))
-        claimed = previous if claimed_with_report else None
         outcomes.append(_execute_one(entry, worker=worker, chain=chain, claimed=claimed))
         previous = chain
     return outcomes
@@ -86,22 +86,16 @@ def _next(entries: Sequence[Entry], index: int, clock: _Clock) -> tuple[uuid.UUI
     return entries[index].id, entries[index].attempts
 
 
-def _execute_one(
-    entry: Entry, *, worker: str, chain: execution.Chain, claimed: execution.Chain | None
-) -> str:
-    """One entry, with its task's log fields; `claimed`: the previous report's claim of it
-    (refused: skipped). An error of one task's path (the database, say) is logged and the
-    batch goes on: the task itself is left to its lease or claim timeout, as after the same
-    error in a message of its own."""
+def _execute_one(entry: Entry, *, worker: str, chain: execution.Chain, claimed: Task | None) -> str:
+    """One entry, with its task's log fields; `claimed`: the task, if the previous report
+    claimed it (else it is claimed here). An error of one task's path (the database, say)
+    is logged and the batch goes on: the task itself is left to its lease or claim timeout,
+    as after the same error in a message of its own."""
     with log_context.bound(task_id=str(entry.id), attempt=entry.attempts):
         try:
             if claimed is None:
                 return execution.execute(entry.id, entry.attempts, worker=worker, chain=chain)
-            if claimed.claimed is None:
-                return "skipped"
-            return execution.run_claimed(
-                claimed.claimed, entry.attempts, worker=worker, chain=chain
-            )
+            return execution.run_claimed(claimed, entry.attempts, worker=worker, chain=chain)
         except Exception:
             logger.exception("task %s attempt %s: run failed", entry.id, entry.attempts)
             return "error"

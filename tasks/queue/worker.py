@@ -61,9 +61,11 @@ def _start_sql(*, async_commit: bool = False) -> str:
     """
 
 
-def _start_ctes() -> str:
+def _start_ctes(*, locked: str = "") -> str:
     # The claim's CTEs: `started` (the compare-and-swap), its event, and the broker's room.
+    # `locked`: the name of a CTE that locked the row to claim (its `id`) beforehand.
     n = _names()
+    only_locked = f" AND t.id = (SELECT id FROM {locked})" if locked else ""
     return f"""started AS (
             UPDATE {n["task"]} t SET status = 'RUNNING', modified_at = %(now)s,
                 lease_expires_at = %(now)s + make_interval(secs => s.lease_seconds),
@@ -74,7 +76,7 @@ def _start_ctes() -> str:
             WHERE t.id = %(id)s AND t.status = 'DISPATCHED'
                 AND t.attempts = COALESCE(%(attempt)s, t.attempts)
                 AND t.lease_token = COALESCE(%(token)s::text, t.lease_token)
-                AND s.id = t.scheduler_id
+                AND s.id = t.scheduler_id{only_locked}
             RETURNING {_returned("t")}, s.handler AS handler_name,
                 s.dispatch_threshold AS dispatch_threshold,
                 (s.kind = 'celery' AND NOT s.paused) AS dispatched_by_us
@@ -148,8 +150,20 @@ def _complete_start_sql() -> str:
     # commit): both compare-and-swaps with their events, on different rows, each matching or
     # not on its own. Row kind 'C' is the completed task (with from_status), 'S' the started
     # one (with what a claim returns). Synchronous commit: it carries a report.
+    # The statement must never wait for one row while it holds the other: a key change's
+    # restamp locks the queue's active tasks in its own order, and each would wait for the
+    # other until the deadlock detector rolled one back (the report with it). So the
+    # reported row is locked first (`previous`, which may wait, holding nothing: the
+    # one-time filter below makes `next_task` run after it), and the next task only if it
+    # is free (SKIP LOCKED): a held one is not claimed here, and the caller claims it on its
+    # own, waiting as any claim does.
+    n = _names()
     return f"""
-        WITH {_complete_ctes("c_")}, {_start_ctes()}
+        WITH {_complete_ctes("c_")}, next_task AS MATERIALIZED (
+            SELECT id FROM {n["task"]}
+            WHERE id = %(id)s AND status = 'DISPATCHED' AND (SELECT COUNT(*) FROM previous) >= 0
+            FOR UPDATE SKIP LOCKED
+        ), {_start_ctes(locked="next_task")}
         SELECT {_returned("completed")}, completed.from_status, NULL::varchar AS handler_name,
             NULL::integer AS dispatch_threshold, NULL::bigint AS broker_room, 'C' AS kind
         FROM completed

@@ -7,9 +7,13 @@ once the batch has run WORKER_BATCH_MILLISECONDS. The broker is the real one of 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from typing import Any
 
+import psycopg
 import pytest
+from django.db import connection
 from django.test import override_settings
 
 from tasks import dispatch, execution_batch, services
@@ -206,6 +210,64 @@ def test_execute_batch__a_report_and_the_next_claim_are_one_statement() -> None:
     for done, started in itertools.pairwise(entries):
         assert _events_at(done.id, S.COMPLETED) == _events_at(started.id, S.RUNNING)
     assert [_running_events(entry.id) for entry in entries] == [1, 1, 1]
+
+
+def _session() -> psycopg.Connection:
+    params = connection.get_connection_params()
+    wanted = {k: params[k] for k in ("dbname", "user", "password", "host", "port") if k in params}
+    return psycopg.connect(**wanted)
+
+
+def _lock_one_then_the_other(one: Any, other_one: Any, errors: list[Exception]) -> None:
+    """Another transaction that locks one task, then the other: as a key change's restamp
+    locks the queue's active tasks, in an order of its own."""
+    table = Task._meta.db_table
+    other = _session()
+    other.execute("SET lock_timeout = '10s'")
+    other.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [one])
+
+    def then_the_other() -> None:
+        try:
+            time.sleep(0.3)  # the report's statement is running by now
+            other.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [other_one])
+            other.commit()
+        except psycopg.Error as exc:
+            errors.append(exc)
+        finally:
+            other.close()
+
+    TARGETS["other"] = threading.Thread(target=then_the_other)
+    TARGETS["other"].start()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "next_first", [True, False], ids=["next then reported", "reported then next"]
+)
+@override_settings(DISPATCH_MESSAGE_SPREAD=1, WORKER_CLAIM_WITH_REPORT=True)
+def test_execute_batch__rows_another_transaction_locks_meanwhile_are_no_deadlock(
+    next_first: bool,
+) -> None:
+    errors: list[Exception] = []
+
+    def held_meanwhile(ctx: TaskContext) -> None:
+        if ctx.task_id == TARGETS["first"]:
+            order = [TARGETS["next"], TARGETS["first"]]
+            _lock_one_then_the_other(*(order if next_first else order[::-1]), errors)
+
+    register("test.held_next")(held_meanwhile)
+    celery_queue("q", "test.held_next", dispatch_threshold=50)
+    [(_, args)] = _round("q", 2)
+    first, following = _entries(args)
+    TARGETS.update(first=first.id, next=following.id)
+
+    outcomes = _run([first, following])
+    TARGETS["other"].join()
+
+    assert errors == []  # the other transaction was never a deadlock's victim either
+    assert outcomes == ["completed", "completed"]
+    assert (fresh_status(first), fresh_status(following)) == (S.COMPLETED, S.COMPLETED)
+    assert _running_events(following.id) == 1
 
 
 @override_settings(DISPATCH_MESSAGE_SPREAD=1, WORKER_CLAIM_WITH_REPORT=True)
