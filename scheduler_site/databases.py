@@ -181,11 +181,18 @@ def replanned_once(db: Any, run: Callable[[], T]) -> T:
     try:
         return run()
     except NotSupportedError as exc:
-        stale = isinstance(exc.__cause__, FeatureNotSupported) and STALE_PLAN in str(exc)
-        if not stale or db.in_atomic_block or not db.get_autocommit():
+        if not _stale_plan(exc.__cause__) or db.in_atomic_block or not db.get_autocommit():
             raise
     db.close()
     return run()
+
+
+def _stale_plan(error: BaseException | None) -> bool:
+    # The message is translated when the server's lc_messages is not English; the function
+    # that raises it is not (SQLSTATE 0A000 alone is every "feature not supported").
+    if not isinstance(error, FeatureNotSupported):
+        return False
+    return error.diag.source_function == "RevalidateCachedQuery" or STALE_PLAN in str(error)
 
 
 def _hot_cursor(db: Any, *, raw: bool = False) -> Cursor:

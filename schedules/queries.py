@@ -153,6 +153,15 @@ def unique_conflict(exc: Exception) -> str | None:
     return None
 
 
+def scheduler_held(scheduler_id: str) -> bool:
+    """Whether the scheduler exists, locked until the caller's transaction ends so that it
+    cannot be deleted before a new schedule naming it commits (FOR NO KEY UPDATE: a
+    delete waits for it; SQLite's IMMEDIATE transaction already excludes every writer). The
+    foreign key alone would say so only at the outermost commit (Django makes it
+    DEFERRABLE), which may be a caller's: the admin's, a beat import's."""
+    return Scheduler.objects.select_for_update(no_key=True).filter(id=scheduler_id).exists()
+
+
 def foreign_key_violated(exc: Exception) -> bool:
     cause = exc.__cause__
     if getattr(cause, "diag", None) is not None:

@@ -96,9 +96,10 @@ def _set_status(
 @contextmanager
 def _integrity_as_input(schedule: Schedule) -> Iterator[None]:
     """Integrity errors of a schedule's write as the caller's error. full_clean checked the
-    hash and name, and the caller the scheduler, but a concurrent write may have taken the
-    hash or name, or deleted the scheduler, since. Around the outermost transaction: the
-    scheduler's foreign key is checked at commit (Django makes it DEFERRABLE)."""
+    hash and name, but a concurrent write may have taken one since (a unique index: checked
+    at once, inside any caller's transaction). The scheduler is held by the write itself
+    (queries.scheduler_held); its deferred foreign key is read here too, should the write's
+    transaction be the outermost."""
     try:
         yield
     except IntegrityError as exc:
@@ -123,6 +124,8 @@ def schedule_create(*, scheduler_id: str, actor: str = "", **fields: Any) -> Sch
     if schedule.deadline_at is None:
         schedule.status = ScheduleStatus.FINISHED
     with _integrity_as_input(schedule), transaction.atomic():
+        if not queries.scheduler_held(scheduler_id):  # deleted since the check above
+            raise SchedulerNotFound(f"Scheduler {scheduler_id!r} does not exist.")
         schedule.save(force_insert=True)
         record_events([(schedule.id, "", schedule.status)], actor=actor, note="created", at=now)
     logger.info("schedule %s created by %s; first run %s", schedule.id, actor, schedule.deadline_at)

@@ -246,6 +246,7 @@ def _alter_from_another_session(sql: str) -> None:
     params = connection.get_connection_params()
     wanted = {k: params[k] for k in ("dbname", "user", "password", "host", "port") if k in params}
     with psycopg.connect(**wanted, autocommit=True) as other:
+        other.execute("SET lock_timeout = '10s'")  # a lock left held fails the test, not hangs
         other.execute(sql)
 
 
@@ -302,9 +303,12 @@ def test_hot_rows__a_stale_plan_inside_a_transaction_is_raised_and_the_rollback_
     try:
         _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE bigint")
         services.task_push(scheduler_id="mig")
+        backend = connection.connection.info.backend_pid
         with pytest.raises(NotSupportedError, match="cached plan"), transaction.atomic():
             services.task_pop(scheduler_id="mig")
-        assert len(services.task_pop(scheduler_id="mig")) == 1  # the same connection
+        with transaction.atomic():  # no reconnect here: the rollback cleared the statement
+            assert len(services.task_pop(scheduler_id="mig")) == 1
+        assert connection.connection.info.backend_pid == backend
     finally:
         connection.close()
         _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE integer")

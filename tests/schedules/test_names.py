@@ -13,6 +13,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
+from django.db import transaction
 from django.test import Client
 from rest_framework.test import APIClient
 
@@ -200,7 +201,9 @@ def test_services__a_name_taken_meanwhile_is_a_400_on_name(make_schedule: Make) 
 
     # full_clean passes for this instance's own check; the constraint catches a race.
     second.name = NAME
-    with pytest.raises(ValidationError) as raised, services._integrity_as_input(second):
+    # In a savepoint of its own, as schedule_update saves.
+    saving = services._integrity_as_input(second)
+    with pytest.raises(ValidationError) as raised, saving, transaction.atomic():
         second.save(update_fields=["name"])
 
     assert "has a schedule with this name" in raised.value.message_dict["name"][0]
