@@ -4,7 +4,9 @@ ORM's queries are not prepared at all."""
 
 from __future__ import annotations
 
-import psycopg
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DataError, NotSupportedError, connection, connections, transaction
@@ -17,6 +19,7 @@ from tasks import services
 from tasks.batches import task_push_many
 from tasks.models import Task
 from tasks.queue.pop import _pop_sql
+from tests.support.sessions import other_session
 
 
 @pytest.mark.parametrize(("text", "wanted"), [("5", 5), ("0", 0), ("off", None), (" ", None)])
@@ -161,9 +164,7 @@ def test_hot_rows__a_long_text_with_positional_placeholders_is_psycopgs() -> Non
 
 def _terminate(pid: int) -> None:
     """End a backend from another session, as a server restart or a dropped proxy would."""
-    params = connection.get_connection_params()
-    wanted = {k: params[k] for k in ("dbname", "user", "password", "host", "port") if k in params}
-    with psycopg.connect(**wanted, autocommit=True) as other:
+    with other_session() as other:
         other.execute("SELECT pg_terminate_backend(%s)", [pid])
 
 
@@ -241,24 +242,32 @@ def test_pop_statement__its_generic_plan_updates_the_picked_rows_by_tid_with_a_b
     assert not Task.objects.exclude(status="QUEUED").exists()  # EXPLAIN alone popped nothing
 
 
-def _alter_from_another_session(sql: str) -> None:
-    """A schema change made by another process (`manage.py migrate` during a deploy)."""
-    params = connection.get_connection_params()
-    wanted = {k: params[k] for k in ("dbname", "user", "password", "host", "port") if k in params}
-    with psycopg.connect(**wanted, autocommit=True) as other:
-        other.execute("SET lock_timeout = '10s'")  # a lock left held fails the test, not hangs
-        other.execute(sql)
+@contextmanager
+def _column_retyped(table: str, column: str, *, to: str, back: str) -> Iterator[None]:
+    """The column's type changed by another process (`manage.py migrate` during a deploy),
+    then changed back, and the test's connection closed (its prepared statements are stale)."""
+    with other_session() as other:
+        other.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE {to}")
+    try:
+        yield
+    finally:
+        connection.close()
+        with other_session() as other:
+            other.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE {back}")
+
+
+def _popped_past_the_prepare_threshold() -> None:
+    services.scheduler_create(id="mig")
+    for _ in range(3):  # the push and the pop are prepared on this connection
+        services.task_push(scheduler_id="mig")
+        assert len(services.task_pop(scheduler_id="mig")) == 1
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_hot_rows__a_column_type_migration_is_replanned_not_an_error() -> None:
-    services.scheduler_create(id="mig")
-    for _ in range(3):  # past the prepare threshold: the pop is prepared on this connection
-        services.task_push(scheduler_id="mig")
-        assert len(services.task_pop(scheduler_id="mig")) == 1
-    try:
-        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE bigint")
+    _popped_past_the_prepare_threshold()
+    with _column_retyped("tasks_task", "priority", to="bigint", back="integer"):
         services.task_push(scheduler_id="mig", priority=3)
         [task] = services.task_pop(scheduler_id="mig")
         assert task.priority == 3
@@ -266,9 +275,6 @@ def test_hot_rows__a_column_type_migration_is_replanned_not_an_error() -> None:
             for _ in range(3):
                 services.task_push(scheduler_id="mig")
                 assert len(services.task_pop(scheduler_id="mig")) == 1
-    finally:
-        connection.close()
-        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE integer")
 
 
 @pytest.mark.postgres
@@ -279,29 +285,17 @@ def test_replanned_once__the_token_check_after_a_column_type_migration_is_not_a_
     services.scheduler_create(id="mig")
     for _ in range(3):  # past the prepare threshold: the token check is prepared
         assert runner_client.post("/api/schedulers/mig/pop/", {}, format="json").status_code == 200
-    try:
-        _alter_from_another_session(
-            "ALTER TABLE knox_authtoken ALTER COLUMN token_key TYPE varchar(64)"
-        )
+    with _column_retyped("knox_authtoken", "token_key", to="varchar(64)", back="varchar(25)"):
         services.task_push(scheduler_id="mig")
         response = runner_client.post("/api/schedulers/mig/pop/", {}, format="json")
         assert response.status_code == 200 and len(response.json()["results"]) == 1
-    finally:
-        connection.close()
-        _alter_from_another_session(
-            "ALTER TABLE knox_authtoken ALTER COLUMN token_key TYPE varchar(25)"
-        )
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_hot_rows__a_stale_plan_inside_a_transaction_is_raised_and_the_rollback_clears_it() -> None:
-    services.scheduler_create(id="mig")
-    for _ in range(3):
-        services.task_push(scheduler_id="mig")
-        assert len(services.task_pop(scheduler_id="mig")) == 1
-    try:
-        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE bigint")
+    _popped_past_the_prepare_threshold()
+    with _column_retyped("tasks_task", "priority", to="bigint", back="integer"):
         services.task_push(scheduler_id="mig")
         backend = connection.connection.info.backend_pid
         with pytest.raises(NotSupportedError, match="cached plan"), transaction.atomic():
@@ -309,6 +303,3 @@ def test_hot_rows__a_stale_plan_inside_a_transaction_is_raised_and_the_rollback_
         with transaction.atomic():  # no reconnect here: the rollback cleared the statement
             assert len(services.task_pop(scheduler_id="mig")) == 1
         assert connection.connection.info.backend_pid == backend
-    finally:
-        connection.close()
-        _alter_from_another_session("ALTER TABLE tasks_task ALTER COLUMN priority TYPE integer")

@@ -13,7 +13,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from django.db import connection
 from django.test import override_settings
 
 from tasks import dispatch, execution_batch, services
@@ -22,6 +21,7 @@ from tasks.execution_batch import Entry
 from tasks.models import Task, TaskEvent, TaskStatus
 from tasks.registry import TaskContext, register
 from tasks.retry import RetrySpec
+from tests.support.sessions import other_session
 from tests.tasks.helpers import celery_queue, taken_messages
 
 S = TaskStatus
@@ -212,32 +212,28 @@ def test_execute_batch__a_report_and_the_next_claim_are_one_statement() -> None:
     assert [_running_events(entry.id) for entry in entries] == [1, 1, 1]
 
 
-def _session() -> psycopg.Connection:
-    params = connection.get_connection_params()
-    wanted = {k: params[k] for k in ("dbname", "user", "password", "host", "port") if k in params}
-    return psycopg.connect(**wanted)
-
-
 def _lock_one_then_the_other(one: Any, other_one: Any, errors: list[Exception]) -> None:
     """Another transaction that locks one task, then the other: as a key change's restamp
     locks the queue's active tasks, in an order of its own."""
     table = Task._meta.db_table
-    other = _session()
-    other.execute("SET lock_timeout = '10s'")
-    other.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [one])
+    first_held = threading.Event()
 
-    def then_the_other() -> None:
+    def one_then_the_other() -> None:
         try:
-            time.sleep(0.3)  # the report's statement is running by now
-            other.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [other_one])
-            other.commit()
+            with other_session(autocommit=False) as other:
+                other.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [one])
+                first_held.set()
+                time.sleep(0.3)  # the report's statement is running by now
+                other.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [other_one])
+                other.commit()
         except psycopg.Error as exc:
             errors.append(exc)
         finally:
-            other.close()
+            first_held.set()
 
-    TARGETS["other"] = threading.Thread(target=then_the_other)
+    TARGETS["other"] = threading.Thread(target=one_then_the_other)
     TARGETS["other"].start()
+    first_held.wait(10)  # the handler returns, and the report runs, once `one` is held
 
 
 @pytest.mark.postgres
