@@ -8,7 +8,8 @@ from itertools import product
 from typing import Any
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from pilots.models import ComputeElementEvent, PilotEvent
 from schedules.models import ScheduleEvent
@@ -26,6 +27,7 @@ from tasks.models import (
     TaskStatus,
     is_allowed_transition,
 )
+from tests.support.plans import analyzed_before_a_burst
 from tests.support.seed import force_status
 
 S = TaskStatus
@@ -314,3 +316,37 @@ def test_status_event__str_names_the_subject_and_the_move(push: Callable[..., Ta
     [event] = _events(task)
 
     assert str(event) == f"{task.id}: - -> QUEUED"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "statuses",
+    [[TaskStatus.QUEUED], [TaskStatus.DISPATCHED, TaskStatus.RUNNING]],
+    ids=["queued", "leased"],
+)
+def test_task_indexes__a_write_by_id_reads_the_primary_key_not_a_whole_partial_index(
+    statuses: list[str],
+) -> None:
+    # See Task.Meta: with the status alone in the queue's and the leases' partial index
+    # predicates, the planner scanned all queued (or leased) rows for one compare-and-swap
+    # by id when the statistics were taken while those were few.
+    analyzed_before_a_burst("burst", queued=1500, leased=1000)
+    task = Task.objects.filter(status__in=statuses).first()
+    plan = Task.objects.filter(id=task.id, status__in=statuses).explain()
+    assert "tasks_task_pkey" in plan, plan
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_task_indexes__the_queue_and_lease_scans_still_read_their_partial_indexes() -> None:
+    analyzed_before_a_burst("burst", queued=1500, leased=1000)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {Task._meta.db_table}")
+    now = timezone.now()
+    expired = Task.objects.filter(
+        status__in=[TaskStatus.DISPATCHED, TaskStatus.RUNNING], lease_expires_at__lt=now
+    ).order_by("lease_expires_at")
+    assert "task_lease_idx" in expired[:10].explain()
+    due = Task.objects.filter(scheduler_id="burst", status=TaskStatus.QUEUED, not_before__lte=now)
+    assert "task_queue_idx" in due.order_by("priority", "created_at", "id")[:10].explain()
